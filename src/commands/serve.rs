@@ -1,0 +1,73 @@
+//! `serve`: the production worker, configured by the `RUNPOD_*` environment.
+
+use std::path::Path;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::queue::{QueueClient, QueueEndpoints};
+use crate::runner::{run_worker, WorkerSetup};
+
+/// Runs the worker until SIGTERM/SIGINT and the drain. Exit code 0 after a clean drain; 1 on a
+/// start-up failure, after the SDK's unhealthy ping.
+pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
+    let endpoints = match QueueEndpoints::from_env() {
+        Ok(endpoints) => endpoints,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 1;
+        }
+    };
+    let (mut config, source) = match Config::load(config_path) {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(&endpoints, "config", &e.to_string()).await,
+    };
+    match source {
+        crate::config::ConfigSource::File(path) => tracing::info!("config: {}", path.display()),
+        crate::config::ConfigSource::Defaults => {
+            tracing::info!("no runpod.toml found: using the built-in defaults")
+        }
+    }
+    if let Some(port) = http_port {
+        config.server.port = port;
+    }
+    let address = format!("{}:{}", config.server.host, config.server.port);
+    let listener = match TcpListener::bind(&address).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            return fail(
+                &endpoints,
+                "http",
+                &format!("cannot listen on {address}: {e}"),
+            )
+            .await
+        }
+    };
+    if let Ok(addr) = listener.local_addr() {
+        println!("listening on http://{addr}");
+    }
+    let setup = WorkerSetup {
+        config,
+        endpoints: endpoints.clone(),
+        handlers: None,
+        gpu: None,
+        http_listener: listener,
+        shutdown: crate::shutdown::signal_token(),
+    };
+    match run_worker(setup).await {
+        Ok(()) => 0,
+        Err(e) => fail(&endpoints, e.check, &e.reason).await,
+    }
+}
+
+/// Logs a start-up failure, sends the SDK's unhealthy ping, and gives exit code 1.
+async fn fail(endpoints: &QueueEndpoints, check: &str, reason: &str) -> i32 {
+    tracing::error!("cannot start: {reason}");
+    let config = crate::config::QueueConfig::default();
+    if let Ok(client) = QueueClient::new(endpoints.clone(), config) {
+        if let Err(e) = client.report_unhealthy(check, reason).await {
+            tracing::warn!("could not report the failure to the queue: {e}");
+        }
+    }
+    1
+}

@@ -1,0 +1,90 @@
+//! `test-input`: runs one job in the SDK's `{"input": {...}}` format without a queue, prints
+//! the job-done body it would post, and exits non-zero on an error result.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::gpu;
+use crate::handlers::{ChunkSink, HandlerSet, JobContext};
+use crate::outcome::{done_body, JobError};
+use crate::queue::protocol::parse_job;
+use crate::runner::{execute, Execution};
+
+/// Stream chunks are printed as they come, one JSON line each.
+struct PrintSink;
+
+#[async_trait]
+impl ChunkSink for PrintSink {
+    async fn send(&self, _job_id: &str, chunk: Value) -> Result<(), JobError> {
+        println!("{}", serde_json::json!({ "stream": chunk }));
+        Ok(())
+    }
+}
+
+/// Runs the job from `json`, else from `file`.
+pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Path>) -> i32 {
+    let text = match json {
+        Some(text) => text.to_owned(),
+        None => match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                eprintln!("cannot read {}: {e}", file.display());
+                return 1;
+            }
+        },
+    };
+    let mut job: Value = match serde_json::from_str(&text) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("the test input is not JSON: {e}");
+            return 1;
+        }
+    };
+    // The SDK's test format has no id; it defaults to "local_test".
+    if let Value::Object(map) = &mut job {
+        map.entry("id")
+            .or_insert_with(|| Value::String("local_test".into()));
+    }
+    let config = match Config::load(config_path) {
+        Ok((config, _)) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let probe = gpu::detect(&config.gpu);
+    let handlers = HandlerSet::build(&config, probe.snapshot().is_some());
+    let result = match parse_job(job) {
+        Err(bad) => Err(JobError::invalid_input(bad.problem)),
+        Ok(job) => match handlers.route(&job.input) {
+            Err(e) => Err(e),
+            Ok(routed) => {
+                let ctx = JobContext::new(
+                    job.id.clone(),
+                    routed.input,
+                    Arc::new(PrintSink),
+                    CancellationToken::new(),
+                    probe.is_simulated(),
+                );
+                let deadline = job
+                    .policy_execution_timeout()
+                    .map_or(config.execution_timeout(), |p| {
+                        p.min(config.execution_timeout())
+                    });
+                let never = CancellationToken::new();
+                match execute(routed.entry, ctx, deadline, &never, &never).await {
+                    Execution::Finished(result) => result,
+                    Execution::Cancelled => Err(JobError::internal("the job was cancelled")),
+                }
+            }
+        },
+    };
+    let failed = result.is_err();
+    println!("{}", done_body(&result, false));
+    i32::from(failed)
+}

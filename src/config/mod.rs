@@ -1,0 +1,286 @@
+//! `runpod.toml`: the typed configuration tree, its built-in defaults, loading and validation.
+//!
+//! The seed's `[handler]` keys keep their names and meaning; `[gpu]`, `[server]`, `[queue]` and one
+//! `[handlers.<name>]` table per handler are ours. Unknown keys are refused with their name, and
+//! every number is checked against a stated limit in [`validate`].
+
+mod size;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use size::{Size, SizeError};
+pub use validate::{validate_budget, ConfigError};
+
+/// Environment variable that names the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "RUNPOD_WORKER_CONFIG";
+/// The file looked for in the working directory when neither `--config` nor the variable is set.
+pub const DEFAULT_CONFIG_FILE: &str = "runpod.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The seed's worker-wide keys.
+    pub handler: HandlerDefaults,
+    /// GPU selection, headroom and the simulated GPU.
+    pub gpu: GpuConfig,
+    /// The worker's own HTTP server (`/health`, `/ready`, `/metrics`).
+    pub server: ServerConfig,
+    /// How the worker talks to the job queue.
+    pub queue: QueueConfig,
+    /// One entry per handler, keyed by the `input.task` that selects it.
+    pub handlers: BTreeMap<String, HandlerConfig>,
+}
+
+/// `[handler]`: the seed's keys, worker-wide.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerDefaults {
+    /// Jobs in the worker at once (running or waiting for their handler), across all handlers.
+    pub max_concurrency: u32,
+    /// Cold start budget in seconds: loading every handler must finish within it.
+    pub timeout: u64,
+    /// Per-job limit in seconds, counted from the moment the job starts running.
+    pub execution_timeout: u64,
+    /// GPU memory reserved per job for handlers on a GPU that do not declare their own.
+    pub gpu_memory_per_request: Size,
+    /// How long a taken job may wait for its handler before it gets the retry signal.
+    pub local_queue_max_wait_s: u64,
+    /// Where models are found (the network volume in deployment).
+    pub model_dir: PathBuf,
+    /// SIGTERM: how long in-flight jobs may run on before they are answered `Interrupted`.
+    pub drain_grace_s: u64,
+}
+
+impl Default for HandlerDefaults {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 4,
+            timeout: 300,
+            execution_timeout: 120,
+            gpu_memory_per_request: Size::gb(6),
+            local_queue_max_wait_s: 30,
+            model_dir: PathBuf::from("handler/models"),
+            drain_grace_s: 60,
+        }
+    }
+}
+
+/// `[gpu]`: which GPU is used and how much of it may be promised to jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Memory kept free on every device for the CUDA context and fragmentation.
+    pub headroom: Size,
+    /// Pretend to have a GPU of this size (CUDA handlers then run on the CPU but are accounted
+    /// as GPU jobs). Empty means: use the real GPU, if any.
+    #[serde(with = "optional_size")]
+    pub simulate: Option<Size>,
+    /// With `simulate`: a file holding the memory used by others, as a size string, re-read live.
+    pub external_load_file: Option<PathBuf>,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            headroom: Size::from_bytes(1 << 30),
+            simulate: None,
+            external_load_file: None,
+        }
+    }
+}
+
+/// `[server]`: where `/health`, `/ready` and `/metrics` are served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Bind address; `0.0.0.0` on the platform, loopback by default.
+    pub host: String,
+    /// Port; 0 picks a free one (printed as `listening on http://HOST:PORT`).
+    pub port: u16,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 8080,
+        }
+    }
+}
+
+/// `[queue]`: pacing of the job-take loop and the result delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Pause after an empty take that came back in under a second (a queue that does not long-poll).
+    pub empty_poll_floor_ms: u64,
+    /// First wait after a failed request; doubled per failure, with jitter.
+    pub backoff_initial_ms: u64,
+    /// Ceiling of that wait.
+    pub backoff_max_ms: u64,
+    /// Wait after a 429.
+    pub rate_limited_wait_s: u64,
+    /// Client-side limit on one long-poll (the SDK uses 90 s).
+    pub long_poll_timeout_s: u64,
+    /// Total time spent retrying one job-done or job-stream POST.
+    pub delivery_retry_s: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            empty_poll_floor_ms: 200,
+            backoff_initial_ms: 250,
+            backoff_max_ms: 30_000,
+            rate_limited_wait_s: 5,
+            long_poll_timeout_s: 90,
+            delivery_retry_s: 30,
+        }
+    }
+}
+
+/// Where a handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// Always the CPU; reserves no GPU memory.
+    Cpu,
+    /// The GPU when there is one (real or simulated), otherwise the CPU with a warning.
+    Cuda,
+}
+
+/// `[handlers.<name>]`: one handler, selected by `input.task == <name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// What implements it: `echo`, `extract`, `classify` or `torchscript`. Defaults to the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Jobs of this handler running at once.
+    pub max_concurrency: u32,
+    /// Where it runs.
+    pub device: DeviceChoice,
+    /// GPU memory one job needs; defaults to `[handler].gpu_memory_per_request` on a GPU.
+    #[serde(
+        default,
+        with = "optional_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub gpu_memory: Option<Size>,
+}
+
+impl HandlerConfig {
+    /// The implementation kind (`kind`, or the table's name).
+    pub fn kind<'a>(&'a self, name: &'a str) -> &'a str {
+        self.kind.as_deref().unwrap_or(name)
+    }
+
+    /// The memory one job reserves when the handler runs on `on_gpu`.
+    pub fn reservation(&self, defaults: &HandlerDefaults, on_gpu: bool) -> Size {
+        if on_gpu && self.device == DeviceChoice::Cuda {
+            self.gpu_memory.unwrap_or(defaults.gpu_memory_per_request)
+        } else {
+            Size::default()
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let handler = |max_concurrency, device| HandlerConfig {
+            kind: None,
+            max_concurrency,
+            device,
+            gpu_memory: None,
+        };
+        Self {
+            handler: HandlerDefaults::default(),
+            gpu: GpuConfig::default(),
+            server: ServerConfig::default(),
+            queue: QueueConfig::default(),
+            handlers: BTreeMap::from([
+                ("classify".to_owned(), handler(1, DeviceChoice::Cuda)),
+                ("echo".to_owned(), handler(4, DeviceChoice::Cpu)),
+                ("extract".to_owned(), handler(4, DeviceChoice::Cpu)),
+            ]),
+        }
+    }
+}
+
+/// Where the configuration came from, for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// Read from this file.
+    File(PathBuf),
+    /// No file: the built-in defaults.
+    Defaults,
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads `path`, else `$RUNPOD_WORKER_CONFIG`, else `./runpod.toml`, else the defaults.
+    /// A file that was named explicitly must exist.
+    pub fn load(path: Option<&Path>) -> Result<(Self, ConfigSource), ConfigError> {
+        let env_path = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let explicit = path.map(Path::to_path_buf).or(env_path);
+        let path = match explicit {
+            Some(p) => p,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => PathBuf::from(DEFAULT_CONFIG_FILE),
+            None => return Ok((Self::default(), ConfigSource::Defaults)),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let config = Self::from_toml(&text).map_err(|e| e.in_file(&path))?;
+        Ok((config, ConfigSource::File(path)))
+    }
+
+    /// Checks every value against its limit.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate::validate(self)
+    }
+
+    /// `[handler].execution_timeout` as a duration.
+    pub fn execution_timeout(&self) -> Duration {
+        Duration::from_secs(self.handler.execution_timeout)
+    }
+
+    /// `[handler].local_queue_max_wait_s` as a duration.
+    pub fn local_queue_max_wait(&self) -> Duration {
+        Duration::from_secs(self.handler.local_queue_max_wait_s)
+    }
+}
+
+/// Serde glue for `Option<Size>` where an empty string also means "not set".
+mod optional_size {
+    use super::Size;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<Size>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(size) => s.collect_str(size),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(serde::de::Error::custom)
+    }
+}

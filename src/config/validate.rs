@@ -1,0 +1,287 @@
+//! Validation of a parsed [`Config`]: every limit is stated in the message that enforces it.
+
+use std::path::{Path, PathBuf};
+
+use super::{Config, Size};
+
+/// Kinds of handler this build knows how to construct.
+pub(crate) const HANDLER_KINDS: &[&str] = &["echo", "extract", "classify", "torchscript"];
+
+/// A configuration the worker refuses to start with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The TOML is malformed, has an unknown key, or a value of the wrong type or format.
+    #[error("invalid config: {0}")]
+    Parse(String),
+    /// A value is outside its limit.
+    #[error("invalid config: `{key}` = {value}: {limit}")]
+    OutOfRange {
+        /// Dotted key, e.g. `handlers.classify.max_concurrency`.
+        key: String,
+        /// The value as written.
+        value: String,
+        /// The rule it breaks.
+        limit: String,
+    },
+    /// The same error, with the file it came from.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    pub(super) fn in_file(self, path: &Path) -> Self {
+        Self::InFile {
+            path: path.to_path_buf(),
+            source: Box::new(self),
+        }
+    }
+
+    /// A value outside `[min, max]`.
+    pub fn range(key: impl Into<String>, value: impl ToString, min: u64, max: u64) -> Self {
+        Self::OutOfRange {
+            key: key.into(),
+            value: value.to_string(),
+            limit: format!("must be between {min} and {max}"),
+        }
+    }
+}
+
+fn check(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::range(key, value, min, max))
+    }
+}
+
+const MAX_CONCURRENCY: u64 = 1024;
+const ONE_DAY_S: u64 = 86_400;
+const SEVEN_DAYS_S: u64 = 7 * ONE_DAY_S;
+
+pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
+    let h = &config.handler;
+    check(
+        "handler.max_concurrency",
+        h.max_concurrency.into(),
+        1,
+        MAX_CONCURRENCY,
+    )?;
+    check("handler.timeout", h.timeout, 1, ONE_DAY_S)?;
+    check(
+        "handler.execution_timeout",
+        h.execution_timeout,
+        1,
+        SEVEN_DAYS_S,
+    )?;
+    check(
+        "handler.local_queue_max_wait_s",
+        h.local_queue_max_wait_s,
+        0,
+        ONE_DAY_S,
+    )?;
+    check("handler.drain_grace_s", h.drain_grace_s, 0, ONE_DAY_S)?;
+    if h.gpu_memory_per_request.bytes() == 0 {
+        return Err(ConfigError::OutOfRange {
+            key: "handler.gpu_memory_per_request".into(),
+            value: format!("{:?}", h.gpu_memory_per_request.to_string()),
+            limit: "must be more than 0".into(),
+        });
+    }
+
+    let q = &config.queue;
+    check(
+        "queue.empty_poll_floor_ms",
+        q.empty_poll_floor_ms,
+        0,
+        60_000,
+    )?;
+    check("queue.backoff_initial_ms", q.backoff_initial_ms, 1, 60_000)?;
+    check(
+        "queue.backoff_max_ms",
+        q.backoff_max_ms,
+        q.backoff_initial_ms,
+        600_000,
+    )?;
+    check("queue.rate_limited_wait_s", q.rate_limited_wait_s, 0, 600)?;
+    check("queue.long_poll_timeout_s", q.long_poll_timeout_s, 1, 600)?;
+    check("queue.delivery_retry_s", q.delivery_retry_s, 0, ONE_DAY_S)?;
+
+    if config.server.host.trim().is_empty() {
+        return Err(ConfigError::OutOfRange {
+            key: "server.host".into(),
+            value: "\"\"".into(),
+            limit: "must be an address such as 127.0.0.1 or 0.0.0.0".into(),
+        });
+    }
+
+    if let Some(total) = config.gpu.simulate {
+        if total <= config.gpu.headroom {
+            return Err(ConfigError::OutOfRange {
+                key: "gpu.simulate".into(),
+                value: format!("{:?}", total.to_string()),
+                limit: format!("must be larger than gpu.headroom ({})", config.gpu.headroom),
+            });
+        }
+        validate_budget(config, total)?;
+    }
+
+    if config.handlers.is_empty() {
+        return Err(ConfigError::OutOfRange {
+            key: "handlers".into(),
+            value: "{}".into(),
+            limit: "at least one [handlers.<name>] table is needed".into(),
+        });
+    }
+    for (name, handler) in &config.handlers {
+        let valid_name = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_name {
+            return Err(ConfigError::OutOfRange {
+                key: format!("handlers.{name}"),
+                value: format!("{name:?}"),
+                limit: "handler names use only letters, digits, '_' and '-'".into(),
+            });
+        }
+        let kind = handler.kind(name);
+        if !HANDLER_KINDS.contains(&kind) {
+            return Err(ConfigError::OutOfRange {
+                key: format!("handlers.{name}.kind"),
+                value: format!("{kind:?}"),
+                limit: format!("must be one of {}", HANDLER_KINDS.join(", ")),
+            });
+        }
+        check(
+            &format!("handlers.{name}.max_concurrency"),
+            handler.max_concurrency.into(),
+            1,
+            MAX_CONCURRENCY,
+        )?;
+        if handler.gpu_memory == Some(Size::default()) {
+            return Err(ConfigError::OutOfRange {
+                key: format!("handlers.{name}.gpu_memory"),
+                value: "\"0B\"".into(),
+                limit:
+                    "must be more than 0 (use device = \"cpu\" for a handler without GPU memory)"
+                        .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A reservation larger than a device's budget (total minus headroom) can never be admitted:
+/// refuse to start rather than fail every such job later.
+pub fn validate_budget(config: &Config, total: Size) -> Result<(), ConfigError> {
+    let budget = total.bytes().saturating_sub(config.gpu.headroom.bytes());
+    for (name, handler) in &config.handlers {
+        let reservation = handler.reservation(&config.handler, true);
+        if reservation.bytes() > budget {
+            let key = match handler.gpu_memory {
+                Some(_) => format!("handlers.{name}.gpu_memory"),
+                None => "handler.gpu_memory_per_request".to_owned(),
+            };
+            return Err(ConfigError::OutOfRange {
+                key,
+                value: format!("{:?}", reservation.to_string()),
+                limit: format!(
+                    "one {name} job would not fit the GPU budget of {} ({} total minus {} headroom)",
+                    Size::from_bytes(budget),
+                    total,
+                    config.gpu.headroom
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name() {
+        let msg = err("[handler]\nmax_concurency = 4\n");
+        assert!(msg.contains("max_concurency"), "{msg}");
+        let msg = err("[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\ncolour = 1\n");
+        assert!(msg.contains("colour"), "{msg}");
+    }
+
+    #[test]
+    fn bad_size_is_refused_with_the_key_and_the_expected_form() {
+        let msg = err("[handler]\ngpu_memory_per_request = \"6\"\n");
+        assert!(msg.contains("gpu_memory_per_request"), "{msg}");
+        assert!(msg.contains("no unit"), "{msg}");
+        let msg = err("[gpu]\nsimulate = \"24 parsecs\"\n");
+        assert!(
+            msg.contains("simulate") && msg.contains("not a size"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key_and_the_limit() {
+        let msg = err("[handler]\nmax_concurrency = 0\n");
+        assert!(msg.contains("`handler.max_concurrency` = 0"), "{msg}");
+        assert!(msg.contains("between 1 and 1024"), "{msg}");
+        let msg = err("[handlers.x]\nkind = \"echo\"\nmax_concurrency = 5000\ndevice = \"cpu\"\n");
+        assert!(msg.contains("handlers.x.max_concurrency"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_handler_kind_lists_the_known_ones() {
+        let msg = err("[handlers.llm]\nmax_concurrency = 1\ndevice = \"cuda\"\n");
+        assert!(
+            msg.contains("handlers.llm.kind") && msg.contains("echo, extract"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn reservation_larger_than_the_simulated_budget_is_refused() {
+        let msg = err("[gpu]\nsimulate = \"8GB\"\nheadroom = \"1GB\"\n[handlers.classify]\nmax_concurrency = 1\ndevice = \"cuda\"\ngpu_memory = \"24GB\"\n");
+        assert!(msg.contains("handlers.classify.gpu_memory"), "{msg}");
+        assert!(msg.contains("7GB"), "{msg}");
+    }
+
+    #[test]
+    fn cpu_handlers_reserve_nothing_and_gpu_handlers_inherit_the_default() {
+        let config = Config::default();
+        let extract = &config.handlers["extract"];
+        let classify = &config.handlers["classify"];
+        assert_eq!(extract.reservation(&config.handler, true).bytes(), 0);
+        assert_eq!(classify.reservation(&config.handler, true), Size::gb(6));
+        assert_eq!(classify.reservation(&config.handler, false).bytes(), 0);
+    }
+
+    #[test]
+    fn the_annotated_example_at_the_repo_root_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("runpod.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+    }
+}

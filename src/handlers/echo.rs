@@ -1,0 +1,74 @@
+//! `echo`: returns its input unchanged. For diagnostics, tests and benchmarks.
+//!
+//! Options (all optional, in `input`): `sleep_ms` waits (cancellable), `stream: N` sends N
+//! chunks first, `block_ms` blocks its executor thread (proves the heartbeat's isolation from a
+//! misbehaving handler). On a simulated GPU only: `fail: "panic" | "oom"`.
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+use super::{Handler, JobContext};
+use crate::outcome::JobError;
+
+/// Longest `sleep_ms`/`block_ms` accepted: one hour.
+const MAX_SLEEP_MS: u64 = 3_600_000;
+/// Most chunks one job may stream.
+const MAX_STREAM_CHUNKS: u64 = 10_000;
+
+/// The echo handler.
+#[derive(Debug, Default)]
+pub struct EchoHandler;
+
+fn option_u64(ctx: &JobContext, key: &str, max: u64) -> Result<u64, JobError> {
+    match ctx.input.get(key) {
+        None | Some(Value::Null) => Ok(0),
+        Some(value) => value.as_u64().filter(|n| *n <= max).ok_or_else(|| {
+            JobError::invalid_input(format!(
+                "input.{key} must be a whole number from 0 to {max}"
+            ))
+        }),
+    }
+}
+
+#[async_trait]
+impl Handler for EchoHandler {
+    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+        let sleep_ms = option_u64(&ctx, "sleep_ms", MAX_SLEEP_MS)?;
+        let block_ms = option_u64(&ctx, "block_ms", MAX_SLEEP_MS)?;
+        let chunks = option_u64(&ctx, "stream", MAX_STREAM_CHUNKS)?;
+        if let Some(fail) = ctx.input.get("fail") {
+            if !ctx.simulated_gpu {
+                return Err(JobError::invalid_input(
+                    "input.fail is only honoured on a simulated GPU ([gpu] simulate)",
+                ));
+            }
+            match fail.as_str() {
+                Some("panic") => panic!("echo was asked to panic"),
+                Some("oom") => return Err(JobError::gpu_memory_exhausted(10)),
+                _ => {
+                    return Err(JobError::invalid_input(
+                        "input.fail must be \"panic\" or \"oom\"",
+                    ))
+                }
+            }
+        }
+        for index in 0..chunks {
+            if ctx.cancel.is_cancelled() {
+                break;
+            }
+            ctx.stream(json!({ "chunk": index, "of": chunks })).await?;
+        }
+        if block_ms > 0 {
+            // Deliberately blocks the thread it runs on (see the module doc).
+            std::thread::sleep(Duration::from_millis(block_ms));
+        }
+        if sleep_ms > 0 {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+                () = ctx.cancel.cancelled() => {}
+            }
+        }
+        Ok(Value::Object(ctx.input))
+    }
+}

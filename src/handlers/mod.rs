@@ -1,0 +1,79 @@
+//! Handlers: what runs a job once it is admitted. The [`Handler`] trait, the context a job
+//! runs with, and the set of handlers built from `[handlers.<name>]`.
+
+mod echo;
+mod registry;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::outcome::JobError;
+
+pub use echo::EchoHandler;
+pub use registry::{HandlerEntry, HandlerSet, Routed};
+
+/// One kind of work. Implementations run model calls on blocking threads, never on the async
+/// runtime, and check `ctx.cancel` at their safe points.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one job to its output or its error.
+    async fn run(&self, ctx: JobContext) -> Result<Value, JobError>;
+}
+
+/// Where a job's stream chunks go (job-stream in the worker, stdout in `test-input`).
+#[async_trait]
+pub trait ChunkSink: Send + Sync {
+    /// Delivers one chunk, in order.
+    async fn send(&self, job_id: &str, chunk: Value) -> Result<(), JobError>;
+}
+
+/// Everything a handler gets for one job.
+#[derive(Clone)]
+pub struct JobContext {
+    /// The job id (for logs and stream chunks).
+    pub job_id: String,
+    /// `input`, already checked to be an object.
+    pub input: Map<String, Value>,
+    /// Set when the job is stopped, cancelled or out of time: stop at the next safe point.
+    pub cancel: CancellationToken,
+    /// Whether the worker runs on a simulated GPU (enables echo's test-only options).
+    pub simulated_gpu: bool,
+    sink: Arc<dyn ChunkSink>,
+    chunks_sent: Arc<AtomicUsize>,
+}
+
+impl JobContext {
+    /// A context whose chunks go to `sink`.
+    pub fn new(
+        job_id: String,
+        input: Map<String, Value>,
+        sink: Arc<dyn ChunkSink>,
+        cancel: CancellationToken,
+        simulated_gpu: bool,
+    ) -> Self {
+        Self {
+            job_id,
+            input,
+            cancel,
+            simulated_gpu,
+            sink,
+            chunks_sent: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Streams one chunk to the job's client (job-stream, `{"output": chunk}`).
+    pub async fn stream(&self, chunk: Value) -> Result<(), JobError> {
+        self.sink.send(&self.job_id, chunk).await?;
+        self.chunks_sent.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// How many chunks were streamed (a job that streamed ends with `isStream=true`).
+    pub fn chunks_sent(&self) -> usize {
+        self.chunks_sent.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,32 @@
+//! runpod-worker: a serverless GPU inference worker for RunPod-style job queues that never lets
+//! concurrent jobs exhaust GPU memory.
+//!
+//! # Layout
+//!
+//! - [`config`]: `runpod.toml`, its defaults and validation.
+//! - [`queue`]: the worker side of the job API (environment, URLs, HTTP client, backoff).
+//! - [`mock_queue`]: a mock of the job API, for local use and tests.
+//! - [`admission`]: how many jobs to take and when a taken job may start.
+//! - [`handlers`]: the `Handler` trait and the handlers (`echo`; the model handlers follow).
+//! - [`runner`]: the take loop, job tasks, heartbeat, stop channel and drain.
+//! - [`health`] and [`metrics`]: `/health`, `/ready`, `/metrics`.
+//! - [`gpu`]: what is known of the GPU (NVML, simulated, none).
+//! - [`outcome`]: error results in the seed's shape and the job-done body.
+//! - [`commands`]: what each subcommand does; `main.rs` only parses arguments.
+
+pub mod admission;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod gpu;
+pub mod handlers;
+pub mod health;
+pub mod metrics;
+pub mod mock_queue;
+pub mod outcome;
+pub mod queue;
+pub mod runner;
+pub mod secret;
+pub mod shutdown;
+pub mod telemetry;
+pub mod torch_check;

@@ -1,0 +1,158 @@
+//! What a job ends with: its output, or an error result in the seed's shape.
+//!
+//! Every error a job can meet becomes a [`JobError`] with one `error_type` from a closed list, a
+//! message written for the person who submitted the job (never a libtorch message or a file
+//! path), and a `retry_after` only where retrying can succeed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// The closed list of `error_type` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorType {
+    /// Not enough GPU memory now; retry after `retry_after` seconds.
+    #[serde(rename = "InsufficientGPUMemory")]
+    InsufficientGpuMemory,
+    /// The job's input is wrong; retrying the same input cannot succeed.
+    InvalidInput,
+    /// The job ran past its execution timeout, or waited too long for its handler.
+    Timeout,
+    /// The worker was shutting down and could not finish the job.
+    Interrupted,
+    /// The model failed or is not available.
+    ModelError,
+    /// The result is larger than the platform accepts.
+    OutputTooLarge,
+    /// A bug or an unexpected failure inside the worker.
+    Internal,
+}
+
+impl ErrorType {
+    /// The name used on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InsufficientGpuMemory => "InsufficientGPUMemory",
+            Self::InvalidInput => "InvalidInput",
+            Self::Timeout => "Timeout",
+            Self::Interrupted => "Interrupted",
+            Self::ModelError => "ModelError",
+            Self::OutputTooLarge => "OutputTooLarge",
+            Self::Internal => "Internal",
+        }
+    }
+}
+
+/// A failed job, as its submitter sees it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error_type:?}: {message}")]
+pub struct JobError {
+    /// Which kind of failure.
+    pub error_type: ErrorType,
+    /// What went wrong, for the person who submitted the job.
+    pub message: String,
+    /// Seconds after which a retry can succeed; `None` where it cannot.
+    pub retry_after: Option<u64>,
+}
+
+impl JobError {
+    /// An error of `error_type` that retrying will not fix.
+    pub fn new(error_type: ErrorType, message: impl Into<String>) -> Self {
+        Self {
+            error_type,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The job's input is wrong.
+    pub fn invalid_input(message: impl Into<String>) -> Self {
+        Self::new(ErrorType::InvalidInput, message)
+    }
+
+    /// Something inside the worker failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorType::Internal, message)
+    }
+
+    /// The seed's retry signal: GPU memory is short now, retry after `retry_after_s`.
+    pub fn gpu_memory_exhausted(retry_after_s: u64) -> Self {
+        Self {
+            error_type: ErrorType::InsufficientGpuMemory,
+            message: "GPU memory exhausted, retry shortly".to_owned(),
+            retry_after: Some(retry_after_s),
+        }
+    }
+
+    /// The seed's error object:
+    /// `{"success": false, "error": .., "error_type": .., "retry_after": ..}`.
+    pub fn to_object(&self) -> Value {
+        let mut object = json!({
+            "success": false,
+            "error": self.message,
+            "error_type": self.error_type.as_str(),
+        });
+        if let Some(after) = self.retry_after {
+            object["retry_after"] = json!(after);
+        }
+        object
+    }
+}
+
+/// The job-done body for a finished job.
+///
+/// Output goes as `{"output": ..}`. An error goes twice: as `output` (the SDK client's
+/// `output()` sees it) and as a JSON string in `error` (the platform marks the job FAILED).
+/// `stop_pod` asks the platform to replace this worker.
+pub fn done_body(result: &Result<Value, JobError>, stop_pod: bool) -> Value {
+    let mut body = match result {
+        Ok(output) => json!({ "output": output }),
+        Err(error) => {
+            let object = error.to_object();
+            json!({ "error": object.to_string(), "output": object })
+        }
+    };
+    if stop_pod {
+        body["stopPod"] = json!(true);
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_signal_matches_the_seed_object_exactly() {
+        let object = JobError::gpu_memory_exhausted(10).to_object();
+        assert_eq!(
+            object,
+            json!({"success": false, "error": "GPU memory exhausted, retry shortly",
+                   "error_type": "InsufficientGPUMemory", "retry_after": 10})
+        );
+    }
+
+    #[test]
+    fn error_body_carries_the_object_as_output_and_as_a_json_string() {
+        let body = done_body(
+            &Err(JobError::invalid_input("input.task is required")),
+            false,
+        );
+        let as_string: Value = serde_json::from_str(body["error"].as_str().unwrap()).unwrap();
+        assert_eq!(as_string, body["output"]);
+        assert_eq!(body["output"]["error_type"], "InvalidInput");
+        assert!(body["output"].get("retry_after").is_none());
+        assert!(body.get("stopPod").is_none());
+    }
+
+    #[test]
+    fn output_body_is_just_the_output_plus_stop_pod_when_asked() {
+        assert_eq!(
+            done_body(&Ok(json!({"a": 1})), false),
+            json!({"output": {"a": 1}})
+        );
+        assert_eq!(
+            done_body(&Ok(json!(null)), true),
+            json!({"output": null, "stopPod": true})
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! `QueueClient`: the worker's HTTP calls to the job API (take, stop, ping, done, stream).
+//!
+//! Reads are one-shot and report what went wrong; the loops that call them own the pacing.
+//! Result POSTs retry by themselves (5xx, 429, timeouts, refused connections) within
+//! `[queue].delivery_retry_s`, because a result given up on is a job lost.
+
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use super::backoff::Backoff;
+use super::endpoints::QueueEndpoints;
+use super::protocol::{parse_take_body, BadJob, Job};
+use crate::config::QueueConfig;
+
+/// The version sent as `runpod_version` and in `User-Agent`.
+pub const WORKER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A failed call to the queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// 429: slow down.
+    #[error("the queue asked us to slow down (429)")]
+    RateLimited,
+    /// Any other unexpected status.
+    #[error("the queue answered {0}")]
+    Status(u16),
+    /// No answer: refused, reset, timed out.
+    #[error("the queue could not be reached: {0}")]
+    Transport(String),
+    /// An answer that is not what the protocol says.
+    #[error("{0}")]
+    Body(String),
+}
+
+/// Why a result could not be delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// 404: the queue no longer knows the job (expired, or requeued to another worker).
+    #[error("the queue no longer knows job {0} (404): it expired or was handed to another worker")]
+    Gone(String),
+    /// Another 4xx: retrying the same body cannot help.
+    #[error("the queue refused the result with {0}")]
+    Rejected(u16),
+    /// Retried for `[queue].delivery_retry_s` without success.
+    #[error("gave up after {attempts} attempts: {last}")]
+    Exhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last: String,
+    },
+    /// The stream URL is not configured.
+    #[error("RUNPOD_WEBHOOK_POST_STREAM is not set; stream chunks cannot be delivered")]
+    NoStreamUrl,
+}
+
+/// What one take brought.
+#[derive(Debug)]
+pub struct TakeResponse {
+    /// The jobs, each valid or not.
+    pub jobs: Vec<Result<Job, BadJob>>,
+    /// How long the queue held the request (a long-poll holds it; a quick empty answer does not).
+    pub held: Duration,
+}
+
+/// HTTP client for one worker's queue URLs.
+#[derive(Debug, Clone)]
+pub struct QueueClient {
+    http: reqwest::Client,
+    endpoints: QueueEndpoints,
+    config: QueueConfig,
+}
+
+impl QueueClient {
+    /// A client for `endpoints`, paced by `config`.
+    pub fn new(endpoints: QueueEndpoints, config: QueueConfig) -> Result<Self, QueueError> {
+        let mut headers = HeaderMap::new();
+        if !endpoints.api_key.is_empty() {
+            let mut value = HeaderValue::from_str(endpoints.api_key.expose()).map_err(|_| {
+                QueueError::Body(
+                    "RUNPOD_AI_API_KEY holds characters not allowed in a header".into(),
+                )
+            })?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(format!("runpod-worker/{WORKER_VERSION}"))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| QueueError::Transport(e.to_string()))?;
+        Ok(Self {
+            http,
+            endpoints,
+            config,
+        })
+    }
+
+    /// The URLs in use.
+    pub fn endpoints(&self) -> &QueueEndpoints {
+        &self.endpoints
+    }
+
+    /// Takes up to `max` jobs: a single take for 1, a batch take above.
+    pub async fn take(
+        &self,
+        max: usize,
+        job_in_progress: bool,
+    ) -> Result<TakeResponse, QueueError> {
+        let url = match max {
+            0 | 1 => self.endpoints.take_url(job_in_progress),
+            n => self.endpoints.take_batch_url(n, job_in_progress),
+        };
+        let started = Instant::now();
+        let response = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(self.config.long_poll_timeout_s))
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status();
+        let jobs = match status {
+            // 400 is what the platform sends with FlashBoot when there is no job (SDK).
+            StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => Vec::new(),
+            StatusCode::TOO_MANY_REQUESTS => return Err(QueueError::RateLimited),
+            s if s.is_success() => {
+                let body = response.bytes().await.map_err(transport)?;
+                parse_take_body(&body).map_err(QueueError::Body)?
+            }
+            s => return Err(QueueError::Status(s.as_u16())),
+        };
+        Ok(TakeResponse {
+            jobs,
+            held: started.elapsed(),
+        })
+    }
+
+    /// Long-polls the stop channel: the ids of jobs to abandon. Empty when the channel is off.
+    pub async fn poll_stop(&self) -> Result<Vec<String>, QueueError> {
+        let Some(url) = self.endpoints.stop_url() else {
+            return Ok(Vec::new());
+        };
+        let response = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(self.config.long_poll_timeout_s))
+            .send()
+            .await
+            .map_err(transport)?;
+        match response.status() {
+            StatusCode::NO_CONTENT => Ok(Vec::new()),
+            StatusCode::TOO_MANY_REQUESTS => Err(QueueError::RateLimited),
+            s if s.is_success() => {
+                let body: Value = response.json().await.map_err(|e| {
+                    QueueError::Body(format!(
+                        "job-stop answered with a body that is not JSON ({e})"
+                    ))
+                })?;
+                Ok(body
+                    .get("jobsToStop")
+                    .and_then(Value::as_array)
+                    .map(|ids| {
+                        ids.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default())
+            }
+            s => Err(QueueError::Status(s.as_u16())),
+        }
+    }
+
+    /// The heartbeat: liveness plus the ids of the jobs this worker holds.
+    pub async fn ping(&self, job_ids: &[String]) -> Result<(), QueueError> {
+        let Some(url) = &self.endpoints.ping else {
+            return Ok(());
+        };
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if !job_ids.is_empty() {
+            query.push(("job_id", job_ids.join(",")));
+        }
+        query.push(("runpod_version", WORKER_VERSION.to_owned()));
+        let response = self
+            .http
+            .get(url)
+            .query(&query)
+            .timeout(self.endpoints.ping_interval.max(Duration::from_millis(500)) * 2)
+            .send()
+            .await
+            .map_err(transport)?;
+        status_ok(response.status())
+    }
+
+    /// The SDK's start-up failure report: `status=unhealthy&check=..&reason=..`.
+    pub async fn report_unhealthy(&self, check: &str, reason: &str) -> Result<(), QueueError> {
+        let Some(url) = &self.endpoints.ping else {
+            return Ok(());
+        };
+        let reason: String = reason.chars().take(256).collect();
+        let response = self
+            .http
+            .get(url)
+            .query(&[
+                ("status", "unhealthy"),
+                ("check", check),
+                ("reason", &reason),
+                ("runpod_version", WORKER_VERSION),
+            ])
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(transport)?;
+        status_ok(response.status())
+    }
+
+    /// POSTs a job's final body to job-done.
+    pub async fn post_done(
+        &self,
+        job_id: &str,
+        body: &Value,
+        is_stream: bool,
+    ) -> Result<(), DeliveryError> {
+        let url = self.endpoints.done_url(job_id, is_stream);
+        self.deliver(&url, job_id, body).await
+    }
+
+    /// POSTs one stream chunk (`{"output": chunk}`) to job-stream.
+    pub async fn post_stream(&self, job_id: &str, chunk: &Value) -> Result<(), DeliveryError> {
+        let url = self
+            .endpoints
+            .stream_url(job_id)
+            .ok_or(DeliveryError::NoStreamUrl)?;
+        self.deliver(&url, job_id, &serde_json::json!({ "output": chunk }))
+            .await
+    }
+
+    async fn deliver(&self, url: &str, job_id: &str, body: &Value) -> Result<(), DeliveryError> {
+        let deadline = Instant::now() + Duration::from_secs(self.config.delivery_retry_s);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.config.backoff_initial_ms),
+            Duration::from_millis(self.config.backoff_max_ms),
+        );
+        let payload = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+        loop {
+            let attempt = self
+                .http
+                .post(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(payload.clone())
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await;
+            let last = match attempt {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                    return Err(DeliveryError::Gone(job_id.to_owned()))
+                }
+                Ok(r)
+                    if r.status().is_client_error()
+                        && r.status() != StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    return Err(DeliveryError::Rejected(r.status().as_u16()))
+                }
+                Ok(r) => format!("the queue answered {}", r.status().as_u16()),
+                Err(e) => transport(e).to_string(),
+            };
+            let delay = backoff.next_delay();
+            if Instant::now() + delay > deadline {
+                return Err(DeliveryError::Exhausted {
+                    attempts: backoff.failures(),
+                    last,
+                });
+            }
+            tracing::warn!(
+                job_id,
+                "result delivery failed ({last}); retrying in {delay:?}"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+fn status_ok(status: StatusCode) -> Result<(), QueueError> {
+    match status {
+        s if s.is_success() => Ok(()),
+        StatusCode::TOO_MANY_REQUESTS => Err(QueueError::RateLimited),
+        s => Err(QueueError::Status(s.as_u16())),
+    }
+}
+
+fn transport(error: reqwest::Error) -> QueueError {
+    // reqwest's message names the URL, never the headers, so the key cannot leak through it.
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    QueueError::Transport(format!("{kind}: {}", error.without_url()))
+}

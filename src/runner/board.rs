@@ -1,0 +1,88 @@
+//! The jobs this worker holds: their ids (for the heartbeat), their stop tokens (for the stop
+//! channel) and the counters `/health` shows.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio_util::sync::CancellationToken;
+
+/// Job counters since start.
+#[derive(Debug, Default)]
+pub struct JobCounters {
+    /// Jobs received from the queue (valid or not).
+    pub taken: AtomicU64,
+    /// Answered with an output.
+    pub completed: AtomicU64,
+    /// Answered with an error result.
+    pub failed: AtomicU64,
+    /// Stopped through the stop channel (nothing posted, as the SDK does).
+    pub cancelled: AtomicU64,
+    /// Results the queue never accepted.
+    pub undelivered: AtomicU64,
+    /// Jobs without an id, which nobody can be answered for.
+    pub unanswerable: AtomicU64,
+}
+
+impl JobCounters {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// In-flight jobs, keyed by id.
+#[derive(Debug, Default)]
+pub struct JobBoard {
+    jobs: Mutex<BTreeMap<String, CancellationToken>>,
+    /// Counters since start.
+    pub counters: JobCounters,
+}
+
+impl JobBoard {
+    /// Records a job as held; the token is cancelled if the queue asks to stop it.
+    pub fn register(&self, job_id: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.lock().insert(job_id.to_owned(), token.clone());
+        token
+    }
+
+    /// The job has been answered (or abandoned): it leaves the heartbeat.
+    pub fn finish(&self, job_id: &str) {
+        self.lock().remove(job_id);
+    }
+
+    /// Stops a held job; `false` if this worker does not hold it.
+    pub fn cancel(&self, job_id: &str) -> bool {
+        match self.lock().get(job_id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ids of every held job (running or waiting for its handler).
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Number of held jobs.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no job is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, CancellationToken>> {
+        // A panic while holding this lock cannot leave the map half-updated (single inserts
+        // and removes), so a poisoned lock is still safe to use.
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

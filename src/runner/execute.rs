@@ -1,0 +1,83 @@
+//! Running one admitted job on its handler: the deadline, cancellation, and panic isolation.
+//! Shared by the worker and `test-input`.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::handlers::{HandlerEntry, JobContext};
+use crate::outcome::{ErrorType, JobError};
+
+/// How a job's run ended.
+#[derive(Debug)]
+pub enum Execution {
+    /// It ended with an output or an error result, to be posted.
+    Finished(Result<Value, JobError>),
+    /// It was stopped through the stop channel: nothing is posted.
+    Cancelled,
+}
+
+/// Runs `ctx` on `entry`'s handler within `deadline`.
+///
+/// - `stop` (the stop channel) abandons the job: [`Execution::Cancelled`].
+/// - `interrupt` (the drain's grace period is over) ends it with `Interrupted`.
+/// - Past `deadline` it ends with `Timeout`.
+/// - A panic in the handler fails this job only, with `Internal`.
+///
+/// In each case the handler's `ctx.cancel` is set so that work on other threads stops at its
+/// next safe point.
+pub async fn execute(
+    entry: &HandlerEntry,
+    ctx: JobContext,
+    deadline: Duration,
+    stop: &CancellationToken,
+    interrupt: &CancellationToken,
+) -> Execution {
+    let handler = match &entry.handler {
+        Ok(handler) => handler.clone(),
+        Err(reason) => {
+            return Execution::Finished(Err(JobError::new(ErrorType::ModelError, reason.clone())))
+        }
+    };
+    let job_cancel = ctx.cancel.clone();
+    let run = AssertUnwindSafe(handler.run(ctx)).catch_unwind();
+    let outcome = tokio::select! {
+        result = run => match result {
+            Ok(result) => Execution::Finished(result),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!("handler {} panicked: {what}", entry.name);
+                Execution::Finished(Err(JobError::internal(format!(
+                    "the {} handler failed unexpectedly; the worker is still running",
+                    entry.name
+                ))))
+            }
+        },
+        () = tokio::time::sleep(deadline) => Execution::Finished(Err(JobError::new(
+            ErrorType::Timeout,
+            format!("the job ran longer than its execution timeout of {}", format_duration(deadline)),
+        ))),
+        () = stop.cancelled() => Execution::Cancelled,
+        () = interrupt.cancelled() => Execution::Finished(Err(JobError::new(
+            ErrorType::Interrupted,
+            "the worker was shut down before the job finished; submit it again",
+        ))),
+    };
+    job_cancel.cancel();
+    outcome
+}
+
+fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}

@@ -1,0 +1,190 @@
+//! One taken job, from the take to its answer: routing, the wait for its handler (bounded),
+//! the run, and the job-done POST.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{execute, Execution, JobCounters, Worker};
+use crate::admission::{GlobalSlot, QueuedTicket};
+use crate::handlers::{ChunkSink, JobContext};
+use crate::outcome::{done_body, ErrorType, JobError};
+use crate::queue::client::DeliveryError;
+use crate::queue::{BadJob, Job, QueueClient};
+
+/// `retry_after` of the retry signal given to a job that waited too long for its handler.
+const LOCAL_WAIT_RETRY_AFTER_S: u64 = 10;
+
+/// Takes charge of one item of a take: registers it (so the next ping lists it) and spawns
+/// the task that answers it. Runs synchronously in the take loop, so the next `takeable()`
+/// already counts this job against its handler.
+pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
+    JobCounters::bump(&worker.board.counters.taken);
+    let slot = worker.limits.try_global();
+    match item {
+        Err(BadJob { id: None, problem }) => {
+            JobCounters::bump(&worker.board.counters.unanswerable);
+            tracing::error!("received a job that cannot be answered ({problem}); skipping it");
+        }
+        Err(BadJob {
+            id: Some(id),
+            problem,
+        }) => {
+            worker.board.register(&id);
+            let worker = worker.clone();
+            worker.tracker.clone().spawn(async move {
+                let _slot = slot;
+                answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
+            });
+        }
+        Ok(job) => {
+            let stop = worker.board.register(&job.id);
+            let routed = worker
+                .handlers
+                .route(&job.input)
+                .map(|r| (r.entry.name.clone(), r.input));
+            let worker_ref = worker.clone();
+            match routed {
+                Err(error) => {
+                    worker.tracker.spawn(async move {
+                        let _slot = slot;
+                        answer(&worker_ref, &job.id, Err(error), false).await;
+                    });
+                }
+                Ok((handler, input)) => {
+                    let ticket = worker
+                        .limits
+                        .enqueue(&handler)
+                        .expect("every routed handler has limits");
+                    worker
+                        .tracker
+                        .spawn(run(worker_ref, job, handler, input, ticket, slot, stop));
+                }
+            }
+        }
+    }
+}
+
+async fn run(
+    worker: Arc<Worker>,
+    job: Job,
+    handler: String,
+    input: Map<String, Value>,
+    ticket: QueuedTicket,
+    slot: Option<GlobalSlot>,
+    stop: CancellationToken,
+) {
+    // Jobs sent beyond what was asked wait for a global slot before their handler's (one
+    // acquisition order everywhere: global, then handler).
+    let _slot = match slot {
+        Some(slot) => slot,
+        None => worker.limits.global().await,
+    };
+    let entry = worker
+        .handlers
+        .get(&handler)
+        .expect("routed to a known handler");
+    let max_wait = worker.config.local_queue_max_wait();
+    let permit = tokio::select! {
+        permit = tokio::time::timeout(max_wait, worker.limits.acquire(ticket)) => permit.ok(),
+        () = stop.cancelled() => {
+            finish_cancelled(&worker, &job.id);
+            return;
+        }
+    };
+    let Some(permit) = permit else {
+        let snapshot = worker.limits.snapshot()[&handler];
+        let error = if entry.on_gpu {
+            JobError::gpu_memory_exhausted(LOCAL_WAIT_RETRY_AFTER_S)
+        } else {
+            JobError {
+                error_type: ErrorType::Timeout,
+                message: format!(
+                    "no {handler} slot became free within {} s ({}/{} busy), retry shortly",
+                    max_wait.as_secs(),
+                    snapshot.active,
+                    snapshot.limit
+                ),
+                retry_after: Some(LOCAL_WAIT_RETRY_AFTER_S),
+            }
+        };
+        answer(&worker, &job.id, Err(error), false).await;
+        return;
+    };
+    tracing::info!(job_id = %job.id, "{}", entry.started_line(permit.active_at_start()));
+
+    let deadline = job
+        .policy_execution_timeout()
+        .map_or(worker.config.execution_timeout(), |policy| {
+            policy.min(worker.config.execution_timeout())
+        });
+    let sink = Arc::new(QueueSink(worker.client.clone()));
+    let simulated = worker.gpu.is_simulated();
+    let ctx = JobContext::new(
+        job.id.clone(),
+        input,
+        sink,
+        CancellationToken::new(),
+        simulated,
+    );
+    let execution = execute(entry, ctx.clone(), deadline, &stop, &worker.interrupt).await;
+    // The handler is done: its slot is free even while the result is still being delivered.
+    drop(permit);
+    match execution {
+        Execution::Cancelled => finish_cancelled(&worker, &job.id),
+        Execution::Finished(result) => {
+            worker.metrics.job_finished(&handler, &result);
+            answer(&worker, &job.id, result, ctx.chunks_sent() > 0).await;
+        }
+    }
+}
+
+fn finish_cancelled(worker: &Worker, job_id: &str) {
+    JobCounters::bump(&worker.board.counters.cancelled);
+    worker.board.finish(job_id);
+    tracing::info!(job_id, "job stopped by the queue; no result posted");
+}
+
+/// Posts the job's result and lets go of it.
+async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, streamed: bool) {
+    match &result {
+        Ok(_) => JobCounters::bump(&worker.board.counters.completed),
+        Err(e) => {
+            JobCounters::bump(&worker.board.counters.failed);
+            tracing::warn!(
+                job_id,
+                "job failed: {} ({})",
+                e.message,
+                e.error_type.as_str()
+            );
+        }
+    }
+    let body = done_body(&result, false);
+    match worker.client.post_done(job_id, &body, streamed).await {
+        Ok(()) => tracing::debug!(job_id, "result delivered"),
+        Err(error @ DeliveryError::Gone(_)) => {
+            JobCounters::bump(&worker.board.counters.undelivered);
+            tracing::warn!(job_id, "result dropped: {error}");
+        }
+        Err(error) => {
+            JobCounters::bump(&worker.board.counters.undelivered);
+            tracing::error!(job_id, "result could not be delivered: {error}");
+        }
+    }
+    worker.board.finish(job_id);
+}
+
+/// Stream chunks go to job-stream.
+struct QueueSink(QueueClient);
+
+#[async_trait]
+impl ChunkSink for QueueSink {
+    async fn send(&self, job_id: &str, chunk: Value) -> Result<(), JobError> {
+        self.0.post_stream(job_id, &chunk).await.map_err(|e| {
+            tracing::error!(job_id, "stream chunk could not be delivered: {e}");
+            JobError::internal("a stream chunk could not be delivered to the queue")
+        })
+    }
+}

@@ -1,0 +1,183 @@
+//! The worker: the take loop, the job tasks, the heartbeat and the stop channel, and the drain
+//! that ends them.
+//!
+//! One rule runs through it: capacity is reserved before work is taken. The take loop asks
+//! [`Limits::takeable`] how many jobs could start, takes at most that many, and gives each a
+//! global slot that is held until the job is answered. Every taken job is answered, even at
+//! SIGTERM, except a job the queue itself stopped (the SDK's behaviour).
+
+mod board;
+mod execute;
+mod heartbeat;
+mod job;
+mod stop;
+mod take;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admission::Limits;
+use crate::config::Config;
+use crate::gpu::{self, GpuProbe};
+use crate::handlers::HandlerSet;
+use crate::health::{self, Phase, PhaseCell};
+use crate::metrics::Metrics;
+use crate::queue::{QueueClient, QueueEndpoints};
+
+pub use board::{JobBoard, JobCounters};
+pub use execute::{execute, Execution};
+
+/// What a worker is started with. Tests substitute each part.
+pub struct WorkerSetup {
+    /// The validated configuration.
+    pub config: Config,
+    /// The queue's URLs and key.
+    pub endpoints: QueueEndpoints,
+    /// The handlers; `None` builds them from the configuration.
+    pub handlers: Option<HandlerSet>,
+    /// The GPU probe; `None` detects one.
+    pub gpu: Option<Arc<dyn GpuProbe>>,
+    /// Where `/health`, `/ready` and `/metrics` are served.
+    pub http_listener: TcpListener,
+    /// Cancelled to drain and stop (SIGTERM in `serve`).
+    pub shutdown: CancellationToken,
+}
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{check}: {reason}")]
+pub struct StartupError {
+    /// Which check failed (sent as `check=` in the unhealthy ping).
+    pub check: &'static str,
+    /// What failed.
+    pub reason: String,
+}
+
+/// The state every loop and job task shares.
+pub struct Worker {
+    pub(crate) config: Arc<Config>,
+    pub(crate) handlers: HandlerSet,
+    pub(crate) limits: Arc<Limits>,
+    pub(crate) board: JobBoard,
+    pub(crate) client: QueueClient,
+    pub(crate) phase: PhaseCell,
+    /// Cancelled when the drain's grace period is over: running jobs answer `Interrupted`.
+    pub(crate) interrupt: CancellationToken,
+    pub(crate) gpu: Arc<dyn GpuProbe>,
+    pub(crate) metrics: Metrics,
+    pub(crate) tracker: TaskTracker,
+}
+
+/// Runs a worker until `setup.shutdown` is cancelled and every taken job is answered.
+pub async fn run_worker(setup: WorkerSetup) -> Result<(), StartupError> {
+    let WorkerSetup {
+        config,
+        endpoints,
+        handlers,
+        gpu,
+        http_listener,
+        shutdown,
+    } = setup;
+    let client = QueueClient::new(endpoints, config.queue.clone()).map_err(|e| StartupError {
+        check: "queue",
+        reason: e.to_string(),
+    })?;
+    let gpu = gpu.unwrap_or_else(|| gpu::detect(&config.gpu));
+    let gpu_present = gpu.snapshot().is_some();
+    let handlers = handlers.unwrap_or_else(|| HandlerSet::build(&config, gpu_present));
+    let limits = Limits::new(
+        config.handler.max_concurrency as usize,
+        handlers.entries().map(|e| (e.name.clone(), e.limit)),
+    );
+    let worker = Arc::new(Worker {
+        config: Arc::new(config),
+        handlers,
+        limits: Arc::new(limits),
+        board: JobBoard::default(),
+        client,
+        phase: PhaseCell::default(),
+        interrupt: CancellationToken::new(),
+        gpu,
+        metrics: Metrics::new(),
+        tracker: TaskTracker::new(),
+    });
+    log_start(&worker);
+
+    // Ends the heartbeat, the stop channel and the HTTP server once every job is answered.
+    let finished = CancellationToken::new();
+    let http = tokio::spawn(health::serve(
+        http_listener,
+        worker.clone(),
+        finished.clone(),
+    ));
+    let heartbeat = heartbeat::spawn(&worker, finished.clone()).map_err(|e| StartupError {
+        check: "heartbeat",
+        reason: e,
+    })?;
+    let stop_loop = tokio::spawn(stop::run(worker.clone(), finished.clone()));
+    worker.phase.set(Phase::Ready);
+    take::run(worker.clone(), shutdown).await;
+
+    drain(&worker).await;
+    finished.cancel();
+    let _ = stop_loop.await;
+    let _ = http.await;
+    let _ = tokio::task::spawn_blocking(move || heartbeat.join()).await;
+    tracing::info!("all taken jobs answered; worker stopped");
+    Ok(())
+}
+
+/// The take loop has stopped: wait for the jobs in hand, then interrupt what is left.
+async fn drain(worker: &Arc<Worker>) {
+    worker.phase.set(Phase::Draining);
+    worker.tracker.close();
+    let held = worker.board.len();
+    if held > 0 {
+        tracing::info!("draining: {held} job(s) in hand");
+    }
+    let grace = Duration::from_secs(worker.config.handler.drain_grace_s);
+    if tokio::time::timeout(grace, worker.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "drain grace of {} s is over: answering the {} remaining job(s) `Interrupted`",
+            grace.as_secs(),
+            worker.board.len()
+        );
+        worker.interrupt.cancel();
+        worker.tracker.wait().await;
+    }
+}
+
+fn log_start(worker: &Worker) {
+    let (_, global) = worker.limits.global_usage();
+    let handlers: Vec<String> = worker
+        .handlers
+        .entries()
+        .map(|e| {
+            let place = if e.on_gpu { "gpu" } else { "cpu" };
+            format!("{} ({} at once, {place})", e.name, e.limit)
+        })
+        .collect();
+    tracing::info!(
+        "worker {} ready: up to {global} jobs at once; handlers: {}",
+        worker.client.endpoints().worker_id,
+        handlers.join(", ")
+    );
+    for entry in worker.handlers.entries() {
+        if entry.gpu_fallback {
+            tracing::warn!(
+                "{} asks for CUDA but no GPU was found: it runs on the CPU",
+                entry.name
+            );
+        }
+        if let Err(reason) = &entry.handler {
+            tracing::warn!("{}: {reason}; its jobs get a ModelError result", entry.name);
+        }
+    }
+}
