@@ -41,8 +41,7 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32
     println!("config OK: {origin}");
     match crate::torch_check::run() {
         Ok(report) => println!(
-            "libtorch {}: CUDA {} ({} device(s))",
-            "2.11.0",
+            "libtorch 2.11.0: CUDA {} ({} device(s))",
             if report.cuda_available {
                 "available"
             } else {

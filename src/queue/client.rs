@@ -106,23 +106,30 @@ impl QueueClient {
     }
 
     /// Takes up to `max` jobs: a single take for 1, a batch take above.
+    ///
+    /// `cancel` abandons the request while the queue is still holding it (`Ok(None)`). Once
+    /// the answer has started to arrive it is read to the end: the queue has handed those jobs
+    /// to us, and dropping them would leave them to the lease timeout.
     pub async fn take(
         &self,
         max: usize,
         job_in_progress: bool,
-    ) -> Result<TakeResponse, QueueError> {
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<TakeResponse>, QueueError> {
         let url = match max {
             0 | 1 => self.endpoints.take_url(job_in_progress),
             n => self.endpoints.take_batch_url(n, job_in_progress),
         };
         let started = Instant::now();
-        let response = self
+        let request = self
             .http
             .get(&url)
             .timeout(Duration::from_secs(self.config.long_poll_timeout_s))
-            .send()
-            .await
-            .map_err(transport)?;
+            .send();
+        let response = tokio::select! {
+            response = request => response.map_err(transport)?,
+            () = cancel.cancelled() => return Ok(None),
+        };
         let status = response.status();
         let jobs = match status {
             // 400 is what the platform sends with FlashBoot when there is no job (SDK).
@@ -134,10 +141,10 @@ impl QueueClient {
             }
             s => return Err(QueueError::Status(s.as_u16())),
         };
-        Ok(TakeResponse {
+        Ok(Some(TakeResponse {
             jobs,
             held: started.elapsed(),
-        })
+        }))
     }
 
     /// Long-polls the stop channel: the ids of jobs to abandon. Empty when the channel is off.

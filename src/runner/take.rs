@@ -30,12 +30,9 @@ pub(super) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
         }
         let job_in_progress = !worker.board.is_empty();
         let started = Instant::now();
-        let answer = tokio::select! {
-            answer = worker.client.take(wanted, job_in_progress) => answer,
-            () = shutdown.cancelled() => break,
-        };
-        let pause = match answer {
-            Ok(response) => {
+        let pause = match worker.client.take(wanted, job_in_progress, &shutdown).await {
+            Ok(None) => break,
+            Ok(Some(response)) => {
                 backoff.reset();
                 let count = response.jobs.len();
                 worker

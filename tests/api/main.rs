@@ -1,1 +1,13 @@
-fn main() {}
+//! Black-box tests: a real worker against the real mock queue on 127.0.0.1:0. One test binary
+//! (each links libtorch), one module per area.
+
+#![allow(unreachable_pub)] // test helpers are `pub` for the sibling modules, not for export
+mod helpers;
+
+mod bad_input;
+mod bodies;
+mod faults;
+mod heartbeat;
+mod lifecycle;
+mod limits;
+mod process;

@@ -1,0 +1,52 @@
+//! The heartbeat lists the jobs in hand and keeps its rhythm whatever the handlers do.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{test_config, TestWorker, EP};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_lists_in_flight_ids_and_keeps_its_rhythm_while_handlers_block_every_executor_thread()
+{
+    let worker = TestWorker::start(test_config(), |h| h, 200).await;
+    // Two jobs that block a thread each: the worker's whole async runtime (2 threads) stalls.
+    worker.enqueue("b1", json!({"task": "echo", "block_ms": 2000}));
+    worker.enqueue("b2", json!({"task": "echo", "block_ms": 2000}));
+    worker.done("b1").await;
+    worker.done("b2").await;
+
+    let pings = worker.mock.endpoint(EP).pings;
+    let with_both: Vec<_> = pings
+        .iter()
+        .filter(|p| p.job_ids.contains(&"b1".to_owned()) && p.job_ids.contains(&"b2".to_owned()))
+        .collect();
+    assert!(
+        with_both.len() >= 5,
+        "pings every 200 ms list both held jobs during the 2 s block: {}",
+        with_both.len()
+    );
+    let longest_gap = with_both
+        .windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .max()
+        .unwrap();
+    assert!(
+        longest_gap < Duration::from_millis(700),
+        "heartbeat stalled for {longest_gap:?}"
+    );
+    assert!(pings.iter().all(|p| p.worker == "w1"
+        && p.query.get("runpod_version") == Some(&env!("CARGO_PKG_VERSION").to_owned())));
+    let idle = pings.first().unwrap();
+    assert!(
+        !idle.query.contains_key("job_id"),
+        "no job_id parameter when idle: {:?}",
+        idle.query
+    );
+    assert_eq!(
+        idle.query.get("gpu").map(String::as_str),
+        Some("local"),
+        "template query is kept"
+    );
+    worker.stop().await;
+}

@@ -1,0 +1,229 @@
+//! Starting a mock queue (on its own runtime thread, so a test can block the worker's runtime
+//! without silencing the queue) and an in-process worker against it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use runpod_worker::config::Config;
+use runpod_worker::handlers::{Handler, HandlerSet, JobContext};
+use runpod_worker::mock_queue::{MockOptions, MockQueue};
+use runpod_worker::outcome::JobError;
+use runpod_worker::queue::QueueEndpoints;
+use runpod_worker::runner::{run_worker, StartupError, WorkerSetup};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub const EP: &str = "ep";
+pub const WORKER: &str = "w1";
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Starts a mock queue on its own thread and runtime; it lives as long as the returned value.
+pub fn spawn_mock(long_poll: Duration) -> Arc<MockQueue> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let options = MockOptions {
+                api_key: Some(runpod_worker::secret::ApiKey::new("test-key")),
+                long_poll,
+            };
+            let mock = Arc::new(MockQueue::start(listener, options).await.unwrap());
+            tx.send(mock.clone()).unwrap();
+            // Serve until the test drops its handle (then only this one is left).
+            while Arc::strong_count(&mock) > 1 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// A config with short waits, suitable for tests.
+pub fn test_config() -> Config {
+    let mut config = Config::from_toml(
+        r#"
+        [handler]
+        max_concurrency = 4
+        [queue]
+        empty_poll_floor_ms = 50
+        backoff_initial_ms = 100
+        backoff_max_ms = 1000
+        rate_limited_wait_s = 1
+        delivery_retry_s = 2
+        [handlers.echo]
+        max_concurrency = 4
+        device = "cpu"
+        "#,
+    )
+    .unwrap();
+    config.server.port = 0;
+    config
+}
+
+pub struct TestWorker {
+    pub mock: Arc<MockQueue>,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<Result<(), StartupError>>,
+    pub http: String,
+}
+
+impl TestWorker {
+    /// Starts a worker with `config`, handlers adjusted by `customise`, pinging every `ping_ms`.
+    pub async fn start(
+        config: Config,
+        customise: impl FnOnce(HandlerSet) -> HandlerSet,
+        ping_ms: u64,
+    ) -> Self {
+        let mock = spawn_mock(Duration::from_secs(2));
+        Self::start_on(mock, config, customise, ping_ms).await
+    }
+
+    pub async fn start_on(
+        mock: Arc<MockQueue>,
+        config: Config,
+        customise: impl FnOnce(HandlerSet) -> HandlerSet,
+        ping_ms: u64,
+    ) -> Self {
+        let mut endpoints = QueueEndpoints::for_queue(&mock.base_url(), EP, WORKER, "test-key");
+        endpoints.ping_interval = Duration::from_millis(ping_ms);
+        let handlers = customise(HandlerSet::build(&config, false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let setup = WorkerSetup {
+            config,
+            endpoints,
+            handlers: Some(handlers),
+            gpu: None,
+            http_listener: listener,
+            shutdown: shutdown.clone(),
+        };
+        let handle = tokio::spawn(run_worker(setup));
+        Self {
+            mock,
+            shutdown,
+            handle,
+            http,
+        }
+    }
+
+    pub fn enqueue(&self, id: &str, input: Value) {
+        self.mock.enqueue(EP, json!({ "id": id, "input": input }));
+    }
+
+    pub async fn done(&self, id: &str) -> runpod_worker::mock_queue::DoneRecord {
+        self.mock
+            .wait_done(EP, id, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no job-done for {id} within {WAIT:?}"))
+    }
+
+    pub async fn health(&self) -> Value {
+        reqwest::get(format!("{}/health", self.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Drains and waits for the worker to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("worker drained")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A handler that holds every job until released, recording how many ran at once.
+pub struct GateHandler {
+    running: AtomicUsize,
+    pub max_seen: AtomicUsize,
+    started: watch::Sender<usize>,
+    release: Semaphore,
+    /// When set, concurrency is also counted on this shared counter (across handlers).
+    shared: Option<Arc<GateHandler>>,
+}
+
+impl Default for GateHandler {
+    fn default() -> Self {
+        Self {
+            running: AtomicUsize::new(0),
+            max_seen: AtomicUsize::new(0),
+            started: watch::channel(0).0,
+            release: Semaphore::new(0),
+            shared: None,
+        }
+    }
+}
+
+impl GateHandler {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A gate whose concurrency also counts on `shared`.
+    pub fn sharing(shared: &Arc<GateHandler>) -> Arc<Self> {
+        Arc::new(Self {
+            shared: Some(shared.clone()),
+            ..Self::default()
+        })
+    }
+
+    /// Lets `n` held jobs finish.
+    pub fn release(&self, n: usize) {
+        self.release.add_permits(n);
+    }
+
+    /// Waits until at least `n` jobs have started.
+    pub async fn wait_started(&self, n: usize) {
+        let mut rx = self.started.subscribe();
+        tokio::time::timeout(WAIT, rx.wait_for(|s| *s >= n))
+            .await
+            .expect("jobs started")
+            .unwrap();
+    }
+
+    fn enter(&self) {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_seen.fetch_max(now, Ordering::SeqCst);
+        if let Some(shared) = &self.shared {
+            shared.enter();
+        }
+        self.started.send_modify(|s| *s += 1);
+    }
+
+    fn leave(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if let Some(shared) = &self.shared {
+            shared.leave();
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max_seen.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Handler for GateHandler {
+    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+        self.enter();
+        let gate = self.shared.as_deref().unwrap_or(self);
+        let permit = gate.release.acquire().await;
+        permit.expect("gate open").forget();
+        self.leave();
+        Ok(json!({ "job": ctx.job_id }))
+    }
+}

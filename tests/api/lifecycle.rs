@@ -1,0 +1,180 @@
+//! Stop signals, execution timeouts, panics and the drain.
+
+use std::time::Duration;
+
+use runpod_worker::mock_queue::Route;
+use serde_json::json;
+
+use crate::helpers::{test_config, TestWorker, EP, WAIT, WORKER};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_signal_cancels_a_running_job_and_posts_nothing() {
+    let worker = TestWorker::start(test_config(), |h| h, 100).await;
+    worker.enqueue("long", json!({"task": "echo", "sleep_ms": 60000}));
+    let mock = worker.mock.clone();
+    let seen = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            i.endpoints
+                .get(EP)?
+                .pings
+                .iter()
+                .any(|p| p.job_ids.contains(&"long".into()))
+                .then_some(())
+        })
+        .await;
+    assert!(seen.is_some(), "the job was taken and pinged");
+
+    worker.mock.stop_job(EP, WORKER, "long");
+    let gone = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            let q = i.endpoints.get(EP)?;
+            let last = q.pings.last()?;
+            (!last.job_ids.contains(&"long".into()) && q.stops.is_empty()).then_some(())
+        })
+        .await;
+    assert!(gone.is_some(), "the stopped job left the heartbeat");
+    assert_eq!(worker.health().await["jobs"]["cancelled"], 1);
+
+    worker.enqueue("after", json!({"task": "echo"}));
+    worker.done("after").await;
+    assert!(
+        worker
+            .mock
+            .endpoint(EP)
+            .done
+            .iter()
+            .all(|d| d.job_id != "long"),
+        "nothing posted for a stopped job"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_timeout_and_policy_timeout_end_the_job_with_timeout() {
+    let mut config = test_config();
+    config.handler.execution_timeout = 1;
+    let worker = TestWorker::start(config, |h| h, 1000).await;
+    worker.enqueue("cfg", json!({"task": "echo", "sleep_ms": 30000}));
+    worker.mock.enqueue(EP, json!({"id": "pol", "input": {"task": "echo", "sleep_ms": 30000}, "policy": {"executionTimeout": 300}}));
+
+    let done = worker.done("cfg").await;
+    assert_eq!(done.body["output"]["error_type"], "Timeout");
+    assert!(
+        done.body["output"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("1 s"),
+        "{}",
+        done.body
+    );
+    let done = worker.done("pol").await;
+    assert!(
+        done.body["output"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("300 ms"),
+        "{}",
+        done.body
+    );
+    assert!(done.body["output"].get("retry_after").is_none());
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_only_its_own_job() {
+    let mut config = test_config();
+    config.gpu.simulate = Some("24GB".parse().unwrap());
+    let worker = TestWorker::start(config, |h| h, 1000).await;
+    worker.enqueue("boom", json!({"task": "echo", "fail": "panic"}));
+    worker.enqueue("fine", json!({"task": "echo"}));
+    let done = worker.done("boom").await;
+    assert_eq!(done.body["output"]["error_type"], "Internal");
+    assert!(
+        !done.body["output"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("asked to panic"),
+        "no internals in results"
+    );
+    assert_eq!(worker.done("fine").await.body["output"]["task"], "echo");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_taking_at_once_and_answers_every_taken_job() {
+    let worker = TestWorker::start(test_config(), |h| h, 100).await;
+    worker.enqueue("d1", json!({"task": "echo", "sleep_ms": 800}));
+    worker.enqueue("d2", json!({"task": "echo", "sleep_ms": 800}));
+    let mock = worker.mock.clone();
+    let held = |ids: &[&str], i: &runpod_worker::mock_queue::Inner| {
+        let last = i.endpoints.get(EP)?.pings.last()?;
+        ids.iter()
+            .all(|id| last.job_ids.contains(&(*id).to_owned()))
+            .then_some(())
+    };
+    mock.state()
+        .wait_for(WAIT, |i| held(&["d1", "d2"], i))
+        .await
+        .expect("the worker holds both jobs");
+    let takes_before = mock.requests(Route::Take);
+
+    let started = std::time::Instant::now();
+    worker.shutdown.cancel();
+    // The pending long-poll is abandoned: the worker needs only the jobs' remaining time.
+    tokio::time::timeout(WAIT, worker.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        mock.requests(Route::Take),
+        takes_before,
+        "no take after the signal"
+    );
+    let done: Vec<_> = mock
+        .endpoint(EP)
+        .done
+        .into_iter()
+        .map(|d| d.job_id)
+        .collect();
+    assert!(
+        done.contains(&"d1".into()) && done.contains(&"d2".into()),
+        "{done:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_still_running_after_the_grace_period_are_answered_interrupted() {
+    let mut config = test_config();
+    config.handler.drain_grace_s = 0;
+    let worker = TestWorker::start(config, |h| h, 100).await;
+    worker.enqueue("slow", json!({"task": "echo", "sleep_ms": 60000}));
+    let mock = worker.mock.clone();
+    mock.state()
+        .wait_for(WAIT, |i| {
+            i.endpoints
+                .get(EP)?
+                .pings
+                .last()?
+                .job_ids
+                .contains(&"slow".to_owned())
+                .then_some(())
+        })
+        .await
+        .expect("the worker holds the job");
+    worker.shutdown.cancel();
+    tokio::time::timeout(WAIT, worker.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let done = mock.wait_done(EP, "slow", WAIT).await.unwrap();
+    assert_eq!(done.body["output"]["error_type"], "Interrupted");
+}

@@ -1,0 +1,149 @@
+//! The real binary: start-up refusals, the unhealthy ping, SIGTERM drain, test-input.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use runpod_worker::queue::QueueEndpoints;
+use serde_json::json;
+
+use crate::helpers::{spawn_mock, EP, WAIT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_runpod-worker");
+
+fn worker_command(base: &str, worker: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .arg("--http-port")
+        .arg("0")
+        .env_remove("RUNPOD_ENDPOINT_ID")
+        .env("RUNPOD_PING_INTERVAL", "200")
+        .env(
+            "RUNPOD_WORKER_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
+        )
+        .envs(QueueEndpoints::env_for(base, EP, worker, "test-key"));
+    command
+}
+
+#[test]
+fn version_is_printed() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("runpod-worker {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_job_queue() {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RUNPOD_WEBHOOK_GET_JOB is not set"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_sends_the_unhealthy_ping_and_exits_1() {
+    let mock = spawn_mock(Duration::from_secs(2));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    std::fs::write(&config, "[handler]\nmax_concurrency = 0\n").unwrap();
+    let out = worker_command(&mock.base_url(), "bad")
+        .env("RUNPOD_WORKER_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("handler.max_concurrency"), "{stderr}");
+    assert!(
+        !stderr.contains("test-key"),
+        "the key never reaches a log line"
+    );
+    let ping = mock
+        .endpoint(EP)
+        .pings
+        .into_iter()
+        .find(|p| p.worker == "bad")
+        .expect("unhealthy ping");
+    assert_eq!(
+        ping.query.get("status").map(String::as_str),
+        Some("unhealthy")
+    );
+    assert_eq!(ping.query.get("check").map(String::as_str), Some("config"));
+    assert!(ping.query["reason"].contains("max_concurrency"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_job_in_hand_delivers_it_and_exits_0() {
+    let mock = spawn_mock(Duration::from_secs(20));
+    let mut child = worker_command(&mock.base_url(), "proc")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    mock.enqueue(
+        EP,
+        json!({"id": "term", "input": {"task": "echo", "sleep_ms": 1500}}),
+    );
+    mock.state()
+        .wait_for(WAIT, |i| {
+            i.endpoints
+                .get(EP)?
+                .in_progress
+                .contains_key("term")
+                .then_some(())
+        })
+        .await
+        .expect("the job was taken");
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let done = mock
+        .wait_done(EP, "term", Duration::from_secs(1))
+        .await
+        .expect("result delivered before exit");
+    assert_eq!(done.body["output"]["sleep_ms"], 1500);
+}
+
+#[test]
+fn test_input_runs_one_job_and_exits_non_zero_on_an_error_result() {
+    let ok = Command::new(BIN)
+        .args([
+            "test-input",
+            "--json",
+            r#"{"input": {"task": "echo", "n": 1}}"#,
+        ])
+        .env(
+            "RUNPOD_WORKER_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
+        )
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let printed: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(printed, json!({"output": {"task": "echo", "n": 1}}));
+
+    let bad = Command::new(BIN)
+        .args(["test-input", "--json", r#"{"input": {"task": "nope"}}"#])
+        .env(
+            "RUNPOD_WORKER_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("InvalidInput"));
+}
