@@ -25,6 +25,18 @@ pub enum Command {
         #[arg(long)]
         http_port: Option<u16>,
     },
+    /// A mock queue (endpoint id `local`) and a worker in one process, on 127.0.0.1.
+    Local {
+        /// Port of the mock queue (the endpoint URL is http://127.0.0.1:PORT/v2/local).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Port of the worker's /health, /ready and /metrics (overrides [server] port).
+        #[arg(long)]
+        http_port: Option<u16>,
+    },
     /// Run the mock job queue alone (several `serve` workers can share it).
     MockQueue {
         /// Address to bind.

@@ -10,6 +10,11 @@ async fn main() {
     telemetry::init(telemetry::LogFormat::from_env());
     let code = match cli.command {
         Command::Serve { config, http_port } => commands::serve(config.as_deref(), http_port).await,
+        Command::Local {
+            port,
+            config,
+            http_port,
+        } => commands::local(port, config.as_deref(), http_port).await,
         Command::MockQueue {
             host,
             port,

@@ -4,6 +4,7 @@
 //! [`MockQueue`] is the handle tests use: start it on `127.0.0.1:0`, enqueue jobs, inject
 //! faults, queue stop signals, and await what the workers did without sleeping.
 
+mod client_api;
 mod state;
 mod worker_api;
 
@@ -18,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use state::{
-    DoneRecord, EndpointQueue, Fault, Inner, MockState, PingRecord, Route, StreamRecord, TakeRecord,
+    DoneRecord, EndpointQueue, Fault, Inner, JobStatus, MockState, PingRecord, Route, StreamRecord,
+    TakeRecord,
 };
 
 use crate::secret::ApiKey;
@@ -47,6 +49,7 @@ impl Default for MockOptions {
 /// The mock's routes over `state`.
 pub fn router(state: Arc<MockState>) -> Router {
     worker_api::routes()
+        .merge(client_api::routes())
         .fallback(|| async {
             worker_api::error(StatusCode::NOT_FOUND, "no such route in the job API")
         })

@@ -22,6 +22,44 @@ pub enum Route {
     Stream,
     /// `GET ping`.
     Ping,
+    /// The client API (`/run`, `/runsync`, `/status`, `/health`).
+    Client,
+}
+
+/// A job's status as the client API reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStatus {
+    /// `IN_QUEUE`, `IN_PROGRESS`, `COMPLETED` or `FAILED`.
+    pub status: &'static str,
+    /// The output (or the latest progress update).
+    pub output: Option<Value>,
+    /// The error string of a FAILED job.
+    pub error: Option<Value>,
+    /// When it was submitted.
+    pub submitted: Instant,
+    /// When a worker took it.
+    pub started: Option<Instant>,
+    /// When it ended.
+    pub finished: Option<Instant>,
+}
+
+impl JobStatus {
+    /// A job just submitted.
+    pub fn queued() -> Self {
+        Self {
+            status: "IN_QUEUE",
+            output: None,
+            error: None,
+            submitted: Instant::now(),
+            started: None,
+            finished: None,
+        }
+    }
+
+    /// Whether it has ended.
+    pub fn is_final(&self) -> bool {
+        matches!(self.status, "COMPLETED" | "FAILED")
+    }
 }
 
 /// A failure injected on a route: answer `status` to a fraction `rate` of its requests.
@@ -100,6 +138,8 @@ pub struct EndpointQueue {
     pub takes: Vec<TakeRecord>,
     /// Worker id → job ids it should stop.
     pub stops: HashMap<String, Vec<String>>,
+    /// Jobs submitted through the client API, by id.
+    pub statuses: HashMap<String, JobStatus>,
 }
 
 /// Everything behind the lock.

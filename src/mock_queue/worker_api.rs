@@ -123,6 +123,10 @@ async fn take_jobs(
             for job in &jobs {
                 if let Some(id) = job.get("id").and_then(Value::as_str) {
                     queue.in_progress.insert(id.to_owned(), worker.clone());
+                    if let Some(status) = queue.statuses.get_mut(id) {
+                        status.status = "IN_PROGRESS";
+                        status.started = Some(std::time::Instant::now());
+                    }
                 }
             }
             let timed_out = tokio::time::Instant::now() >= deadline;
@@ -223,6 +227,19 @@ async fn done(
             is_stream: query.get("isStream").cloned(),
             body,
         };
+        if let Some(status) = queue.statuses.get_mut(&job) {
+            let error = record.body.get("error").filter(|e| e.is_string()).cloned();
+            status.output = record.body.get("output").cloned();
+            if !progress {
+                status.status = if error.is_some() {
+                    "FAILED"
+                } else {
+                    "COMPLETED"
+                };
+                status.error = error;
+                status.finished = Some(std::time::Instant::now());
+            }
+        }
         if progress {
             queue.progress.push(record);
         } else {
