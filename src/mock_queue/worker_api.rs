@@ -2,10 +2,6 @@
 //! batch take, job-done (the body parsed as JSON whatever its content type), job-stream, ping
 //! and the job-stop long-poll.
 
-// `Result<_, Response>` lets a refusal be returned with `?`-like early returns; the large error
-// variant costs nothing that matters in a test server.
-#![allow(clippy::result_large_err)]
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
