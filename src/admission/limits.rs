@@ -90,7 +90,7 @@ impl Limits {
     pub fn try_global(&self) -> Option<GlobalSlot> {
         let permit = self.global.clone().try_acquire_owned().ok()?;
         Some(GlobalSlot {
-            _permit: permit,
+            permit: Some(permit),
             freed: self.freed.clone(),
         })
     }
@@ -104,7 +104,7 @@ impl Limits {
             .await
             .expect("the global semaphore is never closed");
         GlobalSlot {
-            _permit: permit,
+            permit: Some(permit),
             freed: self.freed.clone(),
         }
     }
@@ -135,7 +135,7 @@ impl Limits {
             limits: self.clone(),
             handler,
             active,
-            _permit: permit,
+            permit: Some(permit),
         }
     }
 
@@ -166,14 +166,15 @@ impl Limits {
 /// A place in the worker, held from the take until the job is answered.
 #[derive(Debug)]
 pub struct GlobalSlot {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     freed: Arc<Notify>,
 }
 
 impl Drop for GlobalSlot {
     fn drop(&mut self) {
-        // The permit is released right after this body runs; the take loop re-reads the
-        // semaphore only after being woken, by which time it is back.
+        // Release before waking the take loop: woken first, it could read the semaphore while
+        // the permit is still held, see nothing free, and sleep through the only wake-up.
+        drop(self.permit.take());
         self.freed.notify_one();
     }
 }
@@ -199,7 +200,7 @@ pub struct HandlerPermit {
     limits: Arc<Limits>,
     handler: String,
     active: usize,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl HandlerPermit {
@@ -211,6 +212,8 @@ impl HandlerPermit {
 
 impl Drop for HandlerPermit {
     fn drop(&mut self) {
+        // Release before waking the take loop (see `GlobalSlot`).
+        drop(self.permit.take());
         self.limits.handlers[&self.handler]
             .active
             .fetch_sub(1, Ordering::AcqRel);
