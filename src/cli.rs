@@ -51,6 +51,16 @@ pub enum Command {
         /// Seconds an empty take or stop request is held.
         #[arg(long, default_value_t = 20)]
         long_poll: u64,
+        /// Seconds without a ping listing a held job before it goes back to the queue.
+        #[arg(long, default_value_t = 30)]
+        lease_timeout: u64,
+        /// Answer 429 to /run while this many jobs wait.
+        #[arg(long)]
+        max_queued: Option<usize>,
+        /// Inject failures: ROUTE=RATE[:STATUS], ROUTE one of job-take, job-stop, job-done,
+        /// job-stream, ping, client (e.g. --fault job-done=0.2:503). Repeatable.
+        #[arg(long = "fault", value_name = "ROUTE=RATE[:STATUS]")]
+        faults: Vec<String>,
     },
     /// Run one job from a file or the command line, print its result, exit non-zero on error.
     TestInput {

@@ -20,7 +20,21 @@ async fn main() {
             port,
             api_key,
             long_poll,
-        } => commands::mock_queue(&host, port, api_key, long_poll).await,
+            lease_timeout,
+            max_queued,
+            faults,
+        } => {
+            let args = commands::MockQueueArgs {
+                host,
+                port,
+                api_key,
+                long_poll_s: long_poll,
+                lease_timeout_s: lease_timeout,
+                max_queued,
+                faults,
+            };
+            commands::mock_queue(args).await
+        }
         Command::TestInput { file, json, config } => {
             commands::test_input(&file, json.as_deref(), config.as_deref()).await
         }

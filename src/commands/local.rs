@@ -2,7 +2,6 @@
 //! worker out and for developing handlers. `make run` starts it.
 
 use std::path::Path;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -48,7 +47,7 @@ pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>
     };
     let options = MockOptions {
         api_key: Some(ApiKey::new(key.clone())),
-        long_poll: Duration::from_secs(20),
+        ..MockOptions::default()
     };
     let mock = match MockQueue::start(queue_listener, options).await {
         Ok(mock) => mock,

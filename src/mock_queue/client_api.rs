@@ -1,6 +1,8 @@
-//! The client-facing routes of the mock queue (runpod-protocol.md §2), enough for `local`:
-//! `POST /run`, `POST /runsync?wait=`, `GET /status/{id}` and `GET /health`.
+//! The client-facing routes of the mock queue (runpod-protocol.md §2): `/run`,
+//! `/runsync?wait=`, `/status`, `/stream` (each chunk delivered once), `/cancel`, `/retry`,
+//! `/purge-queue` and `/health`, with the documented bodies and statuses.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,20 +15,24 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::state::{JobStatus, MockState, Route};
-use super::worker_api::{error, gate};
+use super::state::{EndpointQueue, JobState, MockState, Route};
+use super::worker_api::{error, gate, unknown_job};
 
 /// `/run` bodies above this are refused (the platform's limit).
-const RUN_LIMIT: usize = 10 * 1_000_000;
+pub const RUN_LIMIT: usize = 10 * 1_000_000;
 /// `/runsync` bodies above this are refused.
-const RUNSYNC_LIMIT: usize = 20 * 1_000_000;
+pub const RUNSYNC_LIMIT: usize = 20 * 1_000_000;
 
 /// The client API routes.
 pub(super) fn routes() -> Router<Arc<MockState>> {
     Router::new()
         .route("/v2/{endpoint}/run", post(run))
         .route("/v2/{endpoint}/runsync", post(runsync))
-        .route("/v2/{endpoint}/status/{job}", get(status))
+        .route("/v2/{endpoint}/status/{job}", get(status).post(status))
+        .route("/v2/{endpoint}/stream/{job}", get(stream).post(stream))
+        .route("/v2/{endpoint}/cancel/{job}", post(cancel))
+        .route("/v2/{endpoint}/retry/{job}", post(retry))
+        .route("/v2/{endpoint}/purge-queue", post(purge))
         .route("/v2/{endpoint}/health", get(health))
 }
 
@@ -41,49 +47,72 @@ fn submit(
     if body.len() > limit {
         return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is over the {} MB limit", limit / 1_000_000),
+            format!(
+                "request body of {} bytes is over the {} MB limit",
+                body.len(),
+                limit / 1_000_000
+            ),
         ));
     }
-    let Ok(Value::Object(mut submitted)) = serde_json::from_slice::<Value>(body) else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "the body must be a JSON object like {\"input\": {...}}",
-        ));
+    let submitted = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "the body must be a JSON object like {\"input\": {...}}",
+            ))
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+            ))
+        }
     };
-    if !submitted.get("input").is_some_and(Value::is_object) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "`input` is required and must be a JSON object",
-        ));
+    match submitted.get("input") {
+        Some(Value::Object(_)) => {}
+        Some(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "`input` must be a JSON object",
+            ))
+        }
+        None => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "`input` is required: {\"input\": {...}}",
+            ))
+        }
+    }
+    // Only the documented top-level keys reach the worker; others are discarded, as documented.
+    let mut job = serde_json::Map::new();
+    for key in ["input", "webhook", "policy", "s3Config"] {
+        if let Some(value) = submitted.get(key) {
+            job.insert(key.to_owned(), value.clone());
+        }
     }
     let id = format!("{prefix}{}-u1", uuid::Uuid::new_v4());
-    submitted.insert("id".into(), Value::String(id.clone()));
-    state.with(|inner| {
+    job.insert("id".into(), Value::String(id.clone()));
+    let max_queued = state.options.max_queued;
+    let queued = state.with(|inner| {
         let queue = inner.endpoint(endpoint);
-        queue.statuses.insert(id.clone(), JobStatus::queued());
-        queue.pending.push_back(Value::Object(submitted));
+        if max_queued.is_some_and(|max| queue.pending.len() >= max) {
+            return false;
+        }
+        queue.push(Value::Object(job));
+        true
     });
-    state.job_arrived.notify_waiters();
+    if !queued {
+        return Err(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "the queue is full ({} jobs waiting); retry later",
+                max_queued.unwrap_or(0)
+            ),
+        ));
+    }
+    state.wake();
     Ok(id)
-}
-
-fn status_body(id: &str, status: &JobStatus) -> Value {
-    let ms =
-        |from: Instant, to: Option<Instant>| to.map(|t| t.duration_since(from).as_millis() as u64);
-    let mut body = json!({ "id": id, "status": status.status });
-    if let Some(delay) = ms(status.submitted, status.started) {
-        body["delayTime"] = json!(delay);
-    }
-    if let (Some(started), Some(_)) = (status.started, status.finished) {
-        body["executionTime"] = json!(ms(started, status.finished));
-    }
-    if let Some(output) = &status.output {
-        body["output"] = output.clone();
-    }
-    if let Some(error) = &status.error {
-        body["error"] = error.clone();
-    }
-    body
 }
 
 async fn run(
@@ -121,15 +150,30 @@ async fn runsync(
         Err(refused) => return refused,
     };
     let wait = Duration::from_millis(wait.wait.unwrap_or(90_000).clamp(1_000, 300_000));
-    let find = |inner: &super::Inner| inner.endpoints.get(&endpoint)?.statuses.get(&id).cloned();
-    let finished = state
-        .wait_for(wait, |inner| find(inner).filter(JobStatus::is_final))
-        .await;
-    let current = finished.or_else(|| state.read(find));
-    match current {
-        Some(status) => Json(status_body(&id, &status)).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+    let body_of = |inner: &super::Inner, only_final: bool| {
+        let job = inner.endpoints.get(&endpoint)?.jobs.get(&id)?;
+        (!only_final || job.state.is_final()).then(|| job.status_body(&id))
+    };
+    let finished = state.wait_for(wait, |inner| body_of(inner, true)).await;
+    match finished.or_else(|| state.read(|inner| body_of(inner, false))) {
+        Some(body) => Json(body).into_response(),
+        None => unknown_job(&id),
     }
+}
+
+/// Runs `f` on the job's record, or answers 404.
+fn with_job(
+    state: &MockState,
+    endpoint: &str,
+    job: &str,
+    f: impl FnOnce(&mut EndpointQueue) -> Response,
+) -> Response {
+    let found = state.with(|inner| {
+        let queue = inner.endpoints.get_mut(endpoint)?;
+        queue.jobs.contains_key(job).then(|| f(queue))
+    });
+    state.wake();
+    found.unwrap_or_else(|| unknown_job(job))
 }
 
 async fn status(
@@ -140,11 +184,115 @@ async fn status(
     if let Err(refused) = gate(&state, Route::Client, &headers) {
         return refused;
     }
-    let found = state.read(|inner| inner.endpoints.get(&endpoint)?.statuses.get(&job).cloned());
-    match found {
-        Some(status) => Json(status_body(&job, &status)).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("job {job} not found")),
+    with_job(&state, &endpoint, &job, |queue| {
+        Json(queue.jobs[&job].status_body(&job)).into_response()
+    })
+}
+
+async fn stream(
+    State(state): State<Arc<MockState>>,
+    Path((endpoint, job)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = gate(&state, Route::Client, &headers) {
+        return refused;
     }
+    with_job(&state, &endpoint, &job, |queue| {
+        let record = queue.jobs.get_mut(&job).expect("checked by with_job");
+        // Each chunk is delivered once: the SDK polls and yields everything it gets.
+        let chunks: Vec<Value> = record
+            .stream
+            .drain(..)
+            .map(|c| json!({ "output": c }))
+            .collect();
+        Json(json!({ "id": job, "status": record.state.as_str(), "stream": chunks }))
+            .into_response()
+    })
+}
+
+async fn cancel(
+    State(state): State<Arc<MockState>>,
+    Path((endpoint, job)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = gate(&state, Route::Client, &headers) {
+        return refused;
+    }
+    let mut webhook = None;
+    let response = with_job(&state, &endpoint, &job, |queue| {
+        let record = queue.jobs.get(&job).expect("checked by with_job");
+        if record.state.is_final() {
+            return Json(json!({ "id": job, "status": record.state.as_str() })).into_response();
+        }
+        let holder = record.holder.clone();
+        queue.unqueue(&job);
+        if let Some(worker) = &holder {
+            queue.stop(worker, &job);
+        }
+        let record = queue.jobs.get_mut(&job).expect("checked by with_job");
+        record.state = JobState::Cancelled;
+        record.holder = None;
+        record.lease_until = None;
+        record.finished = Some(Instant::now());
+        webhook = record
+            .webhook
+            .clone()
+            .map(|url| (url, record.status_body(&job)));
+        Json(json!({ "id": job, "status": "CANCELLED" })).into_response()
+    });
+    if let Some((url, body)) = webhook {
+        tokio::spawn(super::leases::deliver_webhook(state.clone(), url, body));
+    }
+    response
+}
+
+async fn retry(
+    State(state): State<Arc<MockState>>,
+    Path((endpoint, job)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = gate(&state, Route::Client, &headers) {
+        return refused;
+    }
+    with_job(&state, &endpoint, &job, |queue| {
+        let record = queue.jobs.get_mut(&job).expect("checked by with_job");
+        if !matches!(record.state, JobState::Failed | JobState::TimedOut) {
+            let message = format!(
+                "only FAILED or TIMED_OUT jobs can be retried; job {job} is {}",
+                record.state.as_str()
+            );
+            return error(StatusCode::BAD_REQUEST, message);
+        }
+        record.state = JobState::InQueue;
+        record.output = None;
+        record.error = None;
+        record.finished = None;
+        record.stream.clear();
+        let raw = record.raw.clone();
+        queue.pending.push_back(raw);
+        Json(json!({ "id": job, "status": "IN_QUEUE" })).into_response()
+    })
+}
+
+async fn purge(
+    State(state): State<Arc<MockState>>,
+    Path(endpoint): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = gate(&state, Route::Client, &headers) {
+        return refused;
+    }
+    let removed = state.with(|inner| {
+        let queue = inner.endpoint(&endpoint);
+        let removed: Vec<Value> = queue.pending.drain(..).collect();
+        for raw in &removed {
+            if let Some(id) = raw.get("id").and_then(Value::as_str) {
+                queue.jobs.remove(id);
+            }
+        }
+        removed.len()
+    });
+    Json(json!({ "removed": removed, "status": "completed" })).into_response()
 }
 
 async fn health(
@@ -155,32 +303,39 @@ async fn health(
     if let Err(refused) = gate(&state, Route::Client, &headers) {
         return refused;
     }
+    let seen_within = state.options.lease_timeout;
     let body = state.read(|inner| {
-        let queue = inner.endpoints.get(&endpoint).cloned().unwrap_or_default();
-        let count = |s: &str| queue.statuses.values().filter(|j| j.status == s).count();
-        let recent = std::time::Instant::now() - Duration::from_secs(60);
-        let workers: std::collections::BTreeSet<_> = queue
-            .pings
+        let empty = EndpointQueue::default();
+        let queue = inner.endpoints.get(&endpoint).unwrap_or(&empty);
+        let count = |s: JobState| queue.jobs.values().filter(|j| j.state == s).count();
+        let now = Instant::now();
+        // A worker is alive if it pinged within a lease; its last ping tells if it is unhealthy.
+        let mut last: std::collections::BTreeMap<&str, &super::PingRecord> = Default::default();
+        for ping in queue.pings.iter().filter(|p| now.duration_since(p.at) < seen_within) {
+            last.insert(&ping.worker, ping);
+        }
+        let unhealthy: BTreeSet<&str> = last
             .iter()
-            .filter(|p| p.at > recent)
-            .map(|p| p.worker.clone())
+            .filter(|(_, p)| p.query.get("status").map(String::as_str) == Some("unhealthy"))
+            .map(|(w, _)| *w)
             .collect();
-        let running: std::collections::BTreeSet<_> = queue.in_progress.values().cloned().collect();
+        let running: BTreeSet<&str> = queue.jobs.values().filter_map(|j| j.holder.as_deref()).collect();
+        let ready = last.len() - unhealthy.len();
         json!({
             "jobs": {
-                "completed": count("COMPLETED"),
-                "failed": count("FAILED"),
-                "inProgress": count("IN_PROGRESS"),
+                "completed": count(JobState::Completed),
+                "failed": count(JobState::Failed) + count(JobState::TimedOut),
+                "inProgress": count(JobState::InProgress),
                 "inQueue": queue.pending.len(),
-                "retried": 0,
+                "retried": queue.retried,
             },
             "workers": {
-                "idle": workers.difference(&running).count(),
+                "idle": last.keys().filter(|w| !running.contains(*w) && !unhealthy.contains(*w)).count(),
                 "initializing": 0,
-                "ready": workers.len(),
+                "ready": ready,
                 "running": running.len(),
                 "throttled": 0,
-                "unhealthy": 0,
+                "unhealthy": unhealthy.len(),
             },
         })
     });

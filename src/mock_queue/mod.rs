@@ -1,5 +1,9 @@
-//! The mock job queue: a real HTTP server that speaks the RunPod worker API, for local use and
-//! for tests. Any endpoint id in the path is served, each its own queue.
+//! The mock job queue: a real HTTP server that speaks the RunPod job API from both sides — the
+//! worker API the SDK's worker uses, and the client API the SDK's `Endpoint` uses — for local
+//! use (`local`, `mock-queue`) and for tests. Any endpoint id in the path is its own queue.
+//!
+//! Jobs held by a worker carry a lease that the worker's pings renew; an expired lease sends
+//! the job back to the queue, and the old holder's late result is refused.
 //!
 //! [`MockQueue`] is the handle tests use: start it on `127.0.0.1:0`, enqueue jobs, inject
 //! faults, queue stop signals, and await what the workers did without sleeping.
@@ -8,6 +12,7 @@
 // variant costs nothing that matters in a mock server.
 #[allow(clippy::result_large_err)]
 mod client_api;
+mod leases;
 mod state;
 #[allow(clippy::result_large_err)]
 mod worker_api;
@@ -16,48 +21,53 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode, Uri};
 use axum::Router;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use client_api::{RUNSYNC_LIMIT, RUN_LIMIT};
 pub use state::{
-    DoneRecord, EndpointQueue, Fault, Inner, JobStatus, MockState, PingRecord, Route, StreamRecord,
-    TakeRecord,
+    DoneRecord, EndpointQueue, Fault, Inner, JobRecord, JobState, MockOptions, MockState,
+    PingRecord, Route, StreamRecord, TakeRecord,
 };
 
-use crate::secret::ApiKey;
-
-/// Default time a take or stop request is held when there is nothing to give.
-pub const DEFAULT_LONG_POLL: Duration = Duration::from_secs(20);
-
-/// How a mock queue is set up.
-#[derive(Debug, Clone)]
-pub struct MockOptions {
-    /// Required on every request when set (raw or `Bearer`).
-    pub api_key: Option<ApiKey>,
-    /// How long empty takes and stops are held.
-    pub long_poll: Duration,
-}
-
-impl Default for MockOptions {
-    fn default() -> Self {
-        Self {
-            api_key: None,
-            long_poll: DEFAULT_LONG_POLL,
-        }
-    }
-}
+/// Bodies above this are cut off before any route sees them (results up to the platform's
+/// 20 MB, with room for JSON overhead).
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
 /// The mock's routes over `state`.
 pub fn router(state: Arc<MockState>) -> Router {
     worker_api::routes()
         .merge(client_api::routes())
-        .fallback(|| async {
-            worker_api::error(StatusCode::NOT_FOUND, "no such route in the job API")
+        .fallback(|method: Method, uri: Uri| async move {
+            worker_api::error(
+                StatusCode::NOT_FOUND,
+                format!("no route for {method} {}", uri.path()),
+            )
         })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            worker_api::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {}", uri.path()),
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// Serves the mock on `listener` (routes plus the lease and deadline checks) until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<MockState>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    tokio::spawn(leases::run(state.clone(), stop.clone()));
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
 }
 
 /// A running mock queue.
@@ -71,15 +81,9 @@ impl MockQueue {
     /// Serves on `listener` until dropped.
     pub async fn start(listener: TcpListener, options: MockOptions) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
-        let state = Arc::new(MockState::new(options.api_key, options.long_poll));
+        let state = Arc::new(MockState::new(options));
         let stop = CancellationToken::new();
-        let app = router(state.clone());
-        let until = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { until.cancelled().await })
-                .await;
-        });
+        tokio::spawn(serve(listener, state.clone(), stop.clone()));
         Ok(Self { state, addr, stop })
     }
 
@@ -95,22 +99,15 @@ impl MockQueue {
 
     /// Queues a job object (`{"id", "input", ...}`, or anything, to test bad jobs).
     pub fn enqueue(&self, endpoint: &str, job: Value) {
-        self.state
-            .with(|inner| inner.endpoint(endpoint).pending.push_back(job));
-        self.state.job_arrived.notify_waiters();
+        self.state.with(|inner| inner.endpoint(endpoint).push(job));
+        self.state.wake();
     }
 
     /// Tells `worker` to stop `job_id` through job-stop.
     pub fn stop_job(&self, endpoint: &str, worker: &str, job_id: &str) {
-        self.state.with(|inner| {
-            inner
-                .endpoint(endpoint)
-                .stops
-                .entry(worker.to_owned())
-                .or_default()
-                .push(job_id.to_owned());
-        });
-        self.state.stop_arrived.notify_waiters();
+        self.state
+            .with(|inner| inner.endpoint(endpoint).stop(worker, job_id));
+        self.state.wake();
     }
 
     /// Injects (or with `None`, clears) a fault on `route`.

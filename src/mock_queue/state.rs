@@ -1,15 +1,16 @@
-//! The mock queue's state: per-endpoint queues and what the workers did, recorded for tests.
+//! The mock queue's state: per-endpoint jobs with their leases, and what the workers did,
+//! recorded for tests.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 
 use crate::secret::ApiKey;
 
-/// A route of the worker API (for fault injection and request counts).
+/// A route group (for fault injection and request counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Route {
     /// `GET job-take` and `GET job-take-batch`.
@@ -22,43 +23,22 @@ pub enum Route {
     Stream,
     /// `GET ping`.
     Ping,
-    /// The client API (`/run`, `/runsync`, `/status`, `/health`).
+    /// The client API (`/run`, `/runsync`, `/status`, `/stream`, `/cancel`, ...).
     Client,
 }
 
-/// A job's status as the client API reports it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobStatus {
-    /// `IN_QUEUE`, `IN_PROGRESS`, `COMPLETED` or `FAILED`.
-    pub status: &'static str,
-    /// The output (or the latest progress update).
-    pub output: Option<Value>,
-    /// The error string of a FAILED job.
-    pub error: Option<Value>,
-    /// When it was submitted.
-    pub submitted: Instant,
-    /// When a worker took it.
-    pub started: Option<Instant>,
-    /// When it ended.
-    pub finished: Option<Instant>,
-}
-
-impl JobStatus {
-    /// A job just submitted.
-    pub fn queued() -> Self {
-        Self {
-            status: "IN_QUEUE",
-            output: None,
-            error: None,
-            submitted: Instant::now(),
-            started: None,
-            finished: None,
-        }
-    }
-
-    /// Whether it has ended.
-    pub fn is_final(&self) -> bool {
-        matches!(self.status, "COMPLETED" | "FAILED")
+impl Route {
+    /// Parses the names `--fault` uses: job-take, job-stop, job-done, job-stream, ping, client.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "job-take" | "take" => Self::Take,
+            "job-stop" | "stop" => Self::Stop,
+            "job-done" | "done" => Self::Done,
+            "job-stream" | "stream" => Self::Stream,
+            "ping" => Self::Ping,
+            "client" => Self::Client,
+            _ => return None,
+        })
     }
 }
 
@@ -69,6 +49,134 @@ pub struct Fault {
     pub status: u16,
     /// The fraction of requests that get it (0.0–1.0).
     pub rate: f64,
+}
+
+/// Where a job is in its life (runpod-protocol.md §2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting to be taken.
+    InQueue,
+    /// Held by a worker.
+    InProgress,
+    /// Ended with an output.
+    Completed,
+    /// Ended with an error.
+    Failed,
+    /// Cancelled by the client.
+    Cancelled,
+    /// Ran past `policy.executionTimeout` (plus grace).
+    TimedOut,
+}
+
+impl JobState {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InQueue => "IN_QUEUE",
+            Self::InProgress => "IN_PROGRESS",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+            Self::TimedOut => "TIMED_OUT",
+        }
+    }
+
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::InQueue | Self::InProgress)
+    }
+}
+
+/// One job and everything known about it.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    /// The job object handed to workers (`id`, `input`, `webhook`, `policy`, ...).
+    pub raw: Value,
+    /// Where it is.
+    pub state: JobState,
+    /// The worker holding it.
+    pub holder: Option<String>,
+    /// The last worker that held it (`workerId` in `/status`).
+    pub last_worker: Option<String>,
+    /// When the holder's lease runs out unless a ping renews it.
+    pub lease_until: Option<Instant>,
+    /// The output, or the latest progress update.
+    pub output: Option<Value>,
+    /// The error string of a FAILED job.
+    pub error: Option<Value>,
+    /// Stream chunks not yet read through `/stream`.
+    pub stream: VecDeque<Value>,
+    /// When it was submitted.
+    pub submitted: Instant,
+    /// When a worker last took it.
+    pub started: Option<Instant>,
+    /// When it ended.
+    pub finished: Option<Instant>,
+    /// `policy.executionTimeout`.
+    pub execution_timeout: Option<Duration>,
+    /// `policy.ttl`.
+    pub ttl: Option<Duration>,
+    /// Where to POST the final `/status` body.
+    pub webhook: Option<String>,
+    /// Times it went back to the queue after a lease expired.
+    pub retries: u32,
+}
+
+impl JobRecord {
+    /// A record for a job object, reading its policy and webhook.
+    pub fn new(raw: Value) -> Self {
+        let policy_ms = |key: &str| {
+            raw.get("policy")
+                .and_then(|p| p.get(key))
+                .and_then(Value::as_u64)
+                .map(Duration::from_millis)
+        };
+        Self {
+            execution_timeout: policy_ms("executionTimeout"),
+            ttl: policy_ms("ttl"),
+            webhook: raw
+                .get("webhook")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            raw,
+            state: JobState::InQueue,
+            holder: None,
+            last_worker: None,
+            lease_until: None,
+            output: None,
+            error: None,
+            stream: VecDeque::new(),
+            submitted: Instant::now(),
+            started: None,
+            finished: None,
+            retries: 0,
+        }
+    }
+
+    /// The `/status` body.
+    pub fn status_body(&self, id: &str) -> Value {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let mut body = json!({ "id": id, "status": self.state.as_str() });
+        if let Some(started) = self.started {
+            body["delayTime"] = json!(ms(started.duration_since(self.submitted)));
+            if let Some(finished) = self.finished {
+                body["executionTime"] = json!(ms(finished.duration_since(started)));
+            }
+        }
+        if let Some(output) = &self.output {
+            body["output"] = output.clone();
+        }
+        if let Some(error) = &self.error {
+            body["error"] = error.clone();
+        }
+        if let Some(worker) = &self.last_worker {
+            body["workerId"] = json!(worker);
+        }
+        if self.retries > 0 {
+            body["retries"] = json!(self.retries);
+        }
+        body
+    }
 }
 
 /// One job-take request as the mock saw it.
@@ -84,7 +192,7 @@ pub struct TakeRecord {
     pub returned: usize,
 }
 
-/// One job-done POST.
+/// One job-done POST that was accepted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DoneRecord {
     /// The job id in the path.
@@ -97,7 +205,7 @@ pub struct DoneRecord {
     pub body: Value,
 }
 
-/// One job-stream POST.
+/// One job-stream POST that was accepted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamRecord {
     /// The job id in the path.
@@ -119,13 +227,13 @@ pub struct PingRecord {
     pub at: Instant,
 }
 
-/// One endpoint's queue and records.
+/// One endpoint's jobs and records.
 #[derive(Debug, Clone, Default)]
 pub struct EndpointQueue {
-    /// Jobs waiting to be taken (whole job objects).
+    /// Job objects waiting to be taken, in order.
     pub pending: VecDeque<Value>,
-    /// Job id → the worker holding it.
-    pub in_progress: HashMap<String, String>,
+    /// Every known job by id (queued, held or ended).
+    pub jobs: HashMap<String, JobRecord>,
     /// Final job-done bodies, in arrival order.
     pub done: Vec<DoneRecord>,
     /// Progress updates (`"status": "IN_PROGRESS"` bodies).
@@ -138,8 +246,44 @@ pub struct EndpointQueue {
     pub takes: Vec<TakeRecord>,
     /// Worker id → job ids it should stop.
     pub stops: HashMap<String, Vec<String>>,
-    /// Jobs submitted through the client API, by id.
-    pub statuses: HashMap<String, JobStatus>,
+    /// Jobs that went back to the queue after their lease expired.
+    pub retried: u64,
+}
+
+impl EndpointQueue {
+    /// The worker holding `job_id`, if any.
+    pub fn holder_of(&self, job_id: &str) -> Option<&str> {
+        self.jobs.get(job_id)?.holder.as_deref()
+    }
+
+    /// Jobs held by workers now.
+    pub fn held(&self) -> usize {
+        self.jobs.values().filter(|j| j.holder.is_some()).count()
+    }
+
+    /// Queues a job object; jobs with a string id get a record (status, lease).
+    pub fn push(&mut self, raw: Value) {
+        if let Some(id) = raw.get("id").and_then(Value::as_str) {
+            self.jobs.insert(id.to_owned(), JobRecord::new(raw.clone()));
+        }
+        self.pending.push_back(raw);
+    }
+
+    /// Asks `worker` to stop `job_id`.
+    pub fn stop(&mut self, worker: &str, job_id: &str) {
+        self.stops
+            .entry(worker.to_owned())
+            .or_default()
+            .push(job_id.to_owned());
+    }
+
+    /// Removes a queued job from `pending`.
+    pub fn unqueue(&mut self, job_id: &str) -> bool {
+        let before = self.pending.len();
+        self.pending
+            .retain(|raw| raw.get("id").and_then(Value::as_str) != Some(job_id));
+        self.pending.len() != before
+    }
 }
 
 /// Everything behind the lock.
@@ -160,32 +304,63 @@ impl Inner {
     }
 }
 
+/// How a mock queue behaves.
+#[derive(Debug, Clone)]
+pub struct MockOptions {
+    /// Required on every request when set (raw or `Bearer`).
+    pub api_key: Option<ApiKey>,
+    /// How long empty takes and stops are held.
+    pub long_poll: Duration,
+    /// A held job whose id no ping has listed for this long goes back to the queue.
+    pub lease_timeout: Duration,
+    /// `/run` answers 429 while this many jobs are queued.
+    pub max_queued: Option<usize>,
+    /// Extra time after `policy.executionTimeout` before a job is marked TIMED_OUT, so the
+    /// worker's own `Timeout` result normally arrives first.
+    pub timeout_grace: Duration,
+    /// Pause between webhook attempts.
+    pub webhook_retry_delay: Duration,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            long_poll: Duration::from_secs(20),
+            lease_timeout: Duration::from_secs(30),
+            max_queued: None,
+            timeout_grace: Duration::from_secs(3),
+            webhook_retry_delay: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The shared state of a mock queue server.
 #[derive(Debug)]
 pub struct MockState {
     inner: Mutex<Inner>,
-    /// Woken when a job is enqueued.
+    /// Woken when a job is queued.
     pub(super) job_arrived: Notify,
     /// Woken when a stop signal is queued.
     pub(super) stop_arrived: Notify,
     /// Bumped on every change, so tests can await a condition instead of sleeping.
     changed: watch::Sender<u64>,
-    /// Required on every request when set.
-    pub(super) api_key: Option<ApiKey>,
-    /// How long take and stop requests are held when there is nothing to give.
-    pub(super) long_poll: Duration,
+    /// How the mock behaves.
+    pub options: MockOptions,
+    /// For webhooks.
+    pub(super) http: reqwest::Client,
 }
 
 impl MockState {
     /// Empty state.
-    pub fn new(api_key: Option<ApiKey>, long_poll: Duration) -> Self {
+    pub fn new(options: MockOptions) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             job_arrived: Notify::new(),
             stop_arrived: Notify::new(),
             changed: watch::channel(0).0,
-            api_key,
-            long_poll,
+            options,
+            http: reqwest::Client::new(),
         }
     }
 
@@ -199,6 +374,12 @@ impl MockState {
     /// Reads the state without signalling a change.
     pub fn read<T>(&self, f: impl FnOnce(&Inner) -> T) -> T {
         f(&self.lock())
+    }
+
+    /// Wakes long-polls after jobs were queued or stop signals added.
+    pub fn wake(&self) {
+        self.job_arrived.notify_waiters();
+        self.stop_arrived.notify_waiters();
     }
 
     /// Waits until `f` returns `Some`, re-checking after every change, at most `timeout`.

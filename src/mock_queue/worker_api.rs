@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::state::{DoneRecord, MockState, PingRecord, Route, StreamRecord, TakeRecord};
+use super::state::{DoneRecord, JobState, MockState, PingRecord, Route, StreamRecord, TakeRecord};
 
 type Params = Query<BTreeMap<String, String>>;
 
@@ -39,7 +39,7 @@ pub(super) fn gate(state: &MockState, route: Route, headers: &HeaderMap) -> Resu
         *inner.requests.entry(route).or_default() += 1;
         inner.faults.get(&route).copied()
     });
-    if let Some(key) = &state.api_key {
+    if let Some(key) = &state.options.api_key {
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -106,7 +106,8 @@ async fn take_jobs(
     query: BTreeMap<String, String>,
 ) -> Response {
     let wanted = batch_size.unwrap_or(1);
-    let deadline = tokio::time::Instant::now() + state.long_poll;
+    let lease_timeout = state.options.lease_timeout;
+    let deadline = tokio::time::Instant::now() + state.options.long_poll;
     loop {
         let arrived = state.job_arrived.notified();
         tokio::pin!(arrived);
@@ -116,13 +117,15 @@ async fn take_jobs(
             let queue = inner.endpoint(&endpoint);
             let count = wanted.min(queue.pending.len());
             let jobs: Vec<Value> = queue.pending.drain(..count).collect();
+            let now = std::time::Instant::now();
             for job in &jobs {
-                if let Some(id) = job.get("id").and_then(Value::as_str) {
-                    queue.in_progress.insert(id.to_owned(), worker.clone());
-                    if let Some(status) = queue.statuses.get_mut(id) {
-                        status.status = "IN_PROGRESS";
-                        status.started = Some(std::time::Instant::now());
-                    }
+                let id = job.get("id").and_then(Value::as_str).unwrap_or_default();
+                if let Some(record) = queue.jobs.get_mut(id) {
+                    record.state = JobState::InProgress;
+                    record.holder = Some(worker.clone());
+                    record.last_worker = Some(worker.clone());
+                    record.lease_until = Some(now + lease_timeout);
+                    record.started = Some(now);
                 }
             }
             let timed_out = tokio::time::Instant::now() >= deadline;
@@ -137,6 +140,18 @@ async fn take_jobs(
             jobs
         });
         if !jobs.is_empty() {
+            tracing::info!(
+                "{} by {worker}{}: {} job(s)",
+                if batch_size.is_some() {
+                    "job-take-batch"
+                } else {
+                    "job-take"
+                },
+                batch_size
+                    .map(|n| format!(" (batch_size={n})"))
+                    .unwrap_or_default(),
+                jobs.len()
+            );
             return match batch_size {
                 None => Json(jobs.into_iter().next().unwrap_or_default()).into_response(),
                 Some(_) => Json(Value::Array(jobs)).into_response(),
@@ -158,7 +173,7 @@ async fn stop(
     if let Err(refused) = gate(&state, Route::Stop, &headers) {
         return refused;
     }
-    let deadline = tokio::time::Instant::now() + state.long_poll;
+    let deadline = tokio::time::Instant::now() + state.options.long_poll;
     loop {
         let arrived = state.stop_arrived.notified();
         tokio::pin!(arrived);
@@ -188,12 +203,11 @@ fn parse_body(body: &Bytes, what: &str) -> Result<Value, Response> {
     })
 }
 
-fn not_held(job: &str, worker: &str) -> Response {
+/// 404 for a job id the queue does not know.
+pub(super) fn unknown_job(job: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
-        format!(
-            "job {job} is not held by worker {worker} (unknown, finished, expired or requeued)"
-        ),
+        format!("job {job} not found (never queued, or deleted after its ttl)"),
     )
 }
 
@@ -212,42 +226,59 @@ async fn done(
         Err(refused) => return refused,
     };
     let progress = body.get("status").and_then(Value::as_str) == Some("IN_PROGRESS");
-    let accepted = state.with(|inner| {
+    let mut webhook = None;
+    let outcome = state.with(|inner| {
         let queue = inner.endpoint(&endpoint);
-        if queue.in_progress.get(&job) != Some(&worker) {
-            return false;
+        let Some(record) = queue.jobs.get_mut(&job) else {
+            return Err(unknown_job(&job));
+        };
+        if record.holder.as_deref() != Some(worker.as_str()) {
+            // A late result from a worker that lost the job (lease expired, cancelled, timed
+            // out): refuse it, and tell that worker to stop working on it.
+            let message = format!(
+                "job {job} is not held by worker {worker} (it is {})",
+                record.state.as_str()
+            );
+            queue.stop(&worker, &job);
+            return Err(error(StatusCode::NOT_FOUND, message));
         }
-        let record = DoneRecord {
+        let error_text = body.get("error").filter(|e| e.is_string()).cloned();
+        record.output = body.get("output").cloned();
+        if !progress {
+            record.state = if error_text.is_some() {
+                JobState::Failed
+            } else {
+                JobState::Completed
+            };
+            record.error = error_text;
+            record.holder = None;
+            record.lease_until = None;
+            record.finished = Some(std::time::Instant::now());
+            webhook = record
+                .webhook
+                .clone()
+                .map(|url| (url, record.status_body(&job)));
+        }
+        let entry = DoneRecord {
             job_id: job.clone(),
             worker: worker.clone(),
             is_stream: query.get("isStream").cloned(),
             body,
         };
-        if let Some(status) = queue.statuses.get_mut(&job) {
-            let error = record.body.get("error").filter(|e| e.is_string()).cloned();
-            status.output = record.body.get("output").cloned();
-            if !progress {
-                status.status = if error.is_some() {
-                    "FAILED"
-                } else {
-                    "COMPLETED"
-                };
-                status.error = error;
-                status.finished = Some(std::time::Instant::now());
-            }
-        }
         if progress {
-            queue.progress.push(record);
+            queue.progress.push(entry);
         } else {
-            queue.in_progress.remove(&job);
-            queue.done.push(record);
+            queue.done.push(entry);
         }
-        true
+        Ok(())
     });
-    if accepted {
-        StatusCode::OK.into_response()
-    } else {
-        not_held(&job, &worker)
+    state.wake();
+    if let Some((url, body)) = webhook {
+        tokio::spawn(super::leases::deliver_webhook(state.clone(), url, body));
+    }
+    match outcome {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(refused) => refused,
     }
 }
 
@@ -264,21 +295,29 @@ async fn stream(
         Ok(body) => body,
         Err(refused) => return refused,
     };
-    let accepted = state.with(|inner| {
+    let outcome = state.with(|inner| {
         let queue = inner.endpoint(&endpoint);
-        let held = queue.in_progress.get(&job) == Some(&worker);
-        if held {
-            queue.streams.push(StreamRecord {
-                job_id: job.clone(),
-                body,
-            });
+        let Some(record) = queue.jobs.get_mut(&job) else {
+            return Err(unknown_job(&job));
+        };
+        if record.holder.as_deref() != Some(worker.as_str()) {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!("job {job} is not held by worker {worker}"),
+            ));
         }
-        held
+        record
+            .stream
+            .push_back(body.get("output").cloned().unwrap_or(Value::Null));
+        queue.streams.push(StreamRecord {
+            job_id: job.clone(),
+            body,
+        });
+        Ok(())
     });
-    if accepted {
-        StatusCode::OK.into_response()
-    } else {
-        not_held(&job, &worker)
+    match outcome {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(refused) => refused,
     }
 }
 
@@ -300,12 +339,29 @@ async fn ping(
                 .collect()
         })
         .unwrap_or_default();
+    if query.get("status").map(String::as_str) == Some("unhealthy") {
+        tracing::warn!(
+            "worker {worker} reports itself unhealthy: check={} reason={}",
+            query.get("check").map(String::as_str).unwrap_or("?"),
+            query.get("reason").map(String::as_str).unwrap_or("?")
+        );
+    }
+    let lease_timeout = state.options.lease_timeout;
     state.with(|inner| {
-        inner.endpoint(&endpoint).pings.push(PingRecord {
+        let queue = inner.endpoint(&endpoint);
+        let now = std::time::Instant::now();
+        for id in &job_ids {
+            if let Some(record) = queue.jobs.get_mut(id) {
+                if record.holder.as_deref() == Some(worker.as_str()) {
+                    record.lease_until = Some(now + lease_timeout);
+                }
+            }
+        }
+        queue.pings.push(PingRecord {
             worker,
             job_ids,
             query,
-            at: std::time::Instant::now(),
+            at: now,
         });
     });
     StatusCode::OK.into_response()

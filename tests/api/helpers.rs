@@ -22,6 +22,11 @@ pub const WAIT: Duration = Duration::from_secs(15);
 
 /// Starts a mock queue on its own thread and runtime; it lives as long as the returned value.
 pub fn spawn_mock(long_poll: Duration) -> Arc<MockQueue> {
+    spawn_mock_with_lease(long_poll, Duration::from_secs(30))
+}
+
+/// The same, with a lease timeout.
+pub fn spawn_mock_with_lease(long_poll: Duration, lease_timeout: Duration) -> Arc<MockQueue> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -34,6 +39,9 @@ pub fn spawn_mock(long_poll: Duration) -> Arc<MockQueue> {
             let options = MockOptions {
                 api_key: Some(runpod_worker::secret::ApiKey::new("test-key")),
                 long_poll,
+                lease_timeout,
+                webhook_retry_delay: Duration::from_millis(200),
+                ..MockOptions::default()
             };
             let mock = Arc::new(MockQueue::start(listener, options).await.unwrap());
             tx.send(mock.clone()).unwrap();

@@ -92,7 +92,7 @@ async fn handler_and_global_limits_are_never_exceeded() {
         "{health}"
     );
     assert_eq!(
-        worker.mock.endpoint(EP).in_progress.len(),
+        worker.mock.endpoint(EP).held(),
         4,
         "no more than 4 jobs taken"
     );

@@ -91,13 +91,7 @@ async fn sigterm_finishes_the_job_in_hand_delivers_it_and_exits_0() {
         json!({"id": "term", "input": {"task": "echo", "sleep_ms": 1500}}),
     );
     mock.state()
-        .wait_for(WAIT, |i| {
-            i.endpoints
-                .get(EP)?
-                .in_progress
-                .contains_key("term")
-                .then_some(())
-        })
+        .wait_for(WAIT, |i| i.endpoints.get(EP)?.holder_of("term").map(|_| ()))
         .await
         .expect("the job was taken");
     let status = Command::new("kill")
