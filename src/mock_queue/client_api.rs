@@ -241,7 +241,7 @@ async fn cancel(
         Json(json!({ "id": job, "status": "CANCELLED" })).into_response()
     });
     if let Some((url, body)) = webhook {
-        tokio::spawn(super::leases::deliver_webhook(state.clone(), url, body));
+        tokio::spawn(super::leases::deliver_webhook(state, url, body));
     }
     response
 }

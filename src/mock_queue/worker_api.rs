@@ -274,7 +274,7 @@ async fn done(
     });
     state.wake();
     if let Some((url, body)) = webhook {
-        tokio::spawn(super::leases::deliver_webhook(state.clone(), url, body));
+        tokio::spawn(super::leases::deliver_webhook(state, url, body));
     }
     match outcome {
         Ok(()) => StatusCode::OK.into_response(),
