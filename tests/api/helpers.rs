@@ -27,6 +27,24 @@ pub fn spawn_mock(long_poll: Duration) -> Arc<MockQueue> {
 
 /// The same, with a lease timeout.
 pub fn spawn_mock_with_lease(long_poll: Duration, lease_timeout: Duration) -> Arc<MockQueue> {
+    spawn_mock_with(MockOptions {
+        long_poll,
+        lease_timeout,
+        ..test_mock_options()
+    })
+}
+
+/// Options for test mocks: the key `test-key`, quick webhook retries.
+pub fn test_mock_options() -> MockOptions {
+    MockOptions {
+        api_key: Some(runpod_worker::secret::ApiKey::new("test-key")),
+        webhook_retry_delay: Duration::from_millis(200),
+        ..MockOptions::default()
+    }
+}
+
+/// A mock with any options, on its own thread and runtime.
+pub fn spawn_mock_with(options: MockOptions) -> Arc<MockQueue> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -36,13 +54,6 @@ pub fn spawn_mock_with_lease(long_poll: Duration, lease_timeout: Duration) -> Ar
             .unwrap();
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let options = MockOptions {
-                api_key: Some(runpod_worker::secret::ApiKey::new("test-key")),
-                long_poll,
-                lease_timeout,
-                webhook_retry_delay: Duration::from_millis(200),
-                ..MockOptions::default()
-            };
             let mock = Arc::new(MockQueue::start(listener, options).await.unwrap());
             tx.send(mock.clone()).unwrap();
             // Serve until the test drops its handle (then only this one is left).
@@ -52,6 +63,16 @@ pub fn spawn_mock_with_lease(long_poll: Duration, lease_timeout: Duration) -> Ar
         });
     });
     rx.recv().unwrap()
+}
+
+/// An HTTP client that sends the test key (as the SDK client does, with `Bearer`).
+pub fn client_with_key() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", "Bearer test-key".parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 /// A config with short waits, suitable for tests.

@@ -10,4 +10,5 @@ mod faults;
 mod heartbeat;
 mod lifecycle;
 mod limits;
+mod mock_api;
 mod process;

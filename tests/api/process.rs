@@ -22,7 +22,8 @@ fn worker_command(base: &str, worker: &str) -> Command {
             "RUNPOD_WORKER_CONFIG",
             concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
         )
-        .envs(QueueEndpoints::env_for(base, EP, worker, "test-key"));
+        .envs(QueueEndpoints::env_for(base, EP, worker, "test-key"))
+        .stdout(Stdio::null());
     command
 }
 
@@ -140,4 +141,47 @@ fn test_input_runs_one_job_and_exits_non_zero_on_an_error_result() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stdout).contains("InvalidInput"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_is_killed_is_requeued_after_the_lease_and_completed_by_another() {
+    let mock =
+        crate::helpers::spawn_mock_with_lease(Duration::from_secs(2), Duration::from_secs(2));
+    let mut first = worker_command(&mock.base_url(), "doomed")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    mock.enqueue(
+        EP,
+        json!({"id": "orphan", "input": {"task": "echo", "sleep_ms": 1000}}),
+    );
+    mock.state()
+        .wait_for(WAIT, |i| {
+            (i.endpoints.get(EP)?.holder_of("orphan")? == "doomed").then_some(())
+        })
+        .await
+        .expect("the first worker took the job");
+    first.kill().unwrap(); // SIGKILL: no drain, no result
+    first.wait().unwrap();
+
+    let mut second = worker_command(&mock.base_url(), "rescuer")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let done = mock.wait_done(EP, "orphan", Duration::from_secs(30)).await;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(second.id().to_string())
+        .status();
+    let exit = tokio::task::spawn_blocking(move || second.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let done = done.expect("the requeued job was completed");
+    assert_eq!(done.worker, "rescuer");
+    assert_eq!(done.body["output"]["sleep_ms"], 1000);
+    let queue = mock.endpoint(EP);
+    assert_eq!(queue.retried, 1);
+    assert_eq!(queue.jobs["orphan"].retries, 1);
+    assert_eq!(exit.code(), Some(0));
 }
