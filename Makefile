@@ -37,6 +37,7 @@ lint: venv
 test: lint
 	$(CARGO) test --locked -- --test-threads 2
 	$(PY) tests/interop/sdk_client.py target/debug/runpod-worker
+	$(PY) tests/interop/sdk_worker.py target/debug/runpod-worker
 
 clean:
 	$(CARGO) clean

@@ -2,14 +2,18 @@
 
 Usage: python tests/interop/sdk_client.py path/to/runpod-worker
 Starts `local` on free ports, then drives it through runpod.Endpoint: run_sync, run + status +
-output, and an error result, which the SDK must see as the job's output.
+output, stream, cancel, and an error result, which the SDK must see as the job's output. Every
+result comes from the Rust worker.
 """
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import runpod
 
@@ -21,22 +25,34 @@ def start_local(binary):
         [binary, "local", "--port", "0", "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )
-    base = None
+    base = health = None
     for line in proc.stdout:
         match = re.match(r"listening on (http://\S+)", line)
         if match:
             base = match.group(1)
+        match = re.match(r"\s+worker:\s+(http://\S+)", line)
+        if match:
+            health = match.group(1)
         if line.startswith("Submit a job"):
             break
-    if base is None:
+    if base is None or health is None:
         proc.kill()
-        sys.exit("local did not print its address")
-    return proc, base
+        sys.exit("local did not print its addresses")
+    return proc, base, health
+
+
+def wait_until(check, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    sys.exit(f"timed out waiting for {what}")
 
 
 def main():
     binary = sys.argv[1]
-    proc, base = start_local(binary)
+    proc, base, health_url = start_local(binary)
     try:
         runpod.api_key = "interop-key"
         runpod.endpoint_url_base = base + "/v2"
@@ -55,7 +71,22 @@ def main():
         assert failed.status() == "FAILED", failed.status()
         assert output["error_type"] == "InvalidInput", output
         assert output["success"] is False and "retry_after" not in output, output
-        print("SDK client interop: run_sync, run/status/output and error results OK")
+        streamed = endpoint.run({"task": "echo", "stream": 3, "sleep_ms": 500})
+        chunks = list(streamed.stream())
+        assert chunks == [{"chunk": i, "of": 3} for i in range(3)], chunks
+        assert streamed.status() == "COMPLETED"
+
+        doomed = endpoint.run({"task": "echo", "sleep_ms": 60000})
+        wait_until(lambda: doomed.status() == "IN_PROGRESS", "the job to start")
+        doomed.cancel()
+        assert doomed.status() == "CANCELLED", doomed.status()
+
+        def worker_cancelled():
+            with urllib.request.urlopen(health_url) as response:
+                return json.load(response)["jobs"]["cancelled"] == 1
+
+        wait_until(worker_cancelled, "the worker to abandon the cancelled job")
+        print("SDK client interop: run_sync, run/status/output, stream, cancel and error results OK")
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
