@@ -25,20 +25,22 @@ def start_local(binary):
         [binary, "local", "--port", "0", "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )
-    base = health = None
+    base = health = curl = None
     for line in proc.stdout:
+        if line.strip().startswith("curl "):
+            curl = line.strip()
         match = re.match(r"listening on (http://\S+)", line)
         if match:
             base = match.group(1)
         match = re.match(r"\s+worker:\s+(http://\S+)", line)
         if match:
             health = match.group(1)
-        if line.startswith("Submit a job"):
+        if curl:
             break
-    if base is None or health is None:
+    if base is None or health is None or curl is None:
         proc.kill()
-        sys.exit("local did not print its addresses")
-    return proc, base, health
+        sys.exit("local did not print its addresses and curl example")
+    return proc, base, health, curl
 
 
 def wait_until(check, what, timeout=30):
@@ -52,8 +54,12 @@ def wait_until(check, what, timeout=30):
 
 def main():
     binary = sys.argv[1]
-    proc, base, health_url = start_local(binary)
+    proc, base, health_url, curl = start_local(binary)
     try:
+        # The banner's curl line works as printed.
+        printed = json.loads(subprocess.run(["bash", "-c", curl], capture_output=True, text=True, check=True).stdout)
+        assert printed["status"] == "COMPLETED" and printed["output"]["message"] == "hello", printed
+
         runpod.api_key = "interop-key"
         runpod.endpoint_url_base = base + "/v2"
         endpoint = runpod.Endpoint("local")
