@@ -130,6 +130,14 @@ pub struct QueueConfig {
     pub long_poll_timeout_s: u64,
     /// Total time spent retrying one job-done or job-stream POST.
     pub delivery_retry_s: u64,
+    /// Largest job accepted from the queue; larger ones get an `InvalidInput` result.
+    pub max_job_size: Size,
+    /// Largest result posted; larger ones become an `OutputTooLarge` error result (the
+    /// platform would refuse them with 413 and the result would be lost).
+    pub max_result_size: Size,
+    /// Where results that could not be delivered are kept, to be re-sent at the next start
+    /// (the network volume in deployment).
+    pub spool_dir: PathBuf,
 }
 
 impl Default for QueueConfig {
@@ -141,6 +149,9 @@ impl Default for QueueConfig {
             rate_limited_wait_s: 5,
             long_poll_timeout_s: 90,
             delivery_retry_s: 30,
+            max_job_size: Size::from_bytes(20_000_000),
+            max_result_size: Size::from_bytes(20_000_000),
+            spool_dir: PathBuf::from("spool"),
         }
     }
 }

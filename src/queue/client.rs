@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::backoff::Backoff;
 use super::endpoints::QueueEndpoints;
-use super::protocol::{parse_take_body, BadJob, Job};
+use super::protocol::{parse_take_body, BadJob, Job, JobLimits};
 use crate::config::QueueConfig;
 
 /// The version sent as `runpod_version` and in `User-Agent`.
@@ -72,6 +72,7 @@ pub struct QueueClient {
     http: reqwest::Client,
     endpoints: QueueEndpoints,
     config: QueueConfig,
+    job_limits: JobLimits,
 }
 
 impl QueueClient {
@@ -93,10 +94,15 @@ impl QueueClient {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| QueueError::Transport(e.to_string()))?;
+        let job_limits = JobLimits {
+            max_bytes: usize::try_from(config.max_job_size.bytes()).unwrap_or(usize::MAX),
+            ..JobLimits::default()
+        };
         Ok(Self {
             http,
             endpoints,
             config,
+            job_limits,
         })
     }
 
@@ -137,7 +143,7 @@ impl QueueClient {
             StatusCode::TOO_MANY_REQUESTS => return Err(QueueError::RateLimited),
             s if s.is_success() => {
                 let body = response.bytes().await.map_err(transport)?;
-                parse_take_body(&body).map_err(QueueError::Body)?
+                parse_take_body(&body, self.job_limits).map_err(QueueError::Body)?
             }
             s => return Err(QueueError::Status(s.as_u16())),
         };

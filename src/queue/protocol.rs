@@ -1,8 +1,10 @@
 //! Wire types of the worker API, shared by the client and the mock: the job object a take
 //! returns, and how a take's body is read.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// A job as the queue hands it out. Keys other than `id` and `input` (`webhook`, `policy`,
@@ -71,23 +73,132 @@ pub fn parse_job(value: Value) -> Result<Job, BadJob> {
     Ok(Job { id, input, raw })
 }
 
+/// Limits on what one job may be, checked before the job is fully parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Largest job object, in bytes.
+    pub max_bytes: usize,
+    /// Deepest nesting of arrays and objects in a job (below serde_json's own limit of 128).
+    pub max_depth: usize,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 20 * 1_000_000,
+            max_depth: 64,
+        }
+    }
+}
+
 /// Reads a take's body: nothing (no job), one job object, or an array of them (a batch).
 /// `Err` means the body is not a job at all (not JSON, or JSON of another shape).
-pub fn parse_take_body(body: &[u8]) -> Result<Vec<Result<Job, BadJob>>, String> {
+///
+/// One bad job must not cost the others, nor poison the take loop (a body that can never be
+/// read would be retried forever while its jobs' leases run out and they come back). So the
+/// body is first split into jobs without building them (serde_json's raw values are scanned
+/// iteratively, at any depth), and each job is checked for size, nesting and UTF-8 before it is
+/// parsed; a job that fails is answered by id when it has one.
+pub fn parse_take_body(body: &[u8], limits: JobLimits) -> Result<Vec<Result<Job, BadJob>>, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Vec::new());
     }
-    let value: Value = serde_json::from_slice(body)
+    let (text, invalid_utf8) = match std::str::from_utf8(body) {
+        Ok(text) => (std::borrow::Cow::Borrowed(text), false),
+        Err(_) => (String::from_utf8_lossy(body), true),
+    };
+    let top: Box<RawValue> = serde_json::from_str(&text)
         .map_err(|e| format!("job-take answered with a body that is not JSON ({e})"))?;
-    match value {
-        Value::Array(items) => Ok(items.into_iter().map(parse_job).collect()),
-        Value::Object(_) => Ok(vec![parse_job(value)]),
-        Value::Null => Ok(Vec::new()),
-        other => Err(format!(
-            "job-take answered with JSON {}, not a job",
-            kind_of(&other)
-        )),
+    let raw_jobs: Vec<Box<RawValue>> = match top.get().trim_start().as_bytes().first() {
+        Some(b'[') => serde_json::from_str(top.get())
+            .map_err(|e| format!("job-take batch is malformed ({e})"))?,
+        Some(b'{') => vec![top],
+        Some(b'n') => Vec::new(),
+        _ => {
+            return Err(format!(
+                "job-take answered with JSON that is not a job: {:.60}",
+                top.get()
+            ))
+        }
+    };
+    Ok(raw_jobs
+        .iter()
+        .map(|raw| check_and_parse(raw.get(), invalid_utf8, limits))
+        .collect())
+}
+
+fn check_and_parse(
+    raw: &str,
+    body_had_invalid_utf8: bool,
+    limits: JobLimits,
+) -> Result<Job, BadJob> {
+    let depth = nesting_depth(raw);
+    let problem = if raw.len() > limits.max_bytes {
+        Some(format!(
+            "the job is {} bytes, over the limit of {} bytes",
+            raw.len(),
+            limits.max_bytes
+        ))
+    } else if depth > limits.max_depth {
+        Some(format!(
+            "the job nests arrays or objects {depth} levels deep, over the limit of {}",
+            limits.max_depth
+        ))
+    } else if body_had_invalid_utf8 && raw.contains('\u{FFFD}') {
+        Some("the job contains bytes that are not valid UTF-8".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        None => {
+            let value: Value = serde_json::from_str(raw).map_err(|e| BadJob {
+                id: None,
+                problem: format!("the job is not valid JSON ({e})"),
+            })?;
+            parse_job(value)
+        }
+        Some(problem) => Err(BadJob {
+            id: shallow_id(raw),
+            problem,
+        }),
     }
+}
+
+/// The `id` of a job object without parsing the rest of it.
+fn shallow_id(raw: &str) -> Option<String> {
+    let fields: HashMap<String, Box<RawValue>> = serde_json::from_str(raw).ok()?;
+    let id = fields.get("id")?.get();
+    match serde_json::from_str::<Value>(id).ok()? {
+        Value::String(id) if !id.is_empty() && !id.contains('\u{FFFD}') => Some(id),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The deepest nesting of `[`/`{` in JSON text, counted without recursion.
+pub fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in json.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// "an object", "a string", ... for messages.
@@ -105,24 +216,32 @@ pub fn kind_of(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    fn parse_take_body_default(body: &[u8]) -> Result<Vec<Result<Job, BadJob>>, String> {
+        parse_take_body(body, JobLimits::default())
+    }
 
     #[test]
     fn single_and_batch_bodies_give_jobs_with_their_extra_keys() {
-        let one = parse_take_body(br#"{"id":"j1","input":{"task":"echo"},"webhook":"http://h"}"#)
-            .unwrap();
+        let one =
+            parse_take_body_default(br#"{"id":"j1","input":{"task":"echo"},"webhook":"http://h"}"#)
+                .unwrap();
         let job = one[0].as_ref().unwrap();
         assert_eq!(job.id, "j1");
         assert_eq!(job.raw["webhook"], "http://h");
-        let batch = parse_take_body(br#"[{"id":"a","input":{}},{"id":"b","input":1}]"#).unwrap();
+        let batch =
+            parse_take_body_default(br#"[{"id":"a","input":{}},{"id":"b","input":1}]"#).unwrap();
         assert_eq!(batch.len(), 2);
-        assert!(parse_take_body(b"").unwrap().is_empty());
-        assert!(parse_take_body(b"[]").unwrap().is_empty());
+        assert!(parse_take_body_default(b"").unwrap().is_empty());
+        assert!(parse_take_body_default(b"[]").unwrap().is_empty());
     }
 
     #[test]
     fn malformed_jobs_say_what_is_missing_and_keep_the_id_when_there_is_one() {
-        let jobs = parse_take_body(br#"[{"input":{}},{"id":"x"},7,{"id":{},"input":{}}]"#).unwrap();
+        let jobs = parse_take_body_default(br#"[{"input":{}},{"id":"x"},7,{"id":{},"input":{}}]"#)
+            .unwrap();
         let problems: Vec<_> = jobs.into_iter().map(|j| j.unwrap_err()).collect();
         assert_eq!(
             problems[0],
@@ -139,8 +258,8 @@ mod tests {
 
     #[test]
     fn garbage_bodies_are_errors_not_jobs() {
-        assert!(parse_take_body(b"<html>oops</html>").is_err());
-        assert!(parse_take_body(b"\"hello\"").is_err());
+        assert!(parse_take_body_default(b"<html>oops</html>").is_err());
+        assert!(parse_take_body_default(b"\"hello\"").is_err());
     }
 
     #[test]
@@ -150,5 +269,109 @@ mod tests {
         assert_eq!(job.policy_execution_timeout(), Some(Duration::from_secs(5)));
         let job = parse_job(json!({"id":"j","input":{}})).unwrap();
         assert_eq!(job.policy_execution_timeout(), None);
+    }
+
+    #[test]
+    fn a_job_nested_too_deep_is_answered_by_id_and_its_batch_mates_still_run() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let body =
+            format!(r#"[{{"id":"deep","input":{{"x":{deep}}}}},{{"id":"ok","input":{{}}}}]"#);
+        let jobs = parse_take_body_default(body.as_bytes()).unwrap();
+        let bad = jobs[0].as_ref().unwrap_err();
+        assert_eq!(bad.id.as_deref(), Some("deep"));
+        assert!(
+            bad.problem.contains("100002 levels deep"),
+            "{}",
+            bad.problem
+        );
+        assert_eq!(jobs[1].as_ref().unwrap().id, "ok");
+    }
+
+    #[test]
+    fn invalid_utf8_fails_only_the_job_that_carries_it() {
+        let mut body = br#"[{"id":"bad","input":{"t":""#.to_vec();
+        body.extend_from_slice(&[0xff, 0xfe]);
+        body.extend_from_slice(br#""}},{"id":"good","input":{"t":"caf\u00e9 \u2603"}}]"#);
+        let jobs = parse_take_body_default(&body).unwrap();
+        let bad = jobs[0].as_ref().unwrap_err();
+        assert_eq!(
+            (bad.id.as_deref(), bad.problem.contains("UTF-8")),
+            (Some("bad"), true)
+        );
+        assert_eq!(jobs[1].as_ref().unwrap().input["t"], "café ☃");
+    }
+
+    #[test]
+    fn an_oversized_job_is_refused_by_id() {
+        let body = format!(
+            r#"{{"id":"big","input":{{"blob":"{}"}}}}"#,
+            "x".repeat(2000)
+        );
+        let limits = JobLimits {
+            max_bytes: 1000,
+            max_depth: 64,
+        };
+        let jobs = parse_take_body(body.as_bytes(), limits).unwrap();
+        let bad = jobs[0].as_ref().unwrap_err();
+        assert_eq!(bad.id.as_deref(), Some("big"));
+        assert!(bad.problem.contains("over the limit of 1000 bytes"));
+    }
+
+    #[test]
+    fn nesting_depth_ignores_brackets_inside_strings() {
+        assert_eq!(nesting_depth(r#"{"a":"[[[{{{","b":[1,[2]]}"#), 3);
+        assert_eq!(nesting_depth(r#""\"[""#), 0);
+        assert_eq!(nesting_depth("7"), 0);
+    }
+
+    fn arbitrary_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            ".{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(6, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Any bytes at all: parsing never panics, and every job it yields has an id and input.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(jobs) = parse_take_body_default(&bytes) {
+                for job in jobs.into_iter().flatten() {
+                    prop_assert!(!job.id.is_empty());
+                }
+            }
+        }
+
+        /// Any JSON value as a job: a valid job round-trips; anything else is a BadJob.
+        #[test]
+        fn arbitrary_json_jobs_are_parsed_or_refused_never_lost(id in "[a-z0-9-]{1,12}", input in arbitrary_json(), extra in arbitrary_json()) {
+            let job = json!({"id": id, "input": input, "extra": extra});
+            let body = serde_json::to_vec(&json!([job, 5])).unwrap();
+            let jobs = parse_take_body_default(&body).unwrap();
+            prop_assert_eq!(jobs.len(), 2);
+            let parsed = jobs[0].as_ref().unwrap();
+            prop_assert_eq!(&parsed.id, &id);
+            prop_assert_eq!(&parsed.input, &input);
+            prop_assert!(jobs[1].is_err());
+        }
+
+        /// Jobs built from fragments of valid JSON: cut anywhere, the body is refused cleanly.
+        #[test]
+        fn truncated_bodies_are_errors_not_panics(input in arbitrary_json(), cut in 0usize..200) {
+            let body = serde_json::to_vec(&json!({"id": "t", "input": input})).unwrap();
+            let cut = cut.min(body.len());
+            let _ = parse_take_body_default(&body[..cut]);
+        }
     }
 }
