@@ -58,7 +58,8 @@ pub enum Command {
         #[arg(long)]
         max_queued: Option<usize>,
         /// Inject failures: ROUTE=RATE[:STATUS], ROUTE one of job-take, job-stop, job-done,
-        /// job-stream, ping, client (e.g. --fault job-done=0.2:503). Repeatable.
+        /// job-stream, ping, client (e.g. --fault job-done=0.2:503; STATUS 200 sends a garbage
+        /// body). Repeatable.
         #[arg(long = "fault", value_name = "ROUTE=RATE[:STATUS]")]
         faults: Vec<String>,
     },

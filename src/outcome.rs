@@ -52,6 +52,9 @@ pub struct JobError {
     pub message: String,
     /// Seconds after which a retry can succeed; `None` where it cannot.
     pub retry_after: Option<u64>,
+    /// The device itself failed (a CUDA context that no longer works): the worker should be
+    /// replaced rather than fail every job. Not part of the result.
+    pub device_lost: bool,
 }
 
 impl JobError {
@@ -61,7 +64,21 @@ impl JobError {
             error_type,
             message: message.into(),
             retry_after: None,
+            device_lost: false,
         }
+    }
+
+    /// The GPU failed in a way that does not heal (sticky CUDA errors).
+    pub fn device_failure(message: impl Into<String>) -> Self {
+        Self {
+            device_lost: true,
+            ..Self::new(ErrorType::ModelError, message)
+        }
+    }
+
+    /// Whether the job ran out of GPU memory (counted towards replacing the worker).
+    pub fn is_out_of_memory(&self) -> bool {
+        self.error_type == ErrorType::InsufficientGpuMemory
     }
 
     /// The job's input is wrong.
@@ -77,9 +94,11 @@ impl JobError {
     /// The seed's retry signal: GPU memory is short now, retry after `retry_after_s`.
     pub fn gpu_memory_exhausted(retry_after_s: u64) -> Self {
         Self {
-            error_type: ErrorType::InsufficientGpuMemory,
-            message: "GPU memory exhausted, retry shortly".to_owned(),
             retry_after: Some(retry_after_s),
+            ..Self::new(
+                ErrorType::InsufficientGpuMemory,
+                "GPU memory exhausted, retry shortly",
+            )
         }
     }
 

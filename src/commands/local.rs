@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::mock_queue::{MockOptions, MockQueue};
 use crate::queue::QueueEndpoints;
-use crate::runner::{run_worker, WorkerSetup};
+use crate::runner::{run_worker, WorkerExit, WorkerSetup};
 use crate::secret::ApiKey;
 
 /// The endpoint id `local` serves.
@@ -81,7 +81,8 @@ pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>
         shutdown: crate::shutdown::signal_token(),
     };
     let code = match run_worker(setup).await {
-        Ok(()) => 0,
+        Ok(WorkerExit::Drained) => 0,
+        Ok(WorkerExit::Replaced) => 1,
         Err(e) => {
             eprintln!("cannot start the worker: {e}");
             1

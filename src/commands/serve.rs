@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::queue::{QueueClient, QueueEndpoints};
-use crate::runner::{run_worker, WorkerSetup};
+use crate::runner::{run_worker, WorkerExit, WorkerSetup};
 
 /// Runs the worker until SIGTERM/SIGINT and the drain. Exit code 0 after a clean drain; 1 on a
 /// start-up failure, after the SDK's unhealthy ping.
@@ -55,7 +55,9 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
         shutdown: crate::shutdown::signal_token(),
     };
     match run_worker(setup).await {
-        Ok(()) => 0,
+        Ok(WorkerExit::Drained) => 0,
+        // Exit non-zero so the container is restarted if the platform did not replace it.
+        Ok(WorkerExit::Replaced) => 1,
         Err(e) => fail(&endpoints, e.check, &e.reason).await,
     }
 }

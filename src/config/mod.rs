@@ -55,6 +55,9 @@ pub struct HandlerDefaults {
     pub model_dir: PathBuf,
     /// SIGTERM: how long in-flight jobs may run on before they are answered `Interrupted`.
     pub drain_grace_s: u64,
+    /// After this many GPU out-of-memory failures in a row, the worker reports itself unhealthy,
+    /// drains and asks to be replaced (`stopPod`) instead of failing every job.
+    pub max_consecutive_ooms: u32,
 }
 
 impl Default for HandlerDefaults {
@@ -67,6 +70,7 @@ impl Default for HandlerDefaults {
             local_queue_max_wait_s: 30,
             model_dir: PathBuf::from("handler/models"),
             drain_grace_s: 60,
+            max_consecutive_ooms: 3,
         }
     }
 }

@@ -93,6 +93,12 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         ONE_DAY_S,
     )?;
     check("handler.drain_grace_s", h.drain_grace_s, 0, ONE_DAY_S)?;
+    check(
+        "handler.max_consecutive_ooms",
+        h.max_consecutive_ooms.into(),
+        1,
+        1000,
+    )?;
     if h.gpu_memory_per_request.bytes() == 0 {
         return Err(ConfigError::OutOfRange {
             key: "handler.gpu_memory_per_request".into(),

@@ -2,7 +2,8 @@
 //!
 //! Options (all optional, in `input`): `sleep_ms` waits (cancellable), `stream: N` sends N
 //! chunks first, `block_ms` blocks its executor thread (proves the heartbeat's isolation from a
-//! misbehaving handler). On a simulated GPU only: `fail: "panic" | "oom"`.
+//! misbehaving handler). On a simulated GPU only: `fail: "panic" | "oom" | "cuda"` (a panic, a
+//! CUDA out-of-memory, a CUDA context that no longer works).
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -46,9 +47,14 @@ impl Handler for EchoHandler {
             match fail.as_str() {
                 Some("panic") => panic!("echo was asked to panic"),
                 Some("oom") => return Err(JobError::gpu_memory_exhausted(10)),
+                Some("cuda") => {
+                    return Err(JobError::device_failure(
+                        "the GPU stopped working (simulated)",
+                    ))
+                }
                 _ => {
                     return Err(JobError::invalid_input(
-                        "input.fail must be \"panic\" or \"oom\"",
+                        "input.fail must be \"panic\", \"oom\" or \"cuda\"",
                     ))
                 }
             }

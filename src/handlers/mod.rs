@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::outcome::JobError;
 
@@ -44,6 +45,7 @@ pub struct JobContext {
     pub simulated_gpu: bool,
     sink: Arc<dyn ChunkSink>,
     chunks_sent: Arc<AtomicUsize>,
+    threads: TaskTracker,
 }
 
 impl JobContext {
@@ -62,7 +64,31 @@ impl JobContext {
             simulated_gpu,
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
+            threads: TaskTracker::new(),
         }
+    }
+
+    /// Runs `work` on a blocking thread (model calls never run on the async runtime). A panic
+    /// there fails this job only. If the job ends first (timeout, stop), the thread's late
+    /// result is discarded, and the job's slot and memory stay reserved until the thread has
+    /// really returned, so they are never promised twice.
+    pub async fn run_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, JobError> {
+        self.threads.spawn_blocking(work).await.map_err(|e| {
+            if e.is_panic() {
+                JobError::internal("the handler failed unexpectedly; the worker is still running")
+            } else {
+                JobError::internal("the handler's thread was cancelled")
+            }
+        })
+    }
+
+    /// Waits until every thread started by [`JobContext::run_blocking`] has returned.
+    pub async fn threads_finished(&self) {
+        self.threads.close();
+        self.threads.wait().await;
     }
 
     /// Streams one chunk to the job's client (job-stream, `{"output": chunk}`).

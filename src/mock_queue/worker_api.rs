@@ -56,6 +56,11 @@ pub(super) fn gate(state: &MockState, route: Route, headers: &HeaderMap) -> Resu
     }
     if let Some(fault) = fault {
         if rand::random::<f64>() < fault.rate {
+            // Status 200 injects a garbage body with the wrong content type.
+            if fault.status == 200 {
+                let html = [(axum::http::header::CONTENT_TYPE, "text/html")];
+                return Err((html, "<html>upstream error</html>").into_response());
+            }
             let status =
                 StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return Err(error(status, "injected fault"));

@@ -243,6 +243,16 @@ impl QueueClient {
         self.deliver(&url, job_id, body).await
     }
 
+    /// POSTs `body` to `url` with the result-delivery retries (re-sending spooled results).
+    pub async fn deliver_to(
+        &self,
+        url: &str,
+        job_id: &str,
+        body: &Value,
+    ) -> Result<(), DeliveryError> {
+        self.deliver(url, job_id, body).await
+    }
+
     /// POSTs one stream chunk (`{"output": chunk}`) to job-stream.
     pub async fn post_stream(&self, job_id: &str, chunk: &Value) -> Result<(), DeliveryError> {
         let url = self

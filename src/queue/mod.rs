@@ -6,8 +6,10 @@ pub mod backoff;
 pub mod client;
 pub mod endpoints;
 pub mod protocol;
+pub mod spool;
 
 pub use backoff::Backoff;
 pub use client::{QueueClient, QueueError, TakeResponse};
 pub use endpoints::{EndpointsError, QueueEndpoints};
 pub use protocol::{BadJob, Job};
+pub use spool::{Spool, SpooledResult};

@@ -12,7 +12,7 @@ use crate::admission::{GlobalSlot, QueuedTicket};
 use crate::handlers::{ChunkSink, JobContext};
 use crate::outcome::{done_body, ErrorType, JobError};
 use crate::queue::client::DeliveryError;
-use crate::queue::{BadJob, Job, QueueClient};
+use crate::queue::{BadJob, Job, QueueClient, SpooledResult};
 
 /// `retry_after` of the retry signal given to a job that waited too long for its handler.
 const LOCAL_WAIT_RETRY_AFTER_S: u64 = 10;
@@ -36,7 +36,14 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
             let worker = worker.clone();
             worker.tracker.clone().spawn(async move {
                 let _slot = slot;
-                answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
+                answer(
+                    &worker,
+                    &id,
+                    Err(JobError::invalid_input(problem)),
+                    false,
+                    false,
+                )
+                .await;
             });
         }
         Ok(job) => {
@@ -50,7 +57,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
                 Err(error) => {
                     worker.tracker.spawn(async move {
                         let _slot = slot;
-                        answer(&worker_ref, &job.id, Err(error), false).await;
+                        answer(&worker_ref, &job.id, Err(error), false, false).await;
                     });
                 }
                 Ok((handler, input)) => {
@@ -100,17 +107,19 @@ async fn run(
             JobError::gpu_memory_exhausted(LOCAL_WAIT_RETRY_AFTER_S)
         } else {
             JobError {
-                error_type: ErrorType::Timeout,
-                message: format!(
-                    "no {handler} slot became free within {} s ({}/{} busy), retry shortly",
-                    max_wait.as_secs(),
-                    snapshot.active,
-                    snapshot.limit
-                ),
                 retry_after: Some(LOCAL_WAIT_RETRY_AFTER_S),
+                ..JobError::new(
+                    ErrorType::Timeout,
+                    format!(
+                        "no {handler} slot became free within {} s ({}/{} busy), retry shortly",
+                        max_wait.as_secs(),
+                        snapshot.active,
+                        snapshot.limit
+                    ),
+                )
             }
         };
-        answer(&worker, &job.id, Err(error), false).await;
+        answer(&worker, &job.id, Err(error), false, false).await;
         return;
     };
     tracing::info!(job_id = %job.id, "{}", entry.started_line(permit.active_at_start()));
@@ -130,15 +139,21 @@ async fn run(
         simulated,
     );
     let execution = execute(entry, ctx.clone(), deadline, &stop, &worker.interrupt).await;
-    // The handler is done: its slot is free even while the result is still being delivered.
-    drop(permit);
     match execution {
         Execution::Cancelled => finish_cancelled(&worker, &job.id),
         Execution::Finished(result) => {
             worker.metrics.job_finished(&handler, &result);
-            answer(&worker, &job.id, result, ctx.chunks_sent() > 0).await;
+            let replace = worker.device_health.record(&result);
+            if replace {
+                worker.ask_to_be_replaced(&result);
+            }
+            answer(&worker, &job.id, result, ctx.chunks_sent() > 0, replace).await;
         }
     }
+    // The job is answered; its slot is released only when its threads have really returned
+    // (a timed-out or stopped model call may still be running).
+    ctx.threads_finished().await;
+    drop(permit);
 }
 
 fn finish_cancelled(worker: &Worker, job_id: &str) {
@@ -147,8 +162,32 @@ fn finish_cancelled(worker: &Worker, job_id: &str) {
     tracing::info!(job_id, "job stopped by the queue; no result posted");
 }
 
-/// Posts the job's result and lets go of it.
-async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, streamed: bool) {
+/// Posts the job's result and lets go of it. A result over the size limit becomes an
+/// `OutputTooLarge` error (the platform would refuse it and the result would be lost); a result
+/// the queue would not take in time goes to the spool, to be re-sent at the next start.
+async fn answer(
+    worker: &Worker,
+    job_id: &str,
+    result: Result<Value, JobError>,
+    streamed: bool,
+    stop_pod: bool,
+) {
+    let limit = worker.config.queue.max_result_size.bytes();
+    let mut body = done_body(&result, stop_pod);
+    let size = serde_json::to_vec(&body).map_or(0, |b| b.len()) as u64;
+    let result = if size > limit {
+        let error = JobError::new(
+            ErrorType::OutputTooLarge,
+            format!(
+                "the result is {size} bytes, over the limit of {limit} bytes; return less, or store \
+                 large outputs elsewhere and return a link"
+            ),
+        );
+        body = done_body(&Err(error.clone()), stop_pod);
+        Err(error)
+    } else {
+        result
+    };
     match &result {
         Ok(_) => JobCounters::bump(&worker.board.counters.completed),
         Err(e) => {
@@ -161,16 +200,30 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
             );
         }
     }
-    let body = done_body(&result, false);
     match worker.client.post_done(job_id, &body, streamed).await {
         Ok(()) => tracing::debug!(job_id, "result delivered"),
-        Err(error @ DeliveryError::Gone(_)) => {
+        Err(error @ (DeliveryError::Gone(_) | DeliveryError::Rejected(_))) => {
             JobCounters::bump(&worker.board.counters.undelivered);
             tracing::warn!(job_id, "result dropped: {error}");
         }
         Err(error) => {
             JobCounters::bump(&worker.board.counters.undelivered);
-            tracing::error!(job_id, "result could not be delivered: {error}");
+            let spooled = SpooledResult {
+                job_id: job_id.to_owned(),
+                url: worker.client.endpoints().done_url(job_id, streamed),
+                body,
+            };
+            match worker.spool.save(&spooled) {
+                Ok(path) => tracing::error!(
+                    job_id,
+                    "result could not be delivered ({error}); spooled at {} for the next start",
+                    path.display()
+                ),
+                Err(e) => tracing::error!(
+                    job_id,
+                    "result could not be delivered ({error}) nor spooled ({e}): it is lost"
+                ),
+            }
         }
     }
     worker.board.finish(job_id);

@@ -7,6 +7,7 @@
 //! SIGTERM, except a job the queue itself stopped (the SDK's behaviour).
 
 mod board;
+mod device_health;
 mod execute;
 mod heartbeat;
 mod job;
@@ -26,9 +27,10 @@ use crate::gpu::{self, GpuProbe};
 use crate::handlers::HandlerSet;
 use crate::health::{self, Phase, PhaseCell};
 use crate::metrics::Metrics;
-use crate::queue::{QueueClient, QueueEndpoints};
+use crate::queue::{QueueClient, QueueEndpoints, Spool};
 
 pub use board::{JobBoard, JobCounters};
+pub use device_health::DeviceHealth;
 pub use execute::{execute, Execution};
 
 /// What a worker is started with. Tests substitute each part.
@@ -70,10 +72,43 @@ pub struct Worker {
     pub(crate) gpu: Arc<dyn GpuProbe>,
     pub(crate) metrics: Metrics,
     pub(crate) tracker: TaskTracker,
+    pub(crate) spool: Spool,
+    pub(crate) device_health: DeviceHealth,
+    /// Cancelled to stop taking: by the shutdown signal, or when the worker must be replaced.
+    pub(crate) stop_taking: CancellationToken,
 }
 
-/// Runs a worker until `setup.shutdown` is cancelled and every taken job is answered.
-pub async fn run_worker(setup: WorkerSetup) -> Result<(), StartupError> {
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Shut down by its signal after answering every taken job.
+    Drained,
+    /// Its GPU failed (repeated OOMs, a lost device): it drained and asked to be replaced.
+    Replaced,
+}
+
+impl Worker {
+    /// Marks the worker unhealthy and stops taking jobs; the triggering result carries
+    /// `stopPod`, and the jobs in hand are still answered.
+    pub(crate) fn ask_to_be_replaced(
+        &self,
+        cause: &Result<serde_json::Value, crate::outcome::JobError>,
+    ) {
+        let why = match cause {
+            Err(e) if e.device_lost => "the GPU no longer works",
+            _ => "GPU out-of-memory failures keep repeating",
+        };
+        tracing::error!(
+            "{why}: reporting unhealthy, draining, and asking to be replaced (stopPod)"
+        );
+        self.phase.set(Phase::Unhealthy);
+        self.stop_taking.cancel();
+    }
+}
+
+/// Runs a worker until `setup.shutdown` is cancelled (or the worker must be replaced) and
+/// every taken job is answered.
+pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> {
     let WorkerSetup {
         config,
         endpoints,
@@ -93,6 +128,8 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<(), StartupError> {
         config.handler.max_concurrency as usize,
         handlers.entries().map(|e| (e.name.clone(), e.limit)),
     );
+    let config_spool_dir = config.queue.spool_dir.clone();
+    let max_consecutive_ooms = config.handler.max_consecutive_ooms;
     let worker = Arc::new(Worker {
         config: Arc::new(config),
         handlers,
@@ -104,6 +141,9 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<(), StartupError> {
         gpu,
         metrics: Metrics::new(),
         tracker: TaskTracker::new(),
+        spool: Spool::new(config_spool_dir),
+        device_health: DeviceHealth::new(max_consecutive_ooms),
+        stop_taking: shutdown.child_token(),
     });
     log_start(&worker);
 
@@ -119,16 +159,58 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<(), StartupError> {
         reason: e,
     })?;
     let stop_loop = tokio::spawn(stop::run(worker.clone(), finished.clone()));
+    tokio::spawn(resend_spooled(worker.clone()));
     worker.phase.set(Phase::Ready);
-    take::run(worker.clone(), shutdown).await;
+    take::run(worker.clone(), worker.stop_taking.clone()).await;
 
+    let replaced = worker.device_health.is_tripped();
     drain(&worker).await;
     finished.cancel();
     let _ = stop_loop.await;
     let _ = http.await;
     let _ = tokio::task::spawn_blocking(move || heartbeat.join()).await;
     tracing::info!("all taken jobs answered; worker stopped");
-    Ok(())
+    Ok(if replaced {
+        WorkerExit::Replaced
+    } else {
+        WorkerExit::Drained
+    })
+}
+
+/// Re-sends results spooled by an earlier run. Delivered, expired (404) and refused results
+/// leave the spool; the others stay for the next start.
+async fn resend_spooled(worker: Arc<Worker>) {
+    let pending = worker.spool.pending();
+    if pending.is_empty() {
+        return;
+    }
+    tracing::info!(
+        "re-sending {} spooled result(s) from {}",
+        pending.len(),
+        worker.spool.dir().display()
+    );
+    for (path, result) in pending {
+        match worker
+            .client
+            .deliver_to(&result.url, &result.job_id, &result.body)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(job_id = %result.job_id, "spooled result delivered");
+                worker.spool.remove(&path);
+            }
+            Err(
+                e @ (crate::queue::client::DeliveryError::Gone(_)
+                | crate::queue::client::DeliveryError::Rejected(_)),
+            ) => {
+                tracing::warn!(job_id = %result.job_id, "spooled result dropped: {e}");
+                worker.spool.remove(&path);
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %result.job_id, "spooled result still not delivered ({e}); kept")
+            }
+        }
+    }
 }
 
 /// The take loop has stopped: wait for the jobs in hand, then interrupt what is left.
@@ -138,6 +220,9 @@ async fn drain(worker: &Arc<Worker>) {
     let held = worker.board.len();
     if held > 0 {
         tracing::info!("draining: {held} job(s) in hand");
+    }
+    if worker.device_health.is_tripped() {
+        worker.phase.set(Phase::Unhealthy);
     }
     let grace = Duration::from_secs(worker.config.handler.drain_grace_s);
     if tokio::time::timeout(grace, worker.tracker.wait())

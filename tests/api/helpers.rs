@@ -11,7 +11,7 @@ use runpod_worker::handlers::{Handler, HandlerSet, JobContext};
 use runpod_worker::mock_queue::{MockOptions, MockQueue};
 use runpod_worker::outcome::JobError;
 use runpod_worker::queue::QueueEndpoints;
-use runpod_worker::runner::{run_worker, StartupError, WorkerSetup};
+use runpod_worker::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -94,13 +94,18 @@ pub fn test_config() -> Config {
     )
     .unwrap();
     config.server.port = 0;
+    // Each test its own spool, never the repository's.
+    config.queue.spool_dir = std::env::temp_dir().join(format!(
+        "runpod-worker-test-spool-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     config
 }
 
 pub struct TestWorker {
     pub mock: Arc<MockQueue>,
     pub shutdown: CancellationToken,
-    pub handle: tokio::task::JoinHandle<Result<(), StartupError>>,
+    pub handle: tokio::task::JoinHandle<Result<WorkerExit, StartupError>>,
     pub http: String,
 }
 
