@@ -13,6 +13,7 @@ use runpod_worker::outcome::JobError;
 use runpod_worker::queue::QueueEndpoints;
 use runpod_worker::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
 use serde_json::{json, Value};
+use std::process::{Command, Stdio};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +64,27 @@ pub fn spawn_mock_with(options: MockOptions) -> Arc<MockQueue> {
         });
     });
     rx.recv().unwrap()
+}
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_runpod-worker");
+
+/// The real binary as a `serve` worker against the mock at `base`.
+pub fn worker_command(base: &str, worker: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .arg("--http-port")
+        .arg("0")
+        .env_remove("RUNPOD_ENDPOINT_ID")
+        .env("RUNPOD_PING_INTERVAL", "200")
+        .env(
+            "RUNPOD_WORKER_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
+        )
+        .envs(QueueEndpoints::env_for(base, EP, worker, "test-key"))
+        .stdout(Stdio::null());
+    command
 }
 
 /// An HTTP client that sends the test key (as the SDK client does, with `Bearer`).

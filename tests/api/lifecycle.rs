@@ -133,6 +133,16 @@ async fn shutdown_stops_taking_at_once_and_answers_every_taken_job() {
         "drain took {:?}",
         started.elapsed()
     );
+    let pings_while_draining = mock
+        .endpoint(EP)
+        .pings
+        .into_iter()
+        .filter(|p| p.at > started && p.job_ids.contains(&"d1".to_owned()))
+        .count();
+    assert!(
+        pings_while_draining >= 2,
+        "the heartbeat goes on during the drain: {pings_while_draining}"
+    );
     assert_eq!(
         mock.requests(Route::Take),
         takes_before,

@@ -6,9 +6,11 @@ mod helpers;
 
 mod bad_input;
 mod bodies;
+mod chaos;
 mod faults;
 mod heartbeat;
 mod lifecycle;
 mod limits;
 mod mock_api;
 mod process;
+mod resilience;

@@ -3,29 +3,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use runpod_worker::queue::QueueEndpoints;
 use serde_json::json;
 
-use crate::helpers::{spawn_mock, EP, WAIT};
-
-const BIN: &str = env!("CARGO_BIN_EXE_runpod-worker");
-
-fn worker_command(base: &str, worker: &str) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .arg("serve")
-        .arg("--http-port")
-        .arg("0")
-        .env_remove("RUNPOD_ENDPOINT_ID")
-        .env("RUNPOD_PING_INTERVAL", "200")
-        .env(
-            "RUNPOD_WORKER_CONFIG",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
-        )
-        .envs(QueueEndpoints::env_for(base, EP, worker, "test-key"))
-        .stdout(Stdio::null());
-    command
-}
+use crate::helpers::{spawn_mock, worker_command, BIN, EP, WAIT};
 
 #[test]
 fn version_is_printed() {

@@ -1,0 +1,193 @@
+//! Results are never lost: oversize results, undeliverable results, model threads that outlive
+//! their job, a GPU that keeps failing, and a queue that answers garbage.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use runpod_worker::handlers::{Handler, JobContext};
+use runpod_worker::mock_queue::{Fault, Route};
+use runpod_worker::outcome::JobError;
+use runpod_worker::runner::WorkerExit;
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_mock, test_config, TestWorker, EP, WAIT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_size_limit_becomes_output_too_large_instead_of_being_lost() {
+    let mut config = test_config();
+    config.queue.max_result_size = "1000B".parse().unwrap();
+    let worker = TestWorker::start(config, |h| h, 1000).await;
+    worker.enqueue("big", json!({"task": "echo", "blob": "x".repeat(5000)}));
+    let done = worker.done("big").await;
+    assert_eq!(
+        done.body["output"]["error_type"], "OutputTooLarge",
+        "{}",
+        done.body
+    );
+    assert!(done.body["output"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("over the limit of 1000 bytes"));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_result_is_spooled_and_delivered_at_the_next_start() {
+    let mock = spawn_mock(Duration::from_secs(1));
+    let mut config = test_config();
+    config.queue.delivery_retry_s = 1;
+    let spool = config.queue.spool_dir.clone();
+    mock.set_fault(
+        Route::Done,
+        Some(Fault {
+            status: 503,
+            rate: 1.0,
+        }),
+    );
+    let first = TestWorker::start_on(mock.clone(), config.clone(), |h| h, 1000).await;
+    first.enqueue("kept", json!({"task": "echo", "n": 7}));
+    let spooled = mock
+        .state()
+        .wait_for(WAIT, |_| {
+            std::fs::read_dir(&spool)
+                .ok()
+                .map(|d| d.count())
+                .filter(|n| *n > 0)
+        })
+        .await;
+    assert_eq!(spooled, Some(1), "the result was spooled");
+    first.stop().await;
+
+    mock.set_fault(Route::Done, None);
+    let second = TestWorker::start_on(mock.clone(), config, |h| h, 1000).await;
+    let done = second.done("kept").await;
+    assert_eq!(done.body, json!({"output": {"task": "echo", "n": 7}}));
+    let emptied = mock
+        .state()
+        .wait_for(WAIT, |_| {
+            (std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0) == 0).then_some(())
+        })
+        .await;
+    assert!(emptied.is_some(), "delivered results leave the spool");
+    second.stop().await;
+}
+
+/// Runs a blocking "model call" that waits for the test to release it.
+struct BlockingModel {
+    release: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for BlockingModel {
+    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let release = self.release.clone();
+        ctx.run_blocking(move || {
+            if call == 0 {
+                let _ = release.lock().unwrap().recv();
+            }
+        })
+        .await?;
+        Ok(json!({"call": call}))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_model_call_keeps_its_slot_until_its_thread_returns() {
+    let mut config = test_config();
+    config.handlers.get_mut("echo").unwrap().max_concurrency = 1;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let model = Arc::new(BlockingModel {
+        release: Arc::new(Mutex::new(rx)),
+        calls: AtomicUsize::new(0),
+    });
+    let worker = TestWorker::start(config, |h| h.with_handler("echo", model.clone()), 100).await;
+
+    worker.mock.enqueue(
+        EP,
+        json!({"id": "slow", "input": {"task": "echo"}, "policy": {"executionTimeout": 200}}),
+    );
+    let done = worker.done("slow").await;
+    assert_eq!(done.body["output"]["error_type"], "Timeout");
+    // The thread is still inside its "model call": the only echo slot stays taken, so the
+    // next job stays in the queue (capacity is reserved before work is taken).
+    worker.enqueue("next", json!({"task": "echo"}));
+    let health = worker.health().await;
+    assert_eq!(health["handlers"]["echo"]["active"], 1, "{health}");
+    assert_eq!(health["jobs"]["in_worker"], 1, "{health}");
+    assert_eq!(
+        model.calls.load(Ordering::SeqCst),
+        1,
+        "the next job has not started"
+    );
+
+    tx.send(()).unwrap();
+    let next = worker.done("next").await;
+    assert_eq!(next.body["output"]["call"], 1);
+    assert!(
+        worker
+            .mock
+            .endpoint(EP)
+            .done
+            .iter()
+            .filter(|d| d.job_id == "slow")
+            .count()
+            == 1,
+        "the late result is discarded"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_ooms_make_the_worker_unhealthy_and_ask_to_be_replaced() {
+    let mut config = test_config();
+    config.gpu.simulate = Some("24GB".parse().unwrap());
+    config.handler.max_consecutive_ooms = 2;
+    config.handlers.get_mut("echo").unwrap().max_concurrency = 1;
+    let worker = TestWorker::start(config, |h| h, 1000).await;
+    worker.enqueue("oom1", json!({"task": "echo", "fail": "oom"}));
+    let first = worker.done("oom1").await;
+    assert_eq!(first.body["output"]["retry_after"], 10);
+    assert!(first.body.get("stopPod").is_none());
+    worker.enqueue("oom2", json!({"task": "echo", "fail": "oom"}));
+    let second = worker.done("oom2").await;
+    assert_eq!(
+        second.body["stopPod"], true,
+        "the tripping result asks for a new worker"
+    );
+
+    let exit = tokio::time::timeout(WAIT, worker.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, WorkerExit::Replaced, "it drains and ends by itself");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_answering_garbage_is_survived_with_backoff() {
+    let mock = spawn_mock(Duration::from_secs(1));
+    for route in [Route::Take, Route::Stop, Route::Ping] {
+        mock.set_fault(
+            route,
+            Some(Fault {
+                status: 200,
+                rate: 1.0,
+            }),
+        );
+    }
+    let worker = TestWorker::start_on(mock.clone(), test_config(), |h| h, 200).await;
+    let before = mock.requests(Route::Take);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let takes = mock.requests(Route::Take) - before;
+    assert!(takes <= 10, "{takes} takes in 2 s against garbage");
+    for route in [Route::Take, Route::Stop, Route::Ping] {
+        mock.set_fault(route, None);
+    }
+    worker.enqueue("after-garbage", json!({"task": "echo"}));
+    worker.done("after-garbage").await;
+    worker.stop().await;
+}
