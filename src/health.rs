@@ -92,21 +92,16 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
     let mut handlers = Map::new();
     let mut warnings = Vec::new();
     for entry in worker.handlers.entries() {
-        let counts =
-            snapshot
-                .get(&entry.name)
-                .copied()
-                .unwrap_or(crate::admission::HandlerSnapshot {
-                    active: 0,
-                    limit: entry.limit,
-                    queued: 0,
-                });
+        let Some(counts) = snapshot.get(&entry.name).copied() else {
+            continue;
+        };
         handlers.insert(
             entry.name.clone(),
             json!({
                 "kind": entry.kind,
                 "active": counts.active,
                 "limit": counts.limit,
+                "max_limit": counts.max_limit,
                 "queued": counts.queued,
                 "device": if entry.on_gpu { "cuda" } else { "cpu" },
                 "gpu_memory_gb": gib(entry.reservation.bytes()),

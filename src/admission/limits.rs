@@ -1,20 +1,27 @@
-//! Global and per-handler concurrency limits, as RAII slots on tokio semaphores.
+//! Global and per-handler concurrency limits as RAII slots. The global limit is a semaphore;
+//! each handler's limit can move at run time (adaptive concurrency), so handler slots are
+//! counted under a small lock with a FIFO wake-up.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// One handler's slots and counters.
 #[derive(Debug)]
 struct HandlerSlots {
-    semaphore: Arc<Semaphore>,
+    state: Mutex<SlotState>,
+    /// Woken when a slot frees or the limit grows.
+    changed: Notify,
+    /// The configured limit: adaptive changes never go above it.
+    max_limit: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SlotState {
     limit: usize,
-    /// Taken jobs routed to this handler that have no slot yet.
-    queued: AtomicUsize,
-    /// Jobs running in this handler.
-    active: AtomicUsize,
+    active: usize,
+    queued: usize,
 }
 
 /// What `/health` and the logs show of one handler.
@@ -22,8 +29,10 @@ struct HandlerSlots {
 pub struct HandlerSnapshot {
     /// Jobs running.
     pub active: usize,
-    /// The configured limit.
+    /// The current limit (below the configured one after an OOM, with adaptive concurrency).
     pub limit: usize,
+    /// The configured limit.
+    pub max_limit: usize,
     /// Taken jobs waiting for a slot.
     pub queued: usize,
 }
@@ -39,6 +48,10 @@ pub struct Limits {
     freed: Arc<Notify>,
 }
 
+fn lock(slots: &HandlerSlots) -> MutexGuard<'_, SlotState> {
+    slots.state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Limits {
     /// Limits for `global_limit` jobs in the worker and the given per-handler limits.
     pub fn new(global_limit: usize, handlers: impl IntoIterator<Item = (String, usize)>) -> Self {
@@ -46,10 +59,13 @@ impl Limits {
             .into_iter()
             .map(|(name, limit)| {
                 let slots = HandlerSlots {
-                    semaphore: Arc::new(Semaphore::new(limit)),
-                    limit,
-                    queued: AtomicUsize::new(0),
-                    active: AtomicUsize::new(0),
+                    state: Mutex::new(SlotState {
+                        limit,
+                        active: 0,
+                        queued: 0,
+                    }),
+                    changed: Notify::new(),
+                    max_limit: limit,
                 };
                 (name, slots)
             })
@@ -62,28 +78,42 @@ impl Limits {
         }
     }
 
-    /// How many jobs to ask the queue for now: the free global slots, but no more than the
-    /// largest number any one handler could start now (its free slots minus the jobs already
-    /// waiting for them). A job's task is only known once it is taken, so this is the most
-    /// that can run at once whatever the jobs turn out to be.
-    pub fn takeable(&self) -> usize {
-        let best_handler = self
+    /// Free slots of `handler` minus the jobs already waiting for them.
+    pub fn startable(&self, handler: &str) -> usize {
+        self.handlers.get(handler).map_or(0, |h| {
+            let s = lock(h);
+            s.limit.saturating_sub(s.active).saturating_sub(s.queued)
+        })
+    }
+
+    /// How many jobs to ask the queue for, given how many each handler could start now
+    /// (`startable` per handler, possibly reduced further by memory): the free global slots,
+    /// but no more than the largest number any one handler could start. A job's task is only
+    /// known once it is taken, so this is the most that can run at once whatever they are.
+    pub fn takeable_with(&self, startable: impl Fn(&str, usize) -> usize) -> usize {
+        let best = self
             .handlers
-            .values()
-            .map(|h| {
-                h.semaphore
-                    .available_permits()
-                    .saturating_sub(h.queued.load(Ordering::Acquire))
-            })
+            .keys()
+            .map(|name| startable(name, self.startable(name)))
             .max()
             .unwrap_or(0);
-        self.global.available_permits().min(best_handler)
+        self.global.available_permits().min(best)
+    }
+
+    /// [`Limits::takeable_with`] without memory limits.
+    pub fn takeable(&self) -> usize {
+        self.takeable_with(|_, slots| slots)
     }
 
     /// Waits until some slot is released (returns at once if one was released since the last
     /// call: the notification is stored).
     pub async fn slot_freed(&self) {
         self.freed.notified().await;
+    }
+
+    /// Wakes the take loop (memory was released, a limit grew).
+    pub fn notify_freed(&self) {
+        self.freed.notify_one();
     }
 
     /// A global slot now, if one is free.
@@ -112,45 +142,76 @@ impl Limits {
     /// Marks a taken job as waiting for `handler`; `None` for an unknown handler.
     pub fn enqueue(self: &Arc<Self>, handler: &str) -> Option<QueuedTicket> {
         let slots = self.handlers.get(handler)?;
-        slots.queued.fetch_add(1, Ordering::AcqRel);
+        lock(slots).queued += 1;
         Some(QueuedTicket {
             limits: self.clone(),
             handler: handler.to_owned(),
+            taken: false,
         })
     }
 
     /// Waits for a slot of the ticket's handler.
-    pub async fn acquire(self: &Arc<Self>, ticket: QueuedTicket) -> HandlerPermit {
+    pub async fn acquire(self: &Arc<Self>, mut ticket: QueuedTicket) -> HandlerPermit {
         let slots = &self.handlers[&ticket.handler];
-        let permit = slots
-            .semaphore
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("handler semaphores are never closed");
-        let active = slots.active.fetch_add(1, Ordering::AcqRel) + 1;
-        let handler = ticket.handler.clone();
-        drop(ticket);
-        HandlerPermit {
-            limits: self.clone(),
-            handler,
-            active,
-            permit: Some(permit),
+        loop {
+            let changed = slots.changed.notified();
+            tokio::pin!(changed);
+            // Register before checking, so a release in between is not missed.
+            changed.as_mut().enable();
+            {
+                let mut s = lock(slots);
+                if s.active < s.limit {
+                    s.active += 1;
+                    s.queued -= 1;
+                    ticket.taken = true;
+                    return HandlerPermit {
+                        limits: self.clone(),
+                        handler: ticket.handler.clone(),
+                        active: s.active,
+                    };
+                }
+            }
+            changed.await;
         }
+    }
+
+    /// Sets `handler`'s current limit, clamped to `1..=configured`; returns the new limit.
+    pub fn set_limit(&self, handler: &str, limit: usize) -> usize {
+        let Some(slots) = self.handlers.get(handler) else {
+            return 0;
+        };
+        let limit = limit.clamp(1, slots.max_limit);
+        let grew = {
+            let mut s = lock(slots);
+            let grew = limit > s.limit;
+            s.limit = limit;
+            grew
+        };
+        if grew {
+            slots.changed.notify_waiters();
+            self.freed.notify_one();
+        }
+        limit
+    }
+
+    /// Counters of one handler.
+    pub fn handler(&self, name: &str) -> Option<HandlerSnapshot> {
+        self.handlers.get(name).map(|h| {
+            let s = *lock(h);
+            HandlerSnapshot {
+                active: s.active,
+                limit: s.limit,
+                max_limit: h.max_limit,
+                queued: s.queued,
+            }
+        })
     }
 
     /// Counters of every handler.
     pub fn snapshot(&self) -> BTreeMap<String, HandlerSnapshot> {
         self.handlers
-            .iter()
-            .map(|(name, h)| {
-                let snapshot = HandlerSnapshot {
-                    active: h.active.load(Ordering::Acquire),
-                    limit: h.limit,
-                    queued: h.queued.load(Ordering::Acquire),
-                };
-                (name.clone(), snapshot)
-            })
+            .keys()
+            .filter_map(|name| Some((name.clone(), self.handler(name)?)))
             .collect()
     }
 
@@ -160,6 +221,14 @@ impl Limits {
             self.global_limit - self.global.available_permits(),
             self.global_limit,
         )
+    }
+
+    fn release(&self, handler: &str) {
+        let slots = &self.handlers[handler];
+        lock(slots).active -= 1;
+        // FIFO: the longest waiter gets the slot.
+        slots.changed.notify_one();
+        self.freed.notify_one();
     }
 }
 
@@ -179,18 +248,22 @@ impl Drop for GlobalSlot {
     }
 }
 
-/// A taken job waiting for its handler; counted in `queued` until dropped.
+/// A taken job waiting for its handler; counted in `queued` until it gets a slot or is dropped.
 #[derive(Debug)]
 pub struct QueuedTicket {
     limits: Arc<Limits>,
     handler: String,
+    taken: bool,
 }
 
 impl Drop for QueuedTicket {
     fn drop(&mut self) {
-        self.limits.handlers[&self.handler]
-            .queued
-            .fetch_sub(1, Ordering::AcqRel);
+        if !self.taken {
+            let slots = &self.limits.handlers[&self.handler];
+            lock(slots).queued -= 1;
+            // A waiter that gave up may have been the one a release woke: pass it on.
+            slots.changed.notify_one();
+        }
     }
 }
 
@@ -200,7 +273,6 @@ pub struct HandlerPermit {
     limits: Arc<Limits>,
     handler: String,
     active: usize,
-    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl HandlerPermit {
@@ -212,18 +284,14 @@ impl HandlerPermit {
 
 impl Drop for HandlerPermit {
     fn drop(&mut self) {
-        // Release before waking the take loop (see `GlobalSlot`).
-        drop(self.permit.take());
-        self.limits.handlers[&self.handler]
-            .active
-            .fetch_sub(1, Ordering::AcqRel);
-        self.limits.freed.notify_one();
+        self.limits.release(&self.handler);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn limits() -> Arc<Limits> {
         Arc::new(Limits::new(
@@ -238,6 +306,11 @@ mod tests {
         assert_eq!(limits.takeable(), 4);
         let _slots: Vec<_> = (0..3).map(|_| limits.try_global().unwrap()).collect();
         assert_eq!(limits.takeable(), 1);
+        assert_eq!(
+            limits.takeable_with(|name, n| if name == "extract" { 0 } else { n }),
+            1
+        );
+        assert_eq!(limits.takeable_with(|_, _| 0), 0);
     }
 
     #[tokio::test]
@@ -261,19 +334,45 @@ mod tests {
         let a = limits.acquire(limits.enqueue("extract").unwrap()).await;
         let b = limits.acquire(limits.enqueue("extract").unwrap()).await;
         assert_eq!((a.active_at_start(), b.active_at_start()), (1, 2));
+        let snapshot = limits.snapshot()["extract"];
         assert_eq!(
-            limits.snapshot()["extract"],
-            HandlerSnapshot {
-                active: 2,
-                limit: 4,
-                queued: 0
-            }
+            (snapshot.active, snapshot.limit, snapshot.queued),
+            (2, 4, 0)
         );
         drop(a);
         assert_eq!(limits.snapshot()["extract"].active, 1);
         // The release was stored for the take loop.
-        tokio::time::timeout(std::time::Duration::from_secs(1), limits.slot_freed())
+        tokio::time::timeout(Duration::from_secs(1), limits.slot_freed())
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_holds_new_jobs_until_running_ones_finish_and_raising_it_wakes_them() {
+        let limits = limits();
+        let mut running: Vec<_> = futures::future::join_all(
+            (0..3).map(|_| limits.acquire(limits.enqueue("extract").unwrap())),
+        )
+        .await;
+        assert_eq!(limits.set_limit("extract", 2), 2);
+        assert_eq!(limits.set_limit("extract", 0), 1, "never below 1");
+        assert_eq!(
+            limits.set_limit("extract", 99),
+            4,
+            "never above the configured limit"
+        );
+        limits.set_limit("extract", 2);
+        let waiting = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.acquire(limits.enqueue("extract").unwrap()).await }
+        });
+        let _still_running = running.pop();
+        drop(running);
+        // 1 running, limit 2: the waiter gets in.
+        let permit = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(permit.active_at_start(), 2);
     }
 }

@@ -1,6 +1,8 @@
 //! What the worker knows of its GPU: name, total and free memory. NVML on a real GPU, a
 //! simulated device when `[gpu] simulate` is set, nothing on a CPU-only machine.
 
+pub mod allocator;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

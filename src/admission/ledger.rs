@@ -1,0 +1,228 @@
+//! The memory ledger of one device: what has been promised to running jobs. Budget = total
+//! minus headroom; a reservation is admitted only if it fits, and released when its RAII value
+//! is dropped, on every exit path. With a host-wide ledger, every worker process on the GPU
+//! books into one shared file, so two processes never admit the same free memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::host_ledger::HostLedger;
+
+/// One live reservation, as `/health` and `retry_after` see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    /// The handler that holds it.
+    pub handler: String,
+    /// Bytes reserved.
+    pub bytes: u64,
+    /// How long it has been held.
+    pub held_for: Duration,
+}
+
+#[derive(Debug, Default)]
+struct LedgerState {
+    reserved: u64,
+    live: HashMap<u64, (String, u64, Instant)>,
+}
+
+/// The ledger of one device.
+#[derive(Debug)]
+pub struct Ledger {
+    device: usize,
+    budget: u64,
+    state: Mutex<LedgerState>,
+    host: Option<HostLedger>,
+    next_id: AtomicU64,
+    released: Notify,
+}
+
+impl Ledger {
+    /// A ledger for `device` with `budget` bytes, shared with other processes through `host`.
+    pub fn new(device: usize, budget: u64, host: Option<HostLedger>) -> Arc<Self> {
+        Arc::new(Self {
+            device,
+            budget,
+            state: Mutex::new(LedgerState::default()),
+            host,
+            next_id: AtomicU64::new(1),
+            released: Notify::new(),
+        })
+    }
+
+    /// The device index.
+    pub fn device(&self) -> usize {
+        self.device
+    }
+
+    /// Total minus headroom.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Bytes reserved by this process.
+    pub fn reserved_here(&self) -> u64 {
+        self.lock().reserved
+    }
+
+    /// Bytes reserved on the device: by every process when the ledger is host-wide.
+    pub fn reserved(&self) -> u64 {
+        match &self.host {
+            Some(host) => host.reserved().unwrap_or_else(|_| self.reserved_here()),
+            None => self.reserved_here(),
+        }
+    }
+
+    /// Bytes that could still be reserved.
+    pub fn available(&self) -> u64 {
+        self.budget.saturating_sub(self.reserved())
+    }
+
+    /// Reserves `bytes` for `handler` if they fit within the budget minus `others_used`
+    /// (memory in use by anything that books no reservation here).
+    pub fn try_reserve(
+        self: &Arc<Self>,
+        bytes: u64,
+        handler: &str,
+        others_used: u64,
+    ) -> Option<Reservation> {
+        let budget = self.budget.saturating_sub(others_used);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.lock();
+        let fits = match &self.host {
+            // The file lock is taken under our own lock: one order, no deadlock.
+            Some(host) => host.try_reserve(id, bytes, budget).unwrap_or_else(|e| {
+                tracing::error!("host-wide GPU ledger unusable ({e}); admitting nothing");
+                false
+            }),
+            None => state.reserved + bytes <= budget,
+        };
+        if !fits {
+            return None;
+        }
+        state.reserved += bytes;
+        state
+            .live
+            .insert(id, (handler.to_owned(), bytes, Instant::now()));
+        Some(Reservation {
+            ledger: self.clone(),
+            id,
+            bytes,
+        })
+    }
+
+    /// The live reservations of this process.
+    pub fn entries(&self) -> Vec<LedgerEntry> {
+        self.lock()
+            .live
+            .values()
+            .map(|(handler, bytes, since)| LedgerEntry {
+                handler: handler.clone(),
+                bytes: *bytes,
+                held_for: since.elapsed(),
+            })
+            .collect()
+    }
+
+    /// Waits for the next release.
+    pub async fn released(&self) {
+        self.released.notified().await;
+    }
+
+    fn release(&self, id: u64) {
+        {
+            let mut state = self.lock();
+            if let Some((_, bytes, _)) = state.live.remove(&id) {
+                state.reserved -= bytes;
+            }
+            if let Some(host) = &self.host {
+                if let Err(e) = host.release(id) {
+                    tracing::error!("host-wide GPU ledger: cannot release a reservation ({e})");
+                }
+            }
+        }
+        self.released.notify_waiters();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LedgerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// GPU memory promised to one job; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    ledger: Arc<Ledger>,
+    id: u64,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The device it is on.
+    pub fn device(&self) -> usize {
+        self.ledger.device
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.ledger.release(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn reservations_fit_the_budget_and_release_on_drop() {
+        let ledger = Ledger::new(0, 10, None);
+        let a = ledger.try_reserve(6, "classify", 0).unwrap();
+        assert!(ledger.try_reserve(6, "classify", 0).is_none());
+        let b = ledger.try_reserve(4, "classify", 0).unwrap();
+        assert_eq!((ledger.reserved(), ledger.available()), (10, 0));
+        drop(a);
+        assert_eq!(ledger.available(), 6);
+        assert!(
+            ledger.try_reserve(3, "x", 4).is_none(),
+            "memory used by others shrinks the budget"
+        );
+        assert_eq!(ledger.entries().len(), 1);
+        drop(b);
+        assert_eq!(ledger.reserved(), 0);
+    }
+
+    proptest! {
+        /// Any interleaving of reserves and releases: the ledger never promises more than its
+        /// budget, and its count always equals the sum of the live reservations.
+        #[test]
+        fn never_over_commits(ops in prop::collection::vec((any::<bool>(), 1u64..40, any::<prop::sample::Index>()), 1..200)) {
+            let ledger = Ledger::new(0, 100, None);
+            let mut live: Vec<Reservation> = Vec::new();
+            for (reserve, bytes, pick) in ops {
+                if reserve || live.is_empty() {
+                    if let Some(r) = ledger.try_reserve(bytes, "h", 0) {
+                        live.push(r);
+                    } else {
+                        let total: u64 = live.iter().map(Reservation::bytes).sum();
+                        prop_assert!(total + bytes > 100, "refused although it fitted");
+                    }
+                } else {
+                    live.swap_remove(pick.index(live.len()));
+                }
+                let total: u64 = live.iter().map(Reservation::bytes).sum();
+                prop_assert!(total <= 100);
+                prop_assert_eq!(ledger.reserved(), total);
+            }
+        }
+    }
+}
