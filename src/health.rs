@@ -75,6 +75,69 @@ fn gib(bytes: u64) -> f64 {
     (bytes as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0
 }
 
+/// One device as `/health` shows it.
+struct DeviceView {
+    index: usize,
+    name: String,
+    total: u64,
+    free: u64,
+    budget: u64,
+    reserved: u64,
+    reserved_here: u64,
+    others_used: u64,
+    reservations: usize,
+    /// libtorch's allocated and reserved bytes (simulated: our reservations).
+    allocated: u64,
+    allocator_reserved: u64,
+}
+
+fn devices(worker: &Worker) -> Vec<DeviceView> {
+    let sample = worker.sampler.latest();
+    let simulated = worker.sampler.probe().is_simulated();
+    sample
+        .devices
+        .iter()
+        .map(|reading| {
+            let ledger = worker
+                .memory
+                .ledgers()
+                .iter()
+                .find(|l| l.device() == reading.index);
+            let reserved = ledger.map_or(0, |l| l.reserved());
+            let reserved_here = ledger.map_or(0, |l| l.reserved_here());
+            let others_used = worker.memory.others_used(reading.index);
+            let allocator = sample.allocator.get(reading.index).copied().flatten();
+            let (allocated, allocator_reserved) = match allocator {
+                Some(a) => (a.allocated, a.reserved),
+                None if simulated => (reserved_here, reserved_here),
+                None => (0, 0),
+            };
+            // A simulated device's free memory is what neither others nor our jobs hold.
+            let free = if simulated {
+                reading
+                    .total
+                    .saturating_sub(others_used)
+                    .saturating_sub(reserved)
+            } else {
+                reading.free
+            };
+            DeviceView {
+                index: reading.index,
+                name: reading.name.clone(),
+                total: reading.total,
+                free,
+                budget: ledger.map_or(0, |l| l.budget()),
+                reserved,
+                reserved_here,
+                others_used,
+                reservations: ledger.map_or(0, |l| l.entries().len()),
+                allocated,
+                allocator_reserved,
+            }
+        })
+        .collect()
+}
+
 /// The `/health` body and its HTTP status.
 pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
     let degraded = worker
@@ -87,7 +150,7 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
         _ if degraded => ("degraded", StatusCode::OK),
         _ => ("healthy", StatusCode::OK),
     };
-    let gpu = worker.gpu.snapshot();
+    let devices = devices(worker);
     let snapshot = worker.limits.snapshot();
     let mut handlers = Map::new();
     let mut warnings = Vec::new();
@@ -95,17 +158,26 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
         let Some(counts) = snapshot.get(&entry.name).copied() else {
             continue;
         };
+        let footprint = worker.memory.footprint(&entry.name).map(|f| {
+            json!({
+                "declared_gb": gib(f.declared()),
+                "learned_gb": gib(f.estimate()),
+                "samples": f.samples(),
+                "admitted_gb": gib(worker.memory.need(&entry.name).unwrap_or(0)),
+            })
+        });
         handlers.insert(
             entry.name.clone(),
             json!({
                 "kind": entry.kind,
+                "device": if entry.on_gpu { "cuda" } else { "cpu" },
                 "active": counts.active,
                 "limit": counts.limit,
                 "max_limit": counts.max_limit,
                 "queued": counts.queued,
-                "device": if entry.on_gpu { "cuda" } else { "cpu" },
-                "gpu_memory_gb": gib(entry.reservation.bytes()),
                 "available": entry.handler.is_ok(),
+                "footprint": footprint,
+                "typical_duration_ms": worker.memory.typical_duration(&entry.name).map(|d| d.as_millis() as u64),
             }),
         );
         if entry.gpu_fallback {
@@ -118,20 +190,37 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
             warnings.push(format!("{}: {reason}", entry.name));
         }
     }
+    let gpus: Vec<Value> = devices
+        .iter()
+        .map(|d| {
+            json!({
+                "index": d.index,
+                "name": d.name,
+                "total_gb": gib(d.total),
+                "free_gb": gib(d.free),
+                "budget_gb": gib(d.budget),
+                "reserved_gb": gib(d.reserved),
+                "reserved_here_gb": gib(d.reserved_here),
+                "others_used_gb": gib(d.others_used),
+                "reservations": d.reservations,
+            })
+        })
+        .collect();
+    let first = devices.first();
     let counters = &worker.board.counters;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let (in_worker, limit) = worker.limits.global_usage();
     let body = json!({
         "status": status,
         "ready": worker.phase.get() == Phase::Ready,
-        "gpu_name": gpu.as_ref().map(|g| g.name.clone()),
-        "total_vram_gb": gpu.as_ref().map(|g| gib(g.total)),
-        "free_vram_gb": gpu.as_ref().map(|g| gib(g.free)),
-        // Allocator statistics need the libtorch shim (GPU memory issue); unknown until then.
-        "allocated_vram_gb": Value::Null,
-        "reserved_vram_gb": Value::Null,
+        "gpu_name": first.map(|g| g.name.clone()),
+        "total_vram_gb": first.map(|g| gib(g.total)),
+        "free_vram_gb": first.map(|g| gib(g.free)),
+        "allocated_vram_gb": first.map(|g| gib(g.allocated)),
+        "reserved_vram_gb": first.map(|g| gib(g.allocator_reserved)),
         "worker_id": worker.client.endpoints().worker_id,
         "version": env!("CARGO_PKG_VERSION"),
+        "adaptive": worker.config.gpu.adaptive,
         "jobs": {
             "in_worker": in_worker,
             "limit": limit,
@@ -143,6 +232,7 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
             "unanswerable": load(&counters.unanswerable),
         },
         "handlers": handlers,
+        "gpus": gpus,
         "warnings": warnings,
     });
     (code, body)
@@ -163,14 +253,42 @@ async fn ready(State(worker): State<Arc<Worker>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(worker): State<Arc<Worker>>) -> impl IntoResponse {
-    let snapshot = worker.limits.snapshot();
-    let gpu = worker.gpu.snapshot();
-    let text = worker.metrics.render(snapshot.iter(), gpu.as_ref());
+    let m = &worker.metrics;
+    for (name, h) in worker.limits.snapshot() {
+        let footprint = worker.memory.need(&name).unwrap_or(0);
+        for (field, value) in [
+            ("active", h.active as u64),
+            ("limit", h.limit as u64),
+            ("max_limit", h.max_limit as u64),
+            ("queued", h.queued as u64),
+            ("footprint_bytes", footprint),
+        ] {
+            m.handler
+                .with_label_values(&[name.as_str(), field])
+                .set(value as i64);
+        }
+    }
+    for d in devices(&worker) {
+        let device = d.index.to_string();
+        for (kind, value) in [
+            ("total", d.total),
+            ("free", d.free),
+            ("budget", d.budget),
+            ("reserved", d.reserved),
+            ("others_used", d.others_used),
+            ("allocated", d.allocated),
+            ("allocator_reserved", d.allocator_reserved),
+        ] {
+            m.gpu
+                .with_label_values(&[device.as_str(), kind])
+                .set(value as i64);
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        text,
+        m.render(),
     )
 }

@@ -3,8 +3,6 @@
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use serde_json::Value;
 
-use crate::admission::HandlerSnapshot;
-use crate::gpu::GpuSnapshot;
 use crate::outcome::JobError;
 
 /// The worker's metrics registry.
@@ -18,10 +16,17 @@ pub struct Metrics {
     pub takes: IntCounterVec,
     /// Heartbeats, by result.
     pub pings: IntCounterVec,
-    handler_active: IntGaugeVec,
-    handler_limit: IntGaugeVec,
-    handler_queued: IntGaugeVec,
-    gpu_bytes: IntGaugeVec,
+    /// Jobs admitted to run, by handler.
+    pub admissions: IntCounterVec,
+    /// Retry signals, by reason (`ledger`, `measured_memory`, `local_wait`).
+    pub retry_signals: IntCounterVec,
+    /// GPU out-of-memory failures inside handlers, by handler.
+    pub ooms: IntCounterVec,
+    /// Per-handler gauges (`active`, `limit`, `max_limit`, `queued`, `footprint_bytes`).
+    pub handler: IntGaugeVec,
+    /// Per-device memory gauges, bytes (`total`, `free`, `budget`, `reserved`, `others_used`,
+    /// `allocated`, `allocator_reserved`).
+    pub gpu: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -70,29 +75,35 @@ impl Metrics {
                 "Heartbeats sent, by result",
                 &["result"],
             ),
-            handler_active: gauge(
+            admissions: counter(
                 &r,
-                "runpod_worker_handler_active",
-                "Jobs running, by handler",
+                "runpod_worker_admissions_total",
+                "Jobs admitted to run, by handler",
                 &["handler"],
             ),
-            handler_limit: gauge(
+            retry_signals: counter(
                 &r,
-                "runpod_worker_handler_limit",
-                "Concurrency limit, by handler",
+                "runpod_worker_retry_signals_total",
+                "Retry signals, by reason",
+                &["reason"],
+            ),
+            ooms: counter(
+                &r,
+                "runpod_worker_ooms_total",
+                "GPU out-of-memory failures in handlers",
                 &["handler"],
             ),
-            handler_queued: gauge(
+            handler: gauge(
                 &r,
-                "runpod_worker_handler_queued",
-                "Taken jobs waiting for their handler",
-                &["handler"],
+                "runpod_worker_handler",
+                "Per-handler state, by handler and field",
+                &["handler", "field"],
             ),
-            gpu_bytes: gauge(
+            gpu: gauge(
                 &r,
                 "runpod_worker_gpu_memory_bytes",
-                "GPU memory, by kind (total, free)",
-                &["kind"],
+                "GPU memory, by device and kind",
+                &["device", "kind"],
             ),
             registry: r,
         }
@@ -112,31 +123,8 @@ impl Metrics {
         self.jobs.with_label_values(&[handler, outcome]).inc();
     }
 
-    /// The Prometheus text exposition, with the gauges set from the given readings.
-    pub fn render<'a>(
-        &self,
-        handlers: impl IntoIterator<Item = (&'a String, &'a HandlerSnapshot)>,
-        gpu: Option<&GpuSnapshot>,
-    ) -> String {
-        for (name, h) in handlers {
-            self.handler_active
-                .with_label_values(&[name])
-                .set(h.active as i64);
-            self.handler_limit
-                .with_label_values(&[name])
-                .set(h.limit as i64);
-            self.handler_queued
-                .with_label_values(&[name])
-                .set(h.queued as i64);
-        }
-        if let Some(gpu) = gpu {
-            self.gpu_bytes
-                .with_label_values(&["total"])
-                .set(gpu.total as i64);
-            self.gpu_bytes
-                .with_label_values(&["free"])
-                .set(gpu.free as i64);
-        }
+    /// The Prometheus text exposition (set the gauges first).
+    pub fn render(&self) -> String {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

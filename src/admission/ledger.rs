@@ -37,20 +37,32 @@ pub struct Ledger {
     state: Mutex<LedgerState>,
     host: Option<HostLedger>,
     next_id: AtomicU64,
-    released: Notify,
+    /// Shared by the ledgers of all devices: one wake-up for "memory was released somewhere".
+    released: Arc<Notify>,
 }
 
 impl Ledger {
-    /// A ledger for `device` with `budget` bytes, shared with other processes through `host`.
-    pub fn new(device: usize, budget: u64, host: Option<HostLedger>) -> Arc<Self> {
+    /// A ledger for `device` with `budget` bytes, shared with other processes through `host`;
+    /// `released` is woken at every release.
+    pub fn new(
+        device: usize,
+        budget: u64,
+        host: Option<HostLedger>,
+        released: Arc<Notify>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             device,
             budget,
             state: Mutex::new(LedgerState::default()),
             host,
             next_id: AtomicU64::new(1),
-            released: Notify::new(),
+            released,
         })
+    }
+
+    /// The host-wide ledger, when there is one.
+    pub fn host(&self) -> Option<&HostLedger> {
+        self.host.as_ref()
     }
 
     /// The device index.
@@ -127,11 +139,6 @@ impl Ledger {
             .collect()
     }
 
-    /// Waits for the next release.
-    pub async fn released(&self) {
-        self.released.notified().await;
-    }
-
     fn release(&self, id: u64) {
         {
             let mut state = self.lock();
@@ -185,7 +192,7 @@ mod tests {
 
     #[test]
     fn reservations_fit_the_budget_and_release_on_drop() {
-        let ledger = Ledger::new(0, 10, None);
+        let ledger = Ledger::new(0, 10, None, Arc::default());
         let a = ledger.try_reserve(6, "classify", 0).unwrap();
         assert!(ledger.try_reserve(6, "classify", 0).is_none());
         let b = ledger.try_reserve(4, "classify", 0).unwrap();
@@ -206,7 +213,7 @@ mod tests {
         /// budget, and its count always equals the sum of the live reservations.
         #[test]
         fn never_over_commits(ops in prop::collection::vec((any::<bool>(), 1u64..40, any::<prop::sample::Index>()), 1..200)) {
-            let ledger = Ledger::new(0, 100, None);
+            let ledger = Ledger::new(0, 100, None, Arc::default());
             let mut live: Vec<Reservation> = Vec::new();
             for (reserve, bytes, pick) in ops {
                 if reserve || live.is_empty() {

@@ -1,15 +1,18 @@
 //! Admission: deciding how many jobs to take and when a taken job may start.
 //!
 //! Capacity is reserved before work is taken. Acquisition always follows one order: a global
-//! slot (held from the take until the job is answered), then the handler's slot. A job never
-//! holds a handler slot while it waits for a global one, so two jobs cannot wait on each other.
+//! slot (held from the take until the job is answered), then the handler's slot, then GPU
+//! memory. A job never holds a later resource while it waits for an earlier one, so two jobs
+//! cannot wait on each other.
 
 mod host_ledger;
 mod learning;
 mod ledger;
 mod limits;
+mod memory;
 
 pub use host_ledger::HostLedger;
 pub use learning::{AdaptiveRule, DurationStats, Footprint};
 pub use ledger::{Ledger, LedgerEntry, Reservation};
 pub use limits::{GlobalSlot, HandlerPermit, HandlerSnapshot, Limits, QueuedTicket};
+pub use memory::{MemoryAdmission, Shortage};

@@ -85,8 +85,30 @@ pub struct GpuConfig {
     /// as GPU jobs). Empty means: use the real GPU, if any.
     #[serde(with = "optional_size")]
     pub simulate: Option<Size>,
-    /// With `simulate`: a file holding the memory used by others, as a size string, re-read live.
+    /// With `simulate`: how many simulated devices.
+    pub simulate_devices: usize,
+    /// With `simulate`: a file holding the memory used by others, as a size string per device
+    /// (comma-separated), re-read live.
     pub external_load_file: Option<PathBuf>,
+    /// Admit against learned footprints and adapt handler limits to OOMs.
+    pub adaptive: bool,
+    /// How often GPU memory is measured (off the job path).
+    pub sample_interval_ms: u64,
+    /// A file-locked ledger shared by every worker process on this machine lives here (e.g.
+    /// `/dev/shm`), so two processes never admit the same free memory. Empty: per process.
+    pub host_ledger_dir: Option<PathBuf>,
+    /// Bounds of the computed `retry_after`, seconds.
+    pub retry_after_min_s: u64,
+    /// Upper bound of the computed `retry_after`, seconds.
+    pub retry_after_max_s: u64,
+    /// Learned footprint = this percentile of recent peaks ...
+    pub footprint_percentile: f64,
+    /// ... plus this fraction.
+    pub footprint_margin: f64,
+    /// Peaks needed before the learned footprint is used.
+    pub footprint_min_samples: usize,
+    /// Successes in a row before an adapted limit grows by one.
+    pub grow_after_successes: u32,
 }
 
 impl Default for GpuConfig {
@@ -94,7 +116,17 @@ impl Default for GpuConfig {
         Self {
             headroom: Size::from_bytes(1 << 30),
             simulate: None,
+            simulate_devices: 1,
             external_load_file: None,
+            adaptive: false,
+            sample_interval_ms: 200,
+            host_ledger_dir: None,
+            retry_after_min_s: 1,
+            retry_after_max_s: 60,
+            footprint_percentile: 95.0,
+            footprint_margin: 0.1,
+            footprint_min_samples: 5,
+            grow_after_successes: 5,
         }
     }
 }

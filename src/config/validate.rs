@@ -125,6 +125,38 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
     check("queue.long_poll_timeout_s", q.long_poll_timeout_s, 1, 600)?;
     check("queue.delivery_retry_s", q.delivery_retry_s, 0, ONE_DAY_S)?;
 
+    let g = &config.gpu;
+    check("gpu.simulate_devices", g.simulate_devices as u64, 1, 16)?;
+    check("gpu.sample_interval_ms", g.sample_interval_ms, 10, 60_000)?;
+    check("gpu.retry_after_min_s", g.retry_after_min_s, 1, 3600)?;
+    check(
+        "gpu.retry_after_max_s",
+        g.retry_after_max_s,
+        g.retry_after_min_s,
+        3600,
+    )?;
+    check(
+        "gpu.footprint_min_samples",
+        g.footprint_min_samples as u64,
+        1,
+        64,
+    )?;
+    check(
+        "gpu.grow_after_successes",
+        g.grow_after_successes.into(),
+        1,
+        10_000,
+    )?;
+    if !(50.0..=100.0).contains(&g.footprint_percentile)
+        || !(0.0..=2.0).contains(&g.footprint_margin)
+    {
+        return Err(ConfigError::OutOfRange {
+            key: "gpu.footprint_percentile / gpu.footprint_margin".into(),
+            value: format!("{} / {}", g.footprint_percentile, g.footprint_margin),
+            limit: "the percentile must be between 50 and 100, the margin between 0 and 2".into(),
+        });
+    }
+
     if config.server.host.trim().is_empty() {
         return Err(ConfigError::OutOfRange {
             key: "server.host".into(),

@@ -3,7 +3,8 @@
 //! Options (all optional, in `input`): `sleep_ms` waits (cancellable), `stream: N` sends N
 //! chunks first, `block_ms` blocks its executor thread (proves the heartbeat's isolation from a
 //! misbehaving handler). On a simulated GPU only: `fail: "panic" | "oom" | "cuda"` (a panic, a
-//! CUDA out-of-memory, a CUDA context that no longer works).
+//! CUDA out-of-memory, a CUDA context that no longer works) and `gpu_peak_mb` (the peak GPU
+//! memory it pretends to reach, which admission learns footprints from).
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -16,6 +17,8 @@ use crate::outcome::JobError;
 const MAX_SLEEP_MS: u64 = 3_600_000;
 /// Most chunks one job may stream.
 const MAX_STREAM_CHUNKS: u64 = 10_000;
+/// Largest simulated peak, MB.
+const MAX_PEAK_MB: u64 = 10_000_000;
 
 /// The echo handler.
 #[derive(Debug, Default)]
@@ -38,6 +41,15 @@ impl Handler for EchoHandler {
         let sleep_ms = option_u64(&ctx, "sleep_ms", MAX_SLEEP_MS)?;
         let block_ms = option_u64(&ctx, "block_ms", MAX_SLEEP_MS)?;
         let chunks = option_u64(&ctx, "stream", MAX_STREAM_CHUNKS)?;
+        let peak_mb = option_u64(&ctx, "gpu_peak_mb", MAX_PEAK_MB)?;
+        if peak_mb > 0 {
+            if !ctx.simulated_gpu {
+                return Err(JobError::invalid_input(
+                    "input.gpu_peak_mb is only honoured on a simulated GPU ([gpu] simulate)",
+                ));
+            }
+            ctx.report_gpu_peak(peak_mb * 1_000_000);
+        }
         if let Some(fail) = ctx.input.get("fail") {
             if !ctx.simulated_gpu {
                 return Err(JobError::invalid_input(

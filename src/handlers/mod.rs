@@ -4,7 +4,7 @@
 mod echo;
 mod registry;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -46,6 +46,7 @@ pub struct JobContext {
     sink: Arc<dyn ChunkSink>,
     chunks_sent: Arc<AtomicUsize>,
     threads: TaskTracker,
+    gpu_peak: Arc<AtomicU64>,
 }
 
 impl JobContext {
@@ -65,7 +66,18 @@ impl JobContext {
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
             threads: TaskTracker::new(),
+            gpu_peak: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Reports the job's peak GPU memory (bytes), which admission learns footprints from.
+    pub fn report_gpu_peak(&self, bytes: u64) {
+        self.gpu_peak.fetch_max(bytes, Ordering::AcqRel);
+    }
+
+    /// The peak reported, if any.
+    pub fn gpu_peak(&self) -> Option<u64> {
+        Some(self.gpu_peak.load(Ordering::Acquire)).filter(|b| *b > 0)
     }
 
     /// Runs `work` on a blocking thread (model calls never run on the async runtime). A panic

@@ -2,6 +2,7 @@
 //! the run, and the job-done POST.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
@@ -14,7 +15,7 @@ use crate::outcome::{done_body, ErrorType, JobError};
 use crate::queue::client::DeliveryError;
 use crate::queue::{BadJob, Job, QueueClient, SpooledResult};
 
-/// `retry_after` of the retry signal given to a job that waited too long for its handler.
+/// `retry_after` of the retry signal given to a CPU job that waited too long for its handler.
 const LOCAL_WAIT_RETRY_AFTER_S: u64 = 10;
 
 /// Takes charge of one item of a take: registers it (so the next ping lists it) and spawns
@@ -94,6 +95,8 @@ async fn run(
         .get(&handler)
         .expect("routed to a known handler");
     let max_wait = worker.config.local_queue_max_wait();
+    // The local queue's bound covers the whole wait: for the handler's slot, then for memory.
+    let wait_until = Instant::now() + max_wait;
     let permit = tokio::select! {
         permit = tokio::time::timeout(max_wait, worker.limits.acquire(ticket)) => permit.ok(),
         () = stop.cancelled() => {
@@ -102,9 +105,14 @@ async fn run(
         }
     };
     let Some(permit) = permit else {
+        worker
+            .metrics
+            .retry_signals
+            .with_label_values(&["local_wait"])
+            .inc();
         let snapshot = worker.limits.snapshot()[&handler];
         let error = if entry.on_gpu {
-            JobError::gpu_memory_exhausted(LOCAL_WAIT_RETRY_AFTER_S)
+            JobError::gpu_memory_exhausted(worker.memory.retry_after())
         } else {
             JobError {
                 retry_after: Some(LOCAL_WAIT_RETRY_AFTER_S),
@@ -122,7 +130,28 @@ async fn run(
         answer(&worker, &job.id, Err(error), false, false).await;
         return;
     };
+    let reservation = tokio::select! {
+        admitted = worker.memory.admit(&handler, wait_until) => match admitted {
+            Ok(reservation) => reservation,
+            Err((shortage, error)) => {
+                worker.metrics.retry_signals.with_label_values(&[shortage.as_str()]).inc();
+                drop(permit);
+                answer(&worker, &job.id, Err(error), false, false).await;
+                return;
+            }
+        },
+        () = stop.cancelled() => {
+            finish_cancelled(&worker, &job.id);
+            return;
+        }
+    };
+    worker
+        .metrics
+        .admissions
+        .with_label_values(&[handler.as_str()])
+        .inc();
     tracing::info!(job_id = %job.id, "{}", entry.started_line(permit.active_at_start()));
+    let started = Instant::now();
 
     let deadline = job
         .policy_execution_timeout()
@@ -130,7 +159,7 @@ async fn run(
             policy.min(worker.config.execution_timeout())
         });
     let sink = Arc::new(QueueSink(worker.client.clone()));
-    let simulated = worker.gpu.is_simulated();
+    let simulated = worker.sampler.probe().is_simulated();
     let ctx = JobContext::new(
         job.id.clone(),
         input,
@@ -143,6 +172,13 @@ async fn run(
         Execution::Cancelled => finish_cancelled(&worker, &job.id),
         Execution::Finished(result) => {
             worker.metrics.job_finished(&handler, &result);
+            learn(
+                &worker,
+                &handler,
+                &result,
+                started.elapsed(),
+                ctx.gpu_peak(),
+            );
             let replace = worker.device_health.record(&result);
             if replace {
                 worker.ask_to_be_replaced(&result);
@@ -153,7 +189,45 @@ async fn run(
     // The job is answered; its slot is released only when its threads have really returned
     // (a timed-out or stopped model call may still be running).
     ctx.threads_finished().await;
+    drop(reservation);
     drop(permit);
+}
+
+/// Feeds a finished job to admission: durations and footprints, and with `[gpu] adaptive`
+/// the handler's limit (halved on OOM, one more after a run of successes).
+fn learn(
+    worker: &Worker,
+    handler: &str,
+    result: &Result<Value, JobError>,
+    took: Duration,
+    peak: Option<u64>,
+) {
+    worker.memory.record(handler, took, peak, result.is_ok());
+    let oom = matches!(result, Err(e) if e.is_out_of_memory());
+    if oom {
+        worker.metrics.ooms.with_label_values(&[handler]).inc();
+    }
+    let (Some(rule), Some(current)) =
+        (worker.adaptive.get(handler), worker.limits.handler(handler))
+    else {
+        return;
+    };
+    let wanted = match result {
+        _ if oom => rule.on_oom(current.limit),
+        Ok(_) if current.limit < current.max_limit => rule.on_success(current.limit),
+        _ => current.limit,
+    };
+    if wanted != current.limit {
+        let limit = worker.limits.set_limit(handler, wanted);
+        if oom {
+            tracing::warn!("{handler}: out of GPU memory; running at most {limit} at once for now");
+        } else {
+            tracing::info!(
+                "{handler}: {limit} at once again (of {})",
+                current.max_limit
+            );
+        }
+    }
 }
 
 fn finish_cancelled(worker: &Worker, job_id: &str) {

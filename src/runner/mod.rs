@@ -21,8 +21,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::Limits;
+use crate::admission::{AdaptiveRule, Limits, MemoryAdmission};
 use crate::config::Config;
+use crate::config::{validate_budget, Size};
+use crate::gpu::sampler::GpuSampler;
 use crate::gpu::{self, GpuProbe};
 use crate::handlers::HandlerSet;
 use crate::health::{self, Phase, PhaseCell};
@@ -69,7 +71,10 @@ pub struct Worker {
     pub(crate) phase: PhaseCell,
     /// Cancelled when the drain's grace period is over: running jobs answer `Interrupted`.
     pub(crate) interrupt: CancellationToken,
-    pub(crate) gpu: Arc<dyn GpuProbe>,
+    pub(crate) sampler: Arc<GpuSampler>,
+    pub(crate) memory: MemoryAdmission,
+    /// Per handler, with `[gpu] adaptive`.
+    pub(crate) adaptive: std::collections::BTreeMap<String, AdaptiveRule>,
     pub(crate) metrics: Metrics,
     pub(crate) tracker: TaskTracker,
     pub(crate) spool: Spool,
@@ -121,9 +126,35 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
         check: "queue",
         reason: e.to_string(),
     })?;
-    let gpu = gpu.unwrap_or_else(|| gpu::detect(&config.gpu));
-    let gpu_present = gpu.snapshot().is_some();
-    let handlers = handlers.unwrap_or_else(|| HandlerSet::build(&config, gpu_present));
+    let probe = gpu.unwrap_or_else(|| gpu::detect(&config.gpu));
+    let sampler = GpuSampler::new(probe);
+    let devices = sampler.latest().devices.clone();
+    for device in &devices {
+        validate_budget(&config, Size::from_bytes(device.total)).map_err(|e| StartupError {
+            check: "config",
+            reason: e.to_string(),
+        })?;
+    }
+    let handlers = handlers.unwrap_or_else(|| HandlerSet::build(&config, !devices.is_empty()));
+    let memory = MemoryAdmission::new(&config.gpu, &handlers, sampler.clone()).map_err(|e| {
+        StartupError {
+            check: "gpu_ledger",
+            reason: format!("cannot open the host-wide GPU ledger: {e}"),
+        }
+    })?;
+    let adaptive = if config.gpu.adaptive {
+        handlers
+            .entries()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    AdaptiveRule::new(config.gpu.grow_after_successes),
+                )
+            })
+            .collect()
+    } else {
+        Default::default()
+    };
     let limits = Limits::new(
         config.handler.max_concurrency as usize,
         handlers.entries().map(|e| (e.name.clone(), e.limit)),
@@ -138,7 +169,9 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
         client,
         phase: PhaseCell::default(),
         interrupt: CancellationToken::new(),
-        gpu,
+        sampler,
+        memory,
+        adaptive,
         metrics: Metrics::new(),
         tracker: TaskTracker::new(),
         spool: Spool::new(config_spool_dir),

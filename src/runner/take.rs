@@ -20,11 +20,16 @@ pub(super) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
         Duration::from_millis(queue.backoff_max_ms),
     );
     while !shutdown.is_cancelled() {
-        let wanted = worker.limits.takeable();
+        let wanted = worker
+            .limits
+            .takeable_with(|handler, slots| worker.memory.startable(handler, slots));
         if wanted == 0 {
-            // Full: wait for a slot instead of polling (the SDK sleeps 1 s and re-checks).
+            // Full: wait for a slot instead of polling (the SDK sleeps 1 s and re-checks). Memory
+            // used by others changes without telling us, so re-check at the sampling rhythm too.
+            let recheck = Duration::from_millis(worker.config.gpu.sample_interval_ms);
             tokio::select! {
                 () = worker.limits.slot_freed() => continue,
+                () = tokio::time::sleep(recheck) => continue,
                 () = shutdown.cancelled() => break,
             }
         }

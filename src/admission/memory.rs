@@ -1,0 +1,300 @@
+//! GPU memory admission: which device a GPU job goes to, whether the memory it needs is really
+//! there, and what `retry_after` to answer when it is not.
+//!
+//! Two checks, in one place:
+//! - the ledger (layer 1 in the seed's terms, moved inside the worker): reservations of running
+//!   jobs may not exceed the budget. Memory held by our own jobs comes back when they finish,
+//!   so a job short of it waits, within its local-queue time;
+//! - live measured memory (layer 2): the budget shrinks by what others use right now (other
+//!   processes, or the simulated external load), read from the latest off-path sample. Memory
+//!   taken by others may not come back soon, so a job short of it gets the retry signal at once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::learning::{DurationStats, Footprint};
+use super::{HostLedger, Ledger, Reservation};
+use crate::config::GpuConfig;
+use crate::gpu::sampler::GpuSampler;
+use crate::handlers::HandlerSet;
+use crate::outcome::JobError;
+
+/// Why a GPU job could not be admitted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortage {
+    /// Our own running jobs hold the memory: it comes back when they finish.
+    Ledger,
+    /// Something else uses the memory (measured): retry later.
+    Measured,
+}
+
+impl Shortage {
+    /// The label in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ledger => "ledger",
+            Self::Measured => "measured_memory",
+        }
+    }
+}
+
+/// Memory admission for every GPU of this worker.
+pub struct MemoryAdmission {
+    ledgers: Vec<Arc<Ledger>>,
+    sampler: Arc<GpuSampler>,
+    footprints: BTreeMap<String, Footprint>,
+    durations: BTreeMap<String, DurationStats>,
+    released: Arc<Notify>,
+    config: GpuConfig,
+}
+
+impl MemoryAdmission {
+    /// Ledgers for the sampled devices (budget = total minus headroom), and a footprint for
+    /// every handler that runs on a GPU.
+    pub fn new(
+        config: &GpuConfig,
+        handlers: &HandlerSet,
+        sampler: Arc<GpuSampler>,
+    ) -> std::io::Result<Self> {
+        let released = Arc::new(Notify::new());
+        let sample = sampler.latest();
+        let ledgers = sample
+            .devices
+            .iter()
+            .map(|device| {
+                let host = match &config.host_ledger_dir {
+                    Some(dir) => Some(HostLedger::open(Path::new(dir), device.index)?),
+                    None => None,
+                };
+                let budget = device.total.saturating_sub(config.headroom.bytes());
+                Ok(Ledger::new(device.index, budget, host, released.clone()))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let footprints = handlers
+            .entries()
+            .filter(|e| e.on_gpu)
+            .map(|e| {
+                let footprint = Footprint::new(
+                    e.reservation.bytes(),
+                    config.footprint_margin,
+                    config.footprint_percentile,
+                    config.footprint_min_samples,
+                );
+                (e.name.clone(), footprint)
+            })
+            .collect();
+        let durations = handlers
+            .entries()
+            .map(|e| (e.name.clone(), DurationStats::default()))
+            .collect();
+        Ok(Self {
+            ledgers,
+            sampler,
+            footprints,
+            durations,
+            released,
+            config: config.clone(),
+        })
+    }
+
+    /// The ledgers, one per device.
+    pub fn ledgers(&self) -> &[Arc<Ledger>] {
+        &self.ledgers
+    }
+
+    /// The footprint of `handler`, if it runs on a GPU.
+    pub fn footprint(&self, handler: &str) -> Option<&Footprint> {
+        self.footprints.get(handler)
+    }
+
+    /// The typical duration of `handler`'s jobs.
+    pub fn typical_duration(&self, handler: &str) -> Option<Duration> {
+        self.durations.get(handler)?.typical()
+    }
+
+    /// Bytes one job of `handler` needs now: the learned footprint with `adaptive`, else the
+    /// declared one; `None` for CPU handlers.
+    pub fn need(&self, handler: &str) -> Option<u64> {
+        let footprint = self.footprints.get(handler)?;
+        Some(if self.config.adaptive {
+            footprint.estimate()
+        } else {
+            footprint.declared()
+        })
+    }
+
+    /// Memory in use on `device` by anything that books no reservation in our ledger, from the
+    /// latest sample.
+    pub fn others_used(&self, device: usize) -> u64 {
+        let sample = self.sampler.latest();
+        let Some(reading) = sample.devices.iter().find(|d| d.index == device) else {
+            return 0;
+        };
+        if self.sampler.probe().is_simulated() {
+            return reading.used;
+        }
+        // Ours: the processes that book in the ledger (this one, and with a host-wide ledger
+        // its peers). NVML lists host pids, which inside a container may not match ours; then
+        // our own use is taken from libtorch's allocator instead.
+        let mut ours_pids = vec![std::process::id()];
+        if let Some(host) = self
+            .ledgers
+            .iter()
+            .find(|l| l.device() == device)
+            .and_then(|l| l.host())
+        {
+            ours_pids.extend(host.pids().unwrap_or_default());
+        }
+        let listed: u64 = reading
+            .process_used
+            .iter()
+            .filter(|(pid, _)| ours_pids.contains(pid))
+            .map(|(_, bytes)| bytes)
+            .sum();
+        let ours = if reading
+            .process_used
+            .iter()
+            .any(|(pid, _)| *pid == std::process::id())
+        {
+            listed
+        } else {
+            listed
+                + sample
+                    .allocator
+                    .get(device)
+                    .copied()
+                    .flatten()
+                    .map_or(0, |a| a.reserved)
+        };
+        reading.used.saturating_sub(ours)
+    }
+
+    /// How many jobs of `handler` could start now, memory-wise (at most `slots`).
+    pub fn startable(&self, handler: &str, slots: usize) -> usize {
+        let Some(need) = self.need(handler).filter(|n| *n > 0) else {
+            return slots;
+        };
+        let best = self
+            .ledgers
+            .iter()
+            .map(|l| {
+                let room = l
+                    .budget()
+                    .saturating_sub(self.others_used(l.device()))
+                    .saturating_sub(l.reserved());
+                usize::try_from(room / need).unwrap_or(usize::MAX)
+            })
+            .max()
+            .unwrap_or(0);
+        slots.min(best)
+    }
+
+    /// One admission attempt: the device with the most admissible memory, or why none.
+    pub fn try_admit(&self, handler: &str, need: u64) -> Result<Reservation, Shortage> {
+        let mut candidates: Vec<(u64, u64, &Arc<Ledger>)> = self
+            .ledgers
+            .iter()
+            .map(|l| {
+                let others = self.others_used(l.device());
+                let room = l
+                    .budget()
+                    .saturating_sub(others)
+                    .saturating_sub(l.reserved());
+                (room, others, l)
+            })
+            .collect();
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+        for (room, others, ledger) in &candidates {
+            if *room < need {
+                break;
+            }
+            if let Some(reservation) = ledger.try_reserve(need, handler, *others) {
+                return Ok(reservation);
+            }
+        }
+        // Would our own reservations alone let it in? Then it is others' use that blocks it.
+        let own_room = self
+            .ledgers
+            .iter()
+            .map(|l| l.budget().saturating_sub(l.reserved()))
+            .max()
+            .unwrap_or(0);
+        Err(if own_room >= need {
+            Shortage::Measured
+        } else {
+            Shortage::Ledger
+        })
+    }
+
+    /// Admits a job of `handler`: `Ok(None)` for CPU handlers, a reservation for GPU ones.
+    /// Waits until `deadline` for our own jobs to release memory; answers the retry signal at
+    /// once when others use it, or when the deadline passes.
+    pub async fn admit(
+        &self,
+        handler: &str,
+        deadline: Instant,
+    ) -> Result<Option<Reservation>, (Shortage, JobError)> {
+        let Some(need) = self.need(handler) else {
+            return Ok(None);
+        };
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Register before trying, so a release in between is not missed.
+            released.as_mut().enable();
+            match self.try_admit(handler, need) {
+                Ok(reservation) => return Ok(Some(reservation)),
+                Err(Shortage::Measured) => {
+                    return Err((
+                        Shortage::Measured,
+                        JobError::gpu_memory_exhausted(self.retry_after()),
+                    ))
+                }
+                Err(Shortage::Ledger) => {}
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if wait.is_zero() || tokio::time::timeout(wait, released).await.is_err() {
+                return Err((
+                    Shortage::Ledger,
+                    JobError::gpu_memory_exhausted(self.retry_after()),
+                ));
+            }
+        }
+    }
+
+    /// Seconds until memory is expected to free up: the soonest expected end among running GPU
+    /// jobs (their handler's typical duration minus their elapsed time), within the configured
+    /// bounds. Without running jobs to wait for (others hold the memory), 10 s.
+    pub fn retry_after(&self) -> u64 {
+        let soonest = self
+            .ledgers
+            .iter()
+            .flat_map(|l| l.entries())
+            .filter_map(|entry| {
+                let typical = self.typical_duration(&entry.handler)?;
+                Some(typical.saturating_sub(entry.held_for))
+            })
+            .min();
+        let seconds = match soonest {
+            Some(remaining) => remaining.as_secs_f64().ceil() as u64,
+            None => 10,
+        };
+        seconds.clamp(self.config.retry_after_min_s, self.config.retry_after_max_s)
+    }
+
+    /// Learns from a finished job: its duration, and its peak when it succeeded.
+    pub fn record(&self, handler: &str, took: Duration, peak: Option<u64>, succeeded: bool) {
+        if succeeded {
+            if let Some(stats) = self.durations.get(handler) {
+                stats.record(took);
+            }
+            if let (Some(footprint), Some(peak)) = (self.footprints.get(handler), peak) {
+                footprint.record(peak);
+            }
+        }
+    }
+}
