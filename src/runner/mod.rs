@@ -187,6 +187,8 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
         worker.clone(),
         finished.clone(),
     ));
+    let interval = Duration::from_millis(worker.config.gpu.sample_interval_ms);
+    worker.sampler.spawn(interval, finished.clone());
     let heartbeat = heartbeat::spawn(&worker, finished.clone()).map_err(|e| StartupError {
         check: "heartbeat",
         reason: e,

@@ -8,6 +8,7 @@ mod bad_input;
 mod bodies;
 mod chaos;
 mod faults;
+mod gpu_memory;
 mod heartbeat;
 mod lifecycle;
 mod limits;
