@@ -12,7 +12,7 @@ export LIBTORCH_USE_PYTORCH := 1
 CARGO ?= cargo
 PORT ?= 8000
 
-.PHONY: run test build lint venv models clean
+.PHONY: run test build lint venv models clean bench
 
 venv: $(VENV_STAMP)
 
@@ -38,6 +38,9 @@ test: lint
 	$(CARGO) test --locked -- --test-threads 2
 	$(PY) tests/interop/sdk_client.py target/debug/runpod-worker
 	$(PY) tests/interop/sdk_worker.py target/debug/runpod-worker
+
+bench: build
+	./target/release/runpod-worker bench all
 
 clean:
 	$(CARGO) clean

@@ -79,6 +79,12 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print benchmark figures: admission cost, scheduling simulation.
+    Bench {
+        /// `admission`, `schedule` or `all`.
+        #[arg(default_value = "all")]
+        which: String,
+    },
     /// Validate runpod.toml and print what runs at once on the GPU.
     CheckConfig {
         /// Config file.

@@ -13,8 +13,10 @@
 //! - [`gpu`]: what is known of the GPU (NVML, simulated, none).
 //! - [`outcome`]: error results in the seed's shape and the job-done body.
 //! - [`commands`]: what each subcommand does; `main.rs` only parses arguments.
+//! - [`bench`]: the benchmark harness (`runpod-worker bench`).
 
 pub mod admission;
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;

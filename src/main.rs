@@ -38,6 +38,7 @@ async fn main() {
         Command::TestInput { file, json, config } => {
             commands::test_input(&file, json.as_deref(), config.as_deref()).await
         }
+        Command::Bench { which } => commands::bench(&which),
         Command::CheckConfig { config, gpu_memory } => {
             commands::check_config(config.as_deref(), gpu_memory.as_deref())
         }

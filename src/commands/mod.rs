@@ -11,3 +11,21 @@ pub use local::{local, LOCAL_ENDPOINT};
 pub use mock::{mock_queue, parse_fault, MockQueueArgs};
 pub use serve::serve;
 pub use test_input::test_input;
+
+/// `bench`: prints the chosen benchmark reports.
+pub fn bench(which: &str) -> i32 {
+    match which {
+        "admission" => print!("{}", crate::bench::admission::run()),
+        "schedule" => print!("{}", crate::bench::schedule::run()),
+        "all" => print!(
+            "{}\n{}",
+            crate::bench::admission::run(),
+            crate::bench::schedule::run()
+        ),
+        other => {
+            eprintln!("unknown benchmark {other:?}: admission, schedule or all");
+            return 2;
+        }
+    }
+    0
+}
