@@ -24,13 +24,20 @@ $(VENV_STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-build: venv
+MODELS := handler/models/minilm.pt handler/models/tokenizer.json handler/models/example_linear.pt
+
+models: $(MODELS)
+
+$(MODELS) &: handler/export_models.py $(VENV_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) handler/export_models.py --out handler/models
+
+build: venv models
 	$(CARGO) build --release --locked
 
 run: build
 	./target/release/runpod-worker local --port $(PORT)
 
-lint: venv
+lint: venv models
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 

@@ -11,6 +11,7 @@
 //! - [`runner`]: the take loop, job tasks, heartbeat, stop channel and drain.
 //! - [`health`] and [`metrics`]: `/health`, `/ready`, `/metrics`.
 //! - [`gpu`]: what is known of the GPU (NVML, simulated, none).
+//! - [`model`]: the libtorch model runtime (TorchScript modules, the MiniLM encoder).
 //! - [`outcome`]: error results in the seed's shape and the job-done body.
 //! - [`commands`]: what each subcommand does; `main.rs` only parses arguments.
 //! - [`bench`]: the benchmark harness (`runpod-worker bench`).
@@ -25,6 +26,7 @@ pub mod handlers;
 pub mod health;
 pub mod metrics;
 pub mod mock_queue;
+pub mod model;
 pub mod outcome;
 pub mod queue;
 pub mod runner;

@@ -58,7 +58,22 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
         }
     };
     let probe = gpu::detect(&config.gpu);
-    let handlers = HandlerSet::build(&config, probe.snapshot().is_some());
+    let (gpu_present, simulated) = (probe.snapshot().is_some(), probe.is_simulated());
+    let owned = config.clone();
+    let built =
+        tokio::task::spawn_blocking(move || HandlerSet::build(&owned, gpu_present, simulated))
+            .await;
+    let handlers = match built {
+        Ok(Ok(handlers)) => handlers,
+        Ok(Err(e)) => {
+            eprintln!("{e}");
+            return 1;
+        }
+        Err(_) => {
+            eprintln!("loading the models failed unexpectedly");
+            return 1;
+        }
+    };
     let result = match parse_job(job) {
         Err(bad) => Err(JobError::invalid_input(bad.problem)),
         Ok(job) => match handlers.route(&job.input) {

@@ -55,6 +55,8 @@ pub struct HandlerDefaults {
     pub model_dir: PathBuf,
     /// SIGTERM: how long in-flight jobs may run on before they are answered `Interrupted`.
     pub drain_grace_s: u64,
+    /// libtorch intra-op threads (0: libtorch's default, one per core).
+    pub intra_op_threads: usize,
     /// After this many GPU out-of-memory failures in a row, the worker reports itself unhealthy,
     /// drains and asks to be replaced (`stopPod`) instead of failing every job.
     pub max_consecutive_ooms: u32,
@@ -70,6 +72,7 @@ impl Default for HandlerDefaults {
             local_queue_max_wait_s: 30,
             model_dir: PathBuf::from("handler/models"),
             drain_grace_s: 60,
+            intra_op_threads: 0,
             max_consecutive_ooms: 3,
         }
     }
@@ -220,6 +223,57 @@ pub struct HandlerConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub gpu_memory: Option<Size>,
+    /// classify (logits mode) and torchscript: the TorchScript file, in `[handler].model_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// classify: the labels used when a job gives none (and the logits model's labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    /// classify: softmax temperature over cosine similarities (default 0.05).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// extract: tokens per chunk (default 200, at most 254).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_tokens: Option<usize>,
+    /// extract: tokens shared by consecutive chunks (default 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<usize>,
+    /// extract, classify: fetch URLs that resolve to private, loopback or link-local addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_private_urls: Option<bool>,
+    /// extract, classify: largest document accepted (bytes after decoding; default 20MB).
+    #[serde(
+        default,
+        with = "optional_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_document_size: Option<Size>,
+    /// extract, classify: time limit for fetching a URL (default 20 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_timeout_s: Option<u64>,
+    /// torchscript: the names of the model's inputs, in the order `forward` takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Vec<String>>,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            max_concurrency: 1,
+            device: DeviceChoice::Cpu,
+            gpu_memory: None,
+            model: None,
+            labels: None,
+            temperature: None,
+            chunk_tokens: None,
+            overlap: None,
+            allow_private_urls: None,
+            max_document_size: None,
+            url_timeout_s: None,
+            inputs: None,
+        }
+    }
 }
 
 impl HandlerConfig {
@@ -241,10 +295,9 @@ impl HandlerConfig {
 impl Default for Config {
     fn default() -> Self {
         let handler = |max_concurrency, device| HandlerConfig {
-            kind: None,
             max_concurrency,
             device,
-            gpu_memory: None,
+            ..HandlerConfig::default()
         };
         Self {
             handler: HandlerDefaults::default(),

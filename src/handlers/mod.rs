@@ -1,8 +1,14 @@
 //! Handlers: what runs a job once it is admitted. The [`Handler`] trait, the context a job
 //! runs with, and the set of handlers built from `[handlers.<name>]`.
 
+mod classify;
+pub mod document;
 mod echo;
+mod extract;
+pub mod fetch;
+mod models;
 mod registry;
+mod torchscript;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,8 +20,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::outcome::JobError;
 
+pub use classify::{Classifier, ClassifyHandler, ClassifyMode};
 pub use echo::EchoHandler;
+pub use extract::{chunk_ranges, ExtractHandler};
 pub use registry::{HandlerEntry, HandlerSet, Routed};
+pub use torchscript::TorchScriptHandler;
 
 /// One kind of work. Implementations run model calls on blocking threads, never on the async
 /// runtime, and check `ctx.cancel` at their safe points.

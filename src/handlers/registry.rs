@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::{EchoHandler, Handler};
+use super::models::ModelLoader;
+use super::Handler;
 use crate::config::{Config, DeviceChoice, Size};
+use crate::model::LoadError;
 use crate::outcome::JobError;
 use crate::queue::protocol::kind_of;
 
@@ -67,34 +69,32 @@ pub struct HandlerSet {
 }
 
 impl HandlerSet {
-    /// Builds every `[handlers.<name>]`; `gpu_present` says whether CUDA handlers get a GPU
-    /// (a real one, or the simulated one).
-    pub fn build(config: &Config, gpu_present: bool) -> Self {
-        let entries = config
-            .handlers
-            .iter()
-            .map(|(name, table)| {
-                let kind = table.kind(name).to_owned();
-                let wants_gpu = table.device == DeviceChoice::Cuda;
-                let handler: Result<Arc<dyn Handler>, String> = match kind.as_str() {
-                    "echo" => Ok(Arc::new(EchoHandler)),
-                    other => Err(format!(
-                        "the {other} handler is not available in this build of runpod-worker"
-                    )),
-                };
-                let entry = HandlerEntry {
-                    name: name.clone(),
-                    kind,
-                    handler,
-                    limit: table.max_concurrency as usize,
-                    on_gpu: wants_gpu && gpu_present,
-                    gpu_fallback: wants_gpu && !gpu_present,
-                    reservation: table.reservation(&config.handler, gpu_present),
-                };
-                (name.clone(), entry)
-            })
-            .collect();
-        Self { entries }
+    /// Builds every `[handlers.<name>]`, loading their models (blocking: model files are read
+    /// and a warm-up forward runs). `gpu_present` says whether CUDA handlers get a GPU (a real
+    /// one, or the simulated one, `simulated`).
+    pub fn build(config: &Config, gpu_present: bool, simulated: bool) -> Result<Self, LoadError> {
+        crate::model::set_threads(config.handler.intra_op_threads);
+        let mut loader = ModelLoader::new(&config.handler.model_dir);
+        let mut entries = BTreeMap::new();
+        for (name, table) in &config.handlers {
+            let kind = table.kind(name).to_owned();
+            let wants_gpu = table.device == DeviceChoice::Cuda;
+            let on_gpu = wants_gpu && gpu_present;
+            // A simulated GPU is accounted as a GPU but computes on the CPU.
+            let device = crate::model::device_for(on_gpu && !simulated);
+            let handler = loader.handler(&kind, table, device)?;
+            let entry = HandlerEntry {
+                name: name.clone(),
+                kind,
+                handler: Ok(handler),
+                limit: table.max_concurrency as usize,
+                on_gpu,
+                gpu_fallback: wants_gpu && !gpu_present,
+                reservation: table.reservation(&config.handler, gpu_present),
+            };
+            entries.insert(name.clone(), entry);
+        }
+        Ok(Self { entries })
     }
 
     /// Replaces the implementation of handler `name` (tests and embedders).
@@ -166,8 +166,17 @@ mod tests {
     use crate::outcome::ErrorType;
     use serde_json::json;
 
+    /// The default handler names, all as echo (no model files needed).
+    fn echo_config() -> Config {
+        let mut config = Config::default();
+        for table in config.handlers.values_mut() {
+            table.kind = Some("echo".into());
+        }
+        config
+    }
+
     fn set() -> HandlerSet {
-        HandlerSet::build(&Config::default(), false)
+        HandlerSet::build(&echo_config(), false, false).unwrap()
     }
 
     #[test]
@@ -190,26 +199,35 @@ mod tests {
 
     #[test]
     fn start_lines_follow_the_seed() {
-        let config = Config::default();
-        let gpu = HandlerSet::build(&config, true);
+        let entry = |kind: &str, on_gpu: bool, limit: usize| HandlerEntry {
+            name: kind.into(),
+            kind: kind.into(),
+            handler: Err(String::new()),
+            limit,
+            on_gpu,
+            gpu_fallback: false,
+            reservation: Size::default(),
+        };
         assert_eq!(
-            gpu.get("extract").unwrap().started_line(3),
+            entry("extract", false, 4).started_line(3),
             "Extraction started (concurrent: 3/4)"
         );
         assert_eq!(
-            gpu.get("classify").unwrap().started_line(1),
+            entry("classify", true, 1).started_line(1),
             "Classification started (GPU locked)"
         );
-        let cpu = HandlerSet::build(&config, false);
-        let classify = cpu.get("classify").unwrap();
-        assert!(classify.gpu_fallback && !classify.on_gpu);
         assert_eq!(
-            classify.started_line(1),
+            entry("classify", false, 1).started_line(1),
             "Classification started (concurrent: 1/1)"
         );
+        let cpu = HandlerSet::build(&echo_config(), false, false).unwrap();
+        let classify = cpu.get("classify").unwrap();
+        assert!(classify.gpu_fallback && !classify.on_gpu);
         assert_eq!(
             cpu.get("echo").unwrap().started_line(2),
             "Echo started (concurrent: 2/4)"
         );
+        let gpu = HandlerSet::build(&echo_config(), true, true).unwrap();
+        assert!(gpu.get("classify").unwrap().on_gpu);
     }
 }

@@ -135,7 +135,11 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
             reason: e.to_string(),
         })?;
     }
-    let handlers = handlers.unwrap_or_else(|| HandlerSet::build(&config, !devices.is_empty()));
+    let simulated = sampler.probe().is_simulated();
+    let handlers = match handlers {
+        Some(handlers) => handlers,
+        None => load_handlers(&config, !devices.is_empty(), simulated).await?,
+    };
     let memory = MemoryAdmission::new(&config.gpu, &handlers, sampler.clone()).map_err(|e| {
         StartupError {
             check: "gpu_ledger",
@@ -245,6 +249,31 @@ async fn resend_spooled(worker: Arc<Worker>) {
                 tracing::warn!(job_id = %result.job_id, "spooled result still not delivered ({e}); kept")
             }
         }
+    }
+}
+
+/// Builds the handlers and loads their models on a blocking thread, within `[handler].timeout`.
+async fn load_handlers(
+    config: &Config,
+    gpu_present: bool,
+    simulated: bool,
+) -> Result<HandlerSet, StartupError> {
+    let timeout = Duration::from_secs(config.handler.timeout);
+    let owned = config.clone();
+    let loading =
+        tokio::task::spawn_blocking(move || HandlerSet::build(&owned, gpu_present, simulated));
+    let failed = |reason: String| StartupError {
+        check: "model_load",
+        reason,
+    };
+    match tokio::time::timeout(timeout, loading).await {
+        Err(_) => Err(failed(format!(
+            "loading the models took longer than [handler] timeout = {} s",
+            timeout.as_secs()
+        ))),
+        Ok(Err(_)) => Err(failed("loading the models failed unexpectedly".to_owned())),
+        Ok(Ok(Err(e))) => Err(failed(e.to_string())),
+        Ok(Ok(Ok(handlers))) => Ok(handlers),
     }
 }
 

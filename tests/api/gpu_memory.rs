@@ -22,6 +22,7 @@ fn handler(
         max_concurrency: limit,
         device,
         gpu_memory: gpu_memory.map(|m| m.parse().unwrap()),
+        ..HandlerConfig::default()
     }
 }
 

@@ -150,7 +150,9 @@ impl TestWorker {
     ) -> Self {
         let mut endpoints = QueueEndpoints::for_queue(&mock.base_url(), EP, WORKER, "test-key");
         endpoints.ping_interval = Duration::from_millis(ping_ms);
-        let handlers = customise(HandlerSet::build(&config, config.gpu.simulate.is_some()));
+        let simulated = config.gpu.simulate.is_some();
+        let handlers =
+            customise(HandlerSet::build(&config, simulated, simulated).expect("handlers load"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();

@@ -14,7 +14,7 @@ fn with_handler(mut config: Config, name: &str, limit: u32) -> Config {
             kind: Some("echo".into()),
             max_concurrency: limit,
             device: DeviceChoice::Cpu,
-            gpu_memory: None,
+            ..HandlerConfig::default()
         },
     );
     config

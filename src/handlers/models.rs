@@ -1,0 +1,100 @@
+//! Building handlers from their config tables, loading each model once: the MiniLM encoder is
+//! shared by every extract and classify handler on the same device.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tch::Device;
+
+use super::classify::{Classifier, ClassifyHandler, ClassifyMode};
+use super::extract::ExtractHandler;
+use super::fetch::FetchPolicy;
+use super::torchscript::TorchScriptHandler;
+use super::{EchoHandler, Handler};
+use crate::config::HandlerConfig;
+use crate::model::{load_module, Encoder, LoadError};
+
+/// Loads models on demand, once per (file, device).
+pub(super) struct ModelLoader {
+    dir: PathBuf,
+    encoders: HashMap<String, Arc<Encoder>>,
+}
+
+fn device_key(device: Device) -> String {
+    format!("{device:?}")
+}
+
+impl ModelLoader {
+    pub(super) fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            encoders: HashMap::new(),
+        }
+    }
+
+    fn encoder(&mut self, device: Device) -> Result<Arc<Encoder>, LoadError> {
+        let key = device_key(device);
+        if let Some(encoder) = self.encoders.get(&key) {
+            return Ok(encoder.clone());
+        }
+        let encoder = Arc::new(Encoder::load(&self.dir, device)?);
+        tracing::info!(
+            "loaded {} ({} dims) from {} on {key}",
+            encoder.name(),
+            encoder.dims(),
+            self.dir.display()
+        );
+        self.encoders.insert(key, encoder.clone());
+        Ok(encoder)
+    }
+
+    /// The handler of `kind` for `table`, its model on `device`.
+    pub(super) fn handler(
+        &mut self,
+        kind: &str,
+        table: &HandlerConfig,
+        device: Device,
+    ) -> Result<Arc<dyn Handler>, LoadError> {
+        let fetch = FetchPolicy {
+            allow_private: table.allow_private_urls.unwrap_or(false),
+            max_bytes: table.max_document_size.map_or(20_000_000, |s| {
+                usize::try_from(s.bytes()).unwrap_or(usize::MAX)
+            }),
+            timeout: Duration::from_secs(table.url_timeout_s.unwrap_or(20)),
+        };
+        Ok(match kind {
+            "echo" => Arc::new(EchoHandler),
+            "extract" => Arc::new(ExtractHandler {
+                encoder: self.encoder(device)?,
+                chunk_tokens: table.chunk_tokens.unwrap_or(200),
+                overlap: table.overlap.unwrap_or(32),
+                fetch,
+            }),
+            "classify" => {
+                let mode = match &table.model {
+                    Some(file) => ClassifyMode::Logits(load_module(&self.dir.join(file), device)?),
+                    None => ClassifyMode::ZeroShot,
+                };
+                Arc::new(ClassifyHandler(Arc::new(Classifier {
+                    encoder: self.encoder(device)?,
+                    mode,
+                    default_labels: table.labels.clone().unwrap_or_default(),
+                    temperature: table.temperature.unwrap_or(0.05),
+                    fetch,
+                    cache: Mutex::new(HashMap::new()),
+                })))
+            }
+            "torchscript" => Arc::new(TorchScriptHandler {
+                module: load_module(
+                    &self.dir.join(table.model.as_deref().unwrap_or_default()),
+                    device,
+                )?,
+                inputs: table.inputs.clone().unwrap_or_default(),
+                device,
+            }),
+            other => unreachable!("config validation admits only known kinds, not {other:?}"),
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! The sentence encoder: MiniLM as TorchScript (mean pooling and L2 normalisation in the graph)
+//! plus its tokenizer. Texts are embedded in batches, padded to the longest in the batch.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::{CModule, Device, Kind, Tensor};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use super::{load_module, LoadError};
+
+/// Tokens per text the model is fed (all-MiniLM-L6-v2 was trained on 256).
+pub const MAX_MODEL_TOKENS: usize = 256;
+/// Texts per forward call.
+const BATCH: usize = 32;
+
+/// A loaded encoder, shared by every job on its device.
+pub struct Encoder {
+    module: Arc<CModule>,
+    /// Truncates at [`MAX_MODEL_TOKENS`] and pads to the longest in the batch.
+    model_tokenizer: Tokenizer,
+    /// No truncation, no padding: counts and cuts documents into chunks.
+    chunk_tokenizer: Tokenizer,
+    device: Device,
+    dims: usize,
+    name: String,
+}
+
+impl Encoder {
+    /// Loads `minilm.pt` and `tokenizer.json` from `dir` onto `device`.
+    pub fn load(dir: &Path, device: Device) -> Result<Self, LoadError> {
+        let module = load_module(&dir.join("minilm.pt"), device)?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.is_file() {
+            return Err(LoadError::Missing(tokenizer_path));
+        }
+        let unreadable = |reason: String| LoadError::Unreadable {
+            path: tokenizer_path.clone(),
+            reason,
+        };
+        let mut chunk_tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| unreadable(e.to_string()))?;
+        // The file pads every encoding to 128 tokens and truncates there: override both.
+        chunk_tokenizer.with_padding(None);
+        chunk_tokenizer
+            .with_truncation(None)
+            .map_err(|e| unreadable(e.to_string()))?;
+        let mut model_tokenizer = chunk_tokenizer.clone();
+        model_tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..PaddingParams::default()
+        }));
+        model_tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_MODEL_TOKENS,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| unreadable(e.to_string()))?;
+        let encoder = Self {
+            module,
+            model_tokenizer,
+            chunk_tokenizer,
+            device,
+            dims: 0,
+            name: "all-MiniLM-L6-v2".to_owned(),
+        };
+        // One forward to learn the width and to fail at start-up rather than on a job.
+        let probe = encoder
+            .embed(&["warm-up".to_owned()])
+            .map_err(|e| LoadError::Unreadable {
+                path: dir.join("minilm.pt"),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            dims: probe.first().map_or(0, Vec::len),
+            ..encoder
+        })
+    }
+
+    /// The embedding width (384).
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// The model's name, for outputs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Tokens of `text` without special tokens, with their byte offsets into `text`.
+    pub fn token_offsets(&self, text: &str) -> Result<Vec<(usize, usize)>, String> {
+        let encoding = self
+            .chunk_tokenizer
+            .encode(text, false)
+            .map_err(|e| e.to_string())?;
+        Ok(encoding.get_offsets().to_vec())
+    }
+
+    /// How many tokens the model sees of `text` (special tokens included), and how many the
+    /// whole text has.
+    pub fn token_counts(&self, text: &str) -> Result<(usize, usize), String> {
+        let total = self
+            .chunk_tokenizer
+            .encode(text, true)
+            .map_err(|e| e.to_string())?
+            .len();
+        Ok((total.min(MAX_MODEL_TOKENS), total))
+    }
+
+    /// The model inputs for one text (truncated at [`MAX_MODEL_TOKENS`]): ids and mask,
+    /// `[1, tokens]`, on the encoder's device.
+    pub fn model_inputs(&self, text: &str) -> Result<(Tensor, Tensor), tch::TchError> {
+        let encoding = self
+            .model_tokenizer
+            .encode(text, true)
+            .map_err(|e| tch::TchError::Convert(format!("tokenizer: {e}")))?;
+        let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
+        let mask: Vec<i64> = encoding
+            .get_attention_mask()
+            .iter()
+            .map(|&m| i64::from(m))
+            .collect();
+        let width = ids.len() as i64;
+        let ids = Tensor::f_from_slice(&ids)?
+            .f_view([1, width])?
+            .f_to_device(self.device)?;
+        let mask = Tensor::f_from_slice(&mask)?
+            .f_view([1, width])?
+            .f_to_device(self.device)?;
+        Ok((ids, mask))
+    }
+
+    /// Embeds `texts` (each truncated at [`MAX_MODEL_TOKENS`]), L2-normalised, in batches.
+    /// Blocking: call it from a blocking thread.
+    pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, tch::TchError> {
+        let _no_grad = tch::no_grad_guard();
+        let mut out = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(BATCH) {
+            let encodings = self
+                .model_tokenizer
+                .encode_batch(batch.to_vec(), true)
+                .map_err(|e| tch::TchError::Convert(format!("tokenizer: {e}")))?;
+            let rows = encodings.len() as i64;
+            let width = encodings.first().map_or(0, |e| e.len()) as i64;
+            let ids: Vec<i64> = encodings
+                .iter()
+                .flat_map(|e| e.get_ids().iter().map(|&i| i64::from(i)))
+                .collect();
+            let mask: Vec<i64> = encodings
+                .iter()
+                .flat_map(|e| e.get_attention_mask().iter().map(|&m| i64::from(m)))
+                .collect();
+            let ids = Tensor::f_from_slice(&ids)?
+                .f_view([rows, width])?
+                .f_to_device(self.device)?;
+            let mask = Tensor::f_from_slice(&mask)?
+                .f_view([rows, width])?
+                .f_to_device(self.device)?;
+            let embeddings = self
+                .module
+                .forward_ts(&[ids, mask])?
+                .f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Float)?;
+            let flat = Vec::<f32>::try_from(embeddings.f_flatten(0, -1)?)?;
+            let dims = flat.len() / batch.len().max(1);
+            out.extend(flat.chunks(dims.max(1)).map(<[f32]>::to_vec));
+        }
+        Ok(out)
+    }
+}

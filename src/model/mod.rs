@@ -1,0 +1,75 @@
+//! The model runtime: TorchScript modules loaded once per device and shared by concurrent
+//! jobs (`CModule` is `Send + Sync`), the MiniLM sentence encoder with its tokenizer, and the
+//! mapping of libtorch failures to job errors. Every call here blocks: handlers run them through
+//! `JobContext::run_blocking`, with `no_grad` taken inside the thread.
+
+mod encoder;
+mod errors;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tch::{CModule, Device};
+
+pub use encoder::{Encoder, MAX_MODEL_TOKENS};
+pub use errors::torch_error;
+
+/// Why a model could not be loaded (a start-up error).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file is not there.
+    #[error(
+        "model file {0} not found: create the models with `make models` \
+         (python handler/export_models.py --out <model_dir>), or point [handler] model_dir at them"
+    )]
+    Missing(PathBuf),
+    /// The file is there but libtorch or the tokenizer refused it.
+    #[error("cannot load {path}: {reason}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Loads a TorchScript module onto `device`, in eval mode.
+pub fn load_module(path: &Path, device: Device) -> Result<Arc<CModule>, LoadError> {
+    if !path.is_file() {
+        return Err(LoadError::Missing(path.to_path_buf()));
+    }
+    let mut module = CModule::load_on_device(path, device).map_err(|e| LoadError::Unreadable {
+        path: path.to_path_buf(),
+        reason: first_line(&e.to_string()),
+    })?;
+    module.set_eval();
+    Ok(Arc::new(module))
+}
+
+/// The device a handler's model goes on: the first GPU for CUDA handlers when libtorch sees
+/// one, else the CPU (a simulated GPU is accounted as a GPU but computes on the CPU).
+pub fn device_for(wants_gpu: bool) -> Device {
+    if wants_gpu && tch::Cuda::is_available() {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    }
+}
+
+/// Sets libtorch's intra-op threads (0 keeps its default); applies to every thread.
+pub fn set_threads(intra_op_threads: usize) {
+    if let Ok(threads) = i32::try_from(intra_op_threads) {
+        if threads > 0 {
+            tch::set_num_threads(threads);
+        }
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect()
+}
