@@ -13,5 +13,6 @@ mod heartbeat;
 mod lifecycle;
 mod limits;
 mod mock_api;
+mod models;
 mod process;
 mod resilience;

@@ -1,0 +1,379 @@
+//! The libtorch handlers on the real MiniLM model (exported by `make models`): embeddings that
+//! match a Python reference, zero-shot classification, chunking, the generic TorchScript
+//! handler, and every bad document answered with `InvalidInput`.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use axum::routing::get;
+use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
+use runpod_worker::model::Encoder;
+use serde_json::{json, Value};
+
+use crate::helpers::{test_config, TestWorker};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn models_dir() -> std::path::PathBuf {
+    Path::new(ROOT).join("handler/models")
+}
+
+fn model_config() -> Config {
+    let mut config = test_config();
+    config.handler.model_dir = models_dir();
+    config.handler.max_concurrency = 8;
+    let table = |kind: &str, limit: u32| HandlerConfig {
+        kind: Some(kind.into()),
+        max_concurrency: limit,
+        device: DeviceChoice::Cpu,
+        ..HandlerConfig::default()
+    };
+    config.handlers.insert(
+        "extract".into(),
+        HandlerConfig {
+            allow_private_urls: Some(true),
+            max_document_size: Some("100KB".parse().unwrap()),
+            chunk_tokens: Some(64),
+            overlap: Some(8),
+            ..table("extract", 4)
+        },
+    );
+    config.handlers.insert("strict".into(), table("extract", 1));
+    config
+        .handlers
+        .insert("classify".into(), table("classify", 2));
+    config.handlers.insert(
+        "lin".into(),
+        HandlerConfig {
+            model: Some("example_linear.pt".into()),
+            inputs: Some(vec!["x".into()]),
+            ..table("torchscript", 2)
+        },
+    );
+    config
+}
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * y).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y.powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn embeddings_match_the_python_reference() {
+    let long =
+        "The quick brown fox jumps over the lazy dog while the committee deliberates. ".repeat(60);
+    let texts = vec![
+        "Hello, world! GPU inference.".to_owned(),
+        "Invoice #4471: 3 × widgets at $12.50, total due within 30 days.".to_owned(),
+        "Ünïcödé naïve café — 東京の天気は晴れ 🚀 ñandú".to_owned(),
+        long,
+        "   \n\t  ".to_owned(),
+    ];
+    let encoder = Encoder::load(&models_dir(), tch::Device::Cpu).expect("make models has run");
+    let ours = encoder.embed(&texts).unwrap();
+
+    let python = Path::new(ROOT).join(".venv/bin/python");
+    let mut child = Command::new(python)
+        .arg(Path::new(ROOT).join("handler/reference_embed.py"))
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    serde_json::to_writer(child.stdin.take().unwrap(), &texts).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let reference: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+
+    for ((text, a), b) in texts.iter().zip(&ours).zip(&reference) {
+        assert_eq!(a.len(), 384);
+        let similarity = cosine(a, b);
+        println!(
+            "cosine(rust, python) = {similarity:.7} for {:?}",
+            text.chars().take(30).collect::<String>()
+        );
+        assert!(similarity >= 0.9999, "{similarity} for {text:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_shot_classification_gets_obviously_labelled_texts_right() {
+    let worker = TestWorker::start(model_config(), |h| h, 1000).await;
+    let labels = json!(["invoice", "recipe", "poem", "contract", "resume"]);
+    let cases = [
+        ("invoice", "INVOICE No. 2024-117. Bill to: Acme Corp. Item: consulting services, 10 hours at $150. Subtotal $1,500, VAT 20%, total amount due $1,800. Payment due within 30 days."),
+        ("recipe", "Preheat the oven to 180°C. Whisk two eggs with 100 g of sugar, fold in 200 g of flour and a pinch of salt, pour into a buttered tin and bake for 25 minutes."),
+        ("poem", "The moon climbs slow above the silver sea, / and every wave recalls a dream of thee; / the night is soft, the stars begin to sing."),
+        ("contract", "This Agreement is entered into by and between the Parties. The Contractor shall provide the services described herein, and the Client agrees to the terms, obligations and termination clauses set forth below."),
+        ("resume", "Jane Doe — Senior Software Engineer. Experience: 8 years building distributed systems at Globex. Skills: Rust, Go, Kubernetes. Education: BSc Computer Science. References available on request."),
+    ];
+    for (i, (expected, text)) in cases.iter().enumerate() {
+        let id = format!("z{i}");
+        worker.enqueue(
+            &id,
+            json!({"task": "classify", "text": text, "labels": labels}),
+        );
+        let output = worker.done(&id).await.body["output"].clone();
+        assert_eq!(output["label"], *expected, "{output}");
+        let total: f64 = output["scores"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        assert_eq!(output["truncated"], false);
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extraction_chunks_long_text_completely_and_concurrent_jobs_match_sequential_ones() {
+    let worker = TestWorker::start(model_config(), |h| h, 1000).await;
+    let text = (0..120)
+        .map(|i| format!("Sentence number {i} talks about topic {}.", i % 7))
+        .collect::<Vec<_>>()
+        .join(" ");
+    worker.enqueue(
+        "seq",
+        json!({"task": "extract", "document": {"text": text}}),
+    );
+    let sequential = worker.done("seq").await.body["output"].clone();
+    let chunks = sequential["chunks"].as_array().unwrap();
+    assert!(
+        chunks.len() > 3,
+        "long text is cut, not truncated: {}",
+        chunks.len()
+    );
+    assert!(text.starts_with(chunks[0]["text"].as_str().unwrap()));
+    assert!(
+        text.ends_with(chunks.last().unwrap()["text"].as_str().unwrap()),
+        "the last chunk reaches the end"
+    );
+    assert_eq!(sequential["dims"], 384);
+    assert_eq!(chunks[0]["embedding"].as_array().unwrap().len(), 384);
+
+    for i in 0..4 {
+        worker.enqueue(
+            &format!("par{i}"),
+            json!({"task": "extract", "document": {"text": text}}),
+        );
+    }
+    for i in 0..4 {
+        let parallel = worker.done(&format!("par{i}")).await.body["output"].clone();
+        for (a, b) in parallel["chunks"].as_array().unwrap().iter().zip(chunks) {
+            let (a, b) = (
+                a["embedding"].as_array().unwrap(),
+                b["embedding"].as_array().unwrap(),
+            );
+            let gap = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs())
+                .fold(0.0, f64::max);
+            assert!(gap < 1e-5, "concurrent result differs by {gap}");
+        }
+    }
+
+    worker.enqueue("noembed", json!({"task": "extract", "document": {"markdown": "# Title\n\nSome *text*."}, "embed": false}));
+    let output = worker.done("noembed").await.body["output"].clone();
+    assert_eq!(output["text"], "Title\nSome text.");
+    assert!(output["chunks"][0].get("embedding").is_none());
+    worker.stop().await;
+}
+
+/// A one-page PDF saying `text`, with a correct cross-reference table.
+fn pdf(text: &str) -> Vec<u8> {
+    let content = format!("BT /F1 24 Tf 72 720 Td ({text}) Tj ET");
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_owned(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_owned(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_owned(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_owned(),
+    ];
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    out.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
+    for offset in offsets {
+        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_from_pdf_html_and_url_and_the_torchscript_handler() {
+    use base64::Engine as _;
+    let site = axum::Router::new()
+        .route(
+            "/page",
+            get(|| async {
+                (
+                    [("content-type", "text/html")],
+                    "<html><body><p>Served over HTTP.</p></body></html>",
+                )
+            }),
+        )
+        .route("/big", get(|| async { "x".repeat(200_000) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, site).await });
+    let worker = TestWorker::start(model_config(), |h| h, 1000).await;
+
+    let encoded = base64::engine::general_purpose::STANDARD.encode(pdf("Hello from a PDF"));
+    worker.enqueue(
+        "pdf",
+        json!({"task": "extract", "document": {"pdf_base64": encoded}}),
+    );
+    let output = worker.done("pdf").await.body["output"].clone();
+    assert!(
+        output["text"]
+            .as_str()
+            .unwrap()
+            .contains("Hello from a PDF"),
+        "{output}"
+    );
+    assert_eq!(output["pages"], 1);
+
+    worker.enqueue(
+        "url",
+        json!({"task": "extract", "document": {"url": format!("{base}/page")}}),
+    );
+    assert_eq!(
+        worker.done("url").await.body["output"]["text"],
+        "Served over HTTP."
+    );
+
+    worker.enqueue("lin", json!({"task": "lin", "inputs": {"x": {"shape": [2, 4], "dtype": "float32", "data": [1, 0, 0, 0, 0, 1, 2, 3]}}}));
+    let output = worker.done("lin").await.body["output"].clone();
+    // relu(x·Wᵀ + b) with W = [[1,-1,.5,0],[0,2,-1,1]], b = [.5,-.5]
+    assert_eq!(output["outputs"][0]["shape"], json!([2, 2]));
+    assert_eq!(output["outputs"][0]["data"], json!([1.5, 0.0, 0.5, 2.5]));
+
+    let long_text = "word ".repeat(600);
+    worker.enqueue(
+        "trunc",
+        json!({"task": "classify", "text": long_text, "labels": ["a", "b"]}),
+    );
+    let output = worker.done("trunc").await.body["output"].clone();
+    assert_eq!(
+        (output["truncated"].as_bool(), output["tokens"].as_u64()),
+        (Some(true), Some(256)),
+        "{output}"
+    );
+
+    let bad = [
+        (
+            "empty",
+            json!({"task": "extract", "document": {"text": "  \n "}}),
+            "no text",
+        ),
+        (
+            "b64",
+            json!({"task": "extract", "document": {"pdf_base64": "%%%not base64"}}),
+            "not valid base64",
+        ),
+        (
+            "notpdf",
+            json!({"task": "extract", "document": {"pdf_base64": "aGVsbG8="}}),
+            "not a PDF",
+        ),
+        (
+            "badpdf",
+            json!({"task": "extract", "document": {"pdf_base64": base64::engine::general_purpose::STANDARD.encode(b"%PDF-1.7 garbage")}}),
+            "PDF",
+        ),
+        (
+            "notext",
+            json!({"task": "extract", "document": {"html": "<html><body><img src=x></body></html>"}}),
+            "no text",
+        ),
+        (
+            "404",
+            json!({"task": "extract", "document": {"url": format!("{base}/missing")}}),
+            "answered 404",
+        ),
+        (
+            "big",
+            json!({"task": "extract", "document": {"url": format!("{base}/big")}}),
+            "over the limit",
+        ),
+        (
+            "ftp",
+            json!({"task": "extract", "document": {"url": "ftp://example.com/x"}}),
+            "only http and https",
+        ),
+        (
+            "private",
+            json!({"task": "strict", "document": {"url": format!("{base}/page")}}),
+            "private, loopback or link-local",
+        ),
+        (
+            "twokeys",
+            json!({"task": "extract", "document": {"text": "a", "html": "b"}}),
+            "exactly one",
+        ),
+        (
+            "nolabels",
+            json!({"task": "classify", "text": "hello", "labels": []}),
+            "empty",
+        ),
+        (
+            "badlabel",
+            json!({"task": "classify", "text": "hello", "labels": ["a", 5]}),
+            "string",
+        ),
+        (
+            "missing",
+            json!({"task": "lin", "inputs": {}}),
+            "input.inputs.x is missing",
+        ),
+        (
+            "shape",
+            json!({"task": "lin", "inputs": {"x": {"shape": [3, 4], "data": [1, 2]}}}),
+            "needs 12",
+        ),
+        (
+            "wrongdim",
+            json!({"task": "lin", "inputs": {"x": {"shape": [2, 3], "data": [1, 2, 3, 4, 5, 6]}}}),
+            "model failed on these inputs",
+        ),
+    ];
+    for (id, input, message) in &bad {
+        worker.enqueue(id, input.clone());
+    }
+    for (id, _, message) in bad {
+        let output = worker.done(id).await.body["output"].clone();
+        let expected_type = if id == "wrongdim" {
+            "ModelError"
+        } else {
+            "InvalidInput"
+        };
+        assert_eq!(output["error_type"], expected_type, "{id}: {output}");
+        let text = output["error"].as_str().unwrap();
+        assert!(text.contains(message), "{id}: {text}");
+        assert!(
+            !text.contains(ROOT) && !text.contains(".py"),
+            "{id}: no paths in results: {text}"
+        );
+    }
+    assert_eq!(worker.health().await["status"], "healthy");
+    worker.stop().await;
+}
