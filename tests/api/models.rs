@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use axum::routing::get;
 use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
 use runpod_worker::model::Encoder;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::helpers::{test_config, TestWorker};
 
@@ -356,7 +356,7 @@ async fn documents_from_pdf_html_and_url_and_the_torchscript_handler() {
             "model failed on these inputs",
         ),
     ];
-    for (id, input, message) in &bad {
+    for (id, input, _) in &bad {
         worker.enqueue(id, input.clone());
     }
     for (id, _, message) in bad {
