@@ -165,3 +165,43 @@ async fn a_job_whose_worker_is_killed_is_requeued_after_the_lease_and_completed_
     assert_eq!(queue.jobs["orphan"].retries, 1);
     assert_eq!(exit.code(), Some(0));
 }
+
+#[test]
+fn every_handler_test_input_runs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("handler");
+    let config = tempfile::NamedTempFile::new().unwrap();
+    let mut text = std::fs::read_to_string(dir.parent().unwrap().join("runpod.toml")).unwrap();
+    text.push_str("\n[handlers.example]\nkind = \"torchscript\"\nmodel = \"example_linear.pt\"\ninputs = [\"x\"]\nmax_concurrency = 1\ndevice = \"cpu\"\n");
+    text = text.replace(
+        "model_dir = \"handler/models\"",
+        &format!("model_dir = \"{}\"", dir.join("models").display()),
+    );
+    std::fs::write(config.path(), text).unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("test_inputs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.push(dir.join("test_input.json"));
+    for file in files {
+        let out = Command::new(BIN)
+            .args(["test-input", "--file"])
+            .arg(&file)
+            .arg("--config")
+            .arg(config.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {stdout}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert!(
+            last.get("output").is_some() && last.get("error").is_none(),
+            "{}: {last}",
+            file.display()
+        );
+    }
+}
