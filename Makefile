@@ -48,6 +48,7 @@ test: lint
 
 bench: build
 	./target/release/runpod-worker bench all
+	./target/release/runpod-worker bench models
 
 clean:
 	$(CARGO) clean

@@ -81,7 +81,7 @@ pub enum Command {
     },
     /// Print benchmark figures: admission cost, scheduling simulation.
     Bench {
-        /// `admission`, `schedule` or `all`.
+        /// `admission`, `schedule`, `models` or `all` (admission and schedule).
         #[arg(default_value = "all")]
         which: String,
     },

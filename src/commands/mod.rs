@@ -17,13 +17,28 @@ pub fn bench(which: &str) -> i32 {
     match which {
         "admission" => print!("{}", crate::bench::admission::run()),
         "schedule" => print!("{}", crate::bench::schedule::run()),
+        "models" => {
+            let models = std::path::Path::new("handler/models");
+            let python = std::path::Path::new(".venv/bin/python");
+            let runtime = tokio::runtime::Handle::current();
+            let report = tokio::task::block_in_place(|| {
+                runtime.block_on(crate::bench::models::run(models, python))
+            });
+            match report {
+                Some(report) => print!("{report}"),
+                None => {
+                    eprintln!("run `make models` first (handler/models and .venv are needed)");
+                    return 1;
+                }
+            }
+        }
         "all" => print!(
             "{}\n{}",
             crate::bench::admission::run(),
             crate::bench::schedule::run()
         ),
         other => {
-            eprintln!("unknown benchmark {other:?}: admission, schedule or all");
+            eprintln!("unknown benchmark {other:?}: admission, schedule, models or all");
             return 2;
         }
     }

@@ -1,0 +1,81 @@
+"""The baseline for `runpod-worker bench models`: the same TorchScript MiniLM called from
+Python torch, doing the same work as the worker's extract and classify handlers, with N threads.
+
+    python handler/bench_python.py --models handler/models --concurrency 2 --jobs 16
+Prints one JSON object: {"extract": {"p50_ms", "throughput"}, "classify": {...}}.
+"""
+
+import argparse
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from tokenizers import Tokenizer
+
+DOCUMENT = " ".join(f"Sentence number {i} describes the quarterly results of division {i % 7}." for i in range(60))
+TEXT = "Preheat the oven to 180 degrees, whisk two eggs with sugar, fold in the flour and bake for 25 minutes."
+LABELS = ["invoice", "recipe", "poem", "contract", "resume"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="handler/models")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=16)
+    args = parser.parse_args()
+
+    model = torch.jit.load(f"{args.models}/minilm.pt", map_location="cpu").eval()
+    tokenizer = Tokenizer.from_file(f"{args.models}/tokenizer.json")
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    batch_tokenizer = Tokenizer.from_file(f"{args.models}/tokenizer.json")
+    batch_tokenizer.enable_padding()
+    batch_tokenizer.enable_truncation(max_length=256)
+
+    def embed(texts):
+        encodings = batch_tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)
+        with torch.no_grad():
+            return model(ids, mask)
+
+    def extract():
+        offsets = tokenizer.encode(DOCUMENT, add_special_tokens=False).offsets
+        chunks, start = [], 0
+        while True:
+            end = min(start + 200, len(offsets))
+            chunks.append(DOCUMENT[offsets[start][0]:offsets[end - 1][1]])
+            if end == len(offsets):
+                break
+            start += 168
+        return embed(chunks).tolist()
+
+    label_embeddings = embed([f"This text is a {label}." for label in LABELS])
+
+    def classify():
+        text = embed([TEXT])
+        scores = torch.softmax((text @ label_embeddings.T) / 0.05, dim=1)
+        return scores.tolist()
+
+    results = {}
+    for name, work in [("extract", extract), ("classify", classify)]:
+        work()  # warm-up
+        latencies = []
+
+        def timed(_):
+            start = time.perf_counter()
+            work()
+            latencies.append((time.perf_counter() - start) * 1000)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+            list(pool.map(timed, range(args.jobs)))
+        elapsed = time.perf_counter() - start
+        latencies.sort()
+        results[name] = {"p50_ms": latencies[len(latencies) // 2], "throughput": args.jobs / elapsed}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
