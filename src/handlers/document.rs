@@ -124,6 +124,7 @@ pub fn parse(source: Source) -> Result<Document, JobError> {
                     "the document is not a PDF (it does not start with %PDF)",
                 ));
             }
+            check_decompressed_size(&bytes)?;
             // Malformed PDFs can make the parser panic: that fails this document only.
             let pages = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 pdf_extract::extract_text_from_mem_by_pages(&bytes)
@@ -141,6 +142,45 @@ pub fn parse(source: Source) -> Result<Document, JobError> {
         return Err(JobError::invalid_input("the document has no text"));
     }
     Ok(Document { text, ..document })
+}
+
+/// Most bytes a PDF's compressed streams may inflate to, all together.
+const MAX_DECOMPRESSED: u64 = 256 * 1024 * 1024;
+
+/// Refuses decompression bombs before the parser sees them: every `stream ... endstream` body
+/// that inflates as zlib (FlateDecode, object streams included) is inflated with a cap, and the
+/// total must stay under [`MAX_DECOMPRESSED`]. The parser itself has no such limit.
+fn check_decompressed_size(pdf: &[u8]) -> Result<(), JobError> {
+    use std::io::Read;
+    let mut total = 0u64;
+    let mut rest = pdf;
+    while let Some(start) = find(rest, b"stream") {
+        let after = &rest[start + b"stream".len()..];
+        let body = after
+            .strip_prefix(b"\r\n")
+            .or_else(|| after.strip_prefix(b"\n"));
+        let Some(body) = body else {
+            rest = after;
+            continue;
+        };
+        let end = find(body, b"endstream").unwrap_or(body.len());
+        let budget = MAX_DECOMPRESSED - total;
+        let mut decoder = flate2::read::ZlibDecoder::new(&body[..end]).take(budget + 1);
+        let inflated = std::io::copy(&mut decoder, &mut std::io::sink()).unwrap_or(0);
+        total += inflated;
+        if total > MAX_DECOMPRESSED {
+            return Err(JobError::invalid_input(format!(
+                "the PDF inflates to more than {} MB (a decompression bomb?)",
+                MAX_DECOMPRESSED / (1024 * 1024)
+            )));
+        }
+        rest = &body[end..];
+    }
+    Ok(())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Markdown without its markup: text, code and line structure.
@@ -208,6 +248,31 @@ mod tests {
     }
 
     #[test]
+    fn a_pdf_that_inflates_to_gigabytes_is_refused_before_parsing() {
+        use std::io::Write;
+        let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..300 {
+            encoder.write_all(&zeros).unwrap();
+        }
+        let bomb = encoder.finish().unwrap();
+        assert!(
+            bomb.len() < 1_000_000,
+            "300 MB of zeros compress to {} bytes",
+            bomb.len()
+        );
+        let mut pdf = b"%PDF-1.7\n1 0 obj << /Filter /FlateDecode /Length 1 >>\nstream\n".to_vec();
+        pdf.extend_from_slice(&bomb);
+        pdf.extend_from_slice(b"\nendstream\nendobj\n%%EOF");
+        let error = parse(Source::Pdf(pdf)).unwrap_err();
+        assert!(
+            error.message.contains("decompression bomb"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
     fn empty_and_non_pdf_documents_are_invalid_input() {
         assert!(parse(Source::Text(" \n\t\n ".into()))
             .unwrap_err()
@@ -228,5 +293,29 @@ mod tests {
         ))
         .unwrap_err();
         assert!(broken.message.contains("PDF"), "{}", broken.message);
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Arbitrary bytes as any document kind: a document or an InvalidInput, never a panic.
+            #[test]
+            fn arbitrary_documents_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048), kind in 0u8..4) {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let source = match kind {
+                    0 => Source::Text(text),
+                    1 => Source::Markdown(text),
+                    2 => Source::Html(bytes),
+                    _ => Source::Pdf([b"%PDF-1.4\n".as_slice(), &bytes].concat()),
+                };
+                if let Err(error) = parse(source) {
+                    prop_assert_eq!(error.error_type, crate::outcome::ErrorType::InvalidInput);
+                }
+            }
+        }
     }
 }

@@ -167,10 +167,20 @@ async fn run(
         CancellationToken::new(),
         simulated,
     );
+    let peak_probe = PeakProbe::start(&worker, reservation.as_ref(), simulated);
     let execution = execute(entry, ctx.clone(), deadline, &stop, &worker.interrupt).await;
+    if let Some(peak) = peak_probe.and_then(|probe| probe.finish(&worker)) {
+        ctx.report_gpu_peak(peak);
+    }
     match execution {
         Execution::Cancelled => finish_cancelled(&worker, &job.id),
-        Execution::Finished(result) => {
+        Execution::Finished(mut result) => {
+            if let Err(error) = &mut result {
+                if error.is_out_of_memory() {
+                    // When memory should free up, as for an admission refusal.
+                    error.retry_after = Some(worker.memory.retry_after());
+                }
+            }
             worker.metrics.job_finished(&handler, &result);
             learn(
                 &worker,
@@ -191,6 +201,43 @@ async fn run(
     ctx.threads_finished().await;
     drop(reservation);
     drop(permit);
+}
+
+/// Measures a real GPU job's peak from libtorch's allocator. The allocator's counters are per
+/// device, so a job's peak is only its own when it ran alone there: measured then, skipped
+/// otherwise (its footprint is learned from the jobs that did).
+struct PeakProbe {
+    device: usize,
+    baseline: u64,
+}
+
+impl PeakProbe {
+    fn start(
+        worker: &Worker,
+        reservation: Option<&crate::admission::Reservation>,
+        simulated: bool,
+    ) -> Option<Self> {
+        let device = reservation?.device();
+        if simulated || !alone_on(worker, device) {
+            return None;
+        }
+        let baseline = crate::gpu::allocator::stats(device)?.allocated;
+        crate::gpu::allocator::reset_peak(device).then_some(Self { device, baseline })
+    }
+
+    fn finish(self, worker: &Worker) -> Option<u64> {
+        let stats = crate::gpu::allocator::stats(self.device)?;
+        alone_on(worker, self.device).then(|| stats.peak_allocated.saturating_sub(self.baseline))
+    }
+}
+
+fn alone_on(worker: &Worker, device: usize) -> bool {
+    worker
+        .memory
+        .ledgers()
+        .iter()
+        .find(|l| l.device() == device)
+        .is_some_and(|l| l.entries().len() == 1)
 }
 
 /// Feeds a finished job to admission: durations and footprints, and with `[gpu] adaptive`
