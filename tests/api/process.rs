@@ -71,10 +71,17 @@ async fn sigterm_finishes_the_job_in_hand_delivers_it_and_exits_0() {
         EP,
         json!({"id": "term", "input": {"task": "echo", "sleep_ms": 1500}}),
     );
+    // Held by the worker (its heartbeat lists it), not just handed out by the queue.
     mock.state()
-        .wait_for(WAIT, |i| i.endpoints.get(EP)?.holder_of("term").map(|_| ()))
+        .wait_for(WAIT, |i| {
+            let pings = &i.endpoints.get(EP)?.pings;
+            pings
+                .iter()
+                .any(|p| p.worker == "proc" && p.job_ids.contains(&"term".to_owned()))
+                .then_some(())
+        })
         .await
-        .expect("the job was taken");
+        .expect("the worker holds the job");
     let status = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
