@@ -13,7 +13,7 @@ use tch::{CModule, Kind};
 use super::document;
 use super::fetch::FetchPolicy;
 use super::{Handler, JobContext};
-use crate::model::{torch_error, Encoder};
+use crate::model::{torch_error, Encoder, OnDevices};
 use crate::outcome::JobError;
 
 /// Most labels in one job.
@@ -33,7 +33,7 @@ pub enum ClassifyMode {
     /// Cosine similarity between text and label embeddings.
     ZeroShot,
     /// A TorchScript model `(input_ids, attention_mask) -> logits [1, labels]`.
-    Logits(Arc<CModule>),
+    Logits(OnDevices<Arc<CModule>>),
 }
 
 /// The classification handler (the classifier, shared with its blocking threads).
@@ -41,8 +41,8 @@ pub struct ClassifyHandler(pub Arc<Classifier>);
 
 /// What classifies.
 pub struct Classifier {
-    /// The shared encoder (and tokenizer, for the logits model).
-    pub encoder: Arc<Encoder>,
+    /// The shared encoder (and tokenizer, for the logits model), one per device.
+    pub encoder: OnDevices<Arc<Encoder>>,
     /// Zero-shot or logits.
     pub mode: ClassifyMode,
     /// Labels used when a job gives none (the logits model's labels).
@@ -106,7 +106,11 @@ fn softmax(values: &[f64]) -> Vec<f64> {
 }
 
 impl Classifier {
-    fn label_embeddings(&self, labels: &[String]) -> Result<Vec<Arc<Vec<f32>>>, JobError> {
+    fn label_embeddings(
+        &self,
+        encoder: &Encoder,
+        labels: &[String],
+    ) -> Result<Vec<Arc<Vec<f32>>>, JobError> {
         let missing: Vec<String> = {
             let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
             labels
@@ -117,10 +121,7 @@ impl Classifier {
         };
         if !missing.is_empty() {
             let sentences: Vec<String> = missing.iter().map(|l| label_sentence(l)).collect();
-            let embedded = self
-                .encoder
-                .embed(&sentences)
-                .map_err(|e| torch_error(&e, 10))?;
+            let embedded = encoder.embed(&sentences).map_err(|e| torch_error(&e, 10))?;
             let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
             if cache.len() + missing.len() > CACHE_LIMIT {
                 cache.clear();
@@ -141,9 +142,9 @@ impl Classifier {
             .collect()
     }
 
-    fn logits(&self, module: &CModule, text: &str) -> Result<Vec<f64>, tch::TchError> {
+    fn logits(module: &CModule, encoder: &Encoder, text: &str) -> Result<Vec<f64>, tch::TchError> {
         let _no_grad = tch::no_grad_guard();
-        let (ids, mask) = self.encoder.model_inputs(text)?;
+        let (ids, mask) = encoder.model_inputs(text)?;
         let logits = module
             .forward_ts(&[ids, mask])?
             .f_to_device(tch::Device::Cpu)?
@@ -151,21 +152,25 @@ impl Classifier {
         Vec::<f64>::try_from(logits.f_flatten(0, -1)?)
     }
 
-    fn classify(&self, text: &str, labels: &[String]) -> Result<Value, JobError> {
-        let (used, total) = self
-            .encoder
+    fn classify(
+        &self,
+        text: &str,
+        labels: &[String],
+        device: Option<usize>,
+    ) -> Result<Value, JobError> {
+        let encoder = self.encoder.for_device(device);
+        let (used, total) = encoder
             .token_counts(text)
             .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?;
         let probabilities = match &self.mode {
             ClassifyMode::ZeroShot => {
-                let text_embedding = self
-                    .encoder
+                let text_embedding = encoder
                     .embed(&[text.to_owned()])
                     .map_err(|e| torch_error(&e, 10))?;
                 let text_embedding = text_embedding
                     .first()
                     .ok_or_else(|| JobError::internal("no embedding"))?;
-                let label_embeddings = self.label_embeddings(labels)?;
+                let label_embeddings = self.label_embeddings(encoder, labels)?;
                 let cosines: Vec<f64> = label_embeddings
                     .iter()
                     .map(|l| {
@@ -178,8 +183,9 @@ impl Classifier {
                     .collect();
                 softmax(&cosines)
             }
-            ClassifyMode::Logits(module) => {
-                let logits = self.logits(module, text).map_err(|e| torch_error(&e, 10))?;
+            ClassifyMode::Logits(modules) => {
+                let logits = Self::logits(modules.for_device(device), encoder, text)
+                    .map_err(|e| torch_error(&e, 10))?;
                 if logits.len() != labels.len() {
                     return Err(JobError::new(
                         crate::outcome::ErrorType::ModelError,
@@ -209,7 +215,7 @@ impl Classifier {
             "truncated": total > used,
             "tokens": used,
             "tokens_total": total,
-            "model": self.encoder.name(),
+            "model": encoder.name(),
         }))
     }
 }
@@ -228,9 +234,10 @@ impl Handler for ClassifyHandler {
             ClassifyMode::ZeroShot => labels_of(&ctx.input, &classifier.default_labels)?,
         };
         let source = document::source_of(&ctx.input, true, &classifier.fetch).await?;
+        let device = ctx.device;
         ctx.run_blocking(move || {
             let document = document::parse(source)?;
-            classifier.classify(&document.text, &labels)
+            classifier.classify(&document.text, &labels, device)
         })
         .await?
     }

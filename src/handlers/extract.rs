@@ -10,13 +10,13 @@ use serde_json::{json, Value};
 use super::document::{self, Document};
 use super::fetch::FetchPolicy;
 use super::{Handler, JobContext};
-use crate::model::{torch_error, Encoder};
+use crate::model::{torch_error, Encoder, OnDevices};
 use crate::outcome::JobError;
 
 /// The extraction handler.
 pub struct ExtractHandler {
-    /// The shared encoder.
-    pub encoder: Arc<Encoder>,
+    /// The shared encoder, one per device.
+    pub encoder: OnDevices<Arc<Encoder>>,
     /// Tokens per chunk.
     pub chunk_tokens: usize,
     /// Tokens shared by consecutive chunks.
@@ -72,7 +72,7 @@ impl Handler for ExtractHandler {
             Some(_) => return Err(JobError::invalid_input("input.embed must be true or false")),
         };
         let source = document::source_of(&ctx.input, false, &self.fetch).await?;
-        let encoder = self.encoder.clone();
+        let encoder = self.encoder.for_device(ctx.device).clone();
         let cancel = ctx.cancel.clone();
         ctx.run_blocking(move || {
             let Document { text, pages } = document::parse(source)?;

@@ -52,6 +52,8 @@ pub struct JobContext {
     pub cancel: CancellationToken,
     /// Whether the worker runs on a simulated GPU (enables echo's test-only options).
     pub simulated_gpu: bool,
+    /// The GPU admission reserved memory on, for handlers with a model on every GPU.
+    pub device: Option<usize>,
     sink: Arc<dyn ChunkSink>,
     chunks_sent: Arc<AtomicUsize>,
     threads: TaskTracker,
@@ -72,6 +74,7 @@ impl JobContext {
             input,
             cancel,
             simulated_gpu,
+            device: None,
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
             threads: TaskTracker::new(),

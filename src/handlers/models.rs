@@ -14,7 +14,7 @@ use super::fetch::FetchPolicy;
 use super::torchscript::TorchScriptHandler;
 use super::{EchoHandler, Handler};
 use crate::config::HandlerConfig;
-use crate::model::{load_module, Encoder, LoadError};
+use crate::model::{load_module, Encoder, LoadError, OnDevices};
 
 /// Loads models on demand, once per (file, device).
 pub(super) struct ModelLoader {
@@ -50,12 +50,21 @@ impl ModelLoader {
         Ok(encoder)
     }
 
-    /// The handler of `kind` for `table`, its model on `device`.
+    /// The encoder on every device of `devices`.
+    fn encoders(&mut self, devices: &[Device]) -> Result<OnDevices<Arc<Encoder>>, LoadError> {
+        devices
+            .iter()
+            .map(|d| self.encoder(*d))
+            .collect::<Result<_, _>>()
+            .map(OnDevices)
+    }
+
+    /// The handler of `kind` for `table`, its model on each of `devices`.
     pub(super) fn handler(
         &mut self,
         kind: &str,
         table: &HandlerConfig,
-        device: Device,
+        devices: &[Device],
     ) -> Result<Arc<dyn Handler>, LoadError> {
         let fetch = FetchPolicy {
             allow_private: table.allow_private_urls.unwrap_or(false),
@@ -67,18 +76,25 @@ impl ModelLoader {
         Ok(match kind {
             "echo" => Arc::new(EchoHandler),
             "extract" => Arc::new(ExtractHandler {
-                encoder: self.encoder(device)?,
+                encoder: self.encoders(devices)?,
                 chunk_tokens: table.chunk_tokens.unwrap_or(200),
                 overlap: table.overlap.unwrap_or(32),
                 fetch,
             }),
             "classify" => {
                 let mode = match &table.model {
-                    Some(file) => ClassifyMode::Logits(load_module(&self.dir.join(file), device)?),
+                    Some(file) => {
+                        let path = self.dir.join(file);
+                        let modules = devices
+                            .iter()
+                            .map(|d| load_module(&path, *d))
+                            .collect::<Result<_, _>>()?;
+                        ClassifyMode::Logits(OnDevices(modules))
+                    }
                     None => ClassifyMode::ZeroShot,
                 };
                 Arc::new(ClassifyHandler(Arc::new(Classifier {
-                    encoder: self.encoder(device)?,
+                    encoder: self.encoders(devices)?,
                     mode,
                     default_labels: table.labels.clone().unwrap_or_default(),
                     temperature: table.temperature.unwrap_or(0.05),
@@ -86,14 +102,17 @@ impl ModelLoader {
                     cache: Mutex::new(HashMap::new()),
                 })))
             }
-            "torchscript" => Arc::new(TorchScriptHandler {
-                module: load_module(
-                    &self.dir.join(table.model.as_deref().unwrap_or_default()),
-                    device,
-                )?,
-                inputs: table.inputs.clone().unwrap_or_default(),
-                device,
-            }),
+            "torchscript" => {
+                let path = self.dir.join(table.model.as_deref().unwrap_or_default());
+                let modules = devices
+                    .iter()
+                    .map(|d| load_module(&path, *d).map(|m| (m, *d)))
+                    .collect::<Result<_, _>>()?;
+                Arc::new(TorchScriptHandler {
+                    modules: OnDevices(modules),
+                    inputs: table.inputs.clone().unwrap_or_default(),
+                })
+            }
             other => unreachable!("config validation admits only known kinds, not {other:?}"),
         })
     }

@@ -81,8 +81,8 @@ impl HandlerSet {
             let wants_gpu = table.device == DeviceChoice::Cuda;
             let on_gpu = wants_gpu && gpu_present;
             // A simulated GPU is accounted as a GPU but computes on the CPU.
-            let device = crate::model::device_for(on_gpu && !simulated);
-            let handler = loader.handler(&kind, table, device)?;
+            let devices = crate::model::devices_for(on_gpu && !simulated);
+            let handler = loader.handler(&kind, table, &devices)?;
             let entry = HandlerEntry {
                 name: name.clone(),
                 kind,

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use super::{Handler, JobContext};
-use crate::model::torch_error;
+use crate::model::{torch_error, OnDevices};
 use crate::outcome::{ErrorType, JobError};
 
 /// Largest tensor accepted, in elements.
@@ -18,12 +18,10 @@ const MAX_ELEMENTS: usize = 10_000_000;
 
 /// The generic TorchScript handler.
 pub struct TorchScriptHandler {
-    /// The model, on `device`.
-    pub module: Arc<CModule>,
+    /// The model and the device it is on, one per device.
+    pub modules: OnDevices<(Arc<CModule>, Device)>,
     /// Input names, in `forward`'s order.
     pub inputs: Vec<String>,
-    /// Where inputs go.
-    pub device: Device,
 }
 
 /// A JSON tensor, checked.
@@ -152,7 +150,7 @@ impl Handler for TorchScriptHandler {
                 read_tensor(name, value)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let (module, device) = (self.module.clone(), self.device);
+        let (module, device) = self.modules.for_device(ctx.device).clone();
         ctx.run_blocking(move || {
             let _no_grad = tch::no_grad_guard();
             let inputs = tensors

@@ -46,13 +46,29 @@ pub fn load_module(path: &Path, device: Device) -> Result<Arc<CModule>, LoadErro
     Ok(Arc::new(module))
 }
 
-/// The device a handler's model goes on: the first GPU for CUDA handlers when libtorch sees
-/// one, else the CPU (a simulated GPU is accounted as a GPU but computes on the CPU).
-pub fn device_for(wants_gpu: bool) -> Device {
-    if wants_gpu && tch::Cuda::is_available() {
-        Device::Cuda(0)
+/// The devices a handler's model goes on: every visible GPU for CUDA handlers when libtorch
+/// sees one (admission picks the GPU per job), else the CPU (a simulated GPU is accounted as a
+/// GPU but computes on the CPU).
+pub fn devices_for(wants_gpu: bool) -> Vec<Device> {
+    let gpus = if wants_gpu && tch::Cuda::is_available() {
+        tch::Cuda::device_count()
     } else {
-        Device::Cpu
+        0
+    };
+    if gpus > 0 {
+        (0..gpus as usize).map(Device::Cuda).collect()
+    } else {
+        vec![Device::Cpu]
+    }
+}
+
+/// One copy of something per device, in device order (one entry for the CPU).
+pub struct OnDevices<T>(pub Vec<T>);
+
+impl<T> OnDevices<T> {
+    /// The copy for GPU `device` (a job's reservation says which), else the first.
+    pub fn for_device(&self, device: Option<usize>) -> &T {
+        device.and_then(|d| self.0.get(d)).unwrap_or(&self.0[0])
     }
 }
 

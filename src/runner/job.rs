@@ -160,13 +160,15 @@ async fn run(
         });
     let sink = Arc::new(QueueSink(worker.client.clone()));
     let simulated = worker.sampler.probe().is_simulated();
-    let ctx = JobContext::new(
+    let mut ctx = JobContext::new(
         job.id.clone(),
         input,
         sink,
         CancellationToken::new(),
         simulated,
     );
+    // Models are loaded on every GPU: the job runs where its memory is reserved.
+    ctx.device = reservation.as_ref().map(|r| r.device());
     let peak_probe = PeakProbe::start(&worker, reservation.as_ref(), simulated);
     let execution = execute(entry, ctx.clone(), deadline, &stop, &worker.interrupt).await;
     if let Some(peak) = peak_probe.and_then(|probe| probe.finish(&worker)) {
