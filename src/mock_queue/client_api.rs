@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,15 +16,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::state::{EndpointQueue, JobState, MockState, Route};
-use super::worker_api::{error, gate, unknown_job};
+use super::worker_api::{error, unknown_job};
 
 /// `/run` bodies above this are refused (the platform's limit).
 pub const RUN_LIMIT: usize = 10 * 1_000_000;
 /// `/runsync` bodies above this are refused.
 pub const RUNSYNC_LIMIT: usize = 20 * 1_000_000;
 
-/// The client API routes.
-pub(super) fn routes() -> Router<Arc<MockState>> {
+/// The client API routes, behind the gate.
+pub(super) fn routes(state: &Arc<MockState>) -> Router<Arc<MockState>> {
     Router::new()
         .route("/v2/{endpoint}/run", post(run))
         .route("/v2/{endpoint}/runsync", post(runsync))
@@ -34,6 +34,10 @@ pub(super) fn routes() -> Router<Arc<MockState>> {
         .route("/v2/{endpoint}/retry/{job}", post(retry))
         .route("/v2/{endpoint}/purge-queue", post(purge))
         .route("/v2/{endpoint}/health", get(health))
+        .route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Route::Client),
+            super::gate::check,
+        ))
 }
 
 /// Reads a submit body, queues the job, and returns its id.
@@ -118,12 +122,8 @@ fn submit(
 async fn run(
     State(state): State<Arc<MockState>>,
     Path(endpoint): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Client, &headers) {
-        return refused;
-    }
     match submit(&state, &endpoint, &body, RUN_LIMIT, "") {
         Ok(id) => Json(json!({ "id": id, "status": "IN_QUEUE" })).into_response(),
         Err(refused) => refused,
@@ -139,12 +139,8 @@ async fn runsync(
     State(state): State<Arc<MockState>>,
     Path(endpoint): Path<String>,
     Query(wait): Query<Wait>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Client, &headers) {
-        return refused;
-    }
     let id = match submit(&state, &endpoint, &body, RUNSYNC_LIMIT, "sync-") {
         Ok(id) => id,
         Err(refused) => return refused,
@@ -179,11 +175,7 @@ fn with_job(
 async fn status(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Client, &headers) {
-        return refused;
-    }
     with_job(&state, &endpoint, &job, |queue| {
         Json(queue.jobs[&job].status_body(&job)).into_response()
     })
@@ -192,11 +184,7 @@ async fn status(
 async fn stream(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Client, &headers) {
-        return refused;
-    }
     with_job(&state, &endpoint, &job, |queue| {
         let record = queue.jobs.get_mut(&job).expect("checked by with_job");
         // Each chunk is delivered once: the SDK polls and yields everything it gets.
@@ -213,11 +201,7 @@ async fn stream(
 async fn cancel(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Client, &headers) {
-        return refused;
-    }
     let mut webhook = None;
     let response = with_job(&state, &endpoint, &job, |queue| {
         let record = queue.jobs.get(&job).expect("checked by with_job");
@@ -249,11 +233,7 @@ async fn cancel(
 async fn retry(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Client, &headers) {
-        return refused;
-    }
     with_job(&state, &endpoint, &job, |queue| {
         let record = queue.jobs.get_mut(&job).expect("checked by with_job");
         if !matches!(record.state, JobState::Failed | JobState::TimedOut) {
@@ -274,14 +254,7 @@ async fn retry(
     })
 }
 
-async fn purge(
-    State(state): State<Arc<MockState>>,
-    Path(endpoint): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = gate(&state, Route::Client, &headers) {
-        return refused;
-    }
+async fn purge(State(state): State<Arc<MockState>>, Path(endpoint): Path<String>) -> Response {
     let removed = state.with(|inner| {
         let queue = inner.endpoint(&endpoint);
         let removed: Vec<Value> = queue.pending.drain(..).collect();
@@ -295,14 +268,7 @@ async fn purge(
     Json(json!({ "removed": removed, "status": "completed" })).into_response()
 }
 
-async fn health(
-    State(state): State<Arc<MockState>>,
-    Path(endpoint): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = gate(&state, Route::Client, &headers) {
-        return refused;
-    }
+async fn health(State(state): State<Arc<MockState>>, Path(endpoint): Path<String>) -> Response {
     let seen_within = state.options.lease_timeout;
     let body = state.read(|inner| {
         let empty = EndpointQueue::default();

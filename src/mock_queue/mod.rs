@@ -12,6 +12,8 @@
 // variant costs nothing that matters in a mock server.
 #[allow(clippy::result_large_err)]
 mod client_api;
+#[allow(clippy::result_large_err)]
+mod gate;
 mod leases;
 mod state;
 #[allow(clippy::result_large_err)]
@@ -40,8 +42,8 @@ const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
 /// The mock's routes over `state`.
 pub fn router(state: Arc<MockState>) -> Router {
-    worker_api::routes()
-        .merge(client_api::routes())
+    worker_api::routes(&state)
+        .merge(client_api::routes(&state))
         .fallback(|method: Method, uri: Uri| async move {
             worker_api::error(
                 StatusCode::NOT_FOUND,

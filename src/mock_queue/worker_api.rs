@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,15 +17,36 @@ use super::state::{DoneRecord, JobState, MockState, PingRecord, Route, StreamRec
 
 type Params = Query<BTreeMap<String, String>>;
 
-/// The worker API routes.
-pub(super) fn routes() -> Router<Arc<MockState>> {
+/// The worker API routes, each behind the gate with its route's label.
+pub(super) fn routes(state: &Arc<MockState>) -> Router<Arc<MockState>> {
+    let gate = |route: Route| {
+        axum::middleware::from_fn_with_state((state.clone(), route), super::gate::check)
+    };
     Router::new()
-        .route("/v2/{endpoint}/job-take/{worker}", get(take))
-        .route("/v2/{endpoint}/job-take-batch/{worker}", get(take_batch))
-        .route("/v2/{endpoint}/job-stop/{worker}", get(stop))
-        .route("/v2/{endpoint}/job-done/{worker}/{job}", post(done))
-        .route("/v2/{endpoint}/job-stream/{worker}/{job}", post(stream))
-        .route("/v2/{endpoint}/ping/{worker}", get(ping))
+        .route(
+            "/v2/{endpoint}/job-take/{worker}",
+            get(take).route_layer(gate(Route::Take)),
+        )
+        .route(
+            "/v2/{endpoint}/job-take-batch/{worker}",
+            get(take_batch).route_layer(gate(Route::Take)),
+        )
+        .route(
+            "/v2/{endpoint}/job-stop/{worker}",
+            get(stop).route_layer(gate(Route::Stop)),
+        )
+        .route(
+            "/v2/{endpoint}/job-done/{worker}/{job}",
+            post(done).route_layer(gate(Route::Done)),
+        )
+        .route(
+            "/v2/{endpoint}/job-stream/{worker}/{job}",
+            post(stream).route_layer(gate(Route::Stream)),
+        )
+        .route(
+            "/v2/{endpoint}/ping/{worker}",
+            get(ping).route_layer(gate(Route::Ping)),
+        )
 }
 
 /// A JSON error body with `status`.
@@ -33,51 +54,11 @@ pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// Counts the request, checks the key, and applies an injected fault.
-pub(super) fn gate(state: &MockState, route: Route, headers: &HeaderMap) -> Result<(), Response> {
-    let fault = state.with(|inner| {
-        *inner.requests.entry(route).or_default() += 1;
-        inner.faults.get(&route).copied()
-    });
-    if let Some(key) = &state.options.api_key {
-        let presented = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        if presented.is_empty() {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "missing Authorization header: send the API key, raw or as `Bearer KEY`",
-            ));
-        }
-        if !key.matches_header(presented) {
-            return Err(error(StatusCode::UNAUTHORIZED, "wrong API key"));
-        }
-    }
-    if let Some(fault) = fault {
-        if rand::random::<f64>() < fault.rate {
-            // Status 200 injects a garbage body with the wrong content type.
-            if fault.status == 200 {
-                let html = [(axum::http::header::CONTENT_TYPE, "text/html")];
-                return Err((html, "<html>upstream error</html>").into_response());
-            }
-            let status =
-                StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Err(error(status, "injected fault"));
-        }
-    }
-    Ok(())
-}
-
 async fn take(
     State(state): State<Arc<MockState>>,
     Path((endpoint, worker)): Path<(String, String)>,
     Query(query): Params,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Take, &headers) {
-        return refused;
-    }
     take_jobs(state, endpoint, worker, None, query).await
 }
 
@@ -85,11 +66,7 @@ async fn take_batch(
     State(state): State<Arc<MockState>>,
     Path((endpoint, worker)): Path<(String, String)>,
     Query(query): Params,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Take, &headers) {
-        return refused;
-    }
     let batch_size = query
         .get("batch_size")
         .and_then(|n| n.parse::<usize>().ok());
@@ -173,11 +150,7 @@ async fn take_jobs(
 async fn stop(
     State(state): State<Arc<MockState>>,
     Path((endpoint, worker)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Stop, &headers) {
-        return refused;
-    }
     let deadline = tokio::time::Instant::now() + state.options.long_poll;
     loop {
         let arrived = state.stop_arrived.notified();
@@ -220,12 +193,8 @@ async fn done(
     State(state): State<Arc<MockState>>,
     Path((endpoint, worker, job)): Path<(String, String, String)>,
     Query(query): Params,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Done, &headers) {
-        return refused;
-    }
     let body = match parse_body(&body, "job-done") {
         Ok(body) => body,
         Err(refused) => return refused,
@@ -290,12 +259,8 @@ async fn done(
 async fn stream(
     State(state): State<Arc<MockState>>,
     Path((endpoint, worker, job)): Path<(String, String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Stream, &headers) {
-        return refused;
-    }
     let body = match parse_body(&body, "job-stream") {
         Ok(body) => body,
         Err(refused) => return refused,
@@ -330,11 +295,7 @@ async fn ping(
     State(state): State<Arc<MockState>>,
     Path((endpoint, worker)): Path<(String, String)>,
     Query(query): Params,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = gate(&state, Route::Ping, &headers) {
-        return refused;
-    }
     let job_ids = query
         .get("job_id")
         .map(|ids| {
