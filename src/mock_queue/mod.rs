@@ -105,6 +105,17 @@ impl MockQueue {
         self.state.wake();
     }
 
+    /// Queues several jobs at once: a waiting take sees all of them.
+    pub fn enqueue_all(&self, endpoint: &str, jobs: impl IntoIterator<Item = Value>) {
+        self.state.with(|inner| {
+            let queue = inner.endpoint(endpoint);
+            for job in jobs {
+                queue.push(job);
+            }
+        });
+        self.state.wake();
+    }
+
     /// Tells `worker` to stop `job_id` through job-stop.
     pub fn stop_job(&self, endpoint: &str, worker: &str, job_id: &str) {
         self.state

@@ -27,9 +27,9 @@ async fn batch_take_asks_for_the_free_slots_and_one_free_slot_gives_a_single_tak
     let gate = GateHandler::new();
     let worker = TestWorker::start(config, |h| h.with_handler("hold", gate.clone()), 1000).await;
 
-    for i in 0..5 {
-        worker.enqueue(&format!("j{i}"), json!({"task": "hold"}));
-    }
+    // All at once, so the waiting long-poll sees five jobs and answers with its three.
+    let jobs = (0..5).map(|i| json!({"id": format!("j{i}"), "input": {"task": "hold"}}));
+    worker.mock.enqueue_all(EP, jobs);
     gate.wait_started(3).await;
     gate.release(1);
     gate.wait_started(4).await;
