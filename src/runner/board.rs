@@ -31,10 +31,17 @@ impl JobCounters {
     }
 }
 
+/// A held job: its stop token, and whether its result is being posted.
+#[derive(Debug)]
+struct Held {
+    stop: CancellationToken,
+    answering: bool,
+}
+
 /// In-flight jobs, keyed by id.
 #[derive(Debug, Default)]
 pub struct JobBoard {
-    jobs: Mutex<BTreeMap<String, CancellationToken>>,
+    jobs: Mutex<BTreeMap<String, Held>>,
     /// Counters since start.
     pub counters: JobCounters,
 }
@@ -43,7 +50,11 @@ impl JobBoard {
     /// Records a job as held; the token is cancelled if the queue asks to stop it.
     pub fn register(&self, job_id: &str) -> CancellationToken {
         let token = CancellationToken::new();
-        self.lock().insert(job_id.to_owned(), token.clone());
+        let held = Held {
+            stop: token.clone(),
+            answering: false,
+        };
+        self.lock().insert(job_id.to_owned(), held);
         token
     }
 
@@ -55,12 +66,22 @@ impl JobBoard {
     /// Stops a held job; `false` if this worker does not hold it.
     pub fn cancel(&self, job_id: &str) -> bool {
         match self.lock().get(job_id) {
-            Some(token) => {
-                token.cancel();
+            Some(held) => {
+                held.stop.cancel();
                 true
             }
             None => false,
         }
+    }
+
+    /// Marks `job_id` as being answered; `true` when every job in hand is now being answered,
+    /// i.e. this is the last result of a worker that takes no more jobs.
+    pub fn begin_answer(&self, job_id: &str) -> bool {
+        let mut jobs = self.lock();
+        if let Some(held) = jobs.get_mut(job_id) {
+            held.answering = true;
+        }
+        jobs.values().all(|h| h.answering)
     }
 
     /// Ids of every held job (running or waiting for its handler).
@@ -78,7 +99,7 @@ impl JobBoard {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, CancellationToken>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Held>> {
         // A panic while holding this lock cannot leave the map half-updated (single inserts
         // and removes), so a poisoned lock is still safe to use.
         self.jobs

@@ -37,14 +37,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
             let worker = worker.clone();
             worker.tracker.clone().spawn(async move {
                 let _slot = slot;
-                answer(
-                    &worker,
-                    &id,
-                    Err(JobError::invalid_input(problem)),
-                    false,
-                    false,
-                )
-                .await;
+                answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
             });
         }
         Ok(job) => {
@@ -58,7 +51,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
                 Err(error) => {
                     worker.tracker.spawn(async move {
                         let _slot = slot;
-                        answer(&worker_ref, &job.id, Err(error), false, false).await;
+                        answer(&worker_ref, &job.id, Err(error), false).await;
                     });
                 }
                 Ok((handler, input)) => {
@@ -127,7 +120,7 @@ async fn run(
                 )
             }
         };
-        answer(&worker, &job.id, Err(error), false, false).await;
+        answer(&worker, &job.id, Err(error), false).await;
         return;
     };
     let reservation = tokio::select! {
@@ -136,7 +129,7 @@ async fn run(
             Err((shortage, error)) => {
                 worker.metrics.retry_signals.with_label_values(&[shortage.as_str()]).inc();
                 drop(permit);
-                answer(&worker, &job.id, Err(error), false, false).await;
+                answer(&worker, &job.id, Err(error), false).await;
                 return;
             }
         },
@@ -191,11 +184,10 @@ async fn run(
                 started.elapsed(),
                 ctx.gpu_peak(),
             );
-            let replace = worker.device_health.record(&result);
-            if replace {
+            if worker.device_health.record(&result) {
                 worker.ask_to_be_replaced(&result);
             }
-            answer(&worker, &job.id, result, ctx.chunks_sent() > 0, replace).await;
+            answer(&worker, &job.id, result, ctx.chunks_sent() > 0).await;
         }
     }
     // The job is answered; its slot is released only when its threads have really returned
@@ -288,13 +280,10 @@ fn finish_cancelled(worker: &Worker, job_id: &str) {
 /// Posts the job's result and lets go of it. A result over the size limit becomes an
 /// `OutputTooLarge` error (the platform would refuse it and the result would be lost); a result
 /// the queue would not take in time goes to the spool, to be re-sent at the next start.
-async fn answer(
-    worker: &Worker,
-    job_id: &str,
-    result: Result<Value, JobError>,
-    streamed: bool,
-    stop_pod: bool,
-) {
+async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, streamed: bool) {
+    // A worker that must be replaced says so with its last result, once it has drained: the
+    // platform may stop it as soon as it reads `stopPod`.
+    let stop_pod = worker.device_health.is_tripped() && worker.board.begin_answer(job_id);
     let limit = worker.config.queue.max_result_size.bytes();
     let mut body = done_body(&result, stop_pod);
     let size = serde_json::to_vec(&body).map_or(0, |b| b.len()) as u64;

@@ -202,8 +202,16 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
     worker.phase.set(Phase::Ready);
     take::run(worker.clone(), worker.stop_taking.clone()).await;
 
-    let replaced = worker.device_health.is_tripped();
     drain(&worker).await;
+    let replaced = worker.device_health.is_tripped();
+    if replaced {
+        // Also said through the heartbeat URL, the SDK's channel for an unhealthy worker, in
+        // case no result was left to carry `stopPod`.
+        let reason = "GPU failures: drained, asking to be replaced";
+        if let Err(e) = worker.client.report_unhealthy("gpu", reason).await {
+            tracing::warn!("could not report the failure to the queue: {e}");
+        }
+    }
     finished.cancel();
     let _ = stop_loop.await;
     let _ = http.await;

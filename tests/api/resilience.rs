@@ -142,21 +142,43 @@ async fn a_timed_out_model_call_keeps_its_slot_until_its_thread_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeated_ooms_make_the_worker_unhealthy_and_ask_to_be_replaced() {
+async fn repeated_ooms_make_the_worker_unhealthy_drain_and_ask_to_be_replaced_last() {
     let mut config = test_config();
     config.gpu.simulate = Some("24GB".parse().unwrap());
     config.handler.max_consecutive_ooms = 2;
-    config.handlers.get_mut("echo").unwrap().max_concurrency = 1;
-    let worker = TestWorker::start(config, |h| h, 1000).await;
+    let worker = TestWorker::start(config, |h| h, 100).await;
+    let mock = worker.mock.clone();
     worker.enqueue("oom1", json!({"task": "echo", "fail": "oom"}));
     let first = worker.done("oom1").await;
     assert_eq!(first.body["output"]["retry_after"], 10);
     assert!(first.body.get("stopPod").is_none());
+
+    // A slow job is in hand when the second OOM trips the worker: it is still answered, and
+    // it is the one that asks for a replacement, once nothing else is left.
+    worker.enqueue("slow", json!({"task": "echo", "sleep_ms": 500}));
+    mock.state()
+        .wait_for(WAIT, |i| {
+            i.endpoints
+                .get(EP)?
+                .pings
+                .last()?
+                .job_ids
+                .contains(&"slow".to_owned())
+                .then_some(())
+        })
+        .await
+        .expect("the slow job is in hand");
     worker.enqueue("oom2", json!({"task": "echo", "fail": "oom"}));
     let second = worker.done("oom2").await;
+    assert!(
+        second.body.get("stopPod").is_none(),
+        "not while another job is in hand"
+    );
+    assert_eq!(worker.health().await["status"], "unhealthy");
+    let slow = worker.done("slow").await;
     assert_eq!(
-        second.body["stopPod"], true,
-        "the tripping result asks for a new worker"
+        slow.body["stopPod"], true,
+        "the last result asks for a new worker"
     );
 
     let exit = tokio::time::timeout(WAIT, worker.handle)
@@ -165,6 +187,12 @@ async fn repeated_ooms_make_the_worker_unhealthy_and_ask_to_be_replaced() {
         .unwrap()
         .unwrap();
     assert_eq!(exit, WorkerExit::Replaced, "it drains and ends by itself");
+    let unhealthy = mock
+        .endpoint(EP)
+        .pings
+        .iter()
+        .any(|p| p.query.get("status").map(String::as_str) == Some("unhealthy"));
+    assert!(unhealthy, "and says so through the heartbeat URL");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
