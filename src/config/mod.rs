@@ -4,6 +4,7 @@
 //! `[handlers.<name>]` table per handler are ours. Unknown keys are refused with their name, and
 //! every number is checked against a stated limit in [`validate`].
 
+mod kind_keys;
 mod size;
 mod validate;
 

@@ -59,7 +59,7 @@ impl ConfigError {
     }
 }
 
-fn check(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+pub(super) fn check(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
         Ok(())
     } else {
@@ -209,7 +209,7 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
             1,
             MAX_CONCURRENCY,
         )?;
-        validate_kind_keys(name, kind, handler)?;
+        super::kind_keys::validate_kind_keys(name, kind, handler)?;
         if handler.gpu_memory == Some(Size::default()) {
             return Err(ConfigError::OutOfRange {
                 key: format!("handlers.{name}.gpu_memory"),
@@ -246,83 +246,6 @@ pub fn validate_budget(config: &Config, total: Size) -> Result<(), ConfigError> 
             });
         }
     }
-    Ok(())
-}
-
-/// Keys that only some kinds read are refused elsewhere, so a typo'd table does not pass silently.
-fn validate_kind_keys(name: &str, kind: &str, h: &super::HandlerConfig) -> Result<(), ConfigError> {
-    let misplaced = |key: &str, kinds: &str| ConfigError::OutOfRange {
-        key: format!("handlers.{name}.{key}"),
-        value: "(set)".into(),
-        limit: format!("only {kinds} handlers read it; this one is kind {kind:?}"),
-    };
-    let is = |kinds: &[&str]| kinds.contains(&kind);
-    if h.labels.is_some() && !is(&["classify"]) {
-        return Err(misplaced("labels", "classify"));
-    }
-    if h.temperature.is_some() && !is(&["classify"]) {
-        return Err(misplaced("temperature", "classify"));
-    }
-    if (h.chunk_tokens.is_some() || h.overlap.is_some()) && !is(&["extract"]) {
-        return Err(misplaced("chunk_tokens/overlap", "extract"));
-    }
-    let fetch_keys = h.allow_private_urls.is_some()
-        || h.max_document_size.is_some()
-        || h.url_timeout_s.is_some();
-    if fetch_keys && !is(&["extract", "classify"]) {
-        return Err(misplaced(
-            "allow_private_urls/max_document_size/url_timeout_s",
-            "extract and classify",
-        ));
-    }
-    if h.inputs.is_some() && !is(&["torchscript"]) {
-        return Err(misplaced("inputs", "torchscript"));
-    }
-    if h.model.is_some() && !is(&["classify", "torchscript"]) {
-        return Err(misplaced("model", "classify and torchscript"));
-    }
-    if kind == "torchscript" && (h.model.is_none() || h.inputs.as_ref().is_none_or(Vec::is_empty)) {
-        return Err(ConfigError::OutOfRange {
-            key: format!("handlers.{name}"),
-            value: "(kind torchscript)".into(),
-            limit: "a torchscript handler needs `model` (a file in model_dir) and `inputs` (its input names)".into(),
-        });
-    }
-    if kind == "classify" && h.model.is_some() && h.labels.as_ref().is_none_or(Vec::is_empty) {
-        return Err(ConfigError::OutOfRange {
-            key: format!("handlers.{name}.labels"),
-            value: "(missing)".into(),
-            limit: "a classify handler with a logits `model` needs `labels`, one per output".into(),
-        });
-    }
-    if let Some(t) = h.temperature {
-        if !(0.001..=100.0).contains(&t) {
-            return Err(ConfigError::OutOfRange {
-                key: format!("handlers.{name}.temperature"),
-                value: t.to_string(),
-                limit: "must be between 0.001 and 100".into(),
-            });
-        }
-    }
-    let chunk = h.chunk_tokens.unwrap_or(200);
-    check(
-        &format!("handlers.{name}.chunk_tokens"),
-        chunk as u64,
-        16,
-        254,
-    )?;
-    check(
-        &format!("handlers.{name}.overlap"),
-        h.overlap.unwrap_or(32) as u64,
-        0,
-        chunk as u64 / 2,
-    )?;
-    check(
-        &format!("handlers.{name}.url_timeout_s"),
-        h.url_timeout_s.unwrap_or(20),
-        1,
-        600,
-    )?;
     Ok(())
 }
 

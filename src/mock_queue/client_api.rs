@@ -15,7 +15,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::state::{EndpointQueue, JobState, MockState, Route};
+use super::jobs::JobState;
+use super::state::{EndpointQueue, MockState, Route};
 use super::worker_api::{error, unknown_job};
 
 /// `/run` bodies above this are refused (the platform's limit).

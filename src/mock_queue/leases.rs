@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::state::{EndpointQueue, JobState, MockState};
+use super::jobs::JobState;
+use super::state::{EndpointQueue, MockState};
 
 /// How often leases and deadlines are checked.
 const TICK: Duration = Duration::from_millis(100);

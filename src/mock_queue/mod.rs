@@ -14,6 +14,7 @@
 mod client_api;
 #[allow(clippy::result_large_err)]
 mod gate;
+mod jobs;
 mod leases;
 mod state;
 #[allow(clippy::result_large_err)]
@@ -31,9 +32,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use client_api::{RUNSYNC_LIMIT, RUN_LIMIT};
+pub use jobs::{JobRecord, JobState};
 pub use state::{
-    DoneRecord, EndpointQueue, Fault, Inner, JobRecord, JobState, MockOptions, MockState,
-    PingRecord, Route, StreamRecord, TakeRecord,
+    DoneRecord, EndpointQueue, Fault, Inner, MockOptions, MockState, PingRecord, Route,
+    StreamRecord, TakeRecord,
 };
 
 /// Bodies above this are cut off before any route sees them (results up to the platform's

@@ -13,7 +13,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::state::{DoneRecord, JobState, MockState, PingRecord, Route, StreamRecord, TakeRecord};
+use super::jobs::JobState;
+use super::state::{DoneRecord, MockState, PingRecord, Route, StreamRecord, TakeRecord};
 
 type Params = Query<BTreeMap<String, String>>;
 
