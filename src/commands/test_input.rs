@@ -13,7 +13,8 @@ use crate::gpu;
 use crate::handlers::{ChunkSink, HandlerSet, JobContext};
 use crate::outcome::{done_body, JobError};
 use crate::queue::protocol::parse_job;
-use crate::runner::{execute, Execution};
+use crate::runner::{execute, Deadline, Execution};
+use std::time::Duration;
 
 /// Stream chunks are printed as they come, one JSON line each.
 struct PrintSink;
@@ -86,11 +87,11 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
                     CancellationToken::new(),
                     probe.is_simulated(),
                 );
-                let deadline = job
-                    .policy_execution_timeout()
-                    .map_or(config.execution_timeout(), |p| {
-                        p.min(config.execution_timeout())
-                    });
+                let deadline = Deadline::of(
+                    config.execution_timeout(),
+                    job.policy_execution_timeout(),
+                    Duration::ZERO,
+                );
                 let never = CancellationToken::new();
                 match execute(routed.entry, ctx, deadline, &never, &never).await {
                     Execution::Finished(result) => result,

@@ -111,14 +111,18 @@ impl Classifier {
         encoder: &Encoder,
         labels: &[String],
     ) -> Result<Vec<Arc<Vec<f32>>>, JobError> {
-        let missing: Vec<String> = {
+        let mut known: HashMap<String, Arc<Vec<f32>>> = {
             let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
             labels
                 .iter()
-                .filter(|l| !cache.contains_key(*l))
-                .cloned()
+                .filter_map(|l| Some((l.clone(), cache.get(l)?.clone())))
                 .collect()
         };
+        let missing: Vec<String> = labels
+            .iter()
+            .filter(|l| !known.contains_key(*l))
+            .cloned()
+            .collect();
         if !missing.is_empty() {
             let sentences: Vec<String> = missing.iter().map(|l| label_sentence(l)).collect();
             let embedded = encoder.embed(&sentences).map_err(|e| torch_error(&e, 10))?;
@@ -127,14 +131,16 @@ impl Classifier {
                 cache.clear();
             }
             for (label, embedding) in missing.into_iter().zip(embedded) {
-                cache.insert(label, Arc::new(embedding));
+                let embedding = Arc::new(embedding);
+                cache.insert(label.clone(), embedding.clone());
+                // Kept here too: another job may clear the cache before we read it back.
+                known.insert(label, embedding);
             }
         }
-        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         labels
             .iter()
             .map(|l| {
-                cache
+                known
                     .get(l)
                     .cloned()
                     .ok_or_else(|| JobError::internal("label embedding missing"))

@@ -1,10 +1,11 @@
 //! `echo`: returns its input unchanged. For diagnostics, tests and benchmarks.
 //!
 //! Options (all optional, in `input`): `sleep_ms` waits (cancellable), `stream: N` sends N
-//! chunks first, `block_ms` blocks its executor thread (proves the heartbeat's isolation from a
-//! misbehaving handler). On a simulated GPU only: `fail: "panic" | "oom" | "cuda"` (a panic, a
-//! CUDA out-of-memory, a CUDA context that no longer works) and `gpu_peak_mb` (the peak GPU
-//! memory it pretends to reach, which admission learns footprints from).
+//! chunks first. On a simulated GPU only (test tools): `block_ms` blocks its executor thread
+//! (proves the heartbeat's isolation from a misbehaving handler), `fail: "panic" | "oom" |
+//! "cuda"` (a panic, a CUDA out-of-memory, a CUDA context that no longer works) and
+//! `gpu_peak_mb` (the peak GPU memory it pretends to reach, which admission learns footprints
+//! from).
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -13,7 +14,9 @@ use std::time::Duration;
 use super::{Handler, JobContext};
 use crate::outcome::JobError;
 
-/// Longest `sleep_ms`/`block_ms` accepted: one hour.
+/// Longest `block_ms` accepted.
+const MAX_BLOCK_MS: u64 = 60_000;
+/// Longest `sleep_ms` accepted: one hour.
 const MAX_SLEEP_MS: u64 = 3_600_000;
 /// Most chunks one job may stream.
 const MAX_STREAM_CHUNKS: u64 = 10_000;
@@ -39,7 +42,13 @@ fn option_u64(ctx: &JobContext, key: &str, max: u64) -> Result<u64, JobError> {
 impl Handler for EchoHandler {
     async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
         let sleep_ms = option_u64(&ctx, "sleep_ms", MAX_SLEEP_MS)?;
-        let block_ms = option_u64(&ctx, "block_ms", MAX_SLEEP_MS)?;
+        let block_ms = option_u64(&ctx, "block_ms", MAX_BLOCK_MS)?;
+        if block_ms > 0 && !ctx.simulated_gpu {
+            // It stalls an executor thread on purpose: a test tool, not for production queues.
+            return Err(JobError::invalid_input(
+                "input.block_ms is only honoured on a simulated GPU ([gpu] simulate)",
+            ));
+        }
         let chunks = option_u64(&ctx, "stream", MAX_STREAM_CHUNKS)?;
         let peak_mb = option_u64(&ctx, "gpu_peak_mb", MAX_PEAK_MB)?;
         if peak_mb > 0 {

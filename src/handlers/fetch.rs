@@ -43,18 +43,34 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v4.is_documentation()
                 || v4.is_multicast()
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (18..20).contains(&b))
+                || a >= 240
                 || a == 0
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let segments = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::from(
+                    (u32::from(hi) << 16) | u32::from(lo),
+                ))
+            };
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4 address inside.
+            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_internal(embedded(segments[6], segments[7]));
+            }
+            if segments[0] == 0x2002 {
+                return is_internal(embedded(segments[1], segments[2]));
+            }
+            let first = segments[0];
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
+                || (first & 0xffc0) == 0xfec0
         }
     }
 }
@@ -102,6 +118,8 @@ pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError>
     }
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy would resolve the host itself and undo the checks above.
+        .no_proxy()
         .timeout(policy.timeout)
         .resolve_to_addrs(&lookup, &addresses)
         .user_agent(concat!("runpod-worker/", env!("CARGO_PKG_VERSION")))
@@ -186,6 +204,11 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:127.0.0.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "fec0::1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:c0a8:0101::1",
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }

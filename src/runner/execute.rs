@@ -20,6 +20,45 @@ pub enum Execution {
     Cancelled,
 }
 
+/// The time a job may run, and the limit it comes from (for the `Timeout` message).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// Time left from now.
+    pub left: Duration,
+    /// The configured limit it derives from.
+    pub limit: Duration,
+    /// Whether the limit is the job's `policy.executionTimeout` (else `execution_timeout`).
+    pub from_policy: bool,
+}
+
+impl Deadline {
+    /// `execution_timeout` (from now) or what is left of the job's policy (counted by the
+    /// queue from the take), whichever ends first.
+    pub fn of(execution_timeout: Duration, policy: Option<Duration>, since_take: Duration) -> Self {
+        match policy {
+            Some(policy) if policy.saturating_sub(since_take) < execution_timeout => Self {
+                left: policy.saturating_sub(since_take),
+                limit: policy,
+                from_policy: true,
+            },
+            _ => Self {
+                left: execution_timeout,
+                limit: execution_timeout,
+                from_policy: false,
+            },
+        }
+    }
+
+    fn message(&self) -> String {
+        let limit = format_duration(self.limit);
+        if self.from_policy {
+            format!("the job ran past its policy.executionTimeout of {limit}")
+        } else {
+            format!("the job ran longer than its execution timeout of {limit}")
+        }
+    }
+}
+
 /// Runs `ctx` on `entry`'s handler within `deadline`.
 ///
 /// - `stop` (the stop channel) abandons the job: [`Execution::Cancelled`].
@@ -32,7 +71,7 @@ pub enum Execution {
 pub async fn execute(
     entry: &HandlerEntry,
     ctx: JobContext,
-    deadline: Duration,
+    deadline: Deadline,
     stop: &CancellationToken,
     interrupt: &CancellationToken,
 ) -> Execution {
@@ -60,9 +99,9 @@ pub async fn execute(
                 ))))
             }
         },
-        () = tokio::time::sleep(deadline) => Execution::Finished(Err(JobError::new(
+        () = tokio::time::sleep(deadline.left) => Execution::Finished(Err(JobError::new(
             ErrorType::Timeout,
-            format!("the job ran longer than its execution timeout of {}", format_duration(deadline)),
+            deadline.message(),
         ))),
         () = stop.cancelled() => Execution::Cancelled,
         () = interrupt.cancelled() => Execution::Finished(Err(JobError::new(

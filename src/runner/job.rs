@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{execute, Execution, JobCounters, Worker};
+use super::{execute, Deadline, Execution, JobCounters, Worker};
 use crate::admission::{GlobalSlot, QueuedTicket};
 use crate::handlers::{ChunkSink, JobContext};
 use crate::outcome::{done_body, ErrorType, JobError};
@@ -77,49 +77,43 @@ async fn run(
     slot: Option<GlobalSlot>,
     stop: CancellationToken,
 ) {
-    // Jobs sent beyond what was asked wait for a global slot before their handler's (one
-    // acquisition order everywhere: global, then handler).
-    let _slot = match slot {
-        Some(slot) => slot,
-        None => worker.limits.global().await,
-    };
+    // The local queue's bound covers the whole wait, from the take: for a global slot (jobs
+    // the queue sent beyond what was asked), the handler's slot, then memory. One acquisition
+    // order everywhere: global, handler, memory.
+    let taken_at = Instant::now();
+    let max_wait = worker.config.local_queue_max_wait();
+    let wait_until = taken_at + max_wait;
     let entry = worker
         .handlers
         .get(&handler)
         .expect("routed to a known handler");
-    let max_wait = worker.config.local_queue_max_wait();
-    // The local queue's bound covers the whole wait: for the handler's slot, then for memory.
-    let wait_until = Instant::now() + max_wait;
-    let permit = tokio::select! {
-        permit = tokio::time::timeout(max_wait, worker.limits.acquire(ticket)) => permit.ok(),
-        () = stop.cancelled() => {
-            finish_cancelled(&worker, &job.id);
-            return;
-        }
+    let slot = match slot {
+        Some(slot) => Some(slot),
+        None => tokio::select! {
+            slot = tokio::time::timeout(max_wait, worker.limits.global()) => slot.ok(),
+            () = stop.cancelled() => {
+                finish_cancelled(&worker, &job.id);
+                return;
+            }
+        },
     };
-    let Some(permit) = permit else {
+    let permit = match slot {
+        None => None,
+        Some(slot) => tokio::select! {
+            permit = tokio::time::timeout_at(wait_until.into(), worker.limits.acquire(ticket)) => permit.ok().map(|p| (slot, p)),
+            () = stop.cancelled() => {
+                finish_cancelled(&worker, &job.id);
+                return;
+            }
+        },
+    };
+    let Some((_slot, permit)) = permit else {
         worker
             .metrics
             .retry_signals
             .with_label_values(&["local_wait"])
             .inc();
-        let snapshot = worker.limits.snapshot()[&handler];
-        let error = if entry.on_gpu {
-            JobError::gpu_memory_exhausted(worker.memory.retry_after())
-        } else {
-            JobError {
-                retry_after: Some(LOCAL_WAIT_RETRY_AFTER_S),
-                ..JobError::new(
-                    ErrorType::Timeout,
-                    format!(
-                        "no {handler} slot became free within {} s ({}/{} busy), retry shortly",
-                        max_wait.as_secs(),
-                        snapshot.active,
-                        snapshot.limit
-                    ),
-                )
-            }
-        };
+        let error = local_wait_error(&worker, entry, &handler, max_wait);
         answer(&worker, &job.id, Err(error), false).await;
         return;
     };
@@ -146,11 +140,13 @@ async fn run(
     tracing::info!(job_id = %job.id, "{}", entry.started_line(permit.active_at_start()));
     let started = Instant::now();
 
-    let deadline = job
-        .policy_execution_timeout()
-        .map_or(worker.config.execution_timeout(), |policy| {
-            policy.min(worker.config.execution_timeout())
-        });
+    // The queue counts `policy.executionTimeout` from the take: what is left of it, so our own
+    // `Timeout` arrives before the queue gives up on the job. `execution_timeout` counts from now.
+    let deadline = Deadline::of(
+        worker.config.execution_timeout(),
+        job.policy_execution_timeout(),
+        taken_at.elapsed(),
+    );
     let sink = Arc::new(QueueSink(worker.client.clone()));
     let simulated = worker.sampler.probe().is_simulated();
     let mut ctx = JobContext::new(
@@ -268,6 +264,30 @@ fn learn(
                 current.max_limit
             );
         }
+    }
+}
+
+/// The retry signal for a job that waited its whole local-queue time.
+fn local_wait_error(
+    worker: &Worker,
+    entry: &crate::handlers::HandlerEntry,
+    handler: &str,
+    max_wait: Duration,
+) -> JobError {
+    if entry.on_gpu {
+        return JobError::gpu_memory_exhausted(worker.memory.retry_after());
+    }
+    let snapshot = worker.limits.handler(handler);
+    let (active, limit) = snapshot.map_or((0, 0), |s| (s.active, s.limit));
+    JobError {
+        retry_after: Some(LOCAL_WAIT_RETRY_AFTER_S),
+        ..JobError::new(
+            ErrorType::Timeout,
+            format!(
+                "no {handler} slot became free within {} s ({active}/{limit} busy), retry shortly",
+                max_wait.as_secs()
+            ),
+        )
     }
 }
 

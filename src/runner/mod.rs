@@ -33,7 +33,7 @@ use crate::queue::{QueueClient, QueueEndpoints, Spool};
 
 pub use board::{JobBoard, JobCounters};
 pub use device_health::DeviceHealth;
-pub use execute::{execute, Execution};
+pub use execute::{execute, Deadline, Execution};
 
 /// What a worker is started with. Tests substitute each part.
 pub struct WorkerSetup {

@@ -9,7 +9,9 @@ use crate::helpers::{test_config, TestWorker, EP, WAIT};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_lists_in_flight_ids_and_keeps_its_rhythm_while_handlers_block_every_executor_thread()
 {
-    let worker = TestWorker::start(test_config(), |h| h, 200).await;
+    let mut config = test_config();
+    config.gpu.simulate = Some("24GB".parse().unwrap()); // block_ms is a simulate-mode test tool
+    let worker = TestWorker::start(config, |h| h, 200).await;
     let mock = worker.mock.clone();
     mock.state()
         .wait_for(WAIT, |i| {

@@ -74,7 +74,7 @@ async fn execution_timeout_and_policy_timeout_end_the_job_with_timeout() {
         done.body["output"]["error"]
             .as_str()
             .unwrap()
-            .contains("300 ms"),
+            .contains("policy.executionTimeout of 300 ms"),
         "{}",
         done.body
     );
