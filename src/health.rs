@@ -106,7 +106,7 @@ fn devices(worker: &Worker) -> Vec<DeviceView> {
             let reserved = ledger.map_or(0, |l| l.reserved());
             let reserved_here = ledger.map_or(0, |l| l.reserved_here());
             let others_used = worker.memory.others_used(reading.index);
-            let allocator = sample.allocator.get(reading.index).copied().flatten();
+            let allocator = sample.allocator_of(reading.index);
             let (allocated, allocator_reserved) = match allocator {
                 Some(a) => (a.allocated, a.reserved),
                 None if simulated => (reserved_here, reserved_here),

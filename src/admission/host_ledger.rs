@@ -1,6 +1,8 @@
 //! The host-wide ledger: one file per GPU (under e.g. `/dev/shm`) that every worker process on
-//! the machine books its reservations in, under an exclusive file lock. Entries of processes
-//! that no longer exist are reclaimed on every access, so a crashed worker's memory comes back.
+//! the machine books its reservations in, under an exclusive file lock. Each ledger has an owner
+//! id and holds a lock on an "alive" file for as long as it exists; entries whose owner's lock
+//! is free are reclaimed on every access, so a crashed worker's memory comes back. Owner ids,
+//! not pids, so workers in different PID namespaces sharing `/dev/shm` never collide.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -15,6 +17,7 @@ struct HostFile {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct HostEntry {
+    owner: String,
     pid: u32,
     id: u64,
     bytes: u64,
@@ -23,28 +26,38 @@ struct HostEntry {
 /// The shared ledger file of one device.
 #[derive(Debug)]
 pub struct HostLedger {
+    dir: PathBuf,
     path: PathBuf,
     lock_path: PathBuf,
+    owner: String,
     pid: u32,
+    /// Locked for this ledger's lifetime: the proof, to other processes, that we are alive.
+    _alive: File,
 }
 
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+fn alive_path(dir: &Path, owner: &str) -> PathBuf {
+    dir.join(format!("runpod-worker-owner-{owner}.alive"))
 }
 
 impl HostLedger {
-    /// Opens (or creates) the ledger of `device` in `dir`, dropping entries a previous process
-    /// with our pid may have left.
+    /// Opens (or creates) the ledger of `device` in `dir`.
     pub fn open(dir: &Path, device: usize) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let ledger = Self {
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        let alive = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(alive_path(dir, &owner))?;
+        alive.lock()?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
             path: dir.join(format!("runpod-worker-gpu{device}.ledger.json")),
             lock_path: dir.join(format!("runpod-worker-gpu{device}.ledger.lock")),
+            owner,
             pid: std::process::id(),
-        };
-        let pid = ledger.pid;
-        ledger.with_locked(|file| file.entries.retain(|e| e.pid != pid))?;
-        Ok(ledger)
+            _alive: alive,
+        })
     }
 
     /// The file the reservations are kept in.
@@ -54,12 +67,16 @@ impl HostLedger {
 
     /// Books `bytes` under `id` if the host-wide total stays within `budget`.
     pub fn try_reserve(&self, id: u64, bytes: u64, budget: u64) -> std::io::Result<bool> {
-        let pid = self.pid;
         self.with_locked(|file| {
             let total: u64 = file.entries.iter().map(|e| e.bytes).sum();
             let fits = total + bytes <= budget;
             if fits {
-                file.entries.push(HostEntry { pid, id, bytes });
+                file.entries.push(HostEntry {
+                    owner: self.owner.clone(),
+                    pid: self.pid,
+                    id,
+                    bytes,
+                });
             }
             fits
         })
@@ -67,8 +84,10 @@ impl HostLedger {
 
     /// Removes our reservation `id`.
     pub fn release(&self, id: u64) -> std::io::Result<()> {
-        let pid = self.pid;
-        self.with_locked(|file| file.entries.retain(|e| !(e.pid == pid && e.id == id)))
+        self.with_locked(|file| {
+            file.entries
+                .retain(|e| !(e.owner == self.owner && e.id == id))
+        })
     }
 
     /// Bytes reserved by every live process.
@@ -76,13 +95,33 @@ impl HostLedger {
         self.with_locked(|file| file.entries.iter().map(|e| e.bytes).sum())
     }
 
-    /// Processes with reservations.
+    /// Process ids with reservations (as each saw its own pid).
     pub fn pids(&self) -> std::io::Result<Vec<u32>> {
         self.with_locked(|file| {
             let mut pids: Vec<u32> = file.entries.iter().map(|e| e.pid).collect();
+            pids.sort_unstable();
             pids.dedup();
             pids
         })
+    }
+
+    /// Whether the ledger `owner` still exists: its alive file is locked by someone.
+    fn owner_alive(&self, owner: &str) -> bool {
+        if owner == self.owner {
+            return true;
+        }
+        let path = alive_path(&self.dir, owner);
+        let Ok(file) = OpenOptions::new().write(true).open(&path) else {
+            return false;
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                // Nobody holds it: its owner is gone.
+                let _ = std::fs::remove_file(&path);
+                false
+            }
+            Err(_) => true,
+        }
     }
 
     fn with_locked<T>(&self, f: impl FnOnce(&mut HostFile) -> T) -> std::io::Result<T> {
@@ -94,7 +133,12 @@ impl HostLedger {
         lock.lock()?;
         let mut file = read(&self.path)?;
         let before = file.entries.len();
-        file.entries.retain(|e| alive(e.pid));
+        let mut alive = std::collections::HashMap::new();
+        file.entries.retain(|e| {
+            *alive
+                .entry(e.owner.clone())
+                .or_insert_with(|| self.owner_alive(&e.owner))
+        });
         if file.entries.len() != before {
             tracing::info!(
                 "host-wide GPU ledger: reclaimed {} reservation(s) of exited workers",
@@ -103,12 +147,18 @@ impl HostLedger {
         }
         let value = f(&mut file);
         // Write then rename: readers never see half a file.
-        let temporary = self.path.with_extension(format!("tmp{}", self.pid));
+        let temporary = self.path.with_extension(format!("tmp{}", self.owner));
         let mut out = File::create(&temporary)?;
         out.write_all(&serde_json::to_vec(&file)?)?;
         std::fs::rename(&temporary, &self.path)?;
         lock.unlock()?;
         Ok(value)
+    }
+}
+
+impl Drop for HostLedger {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(alive_path(&self.dir, &self.owner));
     }
 }
 
@@ -130,20 +180,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn two_ledgers_on_one_file_share_the_budget_and_dead_pids_are_reclaimed() {
+    fn ledgers_on_one_file_share_the_budget_and_a_dead_owners_reservations_are_reclaimed() {
         let dir = tempfile::tempdir().unwrap();
         let a = HostLedger::open(dir.path(), 0).unwrap();
-        let mut b = HostLedger::open(dir.path(), 0).unwrap();
-        b.pid = 4_000_000; // a second "process"; alive() says no such pid
+        let b = HostLedger::open(dir.path(), 0).unwrap();
         assert!(a.try_reserve(1, 60, 100).unwrap());
-        assert!(!a.try_reserve(2, 50, 100).unwrap());
-        // b's entry is reclaimed at the next access because its pid does not exist.
-        assert!(b.try_reserve(1, 40, 100).unwrap());
-        assert_eq!(
-            a.reserved().unwrap(),
-            60,
-            "the dead process's 40 were reclaimed"
+        assert!(
+            b.try_reserve(1, 40, 100).unwrap(),
+            "b's id 1 is its own, not a's"
         );
+        assert!(
+            !a.try_reserve(2, 1, 100).unwrap(),
+            "the file is full for both"
+        );
+        assert_eq!(b.reserved().unwrap(), 100);
+        // b's process dies: its alive lock goes with it, and its 40 come back.
+        drop(b);
+        assert_eq!(a.reserved().unwrap(), 60);
         a.release(1).unwrap();
         assert_eq!(a.reserved().unwrap(), 0);
     }

@@ -162,13 +162,7 @@ impl MemoryAdmission {
         {
             listed
         } else {
-            listed
-                + sample
-                    .allocator
-                    .get(device)
-                    .copied()
-                    .flatten()
-                    .map_or(0, |a| a.reserved)
+            listed + sample.allocator_of(device).map_or(0, |a| a.reserved)
         };
         reading.used.saturating_sub(ours)
     }
@@ -241,6 +235,9 @@ impl MemoryAdmission {
         let Some(need) = self.need(handler) else {
             return Ok(None);
         };
+        // Peers book in the host-wide ledger without waking us: re-check at the sampling pace.
+        let shared = self.ledgers.iter().any(|l| l.host().is_some());
+        let recheck = Duration::from_millis(self.config.sample_interval_ms);
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
@@ -256,13 +253,16 @@ impl MemoryAdmission {
                 }
                 Err(Shortage::Ledger) => {}
             }
-            let wait = deadline.saturating_duration_since(Instant::now());
-            if wait.is_zero() || tokio::time::timeout(wait, released).await.is_err() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err((
                     Shortage::Ledger,
                     JobError::gpu_memory_exhausted(self.retry_after()),
                 ));
             }
+            // Woken or not, try once more: the last try comes after the deadline's wait.
+            let wait = if shared { left.min(recheck) } else { left };
+            let _ = tokio::time::timeout(wait, released).await;
         }
     }
 

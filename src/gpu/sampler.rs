@@ -21,6 +21,14 @@ pub struct Sample {
     pub at: Option<Instant>,
 }
 
+impl Sample {
+    /// libtorch's counters for device `index` (looked up by index, not position).
+    pub fn allocator_of(&self, index: usize) -> Option<AllocatorStats> {
+        let position = self.devices.iter().position(|d| d.index == index)?;
+        self.allocator.get(position).copied().flatten()
+    }
+}
+
 /// The latest sample, refreshed in the background.
 pub struct GpuSampler {
     probe: Arc<dyn GpuProbe>,

@@ -152,7 +152,7 @@ impl QueueEndpoints {
     /// job-done for `job_id`, with `isStream`.
     pub fn done_url(&self, job_id: &str, is_stream: bool) -> String {
         append_query(
-            &self.job_done.replace("$ID", job_id),
+            &self.job_done.replace("$ID", &path_segment(job_id)),
             &format!("isStream={is_stream}"),
         )
     }
@@ -161,10 +161,33 @@ impl QueueEndpoints {
     pub fn stream_url(&self, job_id: &str) -> Option<String> {
         let template = self.job_stream.as_ref()?;
         Some(append_query(
-            &template.replace("$ID", job_id),
+            &template.replace("$ID", &path_segment(job_id)),
             "isStream=false",
         ))
     }
+}
+
+/// A job id as one URL path segment: `/`, `#`, `?`, spaces and the like are percent-encoded,
+/// so an id cannot cut the query off or point the result at another path.
+fn path_segment(id: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'<')
+        .add(b'>')
+        .add(b'?')
+        .add(b'`')
+        .add(b'{')
+        .add(b'}')
+        .add(b'/')
+        .add(b'%')
+        .add(b'\\')
+        .add(b'^')
+        .add(b'|')
+        .add(b'[')
+        .add(b']');
+    percent_encoding::utf8_percent_encode(id, SEGMENT).to_string()
 }
 
 /// Appends `pair` to `url`'s query string.
@@ -240,6 +263,15 @@ mod tests {
         );
         assert_eq!(e.ping_interval, Duration::from_millis(1500));
         assert_eq!(e.api_key.expose(), "sk-test");
+    }
+
+    #[test]
+    fn job_ids_are_one_path_segment() {
+        let e = QueueEndpoints::from_vars(vars(SDK_ENV)).unwrap();
+        assert_eq!(
+            e.done_url("a b#c/../d?x", false),
+            "http://q/v2/ep1/job-done/pod123/a%20b%23c%2F..%2Fd%3Fx?gpu=NVIDIA+H100&isStream=false"
+        );
     }
 
     #[test]

@@ -236,7 +236,20 @@ async fn resend_spooled(worker: Arc<Worker>) {
         pending.len(),
         worker.spool.dir().display()
     );
+    let ours = url::Url::parse(&worker.client.endpoints().job_done)
+        .map(|u| u.origin())
+        .ok();
     for (path, result) in pending {
+        // The spool may sit on a shared volume: never send our key to a URL someone else wrote.
+        let origin = url::Url::parse(&result.url).map(|u| u.origin()).ok();
+        if origin.is_none() || origin != ours {
+            tracing::error!(
+                job_id = %result.job_id,
+                "spooled result targets another queue than RUNPOD_WEBHOOK_POST_OUTPUT; not sent, kept at {}",
+                path.display()
+            );
+            continue;
+        }
         match worker
             .client
             .deliver_to(&result.url, &result.job_id, &result.body)
@@ -259,6 +272,9 @@ async fn resend_spooled(worker: Arc<Worker>) {
         }
     }
 }
+
+/// After the drain's interrupt, how long to wait for model threads that do not return.
+const STUCK_THREADS_GRACE: Duration = Duration::from_secs(30);
 
 /// Builds the handlers and loads their models on a blocking thread, within `[handler].timeout`.
 async fn load_handlers(
@@ -307,7 +323,16 @@ async fn drain(worker: &Arc<Worker>) {
             worker.board.len()
         );
         worker.interrupt.cancel();
-        worker.tracker.wait().await;
+        // Every job is answered now; what may remain are model calls that ignore cancellation.
+        if tokio::time::timeout(STUCK_THREADS_GRACE, worker.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "model threads still running {} s after the drain: exiting without them",
+                STUCK_THREADS_GRACE.as_secs()
+            );
+        }
     }
 }
 
