@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
@@ -51,24 +51,32 @@ impl PhaseCell {
     }
 }
 
+/// The worker, once it is built: empty while the models load.
+pub type WorkerSlot = Arc<std::sync::OnceLock<Arc<Worker>>>;
+
 /// The routes, for embedding and tests.
-pub fn router(worker: Arc<Worker>) -> Router {
+pub fn router(slot: WorkerSlot) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(worker)
+        .with_state(slot)
 }
 
 /// Serves the routes on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, worker: Arc<Worker>, stop: CancellationToken) {
-    let app = router(worker);
+pub async fn serve(listener: TcpListener, slot: WorkerSlot, stop: CancellationToken) {
+    let app = router(slot);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
     {
         tracing::error!("health server stopped: {e}");
     }
+}
+
+/// What the endpoints say while the models load.
+fn starting() -> (StatusCode, &'static str) {
+    (StatusCode::SERVICE_UNAVAILABLE, "starting")
 }
 
 fn gib(bytes: u64) -> f64 {
@@ -238,12 +246,20 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
     (code, body)
 }
 
-async fn health(State(worker): State<Arc<Worker>>) -> impl IntoResponse {
-    let (code, body) = health_report(&worker);
-    (code, Json(body))
+async fn health(State(slot): State<WorkerSlot>) -> Response {
+    let Some(worker) = slot.get() else {
+        // Alive, not ready: the models are loading.
+        let body = json!({ "status": "healthy", "ready": false, "phase": "starting" });
+        return (StatusCode::OK, Json(body)).into_response();
+    };
+    let (code, body) = health_report(worker);
+    (code, Json(body)).into_response()
 }
 
-async fn ready(State(worker): State<Arc<Worker>>) -> impl IntoResponse {
+async fn ready(State(slot): State<WorkerSlot>) -> impl IntoResponse {
+    let Some(worker) = slot.get() else {
+        return starting();
+    };
     match worker.phase.get() {
         Phase::Ready => (StatusCode::OK, "ready"),
         Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
@@ -252,7 +268,10 @@ async fn ready(State(worker): State<Arc<Worker>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(worker): State<Arc<Worker>>) -> impl IntoResponse {
+async fn metrics(State(slot): State<WorkerSlot>) -> Response {
+    let Some(worker) = slot.get() else {
+        return starting().into_response();
+    };
     let m = &worker.metrics;
     for (name, h) in worker.limits.snapshot() {
         let footprint = worker.memory.need(&name).unwrap_or(0);
@@ -268,7 +287,7 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> impl IntoResponse {
                 .set(value as i64);
         }
     }
-    for d in devices(&worker) {
+    for d in devices(worker) {
         let device = d.index.to_string();
         for (kind, value) in [
             ("total", d.total),
@@ -284,11 +303,9 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> impl IntoResponse {
                 .set(value as i64);
         }
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        m.render(),
-    )
+    let content_type = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain; version=0.0.4",
+    )];
+    (content_type, m.render()).into_response()
 }

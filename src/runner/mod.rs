@@ -126,77 +126,35 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
         check: "queue",
         reason: e.to_string(),
     })?;
-    let probe = gpu.unwrap_or_else(|| gpu::detect(&config.gpu));
-    let sampler = GpuSampler::new(probe);
-    let devices = sampler.latest().devices.clone();
-    for device in &devices {
-        validate_budget(&config, Size::from_bytes(device.total)).map_err(|e| StartupError {
-            check: "config",
-            reason: e.to_string(),
-        })?;
-    }
-    let simulated = sampler.probe().is_simulated();
-    let handlers = match handlers {
-        Some(handlers) => handlers,
-        None => load_handlers(&config, !devices.is_empty(), simulated).await?,
-    };
-    let memory = MemoryAdmission::new(&config.gpu, &handlers, sampler.clone()).map_err(|e| {
-        StartupError {
-            check: "gpu_ledger",
-            reason: format!("cannot open the host-wide GPU ledger: {e}"),
-        }
-    })?;
-    let adaptive = if config.gpu.adaptive {
-        handlers
-            .entries()
-            .map(|e| {
-                (
-                    e.name.clone(),
-                    AdaptiveRule::new(config.gpu.grow_after_successes),
-                )
-            })
-            .collect()
-    } else {
-        Default::default()
-    };
-    let limits = Limits::new(
-        config.handler.max_concurrency as usize,
-        handlers.entries().map(|e| (e.name.clone(), e.limit)),
-    );
-    let config_spool_dir = config.queue.spool_dir.clone();
-    let max_consecutive_ooms = config.handler.max_consecutive_ooms;
-    let worker = Arc::new(Worker {
-        config: Arc::new(config),
-        handlers,
-        limits: Arc::new(limits),
-        board: JobBoard::default(),
-        client,
-        phase: PhaseCell::default(),
-        interrupt: CancellationToken::new(),
-        sampler,
-        memory,
-        adaptive,
-        metrics: Metrics::new(),
-        tracker: TaskTracker::new(),
-        spool: Spool::new(config_spool_dir),
-        device_health: DeviceHealth::new(max_consecutive_ooms),
-        stop_taking: shutdown.child_token(),
-    });
-    log_start(&worker);
-
     // Ends the heartbeat, the stop channel and the HTTP server once every job is answered.
     let finished = CancellationToken::new();
-    let http = tokio::spawn(health::serve(
-        http_listener,
-        worker.clone(),
-        finished.clone(),
-    ));
+    // Served from the start: during a cold start (models loading) `/ready` says 503 "starting".
+    let slot = health::WorkerSlot::default();
+    let http = tokio::spawn(health::serve(http_listener, slot.clone(), finished.clone()));
+    let worker = match build_worker(config, handlers, gpu, client, &shutdown).await {
+        Ok(worker) => worker,
+        Err(e) => {
+            finished.cancel();
+            let _ = http.await;
+            return Err(e);
+        }
+    };
+    let _ = slot.set(worker.clone());
+    log_start(&worker);
+
     let interval = Duration::from_millis(worker.config.gpu.sample_interval_ms);
     worker.sampler.spawn(interval, finished.clone());
-    let heartbeat = heartbeat::spawn(&worker, finished.clone()).map_err(|e| StartupError {
-        check: "heartbeat",
-        reason: e,
-    })?;
+    let heartbeat = match heartbeat::spawn(&worker, finished.clone()) {
+        Ok(heartbeat) => heartbeat,
+        Err(reason) => {
+            finished.cancel();
+            let _ = http.await;
+            return Err(StartupError {
+                check: "heartbeat",
+                reason,
+            });
+        }
+    };
     let stop_loop = tokio::spawn(stop::run(worker.clone(), finished.clone()));
     tokio::spawn(resend_spooled(worker.clone()));
     worker.phase.set(Phase::Ready);
@@ -271,6 +229,74 @@ async fn resend_spooled(worker: Arc<Worker>) {
             }
         }
     }
+}
+
+/// Everything a worker needs before it can take jobs: the GPU probe, the handlers (models
+/// loaded within `[handler].timeout`), memory admission and the limits.
+async fn build_worker(
+    config: Config,
+    handlers: Option<HandlerSet>,
+    gpu: Option<Arc<dyn GpuProbe>>,
+    client: QueueClient,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Worker>, StartupError> {
+    let probe = gpu.unwrap_or_else(|| gpu::detect(&config.gpu));
+    let sampler = GpuSampler::new(probe);
+    let devices = sampler.latest().devices.clone();
+    for device in &devices {
+        validate_budget(&config, Size::from_bytes(device.total)).map_err(|e| StartupError {
+            check: "config",
+            reason: e.to_string(),
+        })?;
+    }
+    let simulated = sampler.probe().is_simulated();
+    let handlers = match handlers {
+        Some(handlers) => handlers,
+        None => load_handlers(&config, !devices.is_empty(), simulated).await?,
+    };
+    let memory = MemoryAdmission::new(&config.gpu, &handlers, sampler.clone()).map_err(|e| {
+        StartupError {
+            check: "gpu_ledger",
+            reason: format!("cannot open the host-wide GPU ledger: {e}"),
+        }
+    })?;
+    let adaptive = if config.gpu.adaptive {
+        handlers
+            .entries()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    AdaptiveRule::new(config.gpu.grow_after_successes),
+                )
+            })
+            .collect()
+    } else {
+        Default::default()
+    };
+    let limits = Limits::new(
+        config.handler.max_concurrency as usize,
+        handlers.entries().map(|e| (e.name.clone(), e.limit)),
+    );
+    let config_spool_dir = config.queue.spool_dir.clone();
+    let max_consecutive_ooms = config.handler.max_consecutive_ooms;
+    let worker = Arc::new(Worker {
+        config: Arc::new(config),
+        handlers,
+        limits: Arc::new(limits),
+        board: JobBoard::default(),
+        client,
+        phase: PhaseCell::default(),
+        interrupt: CancellationToken::new(),
+        sampler,
+        memory,
+        adaptive,
+        metrics: Metrics::new(),
+        tracker: TaskTracker::new(),
+        spool: Spool::new(config_spool_dir),
+        device_health: DeviceHealth::new(max_consecutive_ooms),
+        stop_taking: shutdown.child_token(),
+    });
+    Ok(worker)
 }
 
 /// After the drain's interrupt, how long to wait for model threads that do not return.

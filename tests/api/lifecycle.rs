@@ -188,3 +188,32 @@ async fn jobs_still_running_after_the_grace_period_are_answered_interrupted() {
     let done = mock.wait_done(EP, "slow", WAIT).await.unwrap();
     assert_eq!(done.body["output"]["error_type"], "Interrupted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_models_load_health_answers_and_ready_says_starting() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let slot = runpod_worker::health::WorkerSlot::default();
+    let server = tokio::spawn(runpod_worker::health::serve(listener, slot, stop.clone()));
+
+    let ready = reqwest::get(format!("{base}/ready")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.text().await.unwrap(), "starting");
+    let health = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(health.status(), 200, "alive while loading");
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(
+        (body["ready"].as_bool(), body["phase"].as_str()),
+        (Some(false), Some("starting"))
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    stop.cancel();
+    server.await.unwrap();
+}
