@@ -86,14 +86,7 @@ async fn scenario_2_two_classifications_run_one_after_the_other_even_with_two_sl
     worker.enqueue("c1", json!({"task": "classify"}));
     worker.enqueue("c2", json!({"task": "classify"}));
     classify.wait_started(1).await;
-    let mock = worker.mock.clone();
-    mock.state()
-        .wait_for(WAIT, |i| {
-            let last = i.endpoints.get(EP)?.pings.last()?;
-            (last.job_ids.len() == 2).then_some(())
-        })
-        .await
-        .expect("both jobs in hand");
+    worker.wait_held_count(2).await;
     let health = worker.health().await;
     assert_eq!(
         health["handlers"]["classify"]["active"], 2,
@@ -123,13 +116,7 @@ async fn scenario_3_extractions_go_on_while_the_second_classification_waits() {
     worker.enqueue("c2", json!({"task": "classify"}));
     extract.wait_started(3).await;
     classify.wait_started(1).await;
-    let mock = worker.mock.clone();
-    mock.state()
-        .wait_for(WAIT, |i| {
-            (i.endpoints.get(EP)?.pings.last()?.job_ids.len() == 5).then_some(())
-        })
-        .await
-        .expect("all five in hand");
+    worker.wait_held_count(5).await;
     let health = worker.health().await;
     assert_eq!(health["handlers"]["classify"]["queued"], 1, "{health}");
     // The extractions finish while the second classification still waits.
@@ -167,13 +154,7 @@ async fn memory_is_reserved_only_after_a_handler_slot_so_waiting_jobs_hold_none(
         worker.enqueue(&format!("c{i}"), json!({"task": "classify"}));
     }
     classify.wait_started(1).await;
-    let mock = worker.mock.clone();
-    mock.state()
-        .wait_for(WAIT, |i| {
-            (i.endpoints.get(EP)?.pings.last()?.job_ids.len() == 3).then_some(())
-        })
-        .await
-        .expect("three jobs in hand");
+    worker.wait_held_count(3).await;
     let health = worker.health().await;
     assert_eq!(health["handlers"]["classify"]["queued"], 2, "{health}");
     assert_eq!(health["gpus"][0]["reservations"], 1, "{health}");

@@ -184,6 +184,33 @@ impl TestWorker {
             .unwrap_or_else(|| panic!("no job-done for {id} within {WAIT:?}"))
     }
 
+    /// Waits until the worker's latest heartbeat lists every one of `ids`: it holds them.
+    pub async fn wait_held(&self, ids: &[&str]) {
+        let held = self
+            .mock
+            .state()
+            .wait_for(WAIT, |i| {
+                let last = i.endpoints.get(EP)?.pings.last()?;
+                ids.iter()
+                    .all(|id| last.job_ids.iter().any(|j| j == id))
+                    .then_some(())
+            })
+            .await;
+        assert!(held.is_some(), "the worker never held {ids:?}");
+    }
+
+    /// Waits until the worker's latest heartbeat lists `count` jobs.
+    pub async fn wait_held_count(&self, count: usize) {
+        let held = self
+            .mock
+            .state()
+            .wait_for(WAIT, |i| {
+                (i.endpoints.get(EP)?.pings.last()?.job_ids.len() == count).then_some(())
+            })
+            .await;
+        assert!(held.is_some(), "the worker never held {count} jobs");
+    }
+
     pub async fn health(&self) -> Value {
         reqwest::get(format!("{}/health", self.http))
             .await

@@ -108,16 +108,7 @@ async fn shutdown_stops_taking_at_once_and_answers_every_taken_job() {
     worker.enqueue("d1", json!({"task": "echo", "sleep_ms": 800}));
     worker.enqueue("d2", json!({"task": "echo", "sleep_ms": 800}));
     let mock = worker.mock.clone();
-    let held = |ids: &[&str], i: &runpod_worker::mock_queue::Inner| {
-        let last = i.endpoints.get(EP)?.pings.last()?;
-        ids.iter()
-            .all(|id| last.job_ids.contains(&(*id).to_owned()))
-            .then_some(())
-    };
-    mock.state()
-        .wait_for(WAIT, |i| held(&["d1", "d2"], i))
-        .await
-        .expect("the worker holds both jobs");
+    worker.wait_held(&["d1", "d2"]).await;
     let takes_before = mock.requests(Route::Take);
 
     let started = std::time::Instant::now();
@@ -167,18 +158,7 @@ async fn jobs_still_running_after_the_grace_period_are_answered_interrupted() {
     let worker = TestWorker::start(config, |h| h, 100).await;
     worker.enqueue("slow", json!({"task": "echo", "sleep_ms": 60000}));
     let mock = worker.mock.clone();
-    mock.state()
-        .wait_for(WAIT, |i| {
-            i.endpoints
-                .get(EP)?
-                .pings
-                .last()?
-                .job_ids
-                .contains(&"slow".to_owned())
-                .then_some(())
-        })
-        .await
-        .expect("the worker holds the job");
+    worker.wait_held(&["slow"]).await;
     worker.shutdown.cancel();
     tokio::time::timeout(WAIT, worker.handle)
         .await

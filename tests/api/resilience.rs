@@ -156,18 +156,7 @@ async fn repeated_ooms_make_the_worker_unhealthy_drain_and_ask_to_be_replaced_la
     // A slow job is in hand when the second OOM trips the worker: it is still answered, and
     // it is the one that asks for a replacement, once nothing else is left.
     worker.enqueue("slow", json!({"task": "echo", "sleep_ms": 500}));
-    mock.state()
-        .wait_for(WAIT, |i| {
-            i.endpoints
-                .get(EP)?
-                .pings
-                .last()?
-                .job_ids
-                .contains(&"slow".to_owned())
-                .then_some(())
-        })
-        .await
-        .expect("the slow job is in hand");
+    worker.wait_held(&["slow"]).await;
     worker.enqueue("oom2", json!({"task": "echo", "fail": "oom"}));
     let second = worker.done("oom2").await;
     assert!(
