@@ -221,13 +221,28 @@ impl TestWorker {
     }
 
     /// Drains and waits for the worker to return.
-    pub async fn stop(self) {
+    pub async fn stop(self) -> WorkerExit {
         self.shutdown.cancel();
+        self.finished().await
+    }
+
+    /// Waits for the worker to return by itself.
+    pub async fn finished(self) -> WorkerExit {
         tokio::time::timeout(WAIT, self.handle)
             .await
-            .expect("worker drained")
+            .expect("worker ended")
             .unwrap()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// How many results the queue accepted for `id`.
+    pub fn results_for(&self, id: &str) -> usize {
+        self.mock
+            .endpoint(EP)
+            .done
+            .iter()
+            .filter(|d| d.job_id == id)
+            .count()
     }
 }
 

@@ -39,13 +39,9 @@ async fn stop_signal_cancels_a_running_job_and_posts_nothing() {
 
     worker.enqueue("after", json!({"task": "echo"}));
     worker.done("after").await;
-    assert!(
-        worker
-            .mock
-            .endpoint(EP)
-            .done
-            .iter()
-            .all(|d| d.job_id != "long"),
+    assert_eq!(
+        worker.results_for("long"),
+        0,
         "nothing posted for a stopped job"
     );
     worker.stop().await;
@@ -112,13 +108,8 @@ async fn shutdown_stops_taking_at_once_and_answers_every_taken_job() {
     let takes_before = mock.requests(Route::Take);
 
     let started = std::time::Instant::now();
-    worker.shutdown.cancel();
     // The pending long-poll is abandoned: the worker needs only the jobs' remaining time.
-    tokio::time::timeout(WAIT, worker.handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    worker.stop().await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "drain took {:?}",
@@ -159,12 +150,7 @@ async fn jobs_still_running_after_the_grace_period_are_answered_interrupted() {
     worker.enqueue("slow", json!({"task": "echo", "sleep_ms": 60000}));
     let mock = worker.mock.clone();
     worker.wait_held(&["slow"]).await;
-    worker.shutdown.cancel();
-    tokio::time::timeout(WAIT, worker.handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    worker.stop().await;
     let done = mock.wait_done(EP, "slow", WAIT).await.unwrap();
     assert_eq!(done.body["output"]["error_type"], "Interrupted");
 }

@@ -127,15 +127,9 @@ async fn a_timed_out_model_call_keeps_its_slot_until_its_thread_returns() {
     tx.send(()).unwrap();
     let next = worker.done("next").await;
     assert_eq!(next.body["output"]["call"], 1);
-    assert!(
-        worker
-            .mock
-            .endpoint(EP)
-            .done
-            .iter()
-            .filter(|d| d.job_id == "slow")
-            .count()
-            == 1,
+    assert_eq!(
+        worker.results_for("slow"),
+        1,
         "the late result is discarded"
     );
     worker.stop().await;
@@ -170,11 +164,7 @@ async fn repeated_ooms_make_the_worker_unhealthy_drain_and_ask_to_be_replaced_la
         "the last result asks for a new worker"
     );
 
-    let exit = tokio::time::timeout(WAIT, worker.handle)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let exit = worker.finished().await;
     assert_eq!(exit, WorkerExit::Replaced, "it drains and ends by itself");
     let unhealthy = mock
         .endpoint(EP)
