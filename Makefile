@@ -24,7 +24,8 @@ $(VENV_STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-MODELS := handler/models/minilm.pt handler/models/tokenizer.json handler/models/example_linear.pt
+MODELS := handler/models/minilm.pt handler/models/tokenizer.json handler/models/example_linear.pt \
+	handler/models/alloc.pt
 
 models: $(MODELS)
 

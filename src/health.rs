@@ -86,7 +86,11 @@ fn gib(bytes: u64) -> f64 {
 /// One device as `/health` shows it.
 struct DeviceView {
     index: usize,
+    uuid: String,
+    nvml_index: Option<u32>,
     name: String,
+    resident: u64,
+    resident_source: Option<&'static str>,
     total: u64,
     free: u64,
     budget: u64,
@@ -110,28 +114,37 @@ fn devices(worker: &Worker) -> Vec<DeviceView> {
                 .memory
                 .ledgers()
                 .iter()
-                .find(|l| l.device() == reading.index);
-            let reserved = ledger.map_or(0, |l| l.reserved());
+                .find(|l| l.uuid() == reading.uuid);
+            let (reserved, resident) = ledger.map_or((0, 0), |l| l.booked());
             let reserved_here = ledger.map_or(0, |l| l.reserved_here());
             let others_used = worker.memory.others_used(reading.index);
-            let allocator = sample.allocator_of(reading.index);
+            let allocator = sample.allocator_of(&reading.uuid);
             let (allocated, allocator_reserved) = match allocator {
                 Some(a) => (a.allocated, a.reserved),
                 None if simulated => (reserved_here, reserved_here),
                 None => (0, 0),
             };
-            // A simulated device's free memory is what neither others nor our jobs hold.
+            // A simulated device's free memory is what neither others, nor our jobs, nor our
+            // declared models hold.
             let free = if simulated {
                 reading
                     .total
                     .saturating_sub(others_used)
                     .saturating_sub(reserved)
+                    .saturating_sub(resident)
             } else {
                 reading.free
             };
             DeviceView {
                 index: reading.index,
+                uuid: reading.uuid.clone(),
+                nvml_index: reading.nvml_index,
                 name: reading.name.clone(),
+                resident,
+                resident_source: worker
+                    .memory
+                    .resident_source(&reading.uuid)
+                    .map(|s| s.as_str()),
                 total: reading.total,
                 free,
                 budget: ledger.map_or(0, |l| l.budget()),
@@ -189,8 +202,9 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
             }),
         );
         if entry.gpu_fallback {
+            let why = worker.gpu_access.cpu_fallback_reason().unwrap_or_default();
             warnings.push(format!(
-                "{} asks for CUDA but no GPU was found: it runs on the CPU",
+                "{} asks for CUDA but {why}: it runs on the CPU",
                 entry.name
             ));
         }
@@ -203,10 +217,14 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
         .map(|d| {
             json!({
                 "index": d.index,
+                "uuid": d.uuid,
+                "nvml_index": d.nvml_index,
                 "name": d.name,
                 "total_gb": gib(d.total),
                 "free_gb": gib(d.free),
                 "budget_gb": gib(d.budget),
+                "resident_gb": gib(d.resident),
+                "resident_source": d.resident_source,
                 "reserved_gb": gib(d.reserved),
                 "reserved_here_gb": gib(d.reserved_here),
                 "others_used_gb": gib(d.others_used),
@@ -293,6 +311,7 @@ async fn metrics(State(slot): State<WorkerSlot>) -> Response {
             ("total", d.total),
             ("free", d.free),
             ("budget", d.budget),
+            ("resident", d.resident),
             ("reserved", d.reserved),
             ("others_used", d.others_used),
             ("allocated", d.allocated),

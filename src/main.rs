@@ -4,11 +4,27 @@ use clap::Parser;
 use runpod_worker::cli::{Cli, Command};
 use runpod_worker::{commands, telemetry};
 
-#[tokio::main]
-async fn main() {
-    let cli = Cli::parse();
+fn main() {
+    // Before any thread starts and before CUDA initialises: CUDA ordinals then follow the PCI
+    // order NVML sees, so each card can be matched to its ordinal.
+    runpod_worker::gpu::identity::prepare_cuda_environment();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(run(Cli::parse()));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> i32 {
     telemetry::init(telemetry::LogFormat::from_env());
-    let code = match cli.command {
+    match cli.command {
         Command::Serve { config, http_port } => commands::serve(config.as_deref(), http_port).await,
         Command::Local {
             port,
@@ -42,6 +58,5 @@ async fn main() {
         Command::CheckConfig { config, gpu_memory } => {
             commands::check_config(config.as_deref(), gpu_memory.as_deref())
         }
-    };
-    std::process::exit(code);
+    }
 }

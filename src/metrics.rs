@@ -24,8 +24,8 @@ pub struct Metrics {
     pub ooms: IntCounterVec,
     /// Per-handler gauges (`active`, `limit`, `max_limit`, `queued`, `footprint_bytes`).
     pub handler: IntGaugeVec,
-    /// Per-device memory gauges, bytes (`total`, `free`, `budget`, `reserved`, `others_used`,
-    /// `allocated`, `allocator_reserved`).
+    /// Per-device memory gauges, bytes (`total`, `free`, `budget`, `resident`, `reserved`,
+    /// `others_used`, `allocated`, `allocator_reserved`).
     pub gpu: IntGaugeVec,
 }
 

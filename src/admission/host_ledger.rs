@@ -2,7 +2,10 @@
 //! the machine books its reservations in, under an exclusive file lock. Each ledger has an owner
 //! id and holds a lock on an "alive" file for as long as it exists; entries whose owner's lock
 //! is free are reclaimed on every access, so a crashed worker's memory comes back. Owner ids,
-//! not pids, so workers in different PID namespaces sharing `/dev/shm` never collide.
+//! not pids, so workers in different PID namespaces sharing `/dev/shm` never collide. Files are
+//! named by the GPU's UUID, not an index: two workers with different `CUDA_VISIBLE_DEVICES`
+//! still meet in the same file for the same card. Besides job reservations, each worker books
+//! its standing `resident` memory (model weights, CUDA context) there.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -10,17 +13,29 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 struct HostFile {
     entries: Vec<HostEntry>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct HostEntry {
     owner: String,
     pid: u32,
     id: u64,
     bytes: u64,
+    /// The owner's standing memory, not a job's.
+    #[serde(default)]
+    resident: bool,
+}
+
+/// What the file holds, summed over every live worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostTotals {
+    /// Job reservations.
+    pub jobs: u64,
+    /// Resident memory.
+    pub resident: u64,
 }
 
 /// The shared ledger file of one device.
@@ -40,8 +55,8 @@ fn alive_path(dir: &Path, owner: &str) -> PathBuf {
 }
 
 impl HostLedger {
-    /// Opens (or creates) the ledger of `device` in `dir`.
-    pub fn open(dir: &Path, device: usize) -> std::io::Result<Self> {
+    /// Opens (or creates) the ledger of the GPU `uuid` in `dir`.
+    pub fn open(dir: &Path, uuid: &str) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let owner = uuid::Uuid::new_v4().simple().to_string();
         let alive = OpenOptions::new()
@@ -52,8 +67,8 @@ impl HostLedger {
         alive.lock()?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            path: dir.join(format!("runpod-worker-gpu{device}.ledger.json")),
-            lock_path: dir.join(format!("runpod-worker-gpu{device}.ledger.lock")),
+            path: dir.join(format!("runpod-worker-{}.ledger.json", file_safe(uuid))),
+            lock_path: dir.join(format!("runpod-worker-{}.ledger.lock", file_safe(uuid))),
             owner,
             pid: std::process::id(),
             _alive: alive,
@@ -76,6 +91,7 @@ impl HostLedger {
                     pid: self.pid,
                     id,
                     bytes,
+                    resident: false,
                 });
             }
             fits
@@ -90,9 +106,35 @@ impl HostLedger {
         })
     }
 
-    /// Bytes reserved by every live process.
-    pub fn reserved(&self) -> std::io::Result<u64> {
-        self.with_locked(|file| file.entries.iter().map(|e| e.bytes).sum())
+    /// Replaces our resident memory with `bytes` (booked whatever the budget: it is a fact).
+    pub fn set_resident(&self, bytes: u64) -> std::io::Result<()> {
+        self.with_locked(|file| {
+            file.entries
+                .retain(|e| !(e.owner == self.owner && e.resident));
+            file.entries.push(HostEntry {
+                owner: self.owner.clone(),
+                pid: self.pid,
+                id: 0,
+                bytes,
+                resident: true,
+            });
+        })
+    }
+
+    /// Job reservations and resident memory of every live process.
+    pub fn totals(&self) -> std::io::Result<HostTotals> {
+        self.with_locked(|file| {
+            file.entries
+                .iter()
+                .fold(HostTotals::default(), |mut totals, e| {
+                    if e.resident {
+                        totals.resident += e.bytes;
+                    } else {
+                        totals.jobs += e.bytes;
+                    }
+                    totals
+                })
+        })
     }
 
     /// Process ids with reservations (as each saw its own pid).
@@ -132,6 +174,7 @@ impl HostLedger {
             .open(&self.lock_path)?;
         lock.lock()?;
         let mut file = read(&self.path)?;
+        let original = file.clone();
         let before = file.entries.len();
         let mut alive = std::collections::HashMap::new();
         file.entries.retain(|e| {
@@ -146,11 +189,14 @@ impl HostLedger {
             );
         }
         let value = f(&mut file);
-        // Write then rename: readers never see half a file.
-        let temporary = self.path.with_extension(format!("tmp{}", self.owner));
-        let mut out = File::create(&temporary)?;
-        out.write_all(&serde_json::to_vec(&file)?)?;
-        std::fs::rename(&temporary, &self.path)?;
+        // Only a change is written (a read leaves the file alone); write then rename, so
+        // readers never see half a file.
+        if file != original {
+            let temporary = self.path.with_extension(format!("tmp{}", self.owner));
+            let mut out = File::create(&temporary)?;
+            out.write_all(&serde_json::to_vec(&file)?)?;
+            std::fs::rename(&temporary, &self.path)?;
+        }
         lock.unlock()?;
         Ok(value)
     }
@@ -160,6 +206,19 @@ impl Drop for HostLedger {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(alive_path(&self.dir, &self.owner));
     }
+}
+
+/// A UUID as a file-name part: letters, digits and '-' only.
+fn file_safe(uuid: &str) -> String {
+    uuid.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn read(path: &Path) -> std::io::Result<HostFile> {
@@ -182,8 +241,8 @@ mod tests {
     #[test]
     fn ledgers_on_one_file_share_the_budget_and_a_dead_owners_reservations_are_reclaimed() {
         let dir = tempfile::tempdir().unwrap();
-        let a = HostLedger::open(dir.path(), 0).unwrap();
-        let b = HostLedger::open(dir.path(), 0).unwrap();
+        let a = HostLedger::open(dir.path(), "GPU-0").unwrap();
+        let b = HostLedger::open(dir.path(), "GPU-0").unwrap();
         assert!(a.try_reserve(1, 60, 100).unwrap());
         assert!(
             b.try_reserve(1, 40, 100).unwrap(),
@@ -193,11 +252,51 @@ mod tests {
             !a.try_reserve(2, 1, 100).unwrap(),
             "the file is full for both"
         );
-        assert_eq!(b.reserved().unwrap(), 100);
+        assert_eq!(b.totals().unwrap().jobs, 100);
         // b's process dies: its alive lock goes with it, and its 40 come back.
         drop(b);
-        assert_eq!(a.reserved().unwrap(), 60);
+        assert_eq!(a.totals().unwrap().jobs, 60);
         a.release(1).unwrap();
-        assert_eq!(a.reserved().unwrap(), 0);
+        assert_eq!(a.totals().unwrap().jobs, 0);
+    }
+
+    #[test]
+    fn resident_memory_counts_against_every_workers_budget_and_is_replaced_not_added() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = HostLedger::open(dir.path(), "GPU-0").unwrap();
+        let b = HostLedger::open(dir.path(), "GPU-0").unwrap();
+        a.set_resident(30).unwrap();
+        a.set_resident(50).unwrap();
+        assert_eq!(
+            b.totals().unwrap(),
+            HostTotals {
+                jobs: 0,
+                resident: 50
+            }
+        );
+        assert!(
+            !b.try_reserve(1, 60, 100).unwrap(),
+            "a's weights are on the card"
+        );
+        assert!(b.try_reserve(1, 50, 100).unwrap());
+        let other_card = HostLedger::open(dir.path(), "GPU-1").unwrap();
+        assert_eq!(other_card.totals().unwrap(), HostTotals::default());
+    }
+
+    #[test]
+    fn reading_the_ledger_does_not_rewrite_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = HostLedger::open(dir.path(), "GPU-0").unwrap();
+        assert!(a.try_reserve(1, 10, 100).unwrap());
+        // The same content, spelled differently: a rewrite would make it compact again.
+        let compact = std::fs::read_to_string(a.path()).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&compact).unwrap();
+        let pretty = serde_json::to_string_pretty(&value).unwrap();
+        std::fs::write(a.path(), &pretty).unwrap();
+        assert_eq!(a.totals().unwrap().jobs, 10);
+        assert_eq!(a.pids().unwrap(), vec![std::process::id()]);
+        assert_eq!(std::fs::read_to_string(a.path()).unwrap(), pretty);
+        a.release(1).unwrap();
+        assert_ne!(std::fs::read_to_string(a.path()).unwrap(), pretty);
     }
 }

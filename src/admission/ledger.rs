@@ -1,10 +1,12 @@
-//! The memory ledger of one device: what has been promised to running jobs. Budget = total
-//! minus headroom; a reservation is admitted only if it fits, and released when its RAII value
-//! is dropped, on every exit path. With a host-wide ledger, every worker process on the GPU
-//! books into one shared file, so two processes never admit the same free memory.
+//! The memory ledger of one device: what has been promised to running jobs, on top of what the
+//! worker itself holds there for good (its `resident` memory: model weights, the CUDA context,
+//! the allocator's pool). Budget = total minus headroom; a reservation is admitted only if it
+//! fits beside the resident memory, and released when its RAII value is dropped, on every exit
+//! path. With a host-wide ledger, every worker process on the GPU books into one shared file,
+//! so two processes never admit the same free memory.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,8 +34,15 @@ struct LedgerState {
 /// The ledger of one device.
 #[derive(Debug)]
 pub struct Ledger {
+    /// The CUDA ordinal jobs on this device compute on.
     device: usize,
+    /// The card's UUID: the ledger's identity (and its host-wide file's name).
+    uuid: String,
     budget: u64,
+    /// This process's standing memory on the device.
+    resident: AtomicU64,
+    /// A job has run since the resident memory was last measured.
+    used_since_measure: AtomicBool,
     state: Mutex<LedgerState>,
     host: Option<HostLedger>,
     next_id: AtomicU64,
@@ -42,17 +51,21 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// A ledger for `device` with `budget` bytes, shared with other processes through `host`;
-    /// `released` is woken at every release.
+    /// A ledger for the card `uuid` (CUDA ordinal `device`) with `budget` bytes, shared with
+    /// other processes through `host`; `released` is woken at every release.
     pub fn new(
         device: usize,
+        uuid: &str,
         budget: u64,
         host: Option<HostLedger>,
         released: Arc<Notify>,
     ) -> Arc<Self> {
         Arc::new(Self {
             device,
+            uuid: uuid.to_owned(),
             budget,
+            resident: AtomicU64::new(0),
+            used_since_measure: AtomicBool::new(false),
             state: Mutex::new(LedgerState::default()),
             host,
             next_id: AtomicU64::new(1),
@@ -65,9 +78,69 @@ impl Ledger {
         self.host.as_ref()
     }
 
-    /// The device index.
+    /// The CUDA ordinal.
     pub fn device(&self) -> usize {
         self.device
+    }
+
+    /// The card's UUID.
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    /// Books this process's standing memory on the device (replacing the last figure), and
+    /// marks the device as measured.
+    pub fn set_resident(&self, bytes: u64) {
+        let _state = self.lock();
+        self.resident.store(bytes, Ordering::Release);
+        self.used_since_measure.store(false, Ordering::Release);
+        if let Some(host) = &self.host {
+            if let Err(e) = host.set_resident(bytes) {
+                tracing::error!("host-wide GPU ledger: cannot book the resident memory ({e})");
+            }
+        }
+    }
+
+    /// This process's standing memory on the device.
+    pub fn resident_here(&self) -> u64 {
+        self.resident.load(Ordering::Acquire)
+    }
+
+    /// Standing memory on the device: of every process when the ledger is host-wide.
+    pub fn resident(&self) -> u64 {
+        match &self.host {
+            Some(host) => host
+                .totals()
+                .map_or_else(|_| self.resident_here(), |t| t.resident),
+            None => self.resident_here(),
+        }
+    }
+
+    /// No job of this process holds memory here, and one has run since the last measure: the
+    /// moment to measure the resident memory again. Returns the reservation count, to check
+    /// after measuring that no job started meanwhile ([`Ledger::reservations_made`]).
+    pub fn due_for_measure(&self) -> Option<u64> {
+        let state = self.lock();
+        (state.live.is_empty() && self.used_since_measure.load(Ordering::Acquire))
+            .then(|| self.reservations_made())
+    }
+
+    /// How many reservations were ever made here (changes whenever a job is admitted).
+    pub fn reservations_made(&self) -> u64 {
+        self.next_id.load(Ordering::Acquire)
+    }
+
+    /// Books `bytes` as resident if no job was admitted since `reservations_made` was read
+    /// and none holds memory now; `false` (nothing booked) otherwise.
+    pub fn set_resident_if_idle(&self, bytes: u64, reservations_made: u64) -> bool {
+        {
+            let state = self.lock();
+            if !state.live.is_empty() || self.reservations_made() != reservations_made {
+                return false;
+            }
+        }
+        self.set_resident(bytes);
+        true
     }
 
     /// Total minus headroom.
@@ -80,21 +153,30 @@ impl Ledger {
         self.lock().reserved
     }
 
-    /// Bytes reserved on the device: by every process when the ledger is host-wide.
+    /// Bytes reserved for jobs on the device: by every process when the ledger is host-wide.
     pub fn reserved(&self) -> u64 {
+        self.booked().0
+    }
+
+    /// Job reservations and resident memory: of every process when the ledger is host-wide.
+    pub fn booked(&self) -> (u64, u64) {
         match &self.host {
-            Some(host) => host.reserved().unwrap_or_else(|_| self.reserved_here()),
-            None => self.reserved_here(),
+            Some(host) => host.totals().map_or_else(
+                |_| (self.reserved_here(), self.resident_here()),
+                |t| (t.jobs, t.resident),
+            ),
+            None => (self.reserved_here(), self.resident_here()),
         }
     }
 
-    /// Bytes that could still be reserved.
+    /// Bytes that could still be reserved: the budget less resident memory and reservations.
     pub fn available(&self) -> u64 {
-        self.budget.saturating_sub(self.reserved())
+        let (jobs, resident) = self.booked();
+        self.budget.saturating_sub(jobs).saturating_sub(resident)
     }
 
-    /// Reserves `bytes` for `handler` if they fit within the budget minus `others_used`
-    /// (memory in use by anything that books no reservation here).
+    /// Reserves `bytes` for `handler` if they fit within the budget minus the resident memory
+    /// and `others_used` (memory in use by anything that books nothing here).
     pub fn try_reserve(
         self: &Arc<Self>,
         bytes: u64,
@@ -105,12 +187,13 @@ impl Ledger {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
         let fits = match &self.host {
-            // The file lock is taken under our own lock: one order, no deadlock.
+            // The file lock is taken under our own lock: one order, no deadlock. The file holds
+            // every worker's resident memory as well as its jobs.
             Some(host) => host.try_reserve(id, bytes, budget).unwrap_or_else(|e| {
                 tracing::error!("host-wide GPU ledger unusable ({e}); admitting nothing");
                 false
             }),
-            None => state.reserved + bytes <= budget,
+            None => state.reserved + self.resident_here() + bytes <= budget,
         };
         if !fits {
             return None;
@@ -145,6 +228,7 @@ impl Ledger {
             if let Some((_, bytes, _)) = state.live.remove(&id) {
                 state.reserved -= bytes;
             }
+            self.used_since_measure.store(true, Ordering::Release);
             if let Some(host) = &self.host {
                 if let Err(e) = host.release(id) {
                     tracing::error!("host-wide GPU ledger: cannot release a reservation ({e})");
@@ -192,7 +276,7 @@ mod tests {
 
     #[test]
     fn reservations_fit_the_budget_and_release_on_drop() {
-        let ledger = Ledger::new(0, 10, None, Arc::default());
+        let ledger = Ledger::new(0, "GPU-0", 10, None, Arc::default());
         let a = ledger.try_reserve(6, "classify", 0).unwrap();
         assert!(ledger.try_reserve(6, "classify", 0).is_none());
         let b = ledger.try_reserve(4, "classify", 0).unwrap();
@@ -208,12 +292,37 @@ mod tests {
         assert_eq!(ledger.reserved(), 0);
     }
 
+    #[test]
+    fn resident_memory_leaves_less_for_jobs_and_is_re_measured_only_when_idle() {
+        let ledger = Ledger::new(0, "GPU-0", 24, None, Arc::default());
+        ledger.set_resident(14);
+        assert_eq!(ledger.available(), 10);
+        let a = ledger.try_reserve(6, "classify", 0).unwrap();
+        assert!(
+            ledger.try_reserve(6, "classify", 0).is_none(),
+            "14 of weights + two 6s do not fit in 24"
+        );
+        assert_eq!(ledger.due_for_measure(), None, "a job holds memory");
+        drop(a);
+        let seen = ledger.due_for_measure().expect("idle after a job");
+        let b = ledger.try_reserve(1, "classify", 0).unwrap();
+        drop(b);
+        assert!(
+            !ledger.set_resident_if_idle(16, seen),
+            "a job ran while measuring: the figure includes it"
+        );
+        let seen = ledger.due_for_measure().unwrap();
+        assert!(ledger.set_resident_if_idle(16, seen));
+        assert_eq!((ledger.resident(), ledger.available()), (16, 8));
+        assert_eq!(ledger.due_for_measure(), None, "measured, no job since");
+    }
+
     proptest! {
         /// Any interleaving of reserves and releases: the ledger never promises more than its
         /// budget, and its count always equals the sum of the live reservations.
         #[test]
         fn never_over_commits(ops in prop::collection::vec((any::<bool>(), 1u64..40, any::<prop::sample::Index>()), 1..200)) {
-            let ledger = Ledger::new(0, 100, None, Arc::default());
+            let ledger = Ledger::new(0, "GPU-0", 100, None, Arc::default());
             let mut live: Vec<Reservation> = Vec::new();
             for (reserve, bytes, pick) in ops {
                 if reserve || live.is_empty() {

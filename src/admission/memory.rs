@@ -2,9 +2,9 @@
 //! there, and what `retry_after` to answer when it is not.
 //!
 //! Two checks, in one place:
-//! - the ledger (layer 1 in the seed's terms, moved inside the worker): reservations of running
-//!   jobs may not exceed the budget. Memory held by our own jobs comes back when they finish,
-//!   so a job short of it waits, within its local-queue time;
+//! - the ledger (layer 1 in the seed's terms, moved inside the worker): the worker's resident
+//!   memory plus reservations of running jobs may not exceed the budget. Memory held by our own
+//!   jobs comes back when they finish, so a job short of it waits, within its local-queue time;
 //! - live measured memory (layer 2): the budget shrinks by what others use right now (other
 //!   processes, or the simulated external load), read from the latest off-path sample. Memory
 //!   taken by others may not come back soon, so a job short of it gets the retry signal at once.
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::learning::{DurationStats, Footprint};
+use super::resident::{self, ResidentReading, ResidentSource};
 use super::{HostLedger, Ledger, Reservation};
 use crate::config::GpuConfig;
 use crate::gpu::sampler::GpuSampler;
@@ -50,15 +51,21 @@ pub struct MemoryAdmission {
     durations: BTreeMap<String, DurationStats>,
     released: Arc<Notify>,
     config: GpuConfig,
+    /// Per device (by UUID): the CUDA context's size, measured at start (real GPUs).
+    contexts: BTreeMap<String, u64>,
+    /// Per device (by UUID): where its resident figure came from.
+    resident_sources: std::sync::Mutex<BTreeMap<String, ResidentSource>>,
 }
 
 impl MemoryAdmission {
     /// Ledgers for the sampled devices (budget = total minus headroom), and a footprint for
-    /// every handler that runs on a GPU.
+    /// every handler that runs on a GPU. `contexts` holds the CUDA context's size per device
+    /// UUID, where it was measured.
     pub fn new(
         config: &GpuConfig,
         handlers: &HandlerSet,
         sampler: Arc<GpuSampler>,
+        contexts: BTreeMap<String, u64>,
     ) -> std::io::Result<Self> {
         let released = Arc::new(Notify::new());
         let sample = sampler.latest();
@@ -67,11 +74,17 @@ impl MemoryAdmission {
             .iter()
             .map(|device| {
                 let host = match &config.host_ledger_dir {
-                    Some(dir) => Some(HostLedger::open(Path::new(dir), device.index)?),
+                    Some(dir) => Some(HostLedger::open(Path::new(dir), &device.uuid)?),
                     None => None,
                 };
                 let budget = device.total.saturating_sub(config.headroom.bytes());
-                Ok(Ledger::new(device.index, budget, host, released.clone()))
+                Ok(Ledger::new(
+                    device.index,
+                    &device.uuid,
+                    budget,
+                    host,
+                    released.clone(),
+                ))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         let footprints = handlers
@@ -98,7 +111,117 @@ impl MemoryAdmission {
             durations,
             released,
             config: config.clone(),
+            contexts,
+            resident_sources: std::sync::Mutex::default(),
         })
+    }
+
+    /// Books `declared` bytes as every device's resident memory (a simulated GPU: what the
+    /// handlers declare with `model_memory`).
+    pub fn book_declared_resident(&self, declared: u64) {
+        for ledger in &self.ledgers {
+            ledger.set_resident(declared);
+            self.note_source(ledger.uuid(), ResidentSource::Declared);
+        }
+    }
+
+    /// Measures and books what this process holds on every real device (call it when no job
+    /// runs: after the models load). Blocking: it reads NVML.
+    pub fn measure_resident(&self) -> Vec<(Arc<Ledger>, ResidentReading)> {
+        crate::gpu::allocator::empty_cache();
+        self.sampler.refresh();
+        let sample = self.sampler.latest();
+        self.ledgers
+            .iter()
+            .filter_map(|ledger| {
+                let reading = sample.devices.iter().find(|d| d.uuid == ledger.uuid())?;
+                let measured = resident::measure(
+                    reading,
+                    sample.allocator_of(ledger.uuid()),
+                    self.context_of(ledger.uuid()),
+                );
+                ledger.set_resident(measured.bytes);
+                self.note_source(ledger.uuid(), measured.source);
+                Some((ledger.clone(), measured))
+            })
+            .collect()
+    }
+
+    /// Measures again the devices that are idle after running jobs (the pool and the context
+    /// grow after warm-up), releasing the allocator's cache first. A device where a job was
+    /// admitted meanwhile keeps its last figure. Blocking: call it off the job path.
+    pub fn remeasure_idle(&self) {
+        if self.sampler.probe().is_simulated() {
+            return;
+        }
+        let due: Vec<(Arc<Ledger>, u64)> = self
+            .ledgers
+            .iter()
+            .filter_map(|l| l.due_for_measure().map(|seen| (l.clone(), seen)))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        crate::gpu::allocator::empty_cache();
+        self.sampler.refresh();
+        let sample = self.sampler.latest();
+        for (ledger, seen) in due {
+            let Some(reading) = sample.devices.iter().find(|d| d.uuid == ledger.uuid()) else {
+                continue;
+            };
+            let measured = resident::measure(
+                reading,
+                sample.allocator_of(ledger.uuid()),
+                self.context_of(ledger.uuid()),
+            );
+            let before = ledger.resident_here();
+            if ledger.set_resident_if_idle(measured.bytes, seen) && before != measured.bytes {
+                tracing::debug!(
+                    "GPU {}: resident memory re-measured idle: {} MB (was {} MB)",
+                    ledger.device(),
+                    measured.bytes / 1_000_000,
+                    before / 1_000_000
+                );
+            }
+        }
+    }
+
+    fn context_of(&self, uuid: &str) -> u64 {
+        self.contexts.get(uuid).copied().unwrap_or(0)
+    }
+
+    fn note_source(&self, uuid: &str, source: ResidentSource) {
+        self.resident_sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(uuid.to_owned(), source);
+    }
+
+    /// Where device `uuid`'s resident figure came from, once booked.
+    pub fn resident_source(&self, uuid: &str) -> Option<ResidentSource> {
+        self.resident_sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(uuid)
+            .copied()
+    }
+
+    /// The first GPU handler that cannot fit one job on any device beside the resident memory:
+    /// `(handler, need, ledger with the most room)`.
+    pub fn handler_without_room(
+        &self,
+        handlers: &HandlerSet,
+    ) -> Option<(String, u64, Arc<Ledger>)> {
+        let roomiest = self
+            .ledgers
+            .iter()
+            .max_by_key(|l| l.budget().saturating_sub(l.resident()))?;
+        let room = roomiest.budget().saturating_sub(roomiest.resident());
+        handlers
+            .entries()
+            .filter(|e| e.on_gpu && e.reservation.bytes() > room)
+            .map(|e| (e.name.clone(), e.reservation.bytes(), roomiest.clone()))
+            .next()
     }
 
     /// The ledgers, one per device.
@@ -127,8 +250,8 @@ impl MemoryAdmission {
         })
     }
 
-    /// Memory in use on `device` by anything that books no reservation in our ledger, from the
-    /// latest sample.
+    /// Memory in use on `device` (a CUDA ordinal) by anything that books nothing in our ledger,
+    /// from the latest sample.
     pub fn others_used(&self, device: usize) -> u64 {
         let sample = self.sampler.latest();
         let Some(reading) = sample.devices.iter().find(|d| d.index == device) else {
@@ -139,7 +262,7 @@ impl MemoryAdmission {
         }
         // Ours: the processes that book in the ledger (this one, and with a host-wide ledger
         // its peers). NVML lists host pids, which inside a container may not match ours; then
-        // our own use is taken from libtorch's allocator instead.
+        // our own use is libtorch's allocator plus the CUDA context measured at start.
         let mut ours_pids = vec![std::process::id()];
         if let Some(host) = self
             .ledgers
@@ -162,7 +285,9 @@ impl MemoryAdmission {
         {
             listed
         } else {
-            listed + sample.allocator_of(device).map_or(0, |a| a.reserved)
+            listed
+                + sample.allocator_of(&reading.uuid).map_or(0, |a| a.reserved)
+                + self.context_of(&reading.uuid)
         };
         reading.used.saturating_sub(ours)
     }
@@ -176,10 +301,7 @@ impl MemoryAdmission {
             .ledgers
             .iter()
             .map(|l| {
-                let room = l
-                    .budget()
-                    .saturating_sub(self.others_used(l.device()))
-                    .saturating_sub(l.reserved());
+                let room = l.available().saturating_sub(self.others_used(l.device()));
                 usize::try_from(room / need).unwrap_or(usize::MAX)
             })
             .max()
@@ -194,10 +316,7 @@ impl MemoryAdmission {
             .iter()
             .map(|l| {
                 let others = self.others_used(l.device());
-                let room = l
-                    .budget()
-                    .saturating_sub(others)
-                    .saturating_sub(l.reserved());
+                let room = l.available().saturating_sub(others);
                 (room, others, l)
             })
             .collect();
@@ -214,7 +333,7 @@ impl MemoryAdmission {
         let own_room = self
             .ledgers
             .iter()
-            .map(|l| l.budget().saturating_sub(l.reserved()))
+            .map(|l| l.available())
             .max()
             .unwrap_or(0);
         Err(if own_room >= need {

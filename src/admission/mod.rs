@@ -10,8 +10,9 @@ mod learning;
 mod ledger;
 mod limits;
 mod memory;
+pub mod resident;
 
-pub use host_ledger::HostLedger;
+pub use host_ledger::{HostLedger, HostTotals};
 pub use learning::{AdaptiveRule, DurationStats, Footprint};
 pub use ledger::{Ledger, LedgerEntry, Reservation};
 pub use limits::{GlobalSlot, HandlerPermit, HandlerSnapshot, Limits, QueuedTicket};

@@ -38,7 +38,13 @@ fn memory_admission(host_dir: Option<&std::path::Path>) -> MemoryAdmission {
         1,
         None,
     ));
-    MemoryAdmission::new(&config.gpu, &handlers, GpuSampler::new(probe)).expect("ledger opens")
+    MemoryAdmission::new(
+        &config.gpu,
+        &handlers,
+        GpuSampler::new(probe),
+        Default::default(),
+    )
+    .expect("ledger opens")
 }
 
 /// Runs the measurements and returns the report.
@@ -70,7 +76,7 @@ pub fn run() -> String {
         std::env::temp_dir()
     };
     let dir = base.join(format!("runpod-worker-bench-{}", std::process::id()));
-    if HostLedger::open(&dir, 0).is_ok() {
+    if HostLedger::open(&dir, "GPU-simulated-0").is_ok() {
         let shared = memory_admission(Some(&dir));
         let (p50, p99) = measure(ROUNDS / 20, || {
             let reservation = shared.try_admit("classify", need);

@@ -1,11 +1,24 @@
 //! `check-config`: validates `runpod.toml` and prints the capacity plan: which handlers run how
-//! many jobs at once on the detected GPU, or on a GPU of `--gpu-memory`.
+//! many jobs at once on the detected GPU, or on a GPU of `--gpu-memory`, after the models'
+//! resident memory. It refuses what `serve` would refuse: a GPU libtorch cannot use, devices
+//! that cannot be mapped, models that leave no room for one job.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::admission::resident;
 use crate::config::{validate_budget, Config, ConfigSource, DeviceChoice, Size};
-use crate::gpu;
+use crate::gpu::{self, GpuAccess};
+
+/// The GPU a plan is made for.
+pub struct PlannedGpu {
+    /// Its name, or how it was given.
+    pub name: String,
+    /// Its total memory.
+    pub total: Size,
+    /// The resident memory planned on it.
+    pub resident: resident::Estimate,
+}
 
 /// Validates and prints; exit code 1 if the config is refused.
 pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32 {
@@ -16,20 +29,15 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32
             return 1;
         }
     };
-    let gpu = match gpu_memory {
-        Some(text) => match text.parse::<Size>() {
-            Ok(size) => Some((format!("a {size} GPU (--gpu-memory)"), size)),
-            Err(e) => {
-                eprintln!("--gpu-memory: {e}");
-                return 1;
-            }
-        },
-        None => gpu::detect(&config.gpu)
-            .snapshot()
-            .map(|g| (g.name.clone(), Size::from_bytes(g.total))),
+    let gpu = match plan_gpu(&config, gpu_memory) {
+        Ok(gpu) => gpu,
+        Err(message) => {
+            eprintln!("{message}");
+            return 1;
+        }
     };
-    if let Some((_, total)) = &gpu {
-        if let Err(e) = validate_budget(&config, *total) {
+    if let Some(gpu) = &gpu {
+        if let Err(e) = validate_budget(&config, gpu.total, gpu.resident.bytes) {
             eprintln!("{e}");
             return 1;
         }
@@ -41,7 +49,8 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32
     println!("config OK: {origin}");
     match crate::torch_check::run() {
         Ok(report) => println!(
-            "libtorch 2.11.0: CUDA {} ({} device(s))",
+            "libtorch {}: CUDA {} ({} device(s))",
+            gpu::cuda_runtime::LIBTORCH_VERSION,
             if report.cuda_available {
                 "available"
             } else {
@@ -51,26 +60,87 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32
         ),
         Err(e) => println!("libtorch self-check failed: {e}"),
     }
-    print!(
-        "{}",
-        capacity_plan(&config, gpu.as_ref().map(|(n, s)| (n.as_str(), *s)))
-    );
+    print!("{}", capacity_plan(&config, gpu.as_ref()));
     0
 }
 
-/// The plan as text: per handler, its device, reservation, and how many run at once.
-pub fn capacity_plan(config: &Config, gpu: Option<(&str, Size)>) -> String {
+/// The GPU to plan for: `--gpu-memory` (a GPU this machine need not have), else the detected
+/// one, checked as `serve` checks it. `Err` is the message to print.
+fn plan_gpu(config: &Config, gpu_memory: Option<&str>) -> Result<Option<PlannedGpu>, String> {
+    if let Some(text) = gpu_memory {
+        let size = text
+            .parse::<Size>()
+            .map_err(|e| format!("--gpu-memory: {e}"))?;
+        return Ok(Some(PlannedGpu {
+            name: format!("a {size} GPU (--gpu-memory)"),
+            total: size,
+            resident: resident::estimate(config, true),
+        }));
+    }
+    let probe = gpu::detect(&config.gpu).map_err(|e| format!("serve would not start: {e}"))?;
+    let devices = probe.read();
+    let access = GpuAccess::check(probe.as_ref(), &devices)
+        .map_err(|e| format!("serve would not start: {e}"))?;
+    if let GpuAccess::Broken(why) = &access {
+        return Err(format!(
+            "serve would not start: {why} (local and test-input run the CUDA handlers on the \
+             CPU, degraded)"
+        ));
+    }
+    let resident = if access == GpuAccess::Simulated {
+        let declared = resident::declared(config);
+        resident::Estimate {
+            bytes: declared,
+            parts: vec![format!(
+                "{} declared (model_memory)",
+                Size::from_bytes(declared)
+            )],
+            ..resident::Estimate::default()
+        }
+    } else {
+        resident::estimate(config, true)
+    };
+    Ok(devices.first().map(|g| PlannedGpu {
+        name: g.name.clone(),
+        total: Size::from_bytes(g.total),
+        resident,
+    }))
+}
+
+/// The plan as text: per handler, its device, reservation, and how many run at once beside
+/// the models' resident memory.
+pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
     let mut out = String::new();
-    let budget = gpu.map(|(_, total)| total.bytes().saturating_sub(config.gpu.headroom.bytes()));
+    let budget = gpu.map(|g| g.total.bytes().saturating_sub(config.gpu.headroom.bytes()));
+    let resident = gpu.map_or(0, |g| g.resident.bytes);
+    let for_jobs = budget.map(|b| b.saturating_sub(resident));
     match gpu {
-        Some((name, total)) => {
+        Some(gpu) => {
             let _ = writeln!(
                 out,
-                "GPU: {name}, {total} total ({:.1} GiB), headroom {}, budget {}",
-                total.gib(),
+                "GPU: {}, {} total ({:.1} GiB), headroom {}, budget {}",
+                gpu.name,
+                gpu.total,
+                gpu.total.gib(),
                 config.gpu.headroom,
                 Size::from_bytes(budget.unwrap_or(0))
             );
+            let _ = writeln!(
+                out,
+                "resident (models and CUDA context, estimated): {}; left for jobs: {}",
+                Size::from_bytes(resident),
+                Size::from_bytes(for_jobs.unwrap_or(0))
+            );
+            for part in &gpu.resident.parts {
+                let _ = writeln!(out, "  {part}");
+            }
+            for missing in &gpu.resident.missing {
+                let _ = writeln!(
+                    out,
+                    "  {}: not here, size unknown (declare the handler's model_memory)",
+                    missing.display()
+                );
+            }
         }
         None => {
             let _ = writeln!(
@@ -94,8 +164,8 @@ pub fn capacity_plan(config: &Config, gpu: Option<(&str, Size)>) -> String {
         let on_gpu = gpu.is_some() && handler.device == DeviceChoice::Cuda;
         let reservation = handler.reservation(&config.handler, on_gpu);
         let limit = u64::from(handler.max_concurrency.min(config.handler.max_concurrency));
-        let at_once = match budget {
-            Some(budget) if reservation.bytes() > 0 => limit.min(budget / reservation.bytes()),
+        let at_once = match for_jobs {
+            Some(room) if reservation.bytes() > 0 => limit.min(room / reservation.bytes()),
             _ => limit,
         };
         gpu_at_full_load += at_once * reservation.bytes();
@@ -127,13 +197,13 @@ pub fn capacity_plan(config: &Config, gpu: Option<(&str, Size)>) -> String {
             "\n* asks for CUDA; without a GPU it runs on the CPU (reported as degraded)"
         );
     }
-    if let Some(budget) = budget {
+    if let Some(room) = for_jobs {
         let _ = writeln!(
             out,
-            "\nAt full load the GPU handlers reserve {} of the {} budget{}",
+            "\nAt full load the GPU handlers reserve {} of the {} left for jobs{}",
             Size::from_bytes(gpu_at_full_load),
-            Size::from_bytes(budget),
-            if gpu_at_full_load > budget {
+            Size::from_bytes(room),
+            if gpu_at_full_load > room {
                 ": jobs beyond it wait for memory"
             } else {
                 ""
@@ -147,9 +217,20 @@ pub fn capacity_plan(config: &Config, gpu: Option<(&str, Size)>) -> String {
 mod tests {
     use super::*;
 
+    fn card(name: &str, total: Size, resident: u64) -> PlannedGpu {
+        PlannedGpu {
+            name: name.into(),
+            total,
+            resident: resident::Estimate {
+                bytes: resident,
+                ..resident::Estimate::default()
+            },
+        }
+    }
+
     #[test]
     fn plan_for_the_seed_profile_on_a_24gb_card() {
-        let plan = capacity_plan(&Config::default(), Some(("RTX 4090", Size::gb(24))));
+        let plan = capacity_plan(&Config::default(), Some(&card("RTX 4090", Size::gb(24), 0)));
         assert!(plan.contains("budget"), "{plan}");
         let classify = plan.lines().find(|l| l.starts_with("classify")).unwrap();
         assert!(
@@ -169,9 +250,34 @@ mod tests {
     fn memory_bounds_how_many_gpu_jobs_run_at_once() {
         let mut config = Config::default();
         config.handlers.get_mut("classify").unwrap().max_concurrency = 4;
-        let plan = capacity_plan(&config, Some(("small", Size::gb(13))));
+        let plan = capacity_plan(&config, Some(&card("small", Size::gb(13), 0)));
         // budget = 13GB - 1GiB ≈ 11.9GB: one 6GB job fits, not two.
         let classify = plan.lines().find(|l| l.starts_with("classify")).unwrap();
         assert!(classify.trim_end().ends_with('1'), "{classify}");
+    }
+
+    #[test]
+    fn the_seeds_14gb_classifier_leaves_room_for_one_6gb_job_on_a_24gb_card_not_three() {
+        let mut config = Config::default();
+        config.handlers.get_mut("classify").unwrap().max_concurrency = 4;
+        let without = capacity_plan(&config, Some(&card("RTX 4090", Size::gb(24), 0)));
+        let with = capacity_plan(
+            &config,
+            Some(&card("RTX 4090", Size::gb(24), 14_000_000_000)),
+        );
+        let at_once = |plan: &str| {
+            let line = plan.lines().find(|l| l.starts_with("classify")).unwrap();
+            line.split_whitespace().last().unwrap().to_owned()
+        };
+        assert_eq!(at_once(&without), "3", "{without}");
+        assert_eq!(at_once(&with), "1", "{with}");
+        assert!(
+            with.contains("resident (models and CUDA context, estimated): 14GB"),
+            "{with}"
+        );
+        assert!(
+            validate_budget(&config, Size::gb(24), 20_000_000_000).is_err(),
+            "20GB of models leave no room for one 6GB job"
+        );
     }
 }

@@ -79,6 +79,7 @@ pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>
         gpu: None,
         http_listener,
         shutdown: crate::shutdown::signal_token(),
+        require_cuda: false,
     };
     let code = match run_worker(setup).await {
         Ok(WorkerExit::Drained) => 0,

@@ -53,6 +53,7 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
         gpu: None,
         http_listener: listener,
         shutdown: crate::shutdown::signal_token(),
+        require_cuda: true,
     };
     match run_worker(setup).await {
         Ok(WorkerExit::Drained) => 0,

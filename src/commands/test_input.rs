@@ -58,8 +58,21 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
             return 1;
         }
     };
-    let probe = gpu::detect(&config.gpu);
-    let (gpu_present, simulated) = (probe.snapshot().is_some(), probe.is_simulated());
+    let access = gpu::detect(&config.gpu).and_then(|probe| {
+        let access = gpu::GpuAccess::check(probe.as_ref(), &probe.read())?;
+        Ok((probe, access))
+    });
+    let (probe, access) = match access {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    if let gpu::GpuAccess::Broken(why) = &access {
+        eprintln!("warning: {why}: CUDA handlers run on the CPU (degraded)");
+    }
+    let (gpu_present, simulated) = (access.gpu_present(), probe.is_simulated());
     let owned = config.clone();
     let built =
         tokio::task::spawn_blocking(move || HandlerSet::build(&owned, gpu_present, simulated))

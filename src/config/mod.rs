@@ -224,6 +224,15 @@ pub struct HandlerConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub gpu_memory: Option<Size>,
+    /// The GPU memory its models hold for good (weights), booked as resident memory on a
+    /// simulated GPU and used by `check-config` to plan for a GPU it is not running on. On a
+    /// real GPU the resident memory is measured instead.
+    #[serde(
+        default,
+        with = "optional_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub model_memory: Option<Size>,
     /// classify (logits mode) and torchscript: the TorchScript file, in `[handler].model_dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -264,6 +273,7 @@ impl Default for HandlerConfig {
             max_concurrency: 1,
             device: DeviceChoice::Cpu,
             gpu_memory: None,
+            model_memory: None,
             model: None,
             labels: None,
             temperature: None,

@@ -173,7 +173,7 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
                 limit: format!("must be larger than gpu.headroom ({})", config.gpu.headroom),
             });
         }
-        validate_budget(config, total)?;
+        validate_budget(config, total, crate::admission::resident::declared(config))?;
     }
 
     if config.handlers.is_empty() {
@@ -210,6 +210,22 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
             MAX_CONCURRENCY,
         )?;
         super::kind_keys::validate_kind_keys(name, kind, handler)?;
+        if let Some(model_memory) = handler.model_memory {
+            if handler.device != super::DeviceChoice::Cuda {
+                return Err(ConfigError::OutOfRange {
+                    key: format!("handlers.{name}.model_memory"),
+                    value: format!("{:?}", model_memory.to_string()),
+                    limit: "only handlers on device = \"cuda\" hold GPU memory".into(),
+                });
+            }
+            if model_memory.bytes() == 0 {
+                return Err(ConfigError::OutOfRange {
+                    key: format!("handlers.{name}.model_memory"),
+                    value: "\"0B\"".into(),
+                    limit: "must be more than 0 (leave it out for a model of no size)".into(),
+                });
+            }
+        }
         if handler.gpu_memory == Some(Size::default()) {
             return Err(ConfigError::OutOfRange {
                 key: format!("handlers.{name}.gpu_memory"),
@@ -223,23 +239,43 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A reservation larger than a device's budget (total minus headroom) can never be admitted:
-/// refuse to start rather than fail every such job later.
-pub fn validate_budget(config: &Config, total: Size) -> Result<(), ConfigError> {
+/// A reservation larger than a device's budget (total minus headroom) less the models'
+/// `resident` memory can never be admitted: refuse to start rather than fail every such job
+/// later. `resident` is what the models hold for good (declared, estimated or measured).
+pub fn validate_budget(config: &Config, total: Size, resident: u64) -> Result<(), ConfigError> {
     let budget = total.bytes().saturating_sub(config.gpu.headroom.bytes());
+    if resident > budget {
+        return Err(ConfigError::OutOfRange {
+            key: "handlers.*.model_memory".into(),
+            value: format!("{:?}", Size::from_bytes(resident).to_string()),
+            limit: format!(
+                "the models alone do not fit the GPU budget of {} ({} total minus {} headroom)",
+                Size::from_bytes(budget),
+                total,
+                config.gpu.headroom
+            ),
+        });
+    }
+    let room = budget - resident;
     for (name, handler) in &config.handlers {
         let reservation = handler.reservation(&config.handler, true);
-        if reservation.bytes() > budget {
+        if reservation.bytes() > room {
             let key = match handler.gpu_memory {
                 Some(_) => format!("handlers.{name}.gpu_memory"),
                 None => "handler.gpu_memory_per_request".to_owned(),
+            };
+            let models = if resident > 0 {
+                format!(", less {} for the models", Size::from_bytes(resident))
+            } else {
+                String::new()
             };
             return Err(ConfigError::OutOfRange {
                 key,
                 value: format!("{:?}", reservation.to_string()),
                 limit: format!(
-                    "one {name} job would not fit the GPU budget of {} ({} total minus {} headroom)",
-                    Size::from_bytes(budget),
+                    "one {name} job would not fit the GPU budget of {} ({} total minus {} \
+                     headroom{models})",
+                    Size::from_bytes(room),
                     total,
                     config.gpu.headroom
                 ),
@@ -305,6 +341,26 @@ mod tests {
         let msg = err("[gpu]\nsimulate = \"8GB\"\nheadroom = \"1GB\"\n[handlers.classify]\nmax_concurrency = 1\ndevice = \"cuda\"\ngpu_memory = \"24GB\"\n");
         assert!(msg.contains("handlers.classify.gpu_memory"), "{msg}");
         assert!(msg.contains("7GB"), "{msg}");
+    }
+
+    #[test]
+    fn declared_model_memory_leaves_less_of_the_simulated_budget() {
+        let gpu = "[gpu]\nsimulate = \"24GB\"\nheadroom = \"1GB\"\n";
+        let classify =
+            "[handlers.classify]\nmax_concurrency = 1\ndevice = \"cuda\"\ngpu_memory = \"6GB\"\n";
+        assert!(Config::from_toml(&format!("{gpu}{classify}model_memory = \"14GB\"\n")).is_ok());
+        let msg = err(&format!("{gpu}{classify}model_memory = \"20GB\"\n"));
+        assert!(
+            msg.contains("handlers.classify.gpu_memory")
+                && msg.contains("less 20GB for the models"),
+            "{msg}"
+        );
+        let msg = err(&format!("{gpu}{classify}model_memory = \"30GB\"\n"));
+        assert!(msg.contains("models alone do not fit"), "{msg}");
+        let msg = err(
+            "[handlers.extract]\nmax_concurrency = 1\ndevice = \"cpu\"\nmodel_memory = \"1GB\"\n",
+        );
+        assert!(msg.contains("handlers.extract.model_memory"), "{msg}");
     }
 
     #[test]

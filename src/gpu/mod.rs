@@ -1,9 +1,12 @@
 //! What the worker knows of its GPUs: name, total, free and used memory, and per-process use.
 //! NVML on real GPUs, simulated devices when `[gpu] simulate` is set, nothing on a CPU-only
 //! machine. [`sampler`] reads them off the job path; [`allocator`] reads libtorch's own
-//! counters.
+//! counters; [`identity`] maps NVML's devices to CUDA ordinals; [`cuda_runtime`] says what
+//! libtorch's CUDA sees.
 
 pub mod allocator;
+pub mod cuda_runtime;
+pub mod identity;
 pub mod sampler;
 
 use std::path::PathBuf;
@@ -13,12 +16,20 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
 
 use crate::config::{GpuConfig, Size};
+use cuda_runtime::{CudaVersion, DriverInfo};
+use identity::{MappedDevice, MappingError, NvmlDevice, PciBusId};
 
 /// One reading of one device.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DeviceReading {
-    /// Device index (NVML order).
+    /// The CUDA ordinal: the device jobs compute on (`Device::Cuda(index)`).
     pub index: usize,
+    /// The card's UUID, what ledgers and allocator statistics are keyed by.
+    pub uuid: String,
+    /// NVML's index of the card (differs from `index` under `CUDA_VISIBLE_DEVICES`).
+    pub nvml_index: Option<u32>,
+    /// Its PCI address, where known.
+    pub pci_bus_id: Option<PciBusId>,
     /// Device name (`NVIDIA H200`, `Simulated GPU (24GB)`).
     pub name: String,
     /// Total memory, bytes.
@@ -48,6 +59,11 @@ pub trait GpuProbe: Send + Sync {
     fn is_simulated(&self) -> bool {
         false
     }
+
+    /// The NVIDIA driver's version and the CUDA version it supports, where known.
+    fn driver(&self) -> Option<DriverInfo> {
+        None
+    }
 }
 
 /// No GPU.
@@ -60,26 +76,53 @@ impl GpuProbe for NoGpu {
     }
 }
 
-/// Every visible device through NVML.
+/// The CUDA-visible devices through NVML, each mapped to its CUDA ordinal.
 pub struct NvmlProbe {
     nvml: Nvml,
-    count: u32,
+    devices: Vec<MappedDevice>,
 }
 
 impl NvmlProbe {
-    /// NVML with at least one device, or `None` (no driver, no device).
-    pub fn open() -> Option<Self> {
-        let nvml = Nvml::init().ok()?;
-        let count = nvml.device_count().ok()?;
-        (count > 0).then_some(Self { nvml, count })
+    /// NVML with at least one CUDA-visible device, `Ok(None)` where there is no driver or no
+    /// visible device, or the reason the devices cannot be mapped to CUDA ordinals.
+    pub fn open() -> Result<Option<Self>, MappingError> {
+        let Ok(nvml) = Nvml::init() else {
+            return Ok(None);
+        };
+        let count = nvml.device_count().unwrap_or(0);
+        let listed: Vec<NvmlDevice> = (0..count)
+            .filter_map(|index| {
+                let device = nvml.device_by_index(index).ok()?;
+                Some(NvmlDevice {
+                    nvml_index: index,
+                    uuid: device.uuid().ok()?,
+                    pci_bus_id: PciBusId::parse(&device.pci_info().ok()?.bus_id)?,
+                })
+            })
+            .collect();
+        if listed.len() != count as usize {
+            return Err(MappingError::Disagree(format!(
+                "NVML lists {count} GPU(s) but the UUID or PCI address of {} cannot be read",
+                count as usize - listed.len()
+            )));
+        }
+        let visible = std::env::var(identity::CUDA_VISIBLE_DEVICES).ok();
+        let devices = identity::map_devices(&listed, visible.as_deref())?;
+        Ok((!devices.is_empty()).then_some(Self { nvml, devices }))
+    }
+
+    /// The mapped devices, in ordinal order.
+    pub fn devices(&self) -> &[MappedDevice] {
+        &self.devices
     }
 }
 
 impl GpuProbe for NvmlProbe {
     fn read(&self) -> Vec<DeviceReading> {
-        (0..self.count)
-            .filter_map(|index| {
-                let device = self.nvml.device_by_index(index).ok()?;
+        self.devices
+            .iter()
+            .filter_map(|mapped| {
+                let device = self.nvml.device_by_index(mapped.nvml_index).ok()?;
                 let memory = device.memory_info().ok()?;
                 let process_used = device
                     .running_compute_processes()
@@ -91,7 +134,10 @@ impl GpuProbe for NvmlProbe {
                     })
                     .collect();
                 Some(DeviceReading {
-                    index: index as usize,
+                    index: mapped.ordinal,
+                    uuid: mapped.uuid.clone(),
+                    nvml_index: Some(mapped.nvml_index),
+                    pci_bus_id: Some(mapped.pci_bus_id),
                     name: device.name().unwrap_or_else(|_| "NVIDIA GPU".to_owned()),
                     total: memory.total,
                     free: memory.free,
@@ -100,6 +146,13 @@ impl GpuProbe for NvmlProbe {
                 })
             })
             .collect()
+    }
+
+    fn driver(&self) -> Option<DriverInfo> {
+        Some(DriverInfo {
+            version: self.nvml.sys_driver_version().ok()?,
+            cuda: CudaVersion(self.nvml.sys_cuda_driver_version().ok()?),
+        })
     }
 }
 
@@ -143,6 +196,9 @@ impl GpuProbe for SimulatedProbe {
                 let used = self.external_load(index).min(total);
                 DeviceReading {
                     index,
+                    uuid: format!("GPU-simulated-{index}"),
+                    nvml_index: None,
+                    pci_bus_id: None,
                     name: format!("Simulated GPU ({})", self.total),
                     total,
                     free: total - used,
@@ -158,19 +214,71 @@ impl GpuProbe for SimulatedProbe {
     }
 }
 
-/// The probe for this configuration: simulated if asked, else NVML if present, else none.
-pub fn detect(config: &GpuConfig) -> Arc<dyn GpuProbe> {
+/// What the worker can do with the GPUs its probe sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuAccess {
+    /// No GPU: CUDA handlers run on the CPU.
+    None,
+    /// Simulated devices: CUDA handlers compute on the CPU and are accounted as GPU jobs.
+    Simulated,
+    /// libtorch runs on every device the probe sees, mapped card for card.
+    Cuda,
+    /// NVML sees GPUs that libtorch cannot use; why (driver too old, CUDA not linked).
+    Broken(String),
+}
+
+impl GpuAccess {
+    /// Checks the probe's devices against libtorch: the diagnosis where CUDA does not work,
+    /// an error where the two disagree on which card is which.
+    pub fn check(probe: &dyn GpuProbe, devices: &[DeviceReading]) -> Result<Self, MappingError> {
+        if probe.is_simulated() {
+            return Ok(Self::Simulated);
+        }
+        if devices.is_empty() {
+            return Ok(Self::None);
+        }
+        let torch = cuda_runtime::TorchCuda::read();
+        if let Some(why) = cuda_runtime::diagnose(&torch, probe.driver().as_ref()) {
+            return Ok(Self::Broken(why));
+        }
+        let expected: Vec<_> = devices
+            .iter()
+            .map(|d| (d.index, d.uuid.clone(), d.pci_bus_id))
+            .collect();
+        let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        identity::verify_with_cuda(&expected, count, cuda_runtime::pci_bus_id)?;
+        Ok(Self::Cuda)
+    }
+
+    /// Whether CUDA handlers are accounted as GPU jobs (a working or a simulated GPU).
+    pub fn gpu_present(&self) -> bool {
+        matches!(self, Self::Cuda | Self::Simulated)
+    }
+
+    /// Why CUDA handlers run on the CPU, if they do.
+    pub fn cpu_fallback_reason(&self) -> Option<String> {
+        match self {
+            Self::None => Some("no GPU was found".to_owned()),
+            Self::Broken(why) => Some(why.clone()),
+            Self::Cuda | Self::Simulated => None,
+        }
+    }
+}
+
+/// The probe for this configuration: simulated if asked, else NVML if present, else none; an
+/// error where NVML's devices cannot be mapped to CUDA ordinals.
+pub fn detect(config: &GpuConfig) -> Result<Arc<dyn GpuProbe>, MappingError> {
     if let Some(total) = config.simulate {
-        return Arc::new(SimulatedProbe::new(
+        return Ok(Arc::new(SimulatedProbe::new(
             total,
             config.simulate_devices,
             config.external_load_file.clone(),
-        ));
+        )));
     }
-    match NvmlProbe::open() {
+    Ok(match NvmlProbe::open()? {
         Some(probe) => Arc::new(probe),
         None => Arc::new(NoGpu),
-    }
+    })
 }
 
 #[cfg(test)]

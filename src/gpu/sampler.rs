@@ -22,9 +22,9 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// libtorch's counters for device `index` (looked up by index, not position).
-    pub fn allocator_of(&self, index: usize) -> Option<AllocatorStats> {
-        let position = self.devices.iter().position(|d| d.index == index)?;
+    /// libtorch's counters for the card `uuid` (looked up by identity, not position).
+    pub fn allocator_of(&self, uuid: &str) -> Option<AllocatorStats> {
+        let position = self.devices.iter().position(|d| d.uuid == uuid)?;
         self.allocator.get(position).copied().flatten()
     }
 }
@@ -54,6 +54,7 @@ impl GpuSampler {
     /// Takes a sample now.
     pub fn refresh(&self) {
         let devices = self.probe.read();
+        // libtorch counts by CUDA ordinal, which is each reading's `index`.
         let allocator = devices.iter().map(|d| allocator::stats(d.index)).collect();
         let sample = Arc::new(Sample {
             devices,

@@ -6,6 +6,8 @@
 #include <ATen/DeviceAccelerator.h>
 #include <c10/core/Allocator.h>
 #include <cstdint>
+#include <cstring>
+#include <dlfcn.h>
 
 extern "C" {
 
@@ -44,6 +46,68 @@ int tms_empty_cache() {
   } catch (...) {
     return -1;
   }
+}
+
+// 1: free/total written; 0: no CUDA; -1: error.
+int tms_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
+  try {
+    if (!at::hasCUDA()) return 0;
+    auto info = at::accelerator::getMemoryInfo(static_cast<c10::DeviceIndex>(device));
+    *free_bytes = static_cast<int64_t>(info.first);
+    *total_bytes = static_cast<int64_t>(info.second);
+    return 1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// What the CUDA runtime itself says, looked up by name in the process (libtorch loads cudart
+// as a dependency), so no CUDA headers are needed and a CPU-only machine reads "absent".
+
+// Whether libtorch's CUDA library is loaded in this process: 1 yes, 0 no.
+int tms_torch_cuda_linked() {
+  void* handle = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD);
+  if (handle == nullptr) return 0;
+  dlclose(handle);
+  return 1;
+}
+
+// The CUDA runtime's version (13000 for 13.0); 0 if cudart is not loaded, -1 on error.
+int tms_cuda_runtime_version() {
+  using Fn = int (*)(int*);
+  auto fn = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, "cudaRuntimeGetVersion"));
+  if (fn == nullptr) return 0;
+  int version = 0;
+  return fn(&version) == 0 ? version : -1;
+}
+
+// cudaGetDeviceCount's error code (0 = success, count written); -2 if cudart is not loaded.
+// The error's text goes to `message` (NUL-terminated, at most `len` bytes).
+int tms_cuda_device_count(int* count, char* message, int len) {
+  using CountFn = int (*)(int*);
+  using TextFn = const char* (*)(int);
+  auto count_fn = reinterpret_cast<CountFn>(dlsym(RTLD_DEFAULT, "cudaGetDeviceCount"));
+  auto text_fn = reinterpret_cast<TextFn>(dlsym(RTLD_DEFAULT, "cudaGetErrorString"));
+  if (count_fn == nullptr || len <= 0) return -2;
+  int status = count_fn(count);
+  message[0] = '\0';
+  if (status != 0 && text_fn != nullptr) {
+    const char* text = text_fn(status);
+    if (text != nullptr) {
+      std::strncpy(message, text, static_cast<size_t>(len) - 1);
+      message[len - 1] = '\0';
+    }
+  }
+  return status;
+}
+
+// The PCI address of CUDA device `device` into `out` (NUL-terminated); 1 written, 0 not.
+int tms_cuda_pci_bus_id(int device, char* out, int len) {
+  using Fn = int (*)(char*, int, int);
+  auto fn = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, "cudaDeviceGetPCIBusId"));
+  if (fn == nullptr || len <= 0) return 0;
+  out[0] = '\0';
+  return fn(out, len, device) == 0 ? 1 : 0;
 }
 
 }  // extern "C"

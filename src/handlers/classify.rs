@@ -164,7 +164,7 @@ impl Classifier {
         labels: &[String],
         device: Option<usize>,
     ) -> Result<Value, JobError> {
-        let encoder = self.encoder.for_device(device);
+        let encoder = self.encoder.for_device(device)?;
         let (used, total) = encoder
             .token_counts(text)
             .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?;
@@ -190,7 +190,7 @@ impl Classifier {
                 softmax(&cosines)
             }
             ClassifyMode::Logits(modules) => {
-                let logits = Self::logits(modules.for_device(device), encoder, text)
+                let logits = Self::logits(modules.for_device(device)?, encoder, text)
                     .map_err(|e| torch_error(&e, 10))?;
                 if logits.len() != labels.len() {
                     return Err(JobError::new(

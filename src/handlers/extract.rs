@@ -72,7 +72,7 @@ impl Handler for ExtractHandler {
             Some(_) => return Err(JobError::invalid_input("input.embed must be true or false")),
         };
         let source = document::source_of(&ctx.input, false, &self.fetch).await?;
-        let encoder = self.encoder.for_device(ctx.device).clone();
+        let encoder = self.encoder.for_device(ctx.device)?.clone();
         let cancel = ctx.cancel.clone();
         ctx.run_blocking(move || {
             let Document { text, pages } = document::parse(source)?;

@@ -150,7 +150,7 @@ impl Handler for TorchScriptHandler {
                 read_tensor(name, value)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let (module, device) = self.modules.for_device(ctx.device).clone();
+        let (module, device) = self.modules.for_device(ctx.device)?.clone();
         ctx.run_blocking(move || {
             let _no_grad = tch::no_grad_guard();
             let inputs = tensors

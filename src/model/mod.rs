@@ -66,9 +66,21 @@ pub fn devices_for(wants_gpu: bool) -> Vec<Device> {
 pub struct OnDevices<T>(pub Vec<T>);
 
 impl<T> OnDevices<T> {
-    /// The copy for GPU `device` (a job's reservation says which), else the first.
-    pub fn for_device(&self, device: Option<usize>) -> &T {
-        device.and_then(|d| self.0.get(d)).unwrap_or(&self.0[0])
+    /// The copy for CUDA ordinal `device` (a job's reservation says which), or the only copy
+    /// when the job has no device (the CPU). A device without a copy is an error, never another
+    /// device's copy: memory is booked on the card the job runs on.
+    pub fn for_device(&self, device: Option<usize>) -> Result<&T, crate::outcome::JobError> {
+        let copy = match device {
+            Some(d) => self.0.get(d),
+            None => self.0.first(),
+        };
+        copy.ok_or_else(|| {
+            crate::outcome::JobError::internal(format!(
+                "no model copy on GPU {}: the worker loaded {} copy(ies)",
+                device.unwrap_or(0),
+                self.0.len()
+            ))
+        })
     }
 }
 

@@ -156,8 +156,11 @@ async fn run(
         CancellationToken::new(),
         simulated,
     );
-    // Models are loaded on every GPU: the job runs where its memory is reserved.
-    ctx.device = reservation.as_ref().map(|r| r.device());
+    // Models are loaded on every GPU: the job runs where its memory is reserved (a simulated
+    // GPU computes on the CPU, where there is one copy).
+    if !simulated {
+        ctx.device = reservation.as_ref().map(|r| r.device());
+    }
     let peak_probe = PeakProbe::start(&worker, reservation.as_ref(), simulated);
     let execution = execute(entry, ctx.clone(), deadline, &stop, &worker.interrupt).await;
     if let Some(peak) = peak_probe.and_then(|probe| probe.finish(&worker)) {

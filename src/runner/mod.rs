@@ -21,11 +21,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::resident;
 use crate::admission::{AdaptiveRule, Limits, MemoryAdmission};
 use crate::config::Config;
 use crate::config::{validate_budget, Size};
 use crate::gpu::sampler::GpuSampler;
-use crate::gpu::{self, GpuProbe};
+use crate::gpu::{self, GpuAccess, GpuProbe};
 use crate::handlers::HandlerSet;
 use crate::health::{self, Phase, PhaseCell};
 use crate::metrics::Metrics;
@@ -49,6 +50,9 @@ pub struct WorkerSetup {
     pub http_listener: TcpListener,
     /// Cancelled to drain and stop (SIGTERM in `serve`).
     pub shutdown: CancellationToken,
+    /// Refuse to start where NVML sees a GPU that libtorch cannot use (`serve`: the platform
+    /// then replaces the host); otherwise CUDA handlers run on the CPU, reported `degraded`.
+    pub require_cuda: bool,
 }
 
 /// Why the worker could not start.
@@ -72,7 +76,9 @@ pub struct Worker {
     /// Cancelled when the drain's grace period is over: running jobs answer `Interrupted`.
     pub(crate) interrupt: CancellationToken,
     pub(crate) sampler: Arc<GpuSampler>,
-    pub(crate) memory: MemoryAdmission,
+    /// What libtorch can do with the GPUs the probe sees.
+    pub(crate) gpu_access: GpuAccess,
+    pub(crate) memory: Arc<MemoryAdmission>,
     /// Per handler, with `[gpu] adaptive`.
     pub(crate) adaptive: std::collections::BTreeMap<String, AdaptiveRule>,
     pub(crate) metrics: Metrics,
@@ -121,6 +127,7 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
         gpu,
         http_listener,
         shutdown,
+        require_cuda,
     } = setup;
     let client = QueueClient::new(endpoints, config.queue.clone()).map_err(|e| StartupError {
         check: "queue",
@@ -131,7 +138,7 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
     // Served from the start: during a cold start (models loading) `/ready` says 503 "starting".
     let slot = health::WorkerSlot::default();
     let http = tokio::spawn(health::serve(http_listener, slot.clone(), finished.clone()));
-    let worker = match build_worker(config, handlers, gpu, client, &shutdown).await {
+    let worker = match build_worker(config, handlers, gpu, client, &shutdown, require_cuda).await {
         Ok(worker) => worker,
         Err(e) => {
             finished.cancel();
@@ -144,6 +151,7 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
 
     let interval = Duration::from_millis(worker.config.gpu.sample_interval_ms);
     worker.sampler.spawn(interval, finished.clone());
+    tokio::spawn(remeasure_resident(worker.clone(), finished.clone()));
     let heartbeat = match heartbeat::spawn(&worker, finished.clone()) {
         Ok(heartbeat) => heartbeat,
         Err(reason) => {
@@ -231,35 +239,109 @@ async fn resend_spooled(worker: Arc<Worker>) {
     }
 }
 
-/// Everything a worker needs before it can take jobs: the GPU probe, the handlers (models
-/// loaded within `[handler].timeout`), memory admission and the limits.
+/// How often idle devices are checked for a resident re-measure (one only happens after jobs
+/// ran there, and releases the allocator's cache first).
+const RESIDENT_REMEASURE_EVERY: Duration = Duration::from_secs(10);
+
+/// Re-measures the resident memory of devices that went idle after running jobs, off the job
+/// path, until `stop`.
+async fn remeasure_resident(worker: Arc<Worker>, stop: CancellationToken) {
+    if worker.gpu_access != GpuAccess::Cuda {
+        return;
+    }
+    let mut ticker = tokio::time::interval(RESIDENT_REMEASURE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let w = worker.clone();
+        let _ = tokio::task::spawn_blocking(move || w.memory.remeasure_idle()).await;
+    }
+}
+
+/// Everything a worker needs before it can take jobs: the GPU probe and what libtorch can do
+/// with it, the handlers (models loaded within `[handler].timeout`), memory admission with the
+/// models' resident memory booked, and the limits.
 async fn build_worker(
     config: Config,
     handlers: Option<HandlerSet>,
     gpu: Option<Arc<dyn GpuProbe>>,
     client: QueueClient,
     shutdown: &CancellationToken,
+    require_cuda: bool,
 ) -> Result<Arc<Worker>, StartupError> {
-    let probe = gpu.unwrap_or_else(|| gpu::detect(&config.gpu));
+    let mapping_error = |e: gpu::identity::MappingError| StartupError {
+        check: "gpu_mapping",
+        reason: e.to_string(),
+    };
+    let probe = match gpu {
+        Some(probe) => probe,
+        None => gpu::detect(&config.gpu).map_err(mapping_error)?,
+    };
     let sampler = GpuSampler::new(probe);
     let devices = sampler.latest().devices.clone();
-    for device in &devices {
-        validate_budget(&config, Size::from_bytes(device.total)).map_err(|e| StartupError {
-            check: "config",
-            reason: e.to_string(),
-        })?;
+    let access = GpuAccess::check(sampler.probe().as_ref(), &devices).map_err(mapping_error)?;
+    if let GpuAccess::Broken(why) = &access {
+        if require_cuda {
+            return Err(StartupError {
+                check: "cuda",
+                reason: why.clone(),
+            });
+        }
+        tracing::warn!("{why}: CUDA handlers run on the CPU (degraded)");
     }
-    let simulated = sampler.probe().is_simulated();
+    let simulated = access == GpuAccess::Simulated;
+    let declared_resident = if simulated {
+        resident::declared(&config)
+    } else {
+        0
+    };
+    for device in &devices {
+        validate_budget(&config, Size::from_bytes(device.total), declared_resident).map_err(
+            |e| StartupError {
+                check: "config",
+                reason: e.to_string(),
+            },
+        )?;
+    }
+    let contexts = if access == GpuAccess::Cuda {
+        let probe = sampler.probe().clone();
+        tokio::task::spawn_blocking(move || resident::measure_contexts(probe.as_ref()))
+            .await
+            .unwrap_or_default()
+    } else {
+        Default::default()
+    };
     let handlers = match handlers {
         Some(handlers) => handlers,
-        None => load_handlers(&config, !devices.is_empty(), simulated).await?,
+        None => load_handlers(&config, access.gpu_present(), simulated).await?,
     };
-    let memory = MemoryAdmission::new(&config.gpu, &handlers, sampler.clone()).map_err(|e| {
-        StartupError {
-            check: "gpu_ledger",
-            reason: format!("cannot open the host-wide GPU ledger: {e}"),
-        }
-    })?;
+    let memory =
+        MemoryAdmission::new(&config.gpu, &handlers, sampler.clone(), contexts).map_err(|e| {
+            StartupError {
+                check: "gpu_ledger",
+                reason: format!("cannot open the host-wide GPU ledger: {e}"),
+            }
+        })?;
+    let memory = Arc::new(memory);
+    book_resident(&memory, &access, declared_resident).await;
+    if let Some((handler, need, ledger)) = memory.handler_without_room(&handlers) {
+        return Err(StartupError {
+            check: "gpu_memory",
+            reason: format!(
+                "the models hold {} of GPU {} ({})'s budget of {}: no room for one {handler} job \
+                 of {}; lower its gpu_memory or use a GPU with more memory",
+                Size::from_bytes(ledger.resident()),
+                ledger.device(),
+                ledger.uuid(),
+                Size::from_bytes(ledger.budget()),
+                Size::from_bytes(need),
+            ),
+        });
+    }
     let adaptive = if config.gpu.adaptive {
         handlers
             .entries()
@@ -288,6 +370,7 @@ async fn build_worker(
         phase: PhaseCell::default(),
         interrupt: CancellationToken::new(),
         sampler,
+        gpu_access: access,
         memory,
         adaptive,
         metrics: Metrics::new(),
@@ -297,6 +380,32 @@ async fn build_worker(
         stop_taking: shutdown.child_token(),
     });
     Ok(worker)
+}
+
+/// Books each device's resident memory: declared on a simulated GPU, measured on a real one
+/// (after the models loaded; no job runs yet).
+async fn book_resident(memory: &Arc<MemoryAdmission>, access: &GpuAccess, declared: u64) {
+    match access {
+        GpuAccess::Simulated => memory.book_declared_resident(declared),
+        GpuAccess::Cuda => {
+            let measuring = memory.clone();
+            let measured = tokio::task::spawn_blocking(move || measuring.measure_resident())
+                .await
+                .unwrap_or_default();
+            for (ledger, reading) in measured {
+                tracing::info!(
+                    "GPU {} ({}): {} resident (models, CUDA context, allocator pool; {}), \
+                     budget {}",
+                    ledger.device(),
+                    ledger.uuid(),
+                    Size::from_bytes(reading.bytes),
+                    reading.source.as_str(),
+                    Size::from_bytes(ledger.budget())
+                );
+            }
+        }
+        GpuAccess::None | GpuAccess::Broken(_) => {}
+    }
 }
 
 /// After the drain's interrupt, how long to wait for model threads that do not return.
@@ -377,12 +486,10 @@ fn log_start(worker: &Worker) {
         worker.client.endpoints().worker_id,
         handlers.join(", ")
     );
+    let why = worker.gpu_access.cpu_fallback_reason().unwrap_or_default();
     for entry in worker.handlers.entries() {
         if entry.gpu_fallback {
-            tracing::warn!(
-                "{} asks for CUDA but no GPU was found: it runs on the CPU",
-                entry.name
-            );
+            tracing::warn!("{} asks for CUDA but {why}: it runs on the CPU", entry.name);
         }
         if let Err(reason) = &entry.handler {
             tracing::warn!("{}: {reason}; its jobs get a ModelError result", entry.name);

@@ -163,6 +163,7 @@ impl TestWorker {
             gpu: None,
             http_listener: listener,
             shutdown: shutdown.clone(),
+            require_cuda: true,
         };
         let handle = tokio::spawn(run_worker(setup));
         Self {
