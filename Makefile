@@ -12,7 +12,7 @@ export LIBTORCH_USE_PYTORCH := 1
 CARGO ?= cargo
 PORT ?= 8000
 
-.PHONY: run test build lint venv models clean bench
+.PHONY: run test build lint venv models clean bench gpu-check gpu-kit
 
 venv: $(VENV_STAMP)
 
@@ -46,6 +46,23 @@ test: lint
 	$(CARGO) test --locked -- --test-threads 2
 	$(PY) tests/interop/sdk_client.py target/debug/runpod-worker
 	$(PY) tests/interop/sdk_worker.py target/debug/runpod-worker
+	target/debug/runpod-worker gpu-check --simulate 24GB
+
+# Proves the GPU paths on this machine's card (a table; exit 1 on a failure).
+gpu-check: build
+	./target/release/runpod-worker gpu-check --python $(PY)
+
+# A directory to carry to a GPU host with torch==2.11.0 installed and run there, offline:
+# a stripped release binary, the fp16 MiniLM export, the allocating module, a config.
+#   cd gpu-kit && ./gpu-check.sh
+GPU_KIT ?= gpu-kit
+gpu-kit: venv
+	$(CARGO) build --release --locked
+	rm -rf $(GPU_KIT) && mkdir -p $(GPU_KIT)/models
+	cp target/release/runpod-worker $(GPU_KIT)/ && strip $(GPU_KIT)/runpod-worker
+	HF_HUB_OFFLINE=1 $(PY) handler/export_models.py --out $(GPU_KIT)/models --fp16
+	cp handler/gpu-kit/runpod.toml handler/gpu-kit/gpu-check.sh $(GPU_KIT)/
+	@du -sh $(GPU_KIT) $(GPU_KIT)/* $(GPU_KIT)/models/*
 
 bench: build
 	./target/release/runpod-worker bench all

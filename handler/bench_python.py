@@ -1,8 +1,9 @@
-"""The baseline for `runpod-worker bench models`: the same TorchScript MiniLM called from
-Python torch, doing the same work as the worker's extract and classify handlers, with N threads.
+"""The baseline for `runpod-worker bench models` and `gpu-check`: the same TorchScript MiniLM
+called from Python torch, doing the same work as the worker's extract and classify handlers,
+with N threads, on the CPU or a GPU.
 
-    python handler/bench_python.py --models handler/models --concurrency 2 --jobs 16
-Prints one JSON object: {"extract": {"p50_ms", "throughput"}, "classify": {...}}.
+    python handler/bench_python.py --models handler/models --concurrency 2 --jobs 16 [--device cuda]
+Prints one JSON object: {"extract": {"p50_ms", "p99_ms", "throughput"}, "classify": {...}}.
 """
 
 import argparse
@@ -23,9 +24,12 @@ def main():
     parser.add_argument("--models", default="handler/models")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tasks", default="extract,classify")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
-    model = torch.jit.load(f"{args.models}/minilm.pt", map_location="cpu").eval()
+    model = torch.jit.load(f"{args.models}/minilm.pt", map_location=device).eval()
     tokenizer = Tokenizer.from_file(f"{args.models}/tokenizer.json")
     tokenizer.no_padding()
     tokenizer.no_truncation()
@@ -35,10 +39,10 @@ def main():
 
     def embed(texts):
         encodings = batch_tokenizer.encode_batch(texts)
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64).to(device)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64).to(device)
         with torch.no_grad():
-            return model(ids, mask)
+            return model(ids, mask).float().cpu()
 
     def extract():
         offsets = tokenizer.encode(DOCUMENT, add_special_tokens=False).offsets
@@ -59,7 +63,10 @@ def main():
         return scores.tolist()
 
     results = {}
+    tasks = args.tasks.split(",")
     for name, work in [("extract", extract), ("classify", classify)]:
+        if name not in tasks:
+            continue
         work()  # warm-up
         latencies = []
 
@@ -73,7 +80,11 @@ def main():
             list(pool.map(timed, range(args.jobs)))
         elapsed = time.perf_counter() - start
         latencies.sort()
-        results[name] = {"p50_ms": latencies[len(latencies) // 2], "throughput": args.jobs / elapsed}
+        results[name] = {
+            "p50_ms": latencies[len(latencies) // 2],
+            "p99_ms": latencies[round((len(latencies) - 1) * 0.99)],
+            "throughput": args.jobs / elapsed,
+        }
     print(json.dumps(results))
 
 

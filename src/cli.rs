@@ -85,6 +85,27 @@ pub enum Command {
         #[arg(default_value = "all")]
         which: String,
     },
+    /// Prove the GPU paths on this machine's card: a table of checks, exit 1 on a failure.
+    GpuCheck {
+        /// Config file (for model_dir and headroom; default ./runpod.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Model directory (overrides [handler] model_dir).
+        #[arg(long)]
+        models: Option<PathBuf>,
+        /// Check on a simulated GPU of this size (e.g. 24GB) instead of the real one.
+        #[arg(long)]
+        simulate: Option<String>,
+        /// Python with torch, for the speed comparison against Python torch.
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+        /// Internal: hold this many bytes on a GPU until stdin closes (the pressure check).
+        #[arg(long, hide = true)]
+        hog_bytes: Option<u64>,
+        /// Internal: the GPU the hog holds memory on.
+        #[arg(long, hide = true, default_value_t = 0)]
+        hog_device: usize,
+    },
     /// Validate runpod.toml and print what runs at once on the GPU.
     CheckConfig {
         /// Config file.

@@ -10,11 +10,13 @@
 //! - [`handlers`]: the `Handler` trait and the handlers (`echo`; the model handlers follow).
 //! - [`runner`]: the take loop, job tasks, heartbeat, stop channel and drain.
 //! - [`health`] and [`metrics`]: `/health`, `/ready`, `/metrics`.
-//! - [`gpu`]: what is known of the GPU (NVML, simulated, none).
+//! - [`gpu`]: what is known of the GPU (NVML, simulated, none), which NVML card is which CUDA
+//!   ordinal, and what libtorch's CUDA can do on this host.
 //! - [`model`]: the libtorch model runtime (TorchScript modules, the MiniLM encoder).
 //! - [`outcome`]: error results in the seed's shape and the job-done body.
 //! - [`commands`]: what each subcommand does; `main.rs` only parses arguments.
 //! - [`bench`]: the benchmark harness (`runpod-worker bench`).
+//! - [`gpu_check`]: `runpod-worker gpu-check`, the proof of the GPU paths on a real card.
 
 pub mod admission;
 pub mod bench;
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod gpu;
+pub mod gpu_check;
 pub mod handlers;
 pub mod health;
 pub mod metrics;

@@ -55,6 +55,24 @@ async fn run(cli: Cli) -> i32 {
             commands::test_input(&file, json.as_deref(), config.as_deref()).await
         }
         Command::Bench { which } => commands::bench(&which),
+        Command::GpuCheck {
+            config,
+            models,
+            simulate,
+            python,
+            hog_bytes,
+            hog_device,
+        } => {
+            let args = commands::GpuCheckArgs {
+                config,
+                models,
+                simulate,
+                python,
+                hog_bytes,
+                hog_device,
+            };
+            commands::gpu_check(args).await
+        }
         Command::CheckConfig { config, gpu_memory } => {
             commands::check_config(config.as_deref(), gpu_memory.as_deref())
         }

@@ -165,7 +165,7 @@ pub fn estimate(config: &Config, real_gpu: bool) -> Estimate {
                 estimate.parts.push(format!(
                     "{}: {} (file size)",
                     file.display(),
-                    crate::config::Size::from_bytes(meta.len())
+                    crate::config::Size::from_bytes(meta.len()).approx()
                 ));
             }
             Err(_) => estimate.missing.push(file),
@@ -179,7 +179,7 @@ pub fn estimate(config: &Config, real_gpu: bool) -> Estimate {
         estimate.bytes += CUDA_CONTEXT_ESTIMATE;
         estimate.parts.push(format!(
             "CUDA context: {} (typical)",
-            crate::config::Size::from_bytes(CUDA_CONTEXT_ESTIMATE)
+            crate::config::Size::from_bytes(CUDA_CONTEXT_ESTIMATE).approx()
         ));
     }
     estimate

@@ -38,33 +38,46 @@ fn document() -> String {
         .join(" ")
 }
 
-/// p50 latency (ms) and throughput (jobs/s) of `jobs` runs of `input` at `concurrency`.
-async fn measure(
+/// Latencies and throughput of one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Speed {
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+    /// Jobs per second.
+    pub per_s: f64,
+}
+
+/// Runs `jobs` jobs of `input` at `concurrency` on `task`'s handler (on CUDA ordinal `device`,
+/// if given), after one warm-up job; `None` if a job fails.
+pub async fn measure(
     handlers: &HandlerSet,
     task: &str,
     input: Value,
     concurrency: usize,
     jobs: usize,
-) -> (f64, f64) {
-    let entry = handlers.get(task).expect("configured");
-    let handler = entry.handler.clone().expect("loaded");
+    device: Option<usize>,
+) -> Option<Speed> {
+    let handler = handlers.get(task)?.handler.clone().ok()?;
     let run = |input: Value| {
         let handler = handler.clone();
         async move {
             let map = input.as_object().cloned().unwrap_or_default();
-            let ctx = JobContext::new(
+            let mut ctx = JobContext::new(
                 "bench".into(),
                 map,
                 Arc::new(NoStream),
                 CancellationToken::new(),
                 false,
             );
+            ctx.device = device;
             let start = Instant::now();
-            handler.run(ctx).await.expect("benchmark job succeeds");
-            start.elapsed().as_secs_f64() * 1000.0
+            handler.run(ctx).await.ok()?;
+            Some(start.elapsed().as_secs_f64() * 1000.0)
         }
     };
-    run(input.clone()).await; // warm-up (and label cache)
+    run(input.clone()).await?; // warm-up (and label cache)
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let start = Instant::now();
     let tasks: Vec<_> = (0..jobs)
@@ -78,11 +91,16 @@ async fn measure(
         .collect();
     let mut latencies = Vec::new();
     for task in tasks {
-        latencies.push(task.await.unwrap_or(0.0));
+        latencies.push(task.await.ok()??);
     }
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    (latencies[latencies.len() / 2], jobs as f64 / elapsed)
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    Some(Speed {
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        per_s: jobs as f64 / elapsed,
+    })
 }
 
 /// Runs the comparison; `None` if the models or the Python baseline are missing.
@@ -118,8 +136,8 @@ pub async fn run(models: &Path, python: &Path) -> Option<String> {
             .ok()?;
         let baseline: Value = serde_json::from_slice(&baseline.stdout).ok()?;
         for (task, input) in [("extract", &extract), ("classify", &classify)] {
-            let (p50, throughput) =
-                measure(&handlers, task, input.clone(), concurrency, jobs).await;
+            let speed = measure(&handlers, task, input.clone(), concurrency, jobs, None).await?;
+            let (p50, throughput) = (speed.p50_ms, speed.per_s);
             let (py_p50, py_throughput) = (
                 baseline[task]["p50_ms"].as_f64()?,
                 baseline[task]["throughput"].as_f64()?,

@@ -123,13 +123,13 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
                 gpu.total,
                 gpu.total.gib(),
                 config.gpu.headroom,
-                Size::from_bytes(budget.unwrap_or(0))
+                Size::from_bytes(budget.unwrap_or(0)).approx()
             );
             let _ = writeln!(
                 out,
                 "resident (models and CUDA context, estimated): {}; left for jobs: {}",
-                Size::from_bytes(resident),
-                Size::from_bytes(for_jobs.unwrap_or(0))
+                Size::from_bytes(resident).approx(),
+                Size::from_bytes(for_jobs.unwrap_or(0)).approx()
             );
             for part in &gpu.resident.parts {
                 let _ = writeln!(out, "  {part}");
@@ -201,8 +201,8 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
         let _ = writeln!(
             out,
             "\nAt full load the GPU handlers reserve {} of the {} left for jobs{}",
-            Size::from_bytes(gpu_at_full_load),
-            Size::from_bytes(room),
+            Size::from_bytes(gpu_at_full_load).approx(),
+            Size::from_bytes(room).approx(),
             if gpu_at_full_load > room {
                 ": jobs beyond it wait for memory"
             } else {

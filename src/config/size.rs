@@ -29,6 +29,15 @@ impl Size {
         self.0
     }
 
+    /// A rounded figure for people (`14.5GB`, `466MB`); `Display` writes the exact size.
+    pub fn approx(self) -> String {
+        if self.0 >= 1_000_000_000 {
+            format!("{:.1}GB", self.0 as f64 / 1e9)
+        } else {
+            format!("{:.0}MB", self.0 as f64 / 1e6)
+        }
+    }
+
     /// The size in GiB (bytes / 2^30), the unit of `/health`'s `*_vram_gb` fields.
     pub fn gib(self) -> f64 {
         self.0 as f64 / (1u64 << 30) as f64

@@ -250,7 +250,7 @@ pub fn validate_budget(config: &Config, total: Size, resident: u64) -> Result<()
             value: format!("{:?}", Size::from_bytes(resident).to_string()),
             limit: format!(
                 "the models alone do not fit the GPU budget of {} ({} total minus {} headroom)",
-                Size::from_bytes(budget),
+                Size::from_bytes(budget).approx(),
                 total,
                 config.gpu.headroom
             ),
@@ -265,7 +265,10 @@ pub fn validate_budget(config: &Config, total: Size, resident: u64) -> Result<()
                 None => "handler.gpu_memory_per_request".to_owned(),
             };
             let models = if resident > 0 {
-                format!(", less {} for the models", Size::from_bytes(resident))
+                format!(
+                    ", less {} for the models",
+                    Size::from_bytes(resident).approx()
+                )
             } else {
                 String::new()
             };
@@ -275,7 +278,7 @@ pub fn validate_budget(config: &Config, total: Size, resident: u64) -> Result<()
                 limit: format!(
                     "one {name} job would not fit the GPU budget of {} ({} total minus {} \
                      headroom{models})",
-                    Size::from_bytes(room),
+                    Size::from_bytes(room).approx(),
                     total,
                     config.gpu.headroom
                 ),
@@ -340,7 +343,7 @@ mod tests {
     fn reservation_larger_than_the_simulated_budget_is_refused() {
         let msg = err("[gpu]\nsimulate = \"8GB\"\nheadroom = \"1GB\"\n[handlers.classify]\nmax_concurrency = 1\ndevice = \"cuda\"\ngpu_memory = \"24GB\"\n");
         assert!(msg.contains("handlers.classify.gpu_memory"), "{msg}");
-        assert!(msg.contains("7GB"), "{msg}");
+        assert!(msg.contains("7.0GB"), "{msg}");
     }
 
     #[test]

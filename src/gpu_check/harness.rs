@@ -119,7 +119,12 @@ impl Harness {
 
     /// The worker's `/health`.
     pub(super) async fn health(&self) -> Value {
-        match self.client.get(format!("{}/health", self.http)).send().await {
+        match self
+            .client
+            .get(format!("{}/health", self.http))
+            .send()
+            .await
+        {
             Ok(response) => response.json().await.unwrap_or(Value::Null),
             Err(_) => Value::Null,
         }

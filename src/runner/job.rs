@@ -166,34 +166,40 @@ async fn run(
     if let Some(peak) = peak_probe.and_then(|probe| probe.finish(&worker)) {
         ctx.report_gpu_peak(peak);
     }
-    match execution {
-        Execution::Cancelled => finish_cancelled(&worker, &job.id),
-        Execution::Finished(mut result) => {
-            if let Err(error) = &mut result {
-                if error.is_out_of_memory() {
-                    // When memory should free up, as for an admission refusal.
-                    error.retry_after = Some(worker.memory.retry_after());
+    // The handler's slot and the job's GPU memory go back as soon as its threads have really
+    // returned (a timed-out or stopped model call may still be running), not after the result
+    // is delivered, which can take `delivery_retry_s`.
+    let release = async {
+        ctx.threads_finished().await;
+        drop(reservation);
+        drop(permit);
+    };
+    let report = async {
+        match execution {
+            Execution::Cancelled => finish_cancelled(&worker, &job.id),
+            Execution::Finished(mut result) => {
+                if let Err(error) = &mut result {
+                    if error.is_out_of_memory() {
+                        // When memory should free up, as for an admission refusal.
+                        error.retry_after = Some(worker.memory.retry_after());
+                    }
                 }
+                worker.metrics.job_finished(&handler, &result);
+                learn(
+                    &worker,
+                    &handler,
+                    &result,
+                    started.elapsed(),
+                    ctx.gpu_peak(),
+                );
+                if worker.device_health.record(&result) {
+                    worker.ask_to_be_replaced(&result);
+                }
+                answer(&worker, &job.id, result, ctx.chunks_sent() > 0).await;
             }
-            worker.metrics.job_finished(&handler, &result);
-            learn(
-                &worker,
-                &handler,
-                &result,
-                started.elapsed(),
-                ctx.gpu_peak(),
-            );
-            if worker.device_health.record(&result) {
-                worker.ask_to_be_replaced(&result);
-            }
-            answer(&worker, &job.id, result, ctx.chunks_sent() > 0).await;
         }
-    }
-    // The job is answered; its slot is released only when its threads have really returned
-    // (a timed-out or stopped model call may still be running).
-    ctx.threads_finished().await;
-    drop(reservation);
-    drop(permit);
+    };
+    tokio::join!(release, report);
 }
 
 /// Measures a real GPU job's peak from libtorch's allocator. The allocator's counters are per

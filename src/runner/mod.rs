@@ -334,11 +334,11 @@ async fn build_worker(
             reason: format!(
                 "the models hold {} of GPU {} ({})'s budget of {}: no room for one {handler} job \
                  of {}; lower its gpu_memory or use a GPU with more memory",
-                Size::from_bytes(ledger.resident()),
+                Size::from_bytes(ledger.resident()).approx(),
                 ledger.device(),
                 ledger.uuid(),
-                Size::from_bytes(ledger.budget()),
-                Size::from_bytes(need),
+                Size::from_bytes(ledger.budget()).approx(),
+                Size::from_bytes(need).approx(),
             ),
         });
     }
@@ -398,9 +398,9 @@ async fn book_resident(memory: &Arc<MemoryAdmission>, access: &GpuAccess, declar
                      budget {}",
                     ledger.device(),
                     ledger.uuid(),
-                    Size::from_bytes(reading.bytes),
+                    Size::from_bytes(reading.bytes).approx(),
                     reading.source.as_str(),
-                    Size::from_bytes(ledger.budget())
+                    Size::from_bytes(ledger.budget()).approx()
                 );
             }
         }

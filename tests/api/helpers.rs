@@ -148,22 +148,35 @@ impl TestWorker {
         customise: impl FnOnce(HandlerSet) -> HandlerSet,
         ping_ms: u64,
     ) -> Self {
-        let mut endpoints = QueueEndpoints::for_queue(&mock.base_url(), EP, WORKER, "test-key");
-        endpoints.ping_interval = Duration::from_millis(ping_ms);
         let simulated = config.gpu.simulate.is_some();
         let handlers =
             customise(HandlerSet::build(&config, simulated, simulated).expect("handlers load"));
+        Self::start_with(mock, config, Some(handlers), None, true, ping_ms).await
+    }
+
+    /// Starts a worker with every part given: handlers (`None`: built from the config), a GPU
+    /// probe (`None`: detected), and whether a GPU libtorch cannot use stops it.
+    pub async fn start_with(
+        mock: Arc<MockQueue>,
+        config: Config,
+        handlers: Option<HandlerSet>,
+        gpu: Option<Arc<dyn runpod_worker::gpu::GpuProbe>>,
+        require_cuda: bool,
+        ping_ms: u64,
+    ) -> Self {
+        let mut endpoints = QueueEndpoints::for_queue(&mock.base_url(), EP, WORKER, "test-key");
+        endpoints.ping_interval = Duration::from_millis(ping_ms);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let setup = WorkerSetup {
             config,
             endpoints,
-            handlers: Some(handlers),
-            gpu: None,
+            handlers,
+            gpu,
             http_listener: listener,
             shutdown: shutdown.clone(),
-            require_cuda: true,
+            require_cuda,
         };
         let handle = tokio::spawn(run_worker(setup));
         Self {

@@ -9,6 +9,7 @@ mod bodies;
 mod chaos;
 mod faults;
 mod gpu_memory;
+mod gpu_truth;
 mod heartbeat;
 mod lifecycle;
 mod limits;

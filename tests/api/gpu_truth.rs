@@ -1,0 +1,195 @@
+//! GPU truth on a machine without a GPU: the models' resident memory is booked before jobs,
+//! a GPU that libtorch cannot use stops `serve` and degrades the others (with the cause), and
+//! `check-config` plans with the models' memory.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
+use runpod_worker::gpu::cuda_runtime::{CudaVersion, DriverInfo};
+use runpod_worker::gpu::{DeviceReading, GpuProbe};
+use runpod_worker::handlers::HandlerSet;
+use serde_json::json;
+
+use crate::helpers::{spawn_mock, test_config, GateHandler, TestWorker, BIN};
+
+/// One 24 GB classify card; `model_memory` declared or not.
+fn classify_config(model_memory: Option<&str>) -> Config {
+    let mut config = test_config();
+    config.gpu.simulate = Some("24GB".parse().unwrap());
+    config.handlers.clear();
+    config.handlers.insert(
+        "classify".into(),
+        HandlerConfig {
+            kind: Some("echo".into()),
+            max_concurrency: 4,
+            device: DeviceChoice::Cuda,
+            gpu_memory: Some("5GB".parse().unwrap()),
+            model_memory: model_memory.map(|m| m.parse().unwrap()),
+            ..HandlerConfig::default()
+        },
+    );
+    config
+}
+
+/// Runs four 5 GB jobs, holding them until `started` have started, and returns how many ran at
+/// once, and `/health` while they were held.
+async fn most_at_once(model_memory: Option<&str>, started: usize) -> (usize, serde_json::Value) {
+    let gate = GateHandler::new();
+    let config = classify_config(model_memory);
+    let worker = TestWorker::start(config, |h| h.with_handler("classify", gate.clone()), 200).await;
+    for i in 0..4 {
+        worker.enqueue(&format!("c{i}"), json!({"task": "classify"}));
+    }
+    gate.wait_started(started).await;
+    let health = worker.health().await;
+    // Every job may finish now: how many run at once is up to memory admission alone.
+    gate.release(4);
+    for i in 0..4 {
+        worker.done(&format!("c{i}")).await;
+    }
+    worker.stop().await;
+    (gate.max(), health)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_weights_booked_as_resident_memory_admit_fewer_jobs_than_the_same_config_without() {
+    // 24 GB less 1 GiB headroom: four 5 GB jobs fit; beside 14 GB of weights, one.
+    let (without, health) = most_at_once(None, 4).await;
+    assert_eq!(without, 4, "{health}");
+    assert_eq!(health["gpus"][0]["resident_gb"], 0.0, "{health}");
+    let (with, health) = most_at_once(Some("14GB"), 1).await;
+    assert_eq!(
+        with, 1,
+        "weights plus declared jobs must not exceed the card: {health}"
+    );
+    assert_eq!(
+        health["gpus"][0]["resident_gb"], 13.04,
+        "14 GB in GiB: {health}"
+    );
+    assert_eq!(health["gpus"][0]["resident_source"], "declared", "{health}");
+    assert_eq!(health["gpus"][0]["uuid"], "GPU-simulated-0", "{health}");
+}
+
+/// A card NVML sees, with a driver too old for the wheel's CUDA 13.
+struct OldDriverGpu;
+
+impl GpuProbe for OldDriverGpu {
+    fn read(&self) -> Vec<DeviceReading> {
+        vec![DeviceReading {
+            index: 0,
+            uuid: "GPU-0ld-driver".into(),
+            nvml_index: Some(0),
+            pci_bus_id: None,
+            name: "NVIDIA A10".into(),
+            total: 24_000_000_000,
+            free: 24_000_000_000,
+            used: 0,
+            process_used: Vec::new(),
+        }]
+    }
+
+    fn driver(&self) -> Option<DriverInfo> {
+        Some(DriverInfo {
+            version: "535.104.05".into(),
+            cuda: CudaVersion(12020),
+        })
+    }
+}
+
+fn cuda_echo_config() -> Config {
+    let mut config = test_config();
+    config.handlers.insert(
+        "classify".into(),
+        HandlerConfig {
+            kind: Some("echo".into()),
+            max_concurrency: 1,
+            device: DeviceChoice::Cuda,
+            ..HandlerConfig::default()
+        },
+    );
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_gpu_libtorch_cannot_use_and_names_the_driver() {
+    if tch::Cuda::is_available() {
+        return; // this machine's own CUDA works: the probe's story would be false
+    }
+    let mock = spawn_mock(std::time::Duration::from_secs(2));
+    let probe: Arc<dyn GpuProbe> = Arc::new(OldDriverGpu);
+    let worker =
+        TestWorker::start_with(mock, cuda_echo_config(), None, Some(probe), true, 200).await;
+    let error = worker.handle.await.unwrap().unwrap_err();
+    assert_eq!(error.check, "cuda");
+    assert!(
+        error.reason.contains("535.104.05") && error.reason.contains("12.2"),
+        "{}",
+        error.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_runs_cuda_handlers_on_the_cpu_degraded_and_never_books_them_as_gpu_jobs() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let mock = spawn_mock(std::time::Duration::from_secs(2));
+    let probe: Arc<dyn GpuProbe> = Arc::new(OldDriverGpu);
+    let worker =
+        TestWorker::start_with(mock, cuda_echo_config(), None, Some(probe), false, 200).await;
+    worker.enqueue("c1", json!({"task": "classify", "n": 1}));
+    let done = worker.done("c1").await;
+    assert_eq!(done.body["output"]["n"], 1, "{:?}", done.body);
+    let health = worker.health().await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["handlers"]["classify"]["device"], "cpu", "{health}");
+    assert_eq!(health["gpus"][0]["reservations"], 0, "{health}");
+    assert_eq!(health["handlers"]["classify"]["footprint"], json!(null));
+    let warnings = health["warnings"].to_string();
+    assert!(warnings.contains("535.104.05"), "{warnings}");
+    worker.stop().await;
+}
+
+#[test]
+fn a_handler_set_built_without_a_usable_gpu_books_no_gpu_memory() {
+    let set = HandlerSet::build(&cuda_echo_config(), false, false).unwrap();
+    let classify = set.get("classify").unwrap();
+    assert!(!classify.on_gpu && classify.gpu_fallback);
+    assert_eq!(classify.reservation.bytes(), 0);
+}
+
+fn check_config(model_memory: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("runpod.toml");
+    let text = format!(
+        "[handlers.classify]\nmax_concurrency = 4\ndevice = \"cuda\"\ngpu_memory = \"6GB\"\nmodel_memory = \"{model_memory}\"\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    Command::new(BIN)
+        .args(["check-config", "--gpu-memory", "24GB", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_plans_the_models_memory_and_refuses_models_that_leave_no_room() {
+    let fits = check_config("14GB");
+    let stdout = String::from_utf8_lossy(&fits.stdout);
+    assert!(fits.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("resident (models and CUDA context, estimated): 14.5GB"),
+        "{stdout}"
+    );
+    let classify = stdout.lines().find(|l| l.starts_with("classify")).unwrap();
+    assert!(classify.trim_end().ends_with(" 1"), "{classify}");
+
+    let refused = check_config("20GB");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("handlers.classify.gpu_memory") && stderr.contains("for the models"),
+        "{stderr}"
+    );
+}
