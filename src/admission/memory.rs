@@ -229,6 +229,11 @@ impl MemoryAdmission {
         &self.ledgers
     }
 
+    /// Whether other worker processes book on these (real) devices through a host-wide ledger.
+    pub fn shared_with_peers(&self) -> bool {
+        !self.sampler.probe().is_simulated() && self.ledgers.iter().any(|l| l.host().is_some())
+    }
+
     /// The footprint of `handler`, if it runs on a GPU.
     pub fn footprint(&self, handler: &str) -> Option<&Footprint> {
         self.footprints.get(handler)

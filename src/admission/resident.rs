@@ -11,6 +11,7 @@
 //! - a simulated GPU: what the handlers declare with `model_memory`.
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
 
 use crate::config::{Config, DeviceChoice};
 use crate::gpu::allocator::{self, AllocatorStats};
@@ -74,27 +75,38 @@ pub fn context_bytes(used_before: u64, used_after: u64, allocator_reserved: u64)
         .saturating_sub(allocator_reserved)
 }
 
+/// The contexts measured so far in this process (by UUID): a context is created once per
+/// process and device, so a second worker in the same process reuses the first figure.
+static CONTEXTS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
 /// Initialises CUDA on every device the probe sees and measures each context (by UUID).
 /// Blocking; call it before any model is loaded, on a real GPU.
 pub fn measure_contexts(probe: &dyn GpuProbe) -> BTreeMap<String, u64> {
+    let mut known = CONTEXTS.lock().unwrap_or_else(PoisonError::into_inner);
     let before = probe.read();
-    for device in &before {
-        let Ok(index) = i64::try_from(device.index) else {
-            continue;
-        };
-        let options = (tch::Kind::Float, tch::Device::Cuda(index as usize));
+    let new: Vec<&DeviceReading> = before
+        .iter()
+        .filter(|d| !known.contains_key(&d.uuid))
+        .collect();
+    for device in &new {
+        let options = (tch::Kind::Float, tch::Device::Cuda(device.index));
         if let Err(e) = tch::Tensor::f_zeros([1], options) {
             tracing::warn!("GPU {}: CUDA initialisation failed ({e})", device.index);
         }
     }
-    let after = probe.read();
+    if !new.is_empty() {
+        let after = probe.read();
+        for b in new {
+            let Some(a) = after.iter().find(|a| a.uuid == b.uuid) else {
+                continue;
+            };
+            let reserved = allocator::stats(b.index).map_or(0, |s| s.reserved);
+            known.insert(b.uuid.clone(), context_bytes(b.used, a.used, reserved));
+        }
+    }
     before
         .iter()
-        .filter_map(|b| {
-            let a = after.iter().find(|a| a.uuid == b.uuid)?;
-            let reserved = allocator::stats(b.index).map_or(0, |s| s.reserved);
-            Some((b.uuid.clone(), context_bytes(b.used, a.used, reserved)))
-        })
+        .filter_map(|d| Some((d.uuid.clone(), *known.get(&d.uuid)?)))
         .collect()
 }
 
@@ -111,9 +123,10 @@ pub fn declared(config: &Config) -> u64 {
         .sum()
 }
 
-/// What a CUDA context with libtorch's kernels typically holds, for planning without a GPU
-/// (measured on an H100 with torch 2.11: see the README's GPU section).
-pub const CUDA_CONTEXT_ESTIMATE: u64 = 500_000_000;
+/// What a CUDA context with libtorch's kernels and the allocator's first pool typically hold,
+/// for planning without a GPU: on an H100 (torch 2.11, driver 580) a worker serving the 45 MB
+/// fp16 MiniLM measured 801 MB resident after loading, so about 750 MB besides the model.
+pub const CUDA_CONTEXT_ESTIMATE: u64 = 750_000_000;
 
 /// The resident memory planned for a GPU the worker is not running on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -47,11 +47,27 @@ async fn start_worker(
     let mut lines = BufReader::new(stdout).lines();
     let listening = tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await;
     match listening {
-        Ok(Ok(Some(line))) if line.starts_with("listening on ") => Ok(child),
-        _ => Err(format!(
-            "worker {name} did not start (log: {})",
-            log.display()
-        )),
+        Ok(Ok(Some(line))) if line.starts_with("listening on ") => {
+            // It listens before its models load: wait until it takes jobs.
+            let url = format!("{}/ready", line.trim_start_matches("listening on ").trim());
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(|e| e.to_string())?;
+            for _ in 0..3000 {
+                let ready = client.get(&url).send().await;
+                if ready.is_ok_and(|r| r.status().is_success()) {
+                    return Ok(child);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(format!("worker {name} did not become ready"))
+        }
+        _ => {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
+            Err(format!("worker {name} did not start: {}", tail.join(" / ")))
+        }
     }
 }
 
@@ -162,6 +178,8 @@ async fn two_workers(ctx: &Ctx) -> Result<(String, bool), String> {
         format!("; NVML peak above baseline {}", gib(used_by_workers))
     };
     let within = booked <= budget && (ctx.simulated || used_by_workers <= budget);
+    // Both must have run jobs, or the ledger was never shared.
+    let both_worked = by_a > 0 && by_a < done.len();
     Ok((
         format!(
             "jobs of {} on 2x{PER_WORKER} slots: {ok}/{JOBS} ok ({by_a} by one, {} by the other), {ooms} OOM; ledger peak {} of {} budget{nvml}",
@@ -170,6 +188,6 @@ async fn two_workers(ctx: &Ctx) -> Result<(String, bool), String> {
             gib(booked),
             gib(budget)
         ),
-        within && ok == JOBS && ooms == 0,
+        within && both_worked && ok == JOBS && ooms == 0,
     ))
 }

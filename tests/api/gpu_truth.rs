@@ -179,7 +179,7 @@ fn check_config_plans_the_models_memory_and_refuses_models_that_leave_no_room() 
     let stdout = String::from_utf8_lossy(&fits.stdout);
     assert!(fits.status.success(), "{stdout}");
     assert!(
-        stdout.contains("resident (models and CUDA context, estimated): 14.5GB"),
+        stdout.contains("resident (models and CUDA context, estimated): 14.8GB"),
         "{stdout}"
     );
     let classify = stdout.lines().find(|l| l.starts_with("classify")).unwrap();
