@@ -272,7 +272,7 @@ mod tests {
         assert_eq!(at_once(&without), "3", "{without}");
         assert_eq!(at_once(&with), "1", "{with}");
         assert!(
-            with.contains("resident (models and CUDA context, estimated): 14GB"),
+            with.contains("resident (models and CUDA context, estimated): 14.0GB"),
             "{with}"
         );
         assert!(

@@ -355,7 +355,7 @@ mod tests {
         let msg = err(&format!("{gpu}{classify}model_memory = \"20GB\"\n"));
         assert!(
             msg.contains("handlers.classify.gpu_memory")
-                && msg.contains("less 20GB for the models"),
+                && msg.contains("less 20.0GB for the models"),
             "{msg}"
         );
         let msg = err(&format!("{gpu}{classify}model_memory = \"30GB\"\n"));

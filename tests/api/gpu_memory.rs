@@ -329,7 +329,8 @@ async fn two_worker_processes_on_one_gpu_never_exceed_its_budget_together() {
     }
     // Watch the shared ledger while the jobs run: 23 GB of budget fits two 10 GB jobs, not the
     // four the two workers' slots would allow.
-    let ledger = dir.path().join("runpod-worker-gpu0.ledger.json");
+    // One file per card, named by its UUID.
+    let ledger = dir.path().join("runpod-worker-GPU-simulated-0.ledger.json");
     let mut most = 0u64;
     let finished = |m: &runpod_worker::mock_queue::MockQueue| m.endpoint(EP).done.len() == JOBS;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
