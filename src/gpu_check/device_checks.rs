@@ -203,7 +203,7 @@ async fn same_labels(ctx: &Ctx, gpu: &Harness, cpu: &Harness, table: &mut Table)
     table.add(
         "classify CUDA = CPU",
         format!(
-            "{equal}/{} labels equal, {right}/{} right, max |Δp| {max_delta:.4}{place}{}",
+            "{equal}/{} labels equal, {right}/{} right, max Δp {max_delta:.4}{place}{}",
             TEXTS.len(),
             TEXTS.len(),
             if failures.is_empty() {
