@@ -256,6 +256,7 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
             "cancelled": load(&counters.cancelled),
             "undelivered": load(&counters.undelivered),
             "unanswerable": load(&counters.unanswerable),
+            "duplicates": load(&counters.duplicates),
         },
         "handlers": handlers,
         "gpus": gpus,

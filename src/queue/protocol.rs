@@ -37,6 +37,46 @@ pub struct BadJob {
     pub problem: String,
 }
 
+/// Longest job id accepted. The platform's ids are UUIDs with a short prefix or suffix (under
+/// 64 characters); a longer one would swell every heartbeat that lists it.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why a job id cannot be used as-is in the heartbeat's query and the result's URL path, or
+/// `None` when it can: at most [`MAX_ID_LEN`] characters of `A-Z a-z 0-9 - _ . :`, and not `.`
+/// or `..` (which a URL path resolves).
+pub fn id_problem(id: &str) -> Option<String> {
+    if id.len() > MAX_ID_LEN {
+        return Some(format!(
+            "the job id is {} bytes long, over the limit of {MAX_ID_LEN}",
+            id.len()
+        ));
+    }
+    let usable = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
+    if id.is_empty() || id == "." || id == ".." || !id.chars().all(usable) {
+        return Some(
+            "the job id must be letters, digits, '-', '_', '.' or ':' (and not \".\" or \"..\")"
+                .to_owned(),
+        );
+    }
+    None
+}
+
+/// A job id as human log lines show it: control characters escaped, at most 64 characters
+/// (a hostile id can neither forge a log line nor write a megabyte of one).
+pub fn shown_id(id: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut shown: String = id
+        .chars()
+        .take(SHOWN)
+        .flat_map(char::escape_debug)
+        .collect();
+    let total = id.chars().count();
+    if total > SHOWN {
+        shown.push_str(&format!("…({} more characters)", total - SHOWN));
+    }
+    shown
+}
+
 /// Reads one element of a take's body.
 pub fn parse_job(value: Value) -> Result<Job, BadJob> {
     let Value::Object(raw) = value else {
@@ -103,13 +143,10 @@ pub fn parse_take_body(body: &[u8], limits: JobLimits) -> Result<Vec<Result<Job,
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Vec::new());
     }
-    let (text, invalid_utf8) = match std::str::from_utf8(body) {
-        Ok(text) => (std::borrow::Cow::Borrowed(text), false),
-        Err(_) => (String::from_utf8_lossy(body), true),
-    };
-    let top: Box<RawValue> = serde_json::from_str(&text)
+    let (text, invalid_at) = decode_lossy(body);
+    let top: &RawValue = serde_json::from_str(&text)
         .map_err(|e| format!("job-take answered with a body that is not JSON ({e})"))?;
-    let raw_jobs: Vec<Box<RawValue>> = match top.get().trim_start().as_bytes().first() {
+    let raw_jobs: Vec<&RawValue> = match top.get().trim_start().as_bytes().first() {
         Some(b'[') => serde_json::from_str(top.get())
             .map_err(|e| format!("job-take batch is malformed ({e})"))?,
         Some(b'{') => vec![top],
@@ -123,15 +160,47 @@ pub fn parse_take_body(body: &[u8], limits: JobLimits) -> Result<Vec<Result<Job,
     };
     Ok(raw_jobs
         .iter()
-        .map(|raw| check_and_parse(raw.get(), invalid_utf8, limits))
+        .map(|raw| {
+            // The raw values borrow from `text`: where each job lies in it says whether an
+            // invalid byte (replaced while decoding) was inside it, so only that job fails.
+            let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+            let span = start..start + raw.get().len();
+            let invalid_utf8 = invalid_at.iter().any(|at| span.contains(at));
+            check_and_parse(raw.get(), invalid_utf8, limits)
+        })
         .collect())
 }
 
-fn check_and_parse(
-    raw: &str,
-    body_had_invalid_utf8: bool,
-    limits: JobLimits,
-) -> Result<Job, BadJob> {
+/// `body` as text, with each invalid UTF-8 sequence replaced by U+FFFD, and the offsets (in
+/// the text) of those replacements: a U+FFFD that was in the body is not one of them.
+fn decode_lossy(body: &[u8]) -> (std::borrow::Cow<'_, str>, Vec<usize>) {
+    let Err(_) = std::str::from_utf8(body) else {
+        return (String::from_utf8_lossy(body), Vec::new());
+    };
+    let (mut text, mut invalid_at) = (String::with_capacity(body.len()), Vec::new());
+    let mut rest = body;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(valid) => {
+                text.push_str(valid);
+                break;
+            }
+            Err(error) => {
+                let (valid, after) = rest.split_at(error.valid_up_to());
+                text.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                invalid_at.push(text.len());
+                text.push('\u{FFFD}');
+                match error.error_len() {
+                    Some(len) => rest = &after[len..],
+                    None => break,
+                }
+            }
+        }
+    }
+    (std::borrow::Cow::Owned(text), invalid_at)
+}
+
+fn check_and_parse(raw: &str, invalid_utf8: bool, limits: JobLimits) -> Result<Job, BadJob> {
     let depth = nesting_depth(raw);
     let problem = if raw.len() > limits.max_bytes {
         Some(format!(
@@ -144,7 +213,7 @@ fn check_and_parse(
             "the job nests arrays or objects {depth} levels deep, over the limit of {}",
             limits.max_depth
         ))
-    } else if body_had_invalid_utf8 && raw.contains('\u{FFFD}') {
+    } else if invalid_utf8 {
         Some("the job contains bytes that are not valid UTF-8".to_owned())
     } else {
         None
@@ -299,6 +368,49 @@ mod tests {
             (Some("bad"), true)
         );
         assert_eq!(jobs[1].as_ref().unwrap().input["t"], "café ☃");
+    }
+
+    #[test]
+    fn a_legitimate_replacement_character_passes_beside_a_batch_mate_with_invalid_bytes() {
+        // "café" spelled with a real U+FFFD (EF BF BD), then a batch-mate with a lone 0xFF.
+        let mut body = br#"[{"id":"good","input":{"text":"caf"#.to_vec();
+        body.extend_from_slice(&[0xEF, 0xBF, 0xBD]);
+        body.extend_from_slice(br#" ok"}},{"id":"bad","input":{"text":"x"#);
+        body.push(0xFF);
+        body.extend_from_slice(br#""}}]"#);
+        let jobs = parse_take_body_default(&body).unwrap();
+        let good = jobs[0]
+            .as_ref()
+            .expect("U+FFFD is a character like any other");
+        assert_eq!(good.input["text"], "caf\u{FFFD} ok");
+        let bad = jobs[1].as_ref().unwrap_err();
+        assert_eq!(bad.id.as_deref(), Some("bad"));
+        assert!(bad.problem.contains("UTF-8"), "{}", bad.problem);
+    }
+
+    #[test]
+    fn ids_that_cannot_go_in_a_url_path_as_they_are_have_a_problem() {
+        assert_eq!(
+            id_problem("sync-5ea3e1c4-8b2f-4a57-9a3e-12ab34cd56ef-u1"),
+            None
+        );
+        assert_eq!(id_problem("job:1.2_x"), None);
+        for bad in ["", ".", "..", "a/b", "a b", "a\nb", "a?b", "%2F", "é"] {
+            assert!(id_problem(bad).is_some(), "{bad:?}");
+        }
+        assert!(id_problem(&"a".repeat(MAX_ID_LEN)).is_none());
+        let long = id_problem(&"a".repeat(10_000)).unwrap();
+        assert!(long.contains("10000 bytes"), "{long}");
+    }
+
+    #[test]
+    fn ids_in_log_lines_are_escaped_and_short() {
+        assert_eq!(shown_id("a\nINFO forged"), "a\\nINFO forged");
+        let shown = shown_id(&"x".repeat(1_000_000));
+        assert!(
+            shown.len() < 100 && shown.ends_with("(999936 more characters)"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct JobCounters {
     pub undelivered: AtomicU64,
     /// Jobs without an id, which nobody can be answered for.
     pub unanswerable: AtomicU64,
+    /// Jobs whose id was already in hand (a repeated id in a batch, or a job the queue sent
+    /// again while it still ran here): not started twice.
+    pub duplicates: AtomicU64,
 }
 
 impl JobCounters {
@@ -47,15 +50,20 @@ pub struct JobBoard {
 }
 
 impl JobBoard {
-    /// Records a job as held; the token is cancelled if the queue asks to stop it.
-    pub fn register(&self, job_id: &str) -> CancellationToken {
+    /// Records a job as held; the token is cancelled if the queue asks to stop it. `None` if
+    /// a job of that id is already in hand: it must not run twice.
+    pub fn register(&self, job_id: &str) -> Option<CancellationToken> {
+        let mut jobs = self.lock();
+        if jobs.contains_key(job_id) {
+            return None;
+        }
         let token = CancellationToken::new();
         let held = Held {
             stop: token.clone(),
             answering: false,
         };
-        self.lock().insert(job_id.to_owned(), held);
-        token
+        jobs.insert(job_id.to_owned(), held);
+        Some(token)
     }
 
     /// The job has been answered (or abandoned): it leaves the heartbeat.

@@ -13,6 +13,7 @@ use crate::admission::{GlobalSlot, QueuedTicket};
 use crate::handlers::{ChunkSink, JobContext};
 use crate::outcome::{done_body, ErrorType, JobError};
 use crate::queue::client::DeliveryError;
+use crate::queue::protocol::{id_problem, shown_id};
 use crate::queue::{BadJob, Job, QueueClient, SpooledResult};
 
 /// `retry_after` of the retry signal given to a CPU job that waited too long for its handler.
@@ -20,50 +21,71 @@ const LOCAL_WAIT_RETRY_AFTER_S: u64 = 10;
 
 /// Takes charge of one item of a take: registers it (so the next ping lists it) and spawns
 /// the task that answers it. Runs synchronously in the take loop, so the next `takeable()`
-/// already counts this job against its handler.
+/// already counts this job against its handler. A job whose id is already in hand is not
+/// started again (the running copy answers); one whose id cannot go in a URL as it is is
+/// answered without ever being listed in the heartbeat.
 pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
     JobCounters::bump(&worker.board.counters.taken);
-    let slot = worker.limits.try_global();
-    match item {
-        Err(BadJob { id: None, problem }) => {
-            JobCounters::bump(&worker.board.counters.unanswerable);
+    let id = match &item {
+        Ok(job) => Some(job.id.clone()),
+        Err(bad) => bad.id.clone(),
+    };
+    let Some(id) = id else {
+        JobCounters::bump(&worker.board.counters.unanswerable);
+        if let Err(BadJob { problem, .. }) = item {
             tracing::error!("received a job that cannot be answered ({problem}); skipping it");
         }
-        Err(BadJob {
-            id: Some(id),
-            problem,
-        }) => {
-            worker.board.register(&id);
+        return;
+    };
+    if let Some(problem) = id_problem(&id) {
+        tracing::warn!(job_id = %shown_id(&id), "{problem}: answering it without holding it");
+        let worker = worker.clone();
+        worker.tracker.clone().spawn(async move {
+            answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
+        });
+        return;
+    }
+    let Some(stop) = worker.board.register(&id) else {
+        JobCounters::bump(&worker.board.counters.duplicates);
+        tracing::warn!(
+            job_id = %id,
+            "the queue sent a job already in hand (a repeated id, or a lease that ran out while \
+             it ran): not started again; the running copy answers"
+        );
+        return;
+    };
+    let slot = worker.limits.try_global();
+    let job = match item {
+        Ok(job) => job,
+        Err(BadJob { problem, .. }) => {
             let worker = worker.clone();
             worker.tracker.clone().spawn(async move {
                 let _slot = slot;
                 answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
             });
+            return;
         }
-        Ok(job) => {
-            let stop = worker.board.register(&job.id);
-            let routed = worker
-                .handlers
-                .route(&job.input)
-                .map(|r| (r.entry.name.clone(), r.input));
-            let worker_ref = worker.clone();
-            match routed {
-                Err(error) => {
-                    worker.tracker.spawn(async move {
-                        let _slot = slot;
-                        answer(&worker_ref, &job.id, Err(error), false).await;
-                    });
-                }
-                Ok((handler, input)) => {
-                    let ticket = worker
-                        .limits
-                        .enqueue(&handler)
-                        .expect("every routed handler has limits");
-                    worker
-                        .tracker
-                        .spawn(run(worker_ref, job, handler, input, ticket, slot, stop));
-                }
-            }
+    };
+    let routed = worker
+        .handlers
+        .route(&job.input)
+        .map(|r| (r.entry.name.clone(), r.input));
+    let worker_ref = worker.clone();
+    match routed {
+        Err(error) => {
+            worker.tracker.spawn(async move {
+                let _slot = slot;
+                answer(&worker_ref, &job.id, Err(error), false).await;
+            });
+        }
+        Ok((handler, input)) => {
+            let ticket = worker
+                .limits
+                .enqueue(&handler)
+                .expect("every routed handler has limits");
+            worker
+                .tracker
+                .spawn(run(worker_ref, job, handler, input, ticket, slot, stop));
         }
     }
 }
@@ -340,7 +362,7 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
         Err(e) => {
             JobCounters::bump(&worker.board.counters.failed);
             tracing::warn!(
-                job_id,
+                job_id = %shown_id(job_id),
                 "job failed: {} ({})",
                 e.message,
                 e.error_type.as_str()
@@ -349,9 +371,24 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
     }
     match worker.client.post_done(job_id, &body, streamed).await {
         Ok(()) => tracing::debug!(job_id, "result delivered"),
-        Err(error @ (DeliveryError::Gone(_) | DeliveryError::Rejected(_))) => {
+        Err(DeliveryError::Gone(_)) => {
             JobCounters::bump(&worker.board.counters.undelivered);
-            tracing::warn!(job_id, "result dropped: {error}");
+            tracing::warn!(
+                job_id = %shown_id(job_id),
+                "result dropped: the queue no longer knows the job (404): it expired or was \
+                 handed to another worker"
+            );
+        }
+        Err(error @ DeliveryError::Rejected(_)) => {
+            JobCounters::bump(&worker.board.counters.undelivered);
+            tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
+        }
+        Err(error) if id_problem(job_id).is_some() => {
+            // Re-sending it at every start would never work better: it is not kept. The error
+            // may quote the URL, which holds the id: cut short.
+            JobCounters::bump(&worker.board.counters.undelivered);
+            let error: String = error.to_string().chars().take(200).collect();
+            tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
         }
         Err(error) => {
             JobCounters::bump(&worker.board.counters.undelivered);

@@ -328,6 +328,11 @@ impl GateHandler {
     pub fn max(&self) -> usize {
         self.max_seen.load(Ordering::SeqCst)
     }
+
+    /// How many jobs have started so far.
+    pub fn started(&self) -> usize {
+        *self.started.borrow()
+    }
 }
 
 #[async_trait]

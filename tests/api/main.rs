@@ -11,6 +11,7 @@ mod faults;
 mod gpu_memory;
 mod gpu_truth;
 mod heartbeat;
+mod job_ids;
 mod lifecycle;
 mod limits;
 mod mock_api;
