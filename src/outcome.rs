@@ -136,6 +136,30 @@ pub fn done_body(result: &Result<Value, JobError>, stop_pod: bool) -> Value {
     body
 }
 
+/// The job-done body of `result`, within `limit` bytes: a larger one becomes an
+/// `OutputTooLarge` error (the platform refuses large results, and the job would end with no
+/// output at all). Returns the result as it will be reported, and its body.
+pub fn sized_done_body(
+    result: Result<Value, JobError>,
+    stop_pod: bool,
+    limit: u64,
+) -> (Result<Value, JobError>, Value) {
+    let body = done_body(&result, stop_pod);
+    let size = serde_json::to_vec(&body).map_or(0, |b| b.len()) as u64;
+    if size <= limit {
+        return (result, body);
+    }
+    let error = JobError::new(
+        ErrorType::OutputTooLarge,
+        format!(
+            "the result is {size} bytes, over the limit of {limit} bytes; return less, or store \
+             large outputs elsewhere and return a link"
+        ),
+    );
+    let body = done_body(&Err(error.clone()), stop_pod);
+    (Err(error), body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

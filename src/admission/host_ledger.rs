@@ -38,6 +38,20 @@ pub struct HostTotals {
     pub resident: u64,
 }
 
+/// One read of the file: the totals, and what each other worker has booked (by the pid it
+/// saw as its own), for telling its memory from others' in NVML's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostView {
+    /// Every live worker's bookings.
+    pub totals: HostTotals,
+    /// Other workers: (pid, bytes booked: resident and jobs).
+    pub peers: Vec<(u32, u64)>,
+}
+
+/// How long a worker waits for the file lock before giving up with an error: a peer stalled
+/// while holding it must not stall admission here.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The shared ledger file of one device.
 #[derive(Debug)]
 pub struct HostLedger {
@@ -137,6 +151,27 @@ impl HostLedger {
         })
     }
 
+    /// The totals and the other workers' bookings.
+    pub fn view(&self) -> std::io::Result<HostView> {
+        self.with_locked(|file| {
+            let mut view = HostView::default();
+            for e in &file.entries {
+                if e.resident {
+                    view.totals.resident += e.bytes;
+                } else {
+                    view.totals.jobs += e.bytes;
+                }
+                if e.owner != self.owner {
+                    match view.peers.iter_mut().find(|(pid, _)| *pid == e.pid) {
+                        Some((_, bytes)) => *bytes += e.bytes,
+                        None => view.peers.push((e.pid, e.bytes)),
+                    }
+                }
+            }
+            view
+        })
+    }
+
     /// Process ids with reservations (as each saw its own pid).
     pub fn pids(&self) -> std::io::Result<Vec<u32>> {
         self.with_locked(|file| {
@@ -172,7 +207,7 @@ impl HostLedger {
             .truncate(false)
             .write(true)
             .open(&self.lock_path)?;
-        lock.lock()?;
+        lock_within(&lock, LOCK_WAIT)?;
         let mut file = read(&self.path)?;
         let original = file.clone();
         let before = file.entries.len();
@@ -205,6 +240,32 @@ impl HostLedger {
 impl Drop for HostLedger {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(alive_path(&self.dir, &self.owner));
+    }
+}
+
+/// Takes `file`'s exclusive lock, waiting at most `wait`.
+fn lock_within(file: &File, wait: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the host-wide GPU ledger's lock is held by a peer that has not let go \
+                         for {} s",
+                        wait.as_secs()
+                    ),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
     }
 }
 
@@ -281,6 +342,48 @@ mod tests {
         assert!(b.try_reserve(1, 50, 100).unwrap());
         let other_card = HostLedger::open(dir.path(), "GPU-1").unwrap();
         assert_eq!(other_card.totals().unwrap(), HostTotals::default());
+    }
+
+    #[test]
+    fn a_peer_that_holds_the_lock_gets_a_named_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = HostLedger::open(dir.path(), "GPU-0").unwrap();
+        let stalled = File::create(&a.lock_path).unwrap();
+        stalled.lock().unwrap();
+        let started = std::time::Instant::now();
+        let error = lock_within(
+            &OpenOptions::new().write(true).open(&a.lock_path).unwrap(),
+            std::time::Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert!(error.to_string().contains("held by a peer"), "{error}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        stalled.unlock().unwrap();
+        assert!(a.view().is_ok(), "free again once the peer lets go");
+    }
+
+    #[test]
+    fn the_view_names_what_each_peer_booked() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = HostLedger::open(dir.path(), "GPU-0").unwrap();
+        let b = HostLedger::open(dir.path(), "GPU-0").unwrap();
+        a.set_resident(7).unwrap();
+        assert!(b.try_reserve(1, 5, 100).unwrap());
+        b.set_resident(3).unwrap();
+        let view = a.view().unwrap();
+        assert_eq!(
+            view.totals,
+            HostTotals {
+                jobs: 5,
+                resident: 10
+            }
+        );
+        assert_eq!(
+            view.peers,
+            vec![(std::process::id(), 8)],
+            "b's 5 + 3, not a's own"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::host_ledger::HostLedger;
+use super::host_ledger::{HostLedger, HostView};
 
 /// One live reservation, as `/health` and `retry_after` see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +41,9 @@ pub struct Ledger {
     budget: u64,
     /// This process's standing memory on the device.
     resident: AtomicU64,
+    /// The last read of the host-wide file (refreshed off the async threads), so that `/health`,
+    /// take sizing and measured memory never wait for its lock.
+    host_view: Mutex<HostView>,
     /// A job has run since the resident memory was last measured.
     used_since_measure: AtomicBool,
     state: Mutex<LedgerState>,
@@ -65,6 +68,7 @@ impl Ledger {
             uuid: uuid.to_owned(),
             budget,
             resident: AtomicU64::new(0),
+            host_view: Mutex::new(HostView::default()),
             used_since_measure: AtomicBool::new(false),
             state: Mutex::new(LedgerState::default()),
             host,
@@ -89,16 +93,44 @@ impl Ledger {
     }
 
     /// Books this process's standing memory on the device (replacing the last figure), and
-    /// marks the device as measured.
+    /// marks the device as measured. Blocking with a host-wide ledger (file I/O).
     pub fn set_resident(&self, bytes: u64) {
-        let _state = self.lock();
-        self.resident.store(bytes, Ordering::Release);
-        self.used_since_measure.store(false, Ordering::Release);
-        if let Some(host) = &self.host {
-            if let Err(e) = host.set_resident(bytes) {
-                tracing::error!("host-wide GPU ledger: cannot book the resident memory ({e})");
+        {
+            let _state = self.lock();
+            self.resident.store(bytes, Ordering::Release);
+            self.used_since_measure.store(false, Ordering::Release);
+            if let Some(host) = &self.host {
+                if let Err(e) = host.set_resident(bytes) {
+                    tracing::error!("host-wide GPU ledger: cannot book the resident memory ({e})");
+                }
             }
         }
+        self.refresh_host();
+    }
+
+    /// Reads the host-wide file again (blocking: call it off the async threads).
+    pub fn refresh_host(&self) {
+        let Some(host) = &self.host else {
+            return;
+        };
+        match host.view() {
+            Ok(view) => {
+                *self
+                    .host_view
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = view
+            }
+            Err(e) => tracing::warn!("host-wide GPU ledger unreadable ({e}); using the last read"),
+        }
+    }
+
+    /// The other workers' bookings on this device, from the last read: (pid, bytes).
+    pub fn peers(&self) -> Vec<(u32, u64)> {
+        self.host_view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .peers
+            .clone()
     }
 
     /// This process's standing memory on the device.
@@ -108,12 +140,7 @@ impl Ledger {
 
     /// Standing memory on the device: of every process when the ledger is host-wide.
     pub fn resident(&self) -> u64 {
-        match &self.host {
-            Some(host) => host
-                .totals()
-                .map_or_else(|_| self.resident_here(), |t| t.resident),
-            None => self.resident_here(),
-        }
+        self.booked().1
     }
 
     /// No job of this process holds memory here, and one has run since the last measure: the
@@ -158,15 +185,19 @@ impl Ledger {
         self.booked().0
     }
 
-    /// Job reservations and resident memory: of every process when the ledger is host-wide.
+    /// Job reservations and resident memory: of every process when the ledger is host-wide
+    /// (as last read; never less than this process's own).
     pub fn booked(&self) -> (u64, u64) {
-        match &self.host {
-            Some(host) => host.totals().map_or_else(
-                |_| (self.reserved_here(), self.resident_here()),
-                |t| (t.jobs, t.resident),
-            ),
-            None => (self.reserved_here(), self.resident_here()),
+        let (jobs, resident) = (self.reserved_here(), self.resident_here());
+        if self.host.is_none() {
+            return (jobs, resident);
         }
+        let totals = self
+            .host_view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .totals;
+        (totals.jobs.max(jobs), totals.resident.max(resident))
     }
 
     /// Bytes that could still be reserved: the budget less resident memory and reservations.
@@ -184,8 +215,10 @@ impl Ledger {
         others_used: u64,
     ) -> Option<Reservation> {
         let budget = self.budget.saturating_sub(others_used);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
+        // Counted under the lock: a re-measure that saw the device idle (and this count) knows
+        // for sure whether a job was admitted meanwhile.
+        let id = self.next_id.fetch_add(1, Ordering::AcqRel);
         let fits = match &self.host {
             // The file lock is taken under our own lock: one order, no deadlock. The file holds
             // every worker's resident memory as well as its jobs.
@@ -202,6 +235,8 @@ impl Ledger {
         state
             .live
             .insert(id, (handler.to_owned(), bytes, Instant::now()));
+        drop(state);
+        self.refresh_host();
         Some(Reservation {
             ledger: self.clone(),
             id,
@@ -235,6 +270,7 @@ impl Ledger {
                 }
             }
         }
+        self.refresh_host();
         self.released.notify_waiters();
     }
 
@@ -265,7 +301,14 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.ledger.release(self.id);
+        let (ledger, id) = (self.ledger.clone(), self.id);
+        match (&ledger.host, tokio::runtime::Handle::try_current()) {
+            // The shared file is written under its lock: not on an async thread.
+            (Some(_), Ok(runtime)) => {
+                runtime.spawn_blocking(move || ledger.release(id));
+            }
+            _ => ledger.release(id),
+        }
     }
 }
 

@@ -265,36 +265,33 @@ impl MemoryAdmission {
         if self.sampler.probe().is_simulated() {
             return reading.used;
         }
-        // Ours: the processes that book in the ledger (this one, and with a host-wide ledger
-        // its peers). NVML lists host pids, which inside a container may not match ours; then
-        // our own use is libtorch's allocator plus the CUDA context measured at start.
-        let mut ours_pids = vec![std::process::id()];
-        if let Some(host) = self
+        // Ours: this process, and with a host-wide ledger its peers, whose bookings the ledger
+        // already counts. NVML lists host pids, which inside a container match none of ours:
+        // then this process counts as libtorch's reserved bytes plus the CUDA context measured
+        // at start, and a peer as what it booked.
+        let listed = |pid: u32| {
+            reading
+                .process_used
+                .iter()
+                .find(|(p, _)| *p == pid)
+                .map(|(_, bytes)| *bytes)
+        };
+        let own = listed(std::process::id()).unwrap_or_else(|| {
+            sample.allocator_of(&reading.uuid).map_or(0, |a| a.reserved)
+                + self.context_of(&reading.uuid)
+        });
+        let peers: u64 = self
             .ledgers
             .iter()
             .find(|l| l.device() == device)
-            .and_then(|l| l.host())
-        {
-            ours_pids.extend(host.pids().unwrap_or_default());
-        }
-        let listed: u64 = reading
-            .process_used
-            .iter()
-            .filter(|(pid, _)| ours_pids.contains(pid))
-            .map(|(_, bytes)| bytes)
-            .sum();
-        let ours = if reading
-            .process_used
-            .iter()
-            .any(|(pid, _)| *pid == std::process::id())
-        {
-            listed
-        } else {
-            listed
-                + sample.allocator_of(&reading.uuid).map_or(0, |a| a.reserved)
-                + self.context_of(&reading.uuid)
-        };
-        reading.used.saturating_sub(ours)
+            .map(|l| {
+                l.peers()
+                    .iter()
+                    .map(|(pid, booked)| listed(*pid).unwrap_or(*booked))
+                    .sum()
+            })
+            .unwrap_or(0);
+        reading.used.saturating_sub(own + peers)
     }
 
     /// How many jobs of `handler` could start now, memory-wise (at most `slots`).
@@ -348,11 +345,33 @@ impl MemoryAdmission {
         })
     }
 
+    /// One admission attempt, off the async threads when the ledger is a shared file.
+    async fn try_admit_off_runtime(
+        self: &Arc<Self>,
+        handler: &str,
+        need: u64,
+    ) -> Result<Reservation, Shortage> {
+        if !self.ledgers.iter().any(|l| l.host().is_some()) {
+            return self.try_admit(handler, need);
+        }
+        let (admission, handler_name) = (self.clone(), handler.to_owned());
+        tokio::task::spawn_blocking(move || admission.try_admit(&handler_name, need))
+            .await
+            .unwrap_or(Err(Shortage::Ledger))
+    }
+
+    /// Re-reads the host-wide ledgers (blocking: call it off the async threads).
+    pub fn refresh_shared(&self) {
+        for ledger in &self.ledgers {
+            ledger.refresh_host();
+        }
+    }
+
     /// Admits a job of `handler`: `Ok(None)` for CPU handlers, a reservation for GPU ones.
     /// Waits until `deadline` for our own jobs to release memory; answers the retry signal at
     /// once when others use it, or when the deadline passes.
     pub async fn admit(
-        &self,
+        self: &Arc<Self>,
         handler: &str,
         deadline: Instant,
     ) -> Result<Option<Reservation>, (Shortage, JobError)> {
@@ -367,7 +386,7 @@ impl MemoryAdmission {
             tokio::pin!(released);
             // Register before trying, so a release in between is not missed.
             released.as_mut().enable();
-            match self.try_admit(handler, need) {
+            match self.try_admit_off_runtime(handler, need).await {
                 Ok(reservation) => return Ok(Some(reservation)),
                 Err(Shortage::Measured) => {
                     return Err((
@@ -420,5 +439,65 @@ impl MemoryAdmission {
                 footprint.record(peak);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, DeviceChoice, HandlerConfig};
+    use crate::gpu::{DeviceReading, GpuProbe};
+
+    /// A real-looking card inside a container: NVML lists only host pids, never ours.
+    struct ContainerGpu;
+
+    const GB: u64 = 1_000_000_000;
+
+    impl GpuProbe for ContainerGpu {
+        fn read(&self) -> Vec<DeviceReading> {
+            vec![DeviceReading {
+                index: 0,
+                uuid: "GPU-container".into(),
+                total: 48 * GB,
+                used: 23 * GB,
+                free: 25 * GB,
+                // The peer's 21 GB under its host pid, and 2 GB of someone else's.
+                process_used: vec![(40_001, 21 * GB), (40_002, 2 * GB)],
+                ..DeviceReading::default()
+            }]
+        }
+    }
+
+    #[test]
+    fn a_peers_booked_memory_is_not_counted_again_as_others_when_nvml_pids_do_not_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.gpu.host_ledger_dir = Some(dir.path().to_path_buf());
+        config.handlers.retain(|name, _| name == "echo");
+        config.handlers.insert(
+            "gpu".into(),
+            HandlerConfig {
+                kind: Some("echo".into()),
+                device: DeviceChoice::Cuda,
+                gpu_memory: Some(crate::config::Size::gb(6)),
+                ..HandlerConfig::default()
+            },
+        );
+        let handlers = HandlerSet::build(&config, true, true).unwrap();
+        let sampler = GpuSampler::new(Arc::new(ContainerGpu));
+        let memory =
+            MemoryAdmission::new(&config.gpu, &handlers, sampler, BTreeMap::new()).unwrap();
+        // A peer worker on the same card: 15 GB of weights and one 6 GB job booked.
+        let peer = HostLedger::open(dir.path(), "GPU-container").unwrap();
+        peer.set_resident(15 * GB).unwrap();
+        assert!(peer.try_reserve(1, 6 * GB, 47 * GB).unwrap());
+        memory.refresh_shared();
+        assert_eq!(
+            memory.others_used(0),
+            2 * GB,
+            "23 GB used, 21 of them booked by the peer: 2 GB are others'"
+        );
+        let room = memory.ledgers()[0].available() - memory.others_used(0);
+        assert!(room >= 6 * GB, "a 6 GB job fits: {room}");
     }
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use crate::admission::resident;
 use crate::config::{validate_budget, Config, ConfigSource, DeviceChoice, Size};
 use crate::gpu::{self, GpuAccess};
+use crate::handlers::HandlerSet;
 
 /// The GPU a plan is made for.
 pub struct PlannedGpu {
@@ -39,6 +40,16 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32
     if let Some(gpu) = &gpu {
         if let Err(e) = validate_budget(&config, gpu.total, gpu.resident.bytes) {
             eprintln!("{e}");
+            return 1;
+        }
+    }
+    if gpu_memory.is_none() {
+        // What `serve` does next: load every handler's models (a missing file, a TorchScript
+        // file libtorch refuses). A plan for another GPU (--gpu-memory) needs no model here.
+        let on_gpu = gpu.is_some();
+        let simulated = config.gpu.simulate.is_some();
+        if let Err(e) = HandlerSet::build(&config, on_gpu, simulated) {
+            eprintln!("serve would not start: {e}");
             return 1;
         }
     }

@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::gpu;
 use crate::handlers::{ChunkSink, HandlerSet, JobContext};
-use crate::outcome::{done_body, JobError};
-use crate::queue::protocol::parse_job;
+use crate::outcome::{done_body, sized_done_body, JobError};
+use crate::queue::protocol::{check_job_text, parse_job, JobLimits};
 use crate::runner::{execute, Deadline, Execution};
 use std::time::Duration;
 
@@ -46,11 +46,6 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
             return 1;
         }
     };
-    // The SDK's test format has no id; it defaults to "local_test".
-    if let Value::Object(map) = &mut job {
-        map.entry("id")
-            .or_insert_with(|| Value::String("local_test".into()));
-    }
     let config = match Config::load(config_path) {
         Ok((config, _)) => config,
         Err(e) => {
@@ -58,6 +53,23 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
             return 1;
         }
     };
+    // The queue's limits apply here too: a job the worker would refuse is refused.
+    let limits = JobLimits {
+        max_bytes: usize::try_from(config.queue.max_job_size.bytes()).unwrap_or(usize::MAX),
+        ..JobLimits::default()
+    };
+    if let Err(problem) = check_job_text(&text, limits) {
+        println!(
+            "{}",
+            done_body(&Err(JobError::invalid_input(problem)), false)
+        );
+        return 1;
+    }
+    // The SDK's test format has no id; it defaults to "local_test".
+    if let Value::Object(map) = &mut job {
+        map.entry("id")
+            .or_insert_with(|| Value::String("local_test".into()));
+    }
     let access = gpu::detect(&config.gpu).and_then(|probe| {
         let access = gpu::GpuAccess::check(probe.as_ref(), &probe.read())?;
         Ok((probe, access))
@@ -113,7 +125,7 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
             }
         },
     };
-    let failed = result.is_err();
-    println!("{}", done_body(&result, false));
-    i32::from(failed)
+    let (result, body) = sized_done_body(result, false, config.queue.max_result_size.bytes());
+    println!("{body}");
+    i32::from(result.is_err())
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use size::{Size, SizeError};
+pub use size::{Size, SizeError, MAX_SIZE};
 pub use validate::{validate_budget, ConfigError};
 
 /// Environment variable that names the config file when `--config` is not given.

@@ -9,6 +9,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The largest size a config may name (a petabyte): beyond it, a number is a typo or an
+/// overflow, not a plan.
+pub const MAX_SIZE: Size = Size(1_000_000_000_000_000);
+
 /// A byte count read from a size string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Size(u64);
@@ -74,13 +78,20 @@ impl FromStr for Size {
                 reason: "it must start with a number".to_owned(),
             });
         }
-        trimmed
+        let size = trimmed
             .parse::<bytesize::ByteSize>()
-            .map(|size| Self(size.as_u64()))
             .map_err(|reason| SizeError::Invalid {
                 value: value.to_owned(),
                 reason,
-            })
+            })?;
+        // bytesize saturates at u64::MAX instead of failing: anything near it is a typo.
+        if size.as_u64() > MAX_SIZE.0 {
+            return Err(SizeError::Invalid {
+                value: value.to_owned(),
+                reason: format!("it is over {MAX_SIZE}, more than any memory or document here"),
+            });
+        }
+        Ok(Self(size.as_u64()))
     }
 }
 
@@ -117,6 +128,14 @@ impl<'de> Deserialize<'de> for Size {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_too_large_to_mean_anything_are_refused_not_saturated() {
+        let error = "99999999999999999999TB".parse::<Size>().unwrap_err();
+        assert!(error.to_string().contains("over 1000000GB"), "{error}");
+        assert!("2PB".parse::<Size>().is_err());
+        assert_eq!("1PB".parse::<Size>().unwrap(), MAX_SIZE);
+    }
 
     #[test]
     fn decimal_and_binary_units_differ_as_designed() {

@@ -68,6 +68,10 @@ pub(super) fn check(key: &str, value: u64, min: u64, max: u64) -> Result<(), Con
 }
 
 const MAX_CONCURRENCY: u64 = 1024;
+/// Bounds of `max_job_size` and `max_result_size`: room for an error result, and no more than
+/// a worker should hold in memory per message.
+const MIN_MESSAGE_SIZE: u64 = 16_000;
+const MAX_MESSAGE_SIZE: u64 = 1_000_000_000;
 const ONE_DAY_S: u64 = 86_400;
 const SEVEN_DAYS_S: u64 = 7 * ONE_DAY_S;
 
@@ -157,12 +161,29 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         });
     }
 
-    if config.server.host.trim().is_empty() {
+    let host = config.server.host.trim();
+    if host != "localhost" && host.parse::<std::net::IpAddr>().is_err() {
         return Err(ConfigError::OutOfRange {
             key: "server.host".into(),
-            value: "\"\"".into(),
-            limit: "must be an address such as 127.0.0.1 or 0.0.0.0".into(),
+            value: format!("{:?}", config.server.host),
+            limit: "must be an IP address such as 127.0.0.1 or 0.0.0.0, or localhost".into(),
         });
+    }
+    for (key, size) in [
+        ("queue.max_job_size", q.max_job_size),
+        ("queue.max_result_size", q.max_result_size),
+    ] {
+        if !(MIN_MESSAGE_SIZE..=MAX_MESSAGE_SIZE).contains(&size.bytes()) {
+            return Err(ConfigError::OutOfRange {
+                key: key.into(),
+                value: format!("{:?}", size.to_string()),
+                limit: format!(
+                    "must be between {} (an error result must fit) and {}",
+                    Size::from_bytes(MIN_MESSAGE_SIZE),
+                    Size::from_bytes(MAX_MESSAGE_SIZE)
+                ),
+            });
+        }
     }
 
     if let Some(total) = config.gpu.simulate {
@@ -328,6 +349,24 @@ mod tests {
         assert!(msg.contains("between 1 and 1024"), "{msg}");
         let msg = err("[handlers.x]\nkind = \"echo\"\nmax_concurrency = 5000\ndevice = \"cpu\"\n");
         assert!(msg.contains("handlers.x.max_concurrency"), "{msg}");
+    }
+
+    #[test]
+    fn hosts_that_cannot_be_bound_and_message_sizes_without_room_are_refused() {
+        let msg = err("[server]\nhost = \"not a host\"\n");
+        assert!(msg.contains("server.host"), "{msg}");
+        assert!(Config::from_toml("[server]\nhost = \"0.0.0.0\"\n").is_ok());
+        assert!(Config::from_toml("[server]\nhost = \"::1\"\n").is_ok());
+        let msg = err("[queue]\nmax_result_size = \"10B\"\n");
+        assert!(
+            msg.contains("queue.max_result_size") && msg.contains("error result must fit"),
+            "{msg}"
+        );
+        let msg = err("[queue]\nmax_job_size = \"99999999999999999999TB\"\n");
+        assert!(
+            msg.contains("max_job_size") && msg.contains("over"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -108,26 +108,39 @@ pub struct TorchCuda {
     pub runtime: Option<CudaVersion>,
     /// `cudaGetDeviceCount`.
     pub device_count: Result<usize, String>,
+    /// The devices libtorch itself can use (`Cuda::device_count` when `Cuda::is_available`).
+    pub torch_devices: usize,
 }
 
 impl TorchCuda {
     /// Reads this process's libtorch.
     pub fn read() -> Self {
+        let torch_devices = if tch::Cuda::is_available() {
+            usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+        } else {
+            0
+        };
         Self {
             linked: torch_cuda_linked(),
             runtime: runtime_version(),
             device_count: device_count(),
+            torch_devices,
         }
     }
 
     /// Whether libtorch can run on a GPU here.
     pub fn usable(&self) -> bool {
-        self.linked && matches!(self.device_count, Ok(n) if n > 0) && tch::Cuda::is_available()
+        self.torch_devices > 0
     }
 }
 
 /// Why a host whose NVML sees GPUs cannot run CUDA with this libtorch; `None` when it can.
+/// Only a libtorch that sees no device is diagnosed: versions explain a failure, they do not
+/// predict one (CUDA's minor-version compatibility runs newer runtimes on older drivers).
 pub fn diagnose(torch: &TorchCuda, driver: Option<&DriverInfo>) -> Option<String> {
+    if torch.usable() {
+        return None;
+    }
     if !torch.linked {
         return Some(format!(
             "NVML sees a GPU but libtorch {LIBTORCH_VERSION} has no CUDA in this build \
@@ -150,7 +163,6 @@ pub fn diagnose(torch: &TorchCuda, driver: Option<&DriverInfo>) -> Option<String
         }
     }
     match &torch.device_count {
-        Ok(n) if *n > 0 && tch::Cuda::is_available() => None,
         Ok(_) => Some(format!(
             "NVML sees a GPU but libtorch {LIBTORCH_VERSION}'s CUDA runtime finds none"
         )),
@@ -178,6 +190,7 @@ mod tests {
             linked: true,
             runtime: Some(CudaVersion(13000)),
             device_count: Err("CUDA driver version is insufficient (cudaError 35)".into()),
+            torch_devices: 0,
         };
         let why = diagnose(&torch, Some(&driver("535.104.05", 12020))).unwrap();
         assert!(
@@ -193,6 +206,7 @@ mod tests {
             linked: false,
             runtime: Some(CudaVersion(13000)),
             device_count: Ok(0),
+            torch_devices: 0,
         };
         let why = diagnose(&torch, Some(&driver("580.65.06", 13000))).unwrap();
         assert!(why.contains("libtorch_cuda is not linked"), "{why}");
@@ -204,9 +218,22 @@ mod tests {
             linked: true,
             runtime: Some(CudaVersion(13000)),
             device_count: Err("no CUDA-capable device is detected (cudaError 100)".into()),
+            torch_devices: 0,
         };
         let why = diagnose(&torch, Some(&driver("580.65.06", 13000))).unwrap();
         assert!(why.contains("no CUDA-capable device"), "{why}");
+    }
+
+    #[test]
+    fn a_libtorch_that_sees_the_gpu_is_never_refused_for_its_versions() {
+        // cudart 13.1 on a driver that says 13.0: minor-version compatibility runs it.
+        let torch = TorchCuda {
+            linked: true,
+            runtime: Some(CudaVersion(13010)),
+            device_count: Ok(1),
+            torch_devices: 1,
+        };
+        assert_eq!(diagnose(&torch, Some(&driver("580.65.06", 13000))), None);
     }
 
     #[test]

@@ -244,7 +244,15 @@ pub fn verify_with_cuda(
         )));
     }
     for (ordinal, uuid, expected) in mapped {
-        if let (Some(expected), Some(pci)) = (expected, cuda_pci(*ordinal)) {
+        let pci = cuda_pci(*ordinal);
+        if pci.is_none() && expected.is_some() && mapped.len() > 1 {
+            // With one card there is nothing to confuse; with several, a count is no proof.
+            return Err(MappingError::Disagree(format!(
+                "the CUDA runtime does not say where device {ordinal} is, so it cannot be told \
+                 apart from the others"
+            )));
+        }
+        if let (Some(expected), Some(pci)) = (expected, pci) {
             if pci != *expected {
                 return Err(MappingError::Disagree(format!(
                     "CUDA device {ordinal} is at PCI {pci}, but the card mapped to it ({uuid}) \
@@ -371,6 +379,18 @@ mod tests {
         let wrong_card = verify_with_cuda(&mapped, 1, at("0000:3b:00.0")).unwrap_err();
         assert!(wrong_card.to_string().contains("PCI"), "{wrong_card}");
         assert!(verify_with_cuda(&mapped, 2, at("0000:81:00.0")).is_err());
-        assert!(verify_with_cuda(&mapped, 1, |_| None).is_ok());
+        assert!(
+            verify_with_cuda(&mapped, 1, |_| None).is_ok(),
+            "one card: nothing to confuse"
+        );
+        let both: Vec<_> = map_devices(&two_cards(), None)
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.ordinal, m.uuid, Some(m.pci_bus_id)))
+            .collect();
+        assert!(
+            verify_with_cuda(&both, 2, |_| None).is_err(),
+            "two cards and no addresses from CUDA: no proof of which is which"
+        );
     }
 }

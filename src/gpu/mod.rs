@@ -234,10 +234,19 @@ impl GpuAccess {
         if probe.is_simulated() {
             return Ok(Self::Simulated);
         }
+        let torch = cuda_runtime::TorchCuda::read();
         if devices.is_empty() {
+            if torch.usable() {
+                // Jobs would run on a GPU whose memory nobody can measure.
+                return Ok(Self::Broken(format!(
+                    "libtorch sees {} CUDA device(s) but NVML sees none (a driver/library \
+                     version mismatch, or NVIDIA_DRIVER_CAPABILITIES without `utility`): GPU \
+                     memory cannot be measured",
+                    torch.torch_devices
+                )));
+            }
             return Ok(Self::None);
         }
-        let torch = cuda_runtime::TorchCuda::read();
         if let Some(why) = cuda_runtime::diagnose(&torch, probe.driver().as_ref()) {
             return Ok(Self::Broken(why));
         }
@@ -245,8 +254,7 @@ impl GpuAccess {
             .iter()
             .map(|d| (d.index, d.uuid.clone(), d.pci_bus_id))
             .collect();
-        let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
-        identity::verify_with_cuda(&expected, count, cuda_runtime::pci_bus_id)?;
+        identity::verify_with_cuda(&expected, torch.torch_devices, cuda_runtime::pci_bus_id)?;
         Ok(Self::Cuda)
     }
 

@@ -28,6 +28,9 @@ pub enum EndpointsError {
     /// `RUNPOD_PING_INTERVAL` is not a number of milliseconds.
     #[error("RUNPOD_PING_INTERVAL must be a number of milliseconds, got {0:?}")]
     BadPingInterval(String),
+    /// The take URL is not an http(s) URL: every take would fail, forever.
+    #[error("RUNPOD_WEBHOOK_GET_JOB must be an http:// or https:// URL, got {0:?}")]
+    BadJobQueueUrl(String),
 }
 
 /// Every URL the worker talks to, with the worker id already substituted.
@@ -59,6 +62,12 @@ impl QueueEndpoints {
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, EndpointsError> {
         let job_get = var("RUNPOD_WEBHOOK_GET_JOB").ok_or(EndpointsError::NoJobQueue)?;
         let worker_id = var("RUNPOD_POD_ID").unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let probe_url = job_get.replace("$ID", &worker_id);
+        let is_http = url::Url::parse(&probe_url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !is_http {
+            return Err(EndpointsError::BadJobQueueUrl(job_get));
+        }
         let ping_interval_ms = match var("RUNPOD_PING_INTERVAL") {
             None => DEFAULT_PING_INTERVAL_MS,
             Some(text) => text
@@ -66,6 +75,12 @@ impl QueueEndpoints {
                 .parse::<u64>()
                 .map_err(|_| EndpointsError::BadPingInterval(text.clone()))?,
         };
+        if ping_interval_ms < MIN_PING_INTERVAL_MS {
+            tracing::warn!(
+                "RUNPOD_PING_INTERVAL={ping_interval_ms} ms is below the floor: pinging every \
+                 {MIN_PING_INTERVAL_MS} ms"
+            );
+        }
         let with_pod = |template: String| template.replace("$RUNPOD_POD_ID", &worker_id);
         Ok(Self {
             job_get: job_get.replace("$ID", &worker_id),
@@ -330,5 +345,21 @@ mod tests {
             ("RUNPOD_PING_INTERVAL", "10s"),
         ]));
         assert!(matches!(bad, Err(EndpointsError::BadPingInterval(_))));
+    }
+
+    #[test]
+    fn a_take_template_that_is_not_an_http_url_is_refused_at_start() {
+        for bad in [
+            "job-take/$ID",
+            "ftp://q/job-take/$ID",
+            "http://",
+            "not a url",
+        ] {
+            let refused = QueueEndpoints::from_vars(vars(&[("RUNPOD_WEBHOOK_GET_JOB", bad)]));
+            assert!(
+                matches!(refused, Err(EndpointsError::BadJobQueueUrl(_))),
+                "{bad}: {refused:?}"
+            );
+        }
     }
 }

@@ -200,9 +200,17 @@ fn decode_lossy(body: &[u8]) -> (std::borrow::Cow<'_, str>, Vec<usize>) {
     (std::borrow::Cow::Owned(text), invalid_at)
 }
 
-fn check_and_parse(raw: &str, invalid_utf8: bool, limits: JobLimits) -> Result<Job, BadJob> {
+/// The size and nesting checks a job from the queue gets, for one job's text (`test-input`).
+pub fn check_job_text(text: &str, limits: JobLimits) -> Result<(), String> {
+    match job_problem(text, false, limits) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
+}
+
+fn job_problem(raw: &str, invalid_utf8: bool, limits: JobLimits) -> Option<String> {
     let depth = nesting_depth(raw);
-    let problem = if raw.len() > limits.max_bytes {
+    if raw.len() > limits.max_bytes.saturating_add(QUEUE_ENVELOPE_BYTES) {
         Some(format!(
             "the job is {} bytes, over the limit of {} bytes",
             raw.len(),
@@ -217,7 +225,16 @@ fn check_and_parse(raw: &str, invalid_utf8: bool, limits: JobLimits) -> Result<J
         Some("the job contains bytes that are not valid UTF-8".to_owned())
     } else {
         None
-    };
+    }
+}
+
+/// What the queue adds to a submitted request body when it hands the job out (its `id`, and
+/// room for status keys): `max_job_size`, like the platform's and the mock's `/run` and
+/// `/runsync` limits, counts the body the client sent, not these.
+pub const QUEUE_ENVELOPE_BYTES: usize = 1024;
+
+fn check_and_parse(raw: &str, invalid_utf8: bool, limits: JobLimits) -> Result<Job, BadJob> {
+    let problem = job_problem(raw, invalid_utf8, limits);
     match problem {
         None => {
             let value: Value = serde_json::from_str(raw).map_err(|e| BadJob {

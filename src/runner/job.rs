@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::{execute, Deadline, Execution, JobCounters, Worker};
 use crate::admission::{GlobalSlot, QueuedTicket};
 use crate::handlers::{ChunkSink, JobContext};
-use crate::outcome::{done_body, ErrorType, JobError};
+use crate::outcome::{sized_done_body, ErrorType, JobError};
 use crate::queue::client::DeliveryError;
 use crate::queue::protocol::{id_problem, shown_id};
 use crate::queue::{BadJob, Job, QueueClient, SpooledResult};
@@ -342,21 +342,7 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
     // platform may stop it as soon as it reads `stopPod`.
     let stop_pod = worker.device_health.is_tripped() && worker.board.begin_answer(job_id);
     let limit = worker.config.queue.max_result_size.bytes();
-    let mut body = done_body(&result, stop_pod);
-    let size = serde_json::to_vec(&body).map_or(0, |b| b.len()) as u64;
-    let result = if size > limit {
-        let error = JobError::new(
-            ErrorType::OutputTooLarge,
-            format!(
-                "the result is {size} bytes, over the limit of {limit} bytes; return less, or store \
-                 large outputs elsewhere and return a link"
-            ),
-        );
-        body = done_body(&Err(error.clone()), stop_pod);
-        Err(error)
-    } else {
-        result
-    };
+    let (result, body) = sized_done_body(result, stop_pod, limit);
     match &result {
         Ok(_) => JobCounters::bump(&worker.board.counters.completed),
         Err(e) => {
@@ -397,7 +383,12 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
                 url: worker.client.endpoints().done_url(job_id, streamed),
                 body,
             };
-            match worker.spool.save(&spooled) {
+            // A file write (maybe on a network volume): not on an async thread.
+            let spool = worker.spool.clone();
+            let saved = tokio::task::spawn_blocking(move || spool.save(&spooled))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match saved {
                 Ok(path) => tracing::error!(
                     job_id,
                     "result could not be delivered ({error}); spooled at {} for the next start",

@@ -152,6 +152,11 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
     let interval = Duration::from_millis(worker.config.gpu.sample_interval_ms);
     worker.sampler.spawn(interval, finished.clone());
     tokio::spawn(remeasure_resident(worker.clone(), finished.clone()));
+    tokio::spawn(refresh_shared_ledgers(
+        worker.clone(),
+        interval,
+        finished.clone(),
+    ));
     let heartbeat = match heartbeat::spawn(&worker, finished.clone()) {
         Ok(heartbeat) => heartbeat,
         Err(reason) => {
@@ -193,7 +198,11 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
 /// Re-sends results spooled by an earlier run. Delivered, expired (404) and refused results
 /// leave the spool; the others stay for the next start.
 async fn resend_spooled(worker: Arc<Worker>) {
-    let pending = worker.spool.pending();
+    // Directory and file reads (maybe on a network volume): not on an async thread.
+    let spool = worker.spool.clone();
+    let pending = tokio::task::spawn_blocking(move || spool.pending())
+        .await
+        .unwrap_or_default();
     if pending.is_empty() {
         return;
     }
@@ -223,14 +232,16 @@ async fn resend_spooled(worker: Arc<Worker>) {
         {
             Ok(()) => {
                 tracing::info!(job_id = %result.job_id, "spooled result delivered");
-                worker.spool.remove(&path);
+                let spool = worker.spool.clone();
+                let _ = tokio::task::spawn_blocking(move || spool.remove(&path)).await;
             }
             Err(
                 e @ (crate::queue::client::DeliveryError::Gone(_)
                 | crate::queue::client::DeliveryError::Rejected(_)),
             ) => {
                 tracing::warn!(job_id = %result.job_id, "spooled result dropped: {e}");
-                worker.spool.remove(&path);
+                let spool = worker.spool.clone();
+                let _ = tokio::task::spawn_blocking(move || spool.remove(&path)).await;
             }
             Err(e) => {
                 tracing::warn!(job_id = %result.job_id, "spooled result still not delivered ({e}); kept")
@@ -259,6 +270,24 @@ async fn remeasure_resident(worker: Arc<Worker>, stop: CancellationToken) {
         }
         let w = worker.clone();
         let _ = tokio::task::spawn_blocking(move || w.memory.remeasure_idle()).await;
+    }
+}
+
+/// Re-reads the host-wide ledgers at the sampling pace, off the async threads, so take sizing
+/// and `/health` see the peers' bookings without waiting for the file's lock.
+async fn refresh_shared_ledgers(worker: Arc<Worker>, every: Duration, stop: CancellationToken) {
+    if !worker.memory.ledgers().iter().any(|l| l.host().is_some()) {
+        return;
+    }
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let w = worker.clone();
+        let _ = tokio::task::spawn_blocking(move || w.memory.refresh_shared()).await;
     }
 }
 
@@ -386,7 +415,12 @@ async fn build_worker(
 /// (after the models loaded; no job runs yet).
 async fn book_resident(memory: &Arc<MemoryAdmission>, access: &GpuAccess, declared: u64) {
     match access {
-        GpuAccess::Simulated => memory.book_declared_resident(declared),
+        GpuAccess::Simulated => {
+            // A host-wide ledger is a file: booked off the async threads.
+            let booking = memory.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || booking.book_declared_resident(declared)).await;
+        }
         GpuAccess::Cuda => {
             let measuring = memory.clone();
             let measured = tokio::task::spawn_blocking(move || measuring.measure_resident())

@@ -42,6 +42,16 @@ async fn most_at_once(model_memory: Option<&str>, started: usize) -> (usize, ser
         worker.enqueue(&format!("c{i}"), json!({"task": "classify"}));
     }
     gate.wait_started(started).await;
+    // A window in which a wrong admission would start more: nothing can signal what must not
+    // happen, so watch for a moment (the worker takes and starts a job in milliseconds).
+    for _ in 0..15 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(
+            gate.started(),
+            started,
+            "no more may start while these hold memory"
+        );
+    }
     let health = worker.health().await;
     // Every job may finish now: how many run at once is up to memory admission alone.
     gate.release(4);

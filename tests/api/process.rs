@@ -212,3 +212,101 @@ fn every_handler_test_input_runs() {
         );
     }
 }
+
+#[test]
+fn serve_refuses_a_job_queue_that_is_not_a_url_instead_of_looping_on_it() {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env("RUNPOD_WEBHOOK_GET_JOB", "job-take/$ID")
+        .env_remove("RUNPOD_WEBHOOK_PING")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("RUNPOD_WEBHOOK_GET_JOB must be an http:// or https:// URL"),
+        "{stderr}"
+    );
+}
+
+/// A config file with echo only and the given `[queue]` lines.
+fn echo_config(dir: &std::path::Path, queue: &str) -> std::path::PathBuf {
+    let file = dir.join("runpod.toml");
+    let text =
+        format!("[queue]\n{queue}\n[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[test]
+fn test_input_applies_the_job_and_result_size_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = echo_config(
+        dir.path(),
+        "max_job_size = \"100KB\"\nmax_result_size = \"20KB\"",
+    );
+    let run = |padding: usize| {
+        let job = json!({"input": {"task": "echo", "pad": "x".repeat(padding)}});
+        let file = dir.path().join("job.json");
+        std::fs::write(&file, job.to_string()).unwrap();
+        let out = Command::new(BIN)
+            .args(["test-input", "--file"])
+            .arg(&file)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), printed["output"]["error_type"].clone())
+    };
+    assert_eq!(run(1_000), (Some(0), serde_json::Value::Null));
+    assert_eq!(run(50_000), (Some(1), json!("OutputTooLarge")));
+    assert_eq!(run(200_000), (Some(1), json!("InvalidInput")));
+}
+
+#[test]
+fn check_config_refuses_what_serve_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |text: &str| {
+        let file = dir.path().join("check.toml");
+        std::fs::write(&file, text).unwrap();
+        Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let missing_model = run(&format!(
+        "[handler]\nmodel_dir = {:?}\n[handlers.mine]\nkind = \"torchscript\"\nmodel = \"absent.pt\"\ninputs = [\"x\"]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
+        dir.path()
+    ));
+    assert_eq!(missing_model.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing_model.stderr);
+    assert!(
+        stderr.contains("absent.pt") && stderr.contains("not found"),
+        "{stderr}"
+    );
+
+    std::fs::write(dir.path().join("garbage.pt"), b"not a model").unwrap();
+    let unloadable = run(&format!(
+        "[handler]\nmodel_dir = {:?}\n[handlers.mine]\nkind = \"torchscript\"\nmodel = \"garbage.pt\"\ninputs = [\"x\"]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
+        dir.path()
+    ));
+    assert_eq!(unloadable.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unloadable.stderr).contains("cannot load"));
+
+    let bad_host = run(
+        "[server]\nhost = \"my laptop\"\n[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
+    );
+    assert_eq!(bad_host.status.code(), Some(1));
+    let overflow = run("[handler]\ngpu_memory_per_request = \"99999999999999999999TB\"\n[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n");
+    assert_eq!(overflow.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&overflow.stderr).contains("over"));
+
+    let fine = run("[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n");
+    assert!(
+        fine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fine.stderr)
+    );
+}
