@@ -139,3 +139,34 @@ async fn a_job_that_waits_too_long_for_its_handler_gets_the_retry_signal() {
     tokio::time::sleep(Duration::ZERO).await;
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_body_of_exactly_the_limit_is_accepted_by_the_mock_and_runs_on_a_worker_with_that_limit(
+) {
+    // "10MB" means the same to both: the body the client sends. The job the queue hands out
+    // adds its id, which must not push it over the worker's limit.
+    let mut config = test_config();
+    config.queue.max_job_size = "10MB".parse().unwrap();
+    config.queue.max_result_size = "20MB".parse().unwrap();
+    let worker = TestWorker::start(config, |h| h, 1000).await;
+    let envelope = json!({"input": {"task": "echo", "pad": ""}}).to_string().len();
+    let limit = runpod_worker::mock_queue::RUN_LIMIT;
+    let body = json!({"input": {"task": "echo", "pad": "x".repeat(limit - envelope)}}).to_string();
+    assert_eq!(body.len(), limit);
+    let base = format!("{}/v2/{EP}", worker.mock.base_url());
+    let submitted: serde_json::Value = crate::helpers::client_with_key()
+        .post(format!("{base}/run"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().expect("accepted by the mock").to_owned();
+    let done = worker.done(&id).await;
+    assert!(done.body.get("error").is_none(), "refused by the worker: {}", done.body["error"]);
+    assert_eq!(done.body["output"]["pad"].as_str().map(str::len), Some(limit - envelope));
+    worker.stop().await;
+}
