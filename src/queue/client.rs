@@ -57,6 +57,9 @@ pub enum DeliveryError {
     NoStreamUrl,
 }
 
+/// How long a take's body may go on arriving once the worker is shutting down.
+const TAKE_BODY_GRACE: Duration = Duration::from_secs(3);
+
 /// What one take brought.
 #[derive(Debug)]
 pub struct TakeResponse {
@@ -142,7 +145,19 @@ impl QueueClient {
             StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => Vec::new(),
             StatusCode::TOO_MANY_REQUESTS => return Err(QueueError::RateLimited),
             s if s.is_success() => {
-                let body = response.bytes().await.map_err(transport)?;
+                // An answer that has started is read to its end (its jobs are ours now), but a
+                // body that stalls must not hold up a shutdown: a few seconds, then it is left
+                // (the queue hands its jobs out again when their leases run out).
+                let stalled_at_shutdown = async {
+                    cancel.cancelled().await;
+                    tokio::time::sleep(TAKE_BODY_GRACE).await;
+                };
+                let body = tokio::select! {
+                    body = response.bytes() => body.map_err(transport)?,
+                    () = stalled_at_shutdown => return Err(QueueError::Body(
+                        "a job-take answer stalled in its body during shutdown; left unread".to_owned(),
+                    )),
+                };
                 parse_take_body(&body, self.job_limits).map_err(QueueError::Body)?
             }
             s => return Err(QueueError::Status(s.as_u16())),

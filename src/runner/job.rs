@@ -117,6 +117,10 @@ async fn run(
                 finish_cancelled(&worker, &job.id);
                 return;
             }
+            () = worker.interrupt.cancelled() => {
+                answer(&worker, &job.id, Err(interrupted()), false).await;
+                return;
+            }
         },
     };
     let permit = match slot {
@@ -125,6 +129,10 @@ async fn run(
             permit = tokio::time::timeout_at(wait_until.into(), worker.limits.acquire(ticket)) => permit.ok().map(|p| (slot, p)),
             () = stop.cancelled() => {
                 finish_cancelled(&worker, &job.id);
+                return;
+            }
+            () = worker.interrupt.cancelled() => {
+                answer(&worker, &job.id, Err(interrupted()), false).await;
                 return;
             }
         },
@@ -151,6 +159,11 @@ async fn run(
         },
         () = stop.cancelled() => {
             finish_cancelled(&worker, &job.id);
+            return;
+        }
+        () = worker.interrupt.cancelled() => {
+            drop(permit);
+            answer(&worker, &job.id, Err(interrupted()), false).await;
             return;
         }
     };
@@ -326,6 +339,14 @@ fn local_wait_error(
             ),
         )
     }
+}
+
+/// The answer of a job the drain's grace ran out on before it could start.
+fn interrupted() -> JobError {
+    JobError::new(
+        ErrorType::Interrupted,
+        "the worker was shut down before the job could start; submit it again",
+    )
 }
 
 fn finish_cancelled(worker: &Worker, job_id: &str) {

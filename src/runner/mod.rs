@@ -138,7 +138,19 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
     // Served from the start: during a cold start (models loading) `/ready` says 503 "starting".
     let slot = health::WorkerSlot::default();
     let http = tokio::spawn(health::serve(http_listener, slot.clone(), finished.clone()));
-    let worker = match build_worker(config, handlers, gpu, client, &shutdown, require_cuda).await {
+    let building = build_worker(config, handlers, gpu, client, &shutdown, require_cuda);
+    let built = tokio::select! {
+        built = building => built,
+        // A worker stopped while its models load has no job to answer: exit now rather than
+        // after the load (up to `[handler] timeout`).
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped while starting: no job was taken");
+            finished.cancel();
+            let _ = http.await;
+            return Ok(WorkerExit::Drained);
+        }
+    };
+    let worker = match built {
         Ok(worker) => worker,
         Err(e) => {
             finished.cancel();
@@ -442,8 +454,9 @@ async fn book_resident(memory: &Arc<MemoryAdmission>, access: &GpuAccess, declar
     }
 }
 
-/// After the drain's interrupt, how long to wait for model threads that do not return.
-const STUCK_THREADS_GRACE: Duration = Duration::from_secs(30);
+/// After the drain's interrupt (every job is answered then), how long to wait for model
+/// threads that do not return before exiting without them.
+const STUCK_THREADS_GRACE: Duration = Duration::from_secs(5);
 
 /// Builds the handlers and loads their models on a blocking thread, within `[handler].timeout`.
 async fn load_handlers(
@@ -482,13 +495,19 @@ async fn drain(worker: &Arc<Worker>) {
         worker.phase.set(Phase::Unhealthy);
     }
     let grace = Duration::from_secs(worker.config.handler.drain_grace_s);
-    if tokio::time::timeout(grace, worker.tracker.wait())
-        .await
-        .is_err()
-    {
+    let now = crate::shutdown::second_signal();
+    let drained = tokio::select! {
+        drained = tokio::time::timeout(grace, worker.tracker.wait()) => drained.is_ok(),
+        () = now.cancelled() => false,
+    };
+    if !drained {
         tracing::warn!(
-            "drain grace of {} s is over: answering the {} remaining job(s) `Interrupted`",
-            grace.as_secs(),
+            "drain over ({}): answering the {} remaining job(s) `Interrupted`",
+            if now.is_cancelled() {
+                "second signal".to_owned()
+            } else {
+                format!("grace of {} s", grace.as_secs())
+            },
             worker.board.len()
         );
         worker.interrupt.cancel();

@@ -149,7 +149,9 @@ async fn a_run_body_of_exactly_the_limit_is_accepted_by_the_mock_and_runs_on_a_w
     config.queue.max_job_size = "10MB".parse().unwrap();
     config.queue.max_result_size = "20MB".parse().unwrap();
     let worker = TestWorker::start(config, |h| h, 1000).await;
-    let envelope = json!({"input": {"task": "echo", "pad": ""}}).to_string().len();
+    let envelope = json!({"input": {"task": "echo", "pad": ""}})
+        .to_string()
+        .len();
     let limit = runpod_worker::mock_queue::RUN_LIMIT;
     let body = json!({"input": {"task": "echo", "pad": "x".repeat(limit - envelope)}}).to_string();
     assert_eq!(body.len(), limit);
@@ -164,9 +166,19 @@ async fn a_run_body_of_exactly_the_limit_is_accepted_by_the_mock_and_runs_on_a_w
         .json()
         .await
         .unwrap();
-    let id = submitted["id"].as_str().expect("accepted by the mock").to_owned();
+    let id = submitted["id"]
+        .as_str()
+        .expect("accepted by the mock")
+        .to_owned();
     let done = worker.done(&id).await;
-    assert!(done.body.get("error").is_none(), "refused by the worker: {}", done.body["error"]);
-    assert_eq!(done.body["output"]["pad"].as_str().map(str::len), Some(limit - envelope));
+    assert!(
+        done.body.get("error").is_none(),
+        "refused by the worker: {}",
+        done.body["error"]
+    );
+    assert_eq!(
+        done.body["output"]["pad"].as_str().map(str::len),
+        Some(limit - envelope)
+    );
     worker.stop().await;
 }

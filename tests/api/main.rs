@@ -18,3 +18,4 @@ mod mock_api;
 mod models;
 mod process;
 mod resilience;
+mod shutdown;

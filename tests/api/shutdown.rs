@@ -1,0 +1,170 @@
+//! Shutdown is bounded and prompt: jobs still waiting for a slot when the grace ends are
+//! answered, a second signal ends the drain at once, and a take answer that stalls in its body
+//! does not hold the worker up.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runpod_worker::config::{DeviceChoice, HandlerConfig};
+use runpod_worker::queue::QueueEndpoints;
+use runpod_worker::runner::{run_worker, WorkerSetup};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{spawn_mock, test_config, worker_command, GateHandler, TestWorker, EP, WAIT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_for_their_handler_when_the_grace_ends_are_answered_interrupted() {
+    let mut config = test_config();
+    config.handler.drain_grace_s = 1;
+    config.handler.local_queue_max_wait_s = 600;
+    config.handlers.insert(
+        "hold".into(),
+        HandlerConfig {
+            kind: Some("echo".into()),
+            max_concurrency: 1,
+            device: DeviceChoice::Cpu,
+            ..HandlerConfig::default()
+        },
+    );
+    let gate = GateHandler::new();
+    let worker = TestWorker::start(config, |h| h.with_handler("hold", gate.clone()), 100).await;
+    // Four free slots, and echo could start four: one batch brings all three; one runs, two
+    // wait in the local queue for `hold`'s single slot.
+    worker.mock.enqueue_all(
+        EP,
+        (1..=3).map(|i| json!({"id": format!("h{i}"), "input": {"task": "hold"}})),
+    );
+    worker.wait_held(&["h1", "h2", "h3"]).await;
+    gate.wait_started(1).await;
+    let mock = worker.mock.clone();
+    worker.shutdown.cancel();
+    for id in ["h1", "h2", "h3"] {
+        let done = mock.wait_done(EP, id, WAIT).await;
+        let done = done.unwrap_or_else(|| panic!("{id} was left unanswered"));
+        assert_eq!(done.body["output"]["error_type"], "Interrupted", "{id}");
+    }
+    worker.finished().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain_at_once_and_answers_the_job_interrupted() {
+    let mock = spawn_mock(Duration::from_secs(2));
+    let mut child = worker_command(&mock.base_url(), "twice")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    mock.enqueue(
+        EP,
+        json!({"id": "long", "input": {"task": "echo", "sleep_ms": 600000}}),
+    );
+    mock.state()
+        .wait_for(WAIT, |i| {
+            let pings = &i.endpoints.get(EP)?.pings;
+            pings
+                .iter()
+                .any(|p| p.job_ids.contains(&"long".to_owned()))
+                .then_some(())
+        })
+        .await
+        .expect("the worker holds the job");
+    let kill = || {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap()
+    };
+    kill();
+    // The first signal has been taken in (the drain, with its 60 s grace, has begun).
+    let started_draining = tokio::task::spawn_blocking(move || {
+        seen.iter().any(|line| line.contains("SIGTERM received"))
+    });
+    assert!(started_draining.await.unwrap());
+    let signalled = Instant::now();
+    kill();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "exited {:?} after the second signal",
+        signalled.elapsed()
+    );
+    assert!(
+        exit.code().is_some(),
+        "exited by itself, not killed: {exit:?}"
+    );
+    let done = mock.wait_done(EP, "long", WAIT).await.expect("answered");
+    assert_eq!(done.body["output"]["error_type"], "Interrupted");
+}
+
+/// A queue whose job-take answers with headers and the start of a body, then nothing; every
+/// other route answers 204 at once.
+async fn stalling_queue() -> (String, Arc<tokio::sync::Notify>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let taken = Arc::new(tokio::sync::Notify::new());
+    let notify = taken.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = vec![0u8; 4096];
+            let n = socket.read(&mut request).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&request[..n]).into_owned();
+            if head.contains("/job-take") {
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n[")
+                    .await;
+                held.push(socket);
+                notify.notify_one();
+            } else {
+                let _ = socket
+                    .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        }
+    });
+    (base, taken)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_answer_that_stalls_in_its_body_does_not_hold_up_the_shutdown() {
+    let (base, taken) = stalling_queue().await;
+    let mut endpoints = QueueEndpoints::for_queue(&base, EP, "stalled", "test-key");
+    endpoints.ping_interval = Duration::from_millis(200);
+    let shutdown = CancellationToken::new();
+    let setup = WorkerSetup {
+        config: test_config(),
+        endpoints,
+        handlers: None,
+        gpu: None,
+        http_listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        shutdown: shutdown.clone(),
+        require_cuda: true,
+    };
+    let worker = tokio::spawn(run_worker(setup));
+    tokio::time::timeout(WAIT, taken.notified())
+        .await
+        .expect("the worker asked for a job");
+    let stopping = Instant::now();
+    shutdown.cancel();
+    let exit = tokio::time::timeout(Duration::from_secs(15), worker).await;
+    assert!(exit.is_ok(), "still running 15 s after the shutdown");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        stopping.elapsed()
+    );
+}
