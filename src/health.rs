@@ -1,8 +1,11 @@
 //! The worker's own HTTP endpoints: `/health` (the seed's JSON plus per-handler counts),
 //! `/ready` (models loaded, not draining) and `/metrics` (Prometheus). No key: they bind to
 //! loopback unless `[server] host` says otherwise.
+//!
+//! They read [`Observed`], the part of the worker's state the runner shares with them; this
+//! module knows nothing of the runner.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -14,7 +17,11 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::runner::Worker;
+use crate::admission::{Limits, MemoryAdmission};
+use crate::gpu::sampler::GpuSampler;
+use crate::gpu::GpuAccess;
+use crate::handlers::HandlerSet;
+use crate::metrics::Metrics;
 
 /// Where the worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +58,60 @@ impl PhaseCell {
     }
 }
 
+/// Job counters since start.
+#[derive(Debug, Default)]
+pub struct JobCounters {
+    /// Jobs received from the queue (valid or not).
+    pub taken: AtomicU64,
+    /// Answered with an output.
+    pub completed: AtomicU64,
+    /// Answered with an error result.
+    pub failed: AtomicU64,
+    /// Stopped through the stop channel (nothing posted, as the SDK does).
+    pub cancelled: AtomicU64,
+    /// Results the queue never accepted.
+    pub undelivered: AtomicU64,
+    /// Jobs without an id, which nobody can be answered for.
+    pub unanswerable: AtomicU64,
+    /// Jobs whose id was already in hand (a repeated id in a batch, or a job the queue sent
+    /// again while it still ran here): not started twice.
+    pub duplicates: AtomicU64,
+}
+
+impl JobCounters {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What `/health`, `/ready` and `/metrics` read of a running worker. The runner owns and updates
+/// it; it is shared, read-only here.
+pub struct Observed {
+    /// Where the worker is in its life.
+    pub phase: PhaseCell,
+    /// The handlers and their configuration.
+    pub handlers: HandlerSet,
+    /// Slots: global and per handler.
+    pub limits: Arc<Limits>,
+    /// GPU memory admission: ledgers, footprints, durations.
+    pub memory: Arc<MemoryAdmission>,
+    /// The latest GPU readings.
+    pub sampler: Arc<GpuSampler>,
+    /// What libtorch can do with the GPUs.
+    pub gpu_access: GpuAccess,
+    /// Job counters since start.
+    pub counters: JobCounters,
+    /// The Prometheus registry.
+    pub metrics: Metrics,
+    /// This worker's id (`RUNPOD_POD_ID`).
+    pub worker_id: String,
+    /// `[gpu] adaptive`.
+    pub adaptive: bool,
+}
+
 /// The worker, once it is built: empty while the models load.
-pub type WorkerSlot = Arc<std::sync::OnceLock<Arc<Worker>>>;
+pub type WorkerSlot = Arc<std::sync::OnceLock<Arc<Observed>>>;
 
 /// The routes, for embedding and tests.
 pub fn router(slot: WorkerSlot) -> Router {
@@ -103,7 +162,7 @@ struct DeviceView {
     allocator_reserved: u64,
 }
 
-fn devices(worker: &Worker) -> Vec<DeviceView> {
+fn devices(worker: &Observed) -> Vec<DeviceView> {
     let sample = worker.sampler.latest();
     let simulated = worker.sampler.probe().is_simulated();
     sample
@@ -160,7 +219,7 @@ fn devices(worker: &Worker) -> Vec<DeviceView> {
 }
 
 /// The `/health` body and its HTTP status.
-pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
+pub fn health_report(worker: &Observed) -> (StatusCode, Value) {
     let degraded = worker
         .handlers
         .entries()
@@ -233,7 +292,7 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
         })
         .collect();
     let first = devices.first();
-    let counters = &worker.board.counters;
+    let counters = &worker.counters;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let (in_worker, limit) = worker.limits.global_usage();
     let body = json!({
@@ -244,9 +303,9 @@ pub fn health_report(worker: &Worker) -> (StatusCode, Value) {
         "free_vram_gb": first.map(|g| gib(g.free)),
         "allocated_vram_gb": first.map(|g| gib(g.allocated)),
         "reserved_vram_gb": first.map(|g| gib(g.allocator_reserved)),
-        "worker_id": worker.client.endpoints().worker_id,
+        "worker_id": worker.worker_id,
         "version": env!("CARGO_PKG_VERSION"),
-        "adaptive": worker.config.gpu.adaptive,
+        "adaptive": worker.adaptive,
         "jobs": {
             "in_worker": in_worker,
             "limit": limit,

@@ -1,7 +1,7 @@
 //! Per-kind keys of `[handlers.<name>]`: each is read by some kinds only, and is refused on the
 //! others, so a key in the wrong table does not pass silently.
 
-use super::validate::{check, ConfigError};
+use super::error::{check, ConfigError};
 
 /// Keys that only some kinds read are refused elsewhere, so a typo'd table does not pass silently.
 pub(super) fn validate_kind_keys(

@@ -4,6 +4,7 @@
 //! `[handlers.<name>]` table per handler are ours. Unknown keys are refused with their name, and
 //! every number is checked against a stated limit in [`validate`].
 
+mod error;
 mod kind_keys;
 mod size;
 mod validate;
@@ -14,8 +15,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use error::ConfigError;
 pub use size::{Size, SizeError, MAX_SIZE};
-pub use validate::{validate_budget, ConfigError};
+pub use validate::validate_budget;
 
 /// Environment variable that names the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "RUNPOD_WORKER_CONFIG";

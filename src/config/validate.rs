@@ -1,71 +1,10 @@
 //! Validation of a parsed [`Config`]: every limit is stated in the message that enforces it.
 
-use std::path::{Path, PathBuf};
-
+use super::error::{check, ConfigError};
 use super::{Config, Size};
 
 /// Kinds of handler this build knows how to construct.
 pub(crate) const HANDLER_KINDS: &[&str] = &["echo", "extract", "classify", "torchscript"];
-
-/// A configuration the worker refuses to start with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {reason}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        reason: String,
-    },
-    /// The TOML is malformed, has an unknown key, or a value of the wrong type or format.
-    #[error("invalid config: {0}")]
-    Parse(String),
-    /// A value is outside its limit.
-    #[error("invalid config: `{key}` = {value}: {limit}")]
-    OutOfRange {
-        /// Dotted key, e.g. `handlers.classify.max_concurrency`.
-        key: String,
-        /// The value as written.
-        value: String,
-        /// The rule it breaks.
-        limit: String,
-    },
-    /// The same error, with the file it came from.
-    #[error("{path}: {source}")]
-    InFile {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: Box<ConfigError>,
-    },
-}
-
-impl ConfigError {
-    pub(super) fn in_file(self, path: &Path) -> Self {
-        Self::InFile {
-            path: path.to_path_buf(),
-            source: Box::new(self),
-        }
-    }
-
-    /// A value outside `[min, max]`.
-    pub fn range(key: impl Into<String>, value: impl ToString, min: u64, max: u64) -> Self {
-        Self::OutOfRange {
-            key: key.into(),
-            value: value.to_string(),
-            limit: format!("must be between {min} and {max}"),
-        }
-    }
-}
-
-pub(super) fn check(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if (min..=max).contains(&value) {
-        Ok(())
-    } else {
-        Err(ConfigError::range(key, value, min, max))
-    }
-}
 
 const MAX_CONCURRENCY: u64 = 1024;
 /// Bounds of `max_job_size` and `max_result_size`: room for an error result, and no more than
@@ -417,7 +356,7 @@ mod tests {
 
     #[test]
     fn the_annotated_example_at_the_repo_root_equals_the_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("runpod.toml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runpod.toml");
         let text = std::fs::read_to_string(path).unwrap();
         assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
     }

@@ -1,38 +1,10 @@
-//! The jobs this worker holds: their ids (for the heartbeat), their stop tokens (for the stop
-//! channel) and the counters `/health` shows.
+//! The jobs this worker holds: their ids (for the heartbeat) and their stop tokens (for the stop
+//! channel).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tokio_util::sync::CancellationToken;
-
-/// Job counters since start.
-#[derive(Debug, Default)]
-pub struct JobCounters {
-    /// Jobs received from the queue (valid or not).
-    pub taken: AtomicU64,
-    /// Answered with an output.
-    pub completed: AtomicU64,
-    /// Answered with an error result.
-    pub failed: AtomicU64,
-    /// Stopped through the stop channel (nothing posted, as the SDK does).
-    pub cancelled: AtomicU64,
-    /// Results the queue never accepted.
-    pub undelivered: AtomicU64,
-    /// Jobs without an id, which nobody can be answered for.
-    pub unanswerable: AtomicU64,
-    /// Jobs whose id was already in hand (a repeated id in a batch, or a job the queue sent
-    /// again while it still ran here): not started twice.
-    pub duplicates: AtomicU64,
-}
-
-impl JobCounters {
-    /// Adds one to `counter`.
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// A held job: its stop token, and whether its result is being posted.
 #[derive(Debug)]
@@ -45,8 +17,6 @@ struct Held {
 #[derive(Debug, Default)]
 pub struct JobBoard {
     jobs: Mutex<BTreeMap<String, Held>>,
-    /// Counters since start.
-    pub counters: JobCounters,
 }
 
 impl JobBoard {

@@ -25,13 +25,13 @@ const LOCAL_WAIT_RETRY_AFTER_S: u64 = 10;
 /// started again (the running copy answers); one whose id cannot go in a URL as it is is
 /// answered without ever being listed in the heartbeat.
 pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
-    JobCounters::bump(&worker.board.counters.taken);
+    JobCounters::bump(&worker.counters.taken);
     let id = match &item {
         Ok(job) => Some(job.id.clone()),
         Err(bad) => bad.id.clone(),
     };
     let Some(id) = id else {
-        JobCounters::bump(&worker.board.counters.unanswerable);
+        JobCounters::bump(&worker.counters.unanswerable);
         if let Err(BadJob { problem, .. }) = item {
             tracing::error!("received a job that cannot be answered ({problem}); skipping it");
         }
@@ -46,7 +46,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
         return;
     }
     let Some(stop) = worker.board.register(&id) else {
-        JobCounters::bump(&worker.board.counters.duplicates);
+        JobCounters::bump(&worker.counters.duplicates);
         tracing::warn!(
             job_id = %id,
             "the queue sent a job already in hand (a repeated id, or a lease that ran out while \
@@ -350,7 +350,7 @@ fn interrupted() -> JobError {
 }
 
 fn finish_cancelled(worker: &Worker, job_id: &str) {
-    JobCounters::bump(&worker.board.counters.cancelled);
+    JobCounters::bump(&worker.counters.cancelled);
     worker.board.finish(job_id);
     tracing::info!(job_id, "job stopped by the queue; no result posted");
 }
@@ -365,9 +365,9 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
     let limit = worker.config.queue.max_result_size.bytes();
     let (result, body) = sized_done_body(result, stop_pod, limit);
     match &result {
-        Ok(_) => JobCounters::bump(&worker.board.counters.completed),
+        Ok(_) => JobCounters::bump(&worker.counters.completed),
         Err(e) => {
-            JobCounters::bump(&worker.board.counters.failed);
+            JobCounters::bump(&worker.counters.failed);
             tracing::warn!(
                 job_id = %shown_id(job_id),
                 "job failed: {} ({})",
@@ -379,7 +379,7 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
     match worker.client.post_done(job_id, &body, streamed).await {
         Ok(()) => tracing::debug!(job_id, "result delivered"),
         Err(DeliveryError::Gone(_)) => {
-            JobCounters::bump(&worker.board.counters.undelivered);
+            JobCounters::bump(&worker.counters.undelivered);
             tracing::warn!(
                 job_id = %shown_id(job_id),
                 "result dropped: the queue no longer knows the job (404): it expired or was \
@@ -387,18 +387,18 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
             );
         }
         Err(error @ DeliveryError::Rejected(_)) => {
-            JobCounters::bump(&worker.board.counters.undelivered);
+            JobCounters::bump(&worker.counters.undelivered);
             tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
         }
         Err(error) if id_problem(job_id).is_some() => {
             // Re-sending it at every start would never work better: it is not kept. The error
             // may quote the URL, which holds the id: cut short.
-            JobCounters::bump(&worker.board.counters.undelivered);
+            JobCounters::bump(&worker.counters.undelivered);
             let error: String = error.to_string().chars().take(200).collect();
             tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
         }
         Err(error) => {
-            JobCounters::bump(&worker.board.counters.undelivered);
+            JobCounters::bump(&worker.counters.undelivered);
             let spooled = SpooledResult {
                 job_id: job_id.to_owned(),
                 url: worker.client.endpoints().done_url(job_id, streamed),

@@ -28,11 +28,12 @@ use crate::config::{validate_budget, Size};
 use crate::gpu::sampler::GpuSampler;
 use crate::gpu::{self, GpuAccess, GpuProbe};
 use crate::handlers::HandlerSet;
-use crate::health::{self, Phase, PhaseCell};
+use crate::health::{self, Observed, Phase, PhaseCell};
 use crate::metrics::Metrics;
 use crate::queue::{QueueClient, QueueEndpoints, Spool};
 
-pub use board::{JobBoard, JobCounters};
+pub use crate::health::JobCounters;
+pub use board::JobBoard;
 pub use device_health::DeviceHealth;
 pub use execute::{execute, Deadline, Execution};
 
@@ -65,28 +66,31 @@ pub struct StartupError {
     pub reason: String,
 }
 
-/// The state every loop and job task shares.
+/// The state every loop and job task shares: the runner's own parts, and the [`Observed`]
+/// state it shares with the HTTP endpoints (reached through `Deref`).
 pub struct Worker {
     pub(crate) config: Arc<Config>,
-    pub(crate) handlers: HandlerSet,
-    pub(crate) limits: Arc<Limits>,
     pub(crate) board: JobBoard,
     pub(crate) client: QueueClient,
-    pub(crate) phase: PhaseCell,
     /// Cancelled when the drain's grace period is over: running jobs answer `Interrupted`.
     pub(crate) interrupt: CancellationToken,
-    pub(crate) sampler: Arc<GpuSampler>,
-    /// What libtorch can do with the GPUs the probe sees.
-    pub(crate) gpu_access: GpuAccess,
-    pub(crate) memory: Arc<MemoryAdmission>,
     /// Per handler, with `[gpu] adaptive`.
     pub(crate) adaptive: std::collections::BTreeMap<String, AdaptiveRule>,
-    pub(crate) metrics: Metrics,
     pub(crate) tracker: TaskTracker,
     pub(crate) spool: Spool,
     pub(crate) device_health: DeviceHealth,
     /// Cancelled to stop taking: by the shutdown signal, or when the worker must be replaced.
     pub(crate) stop_taking: CancellationToken,
+    /// What `/health` and `/metrics` read.
+    pub(crate) observed: Arc<Observed>,
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Observed;
+
+    fn deref(&self) -> &Observed {
+        &self.observed
+    }
 }
 
 /// How a worker ended.
@@ -158,7 +162,7 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
             return Err(e);
         }
     };
-    let _ = slot.set(worker.clone());
+    let _ = slot.set(worker.observed.clone());
     log_start(&worker);
 
     let interval = Duration::from_millis(worker.config.gpu.sample_interval_ms);
@@ -402,23 +406,29 @@ async fn build_worker(
     );
     let config_spool_dir = config.queue.spool_dir.clone();
     let max_consecutive_ooms = config.handler.max_consecutive_ooms;
-    let worker = Arc::new(Worker {
-        config: Arc::new(config),
+    let observed = Arc::new(Observed {
+        phase: PhaseCell::default(),
         handlers,
         limits: Arc::new(limits),
-        board: JobBoard::default(),
-        client,
-        phase: PhaseCell::default(),
-        interrupt: CancellationToken::new(),
+        memory,
         sampler,
         gpu_access: access,
-        memory,
-        adaptive,
+        counters: JobCounters::default(),
         metrics: Metrics::new(),
+        worker_id: client.endpoints().worker_id.clone(),
+        adaptive: config.gpu.adaptive,
+    });
+    let worker = Arc::new(Worker {
+        config: Arc::new(config),
+        board: JobBoard::default(),
+        client,
+        interrupt: CancellationToken::new(),
+        adaptive,
         tracker: TaskTracker::new(),
         spool: Spool::new(config_spool_dir),
         device_health: DeviceHealth::new(max_consecutive_ooms),
         stop_taking: shutdown.child_token(),
+        observed,
     });
     Ok(worker)
 }
