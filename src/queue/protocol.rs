@@ -149,14 +149,10 @@ pub fn parse_take_body(body: &[u8], limits: JobLimits) -> Result<Vec<Result<Job,
     let raw_jobs: Vec<&RawValue> = match top.get().trim_start().as_bytes().first() {
         Some(b'[') => serde_json::from_str(top.get())
             .map_err(|e| format!("job-take batch is malformed ({e})"))?,
-        Some(b'{') => vec![top],
         Some(b'n') => Vec::new(),
-        _ => {
-            return Err(format!(
-                "job-take answered with JSON that is not a job: {:.60}",
-                top.get()
-            ))
-        }
+        // An object is a job; any other JSON value is a job that cannot be answered (no id),
+        // counted and logged as one whether it came alone or in a batch.
+        _ => vec![top],
     };
     Ok(raw_jobs
         .iter()
@@ -345,7 +341,17 @@ mod tests {
     #[test]
     fn garbage_bodies_are_errors_not_jobs() {
         assert!(parse_take_body_default(b"<html>oops</html>").is_err());
-        assert!(parse_take_body_default(b"\"hello\"").is_err());
+        // JSON that is not an object is one job nobody can answer, alone as in a batch.
+        for body in [&b"42"[..], b"[42]", b"\"hello\""] {
+            let jobs = parse_take_body_default(body).unwrap();
+            let bad = jobs[0].as_ref().unwrap_err();
+            assert_eq!(bad.id, None);
+            assert!(
+                bad.problem.contains("must be a JSON object"),
+                "{}",
+                bad.problem
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! channel).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
@@ -20,9 +20,10 @@ pub struct JobBoard {
 }
 
 impl JobBoard {
-    /// Records a job as held; the token is cancelled if the queue asks to stop it. `None` if
-    /// a job of that id is already in hand: it must not run twice.
-    pub fn register(&self, job_id: &str) -> Option<CancellationToken> {
+    /// Records a job as held, until the returned guard is dropped (whatever way the job ends);
+    /// its token is cancelled if the queue asks to stop it. `None` if a job of that id is
+    /// already in hand: it must not run twice.
+    pub fn register(self: &Arc<Self>, job_id: &str) -> Option<HeldJob> {
         let mut jobs = self.lock();
         if jobs.contains_key(job_id) {
             return None;
@@ -33,11 +34,15 @@ impl JobBoard {
             answering: false,
         };
         jobs.insert(job_id.to_owned(), held);
-        Some(token)
+        Some(HeldJob {
+            board: self.clone(),
+            id: job_id.to_owned(),
+            stop: token,
+        })
     }
 
     /// The job has been answered (or abandoned): it leaves the heartbeat.
-    pub fn finish(&self, job_id: &str) {
+    fn finish(&self, job_id: &str) {
         self.lock().remove(job_id);
     }
 
@@ -83,5 +88,44 @@ impl JobBoard {
         self.jobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A job on the board: listed in every heartbeat until this is dropped, on every path a job can
+/// take (answered, stopped, interrupted, failed to start).
+#[derive(Debug)]
+pub struct HeldJob {
+    board: Arc<JobBoard>,
+    id: String,
+    stop: CancellationToken,
+}
+
+impl HeldJob {
+    /// Cancelled when the queue asks to stop the job.
+    pub fn stop(&self) -> &CancellationToken {
+        &self.stop
+    }
+}
+
+impl Drop for HeldJob {
+    fn drop(&mut self) {
+        self.board.finish(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_job_leaves_the_board_when_its_guard_drops_and_an_id_in_hand_is_refused() {
+        let board = Arc::new(JobBoard::default());
+        let held = board.register("a").unwrap();
+        assert!(board.register("a").is_none(), "already in hand");
+        assert_eq!(board.ids(), vec!["a".to_owned()]);
+        assert!(board.cancel("a") && held.stop().is_cancelled());
+        drop(held);
+        assert!(board.is_empty());
+        assert!(board.register("a").is_some(), "answered: it may come again");
     }
 }

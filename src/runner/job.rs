@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{execute, Deadline, Execution, JobCounters, Worker};
+use super::{execute, Deadline, Execution, HeldJob, JobCounters, Worker};
 use crate::admission::{GlobalSlot, QueuedTicket};
 use crate::handlers::{ChunkSink, JobContext};
 use crate::outcome::{sized_done_body, ErrorType, JobError};
@@ -45,7 +45,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
         });
         return;
     }
-    let Some(stop) = worker.board.register(&id) else {
+    let Some(held) = worker.board.register(&id) else {
         JobCounters::bump(&worker.counters.duplicates);
         tracing::warn!(
             job_id = %id,
@@ -60,7 +60,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
         Err(BadJob { problem, .. }) => {
             let worker = worker.clone();
             worker.tracker.clone().spawn(async move {
-                let _slot = slot;
+                let (_slot, _held) = (slot, held);
                 answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
             });
             return;
@@ -74,7 +74,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
     match routed {
         Err(error) => {
             worker.tracker.spawn(async move {
-                let _slot = slot;
+                let (_slot, _held) = (slot, held);
                 answer(&worker_ref, &job.id, Err(error), false).await;
             });
         }
@@ -85,7 +85,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
                 .expect("every routed handler has limits");
             worker
                 .tracker
-                .spawn(run(worker_ref, job, handler, input, ticket, slot, stop));
+                .spawn(run(worker_ref, job, handler, input, ticket, slot, held));
         }
     }
 }
@@ -97,8 +97,10 @@ async fn run(
     input: Map<String, Value>,
     ticket: QueuedTicket,
     slot: Option<GlobalSlot>,
-    stop: CancellationToken,
+    held: HeldJob,
 ) {
+    // On the heartbeat board until this task ends, however it ends.
+    let stop = held.stop().clone();
     // The local queue's bound covers the whole wait, from the take: for a global slot (jobs
     // the queue sent beyond what was asked), the handler's slot, then memory. One acquisition
     // order everywhere: global, handler, memory.
@@ -351,7 +353,6 @@ fn interrupted() -> JobError {
 
 fn finish_cancelled(worker: &Worker, job_id: &str) {
     JobCounters::bump(&worker.counters.cancelled);
-    worker.board.finish(job_id);
     tracing::info!(job_id, "job stopped by the queue; no result posted");
 }
 
@@ -422,7 +423,6 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
             }
         }
     }
-    worker.board.finish(job_id);
 }
 
 /// Stream chunks go to job-stream.

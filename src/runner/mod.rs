@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::queue::{QueueClient, QueueEndpoints, Spool};
 
 pub use crate::health::JobCounters;
-pub use board::JobBoard;
+pub use board::{HeldJob, JobBoard};
 pub use device_health::DeviceHealth;
 pub use execute::{execute, Deadline, Execution};
 
@@ -70,7 +70,7 @@ pub struct StartupError {
 /// state it shares with the HTTP endpoints (reached through `Deref`).
 pub struct Worker {
     pub(crate) config: Arc<Config>,
-    pub(crate) board: JobBoard,
+    pub(crate) board: Arc<JobBoard>,
     pub(crate) client: QueueClient,
     /// Cancelled when the drain's grace period is over: running jobs answer `Interrupted`.
     pub(crate) interrupt: CancellationToken,
@@ -420,7 +420,7 @@ async fn build_worker(
     });
     let worker = Arc::new(Worker {
         config: Arc::new(config),
-        board: JobBoard::default(),
+        board: Arc::default(),
         client,
         interrupt: CancellationToken::new(),
         adaptive,
