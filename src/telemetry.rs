@@ -3,7 +3,8 @@
 //! `RUNPOD_ENDPOINT_ID` is set, i.e. on the platform.
 //!
 //! A `job_id` field on an event becomes `requestId` in JSON and a `| job_id=..` suffix in human
-//! lines. Logs go to stderr; stdout is kept for what commands print (banners, results).
+//! lines. Logs go to stderr; stdout is kept for what commands print (banners, results). Secrets
+//! in URLs are redacted from every line ([`crate::redact`]).
 
 use std::fmt;
 
@@ -82,6 +83,12 @@ impl Visit for Fields {
 
 impl Fields {
     fn record(&mut self, field: &Field, value: String) {
+        // URLs reach log lines from many places (queue errors, webhooks, fetches): their
+        // secrets are removed here, once, for every line.
+        let value = match crate::redact::urls_in(&value) {
+            std::borrow::Cow::Borrowed(_) => value,
+            std::borrow::Cow::Owned(redacted) => redacted,
+        };
         match field.name() {
             "message" => self.message = value,
             "job_id" => self.job_id = Some(value),

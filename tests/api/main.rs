@@ -13,6 +13,7 @@ mod gpu_truth;
 mod heartbeat;
 mod lifecycle;
 mod limits;
+mod logs;
 mod mock_api;
 mod models;
 mod process;
