@@ -1,5 +1,6 @@
 //! What reaches the real binary's log (stderr): no secret carried by a URL (a webhook's, the
-//! queue's).
+//! queue's), and no document parser's warnings (with the build's source paths) at the default
+//! level.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::time::Instant;
 
 use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
+use base64::Engine as _;
 use serde_json::json;
 
 use crate::helpers::{client_with_key, worker_command, BIN, EP, WAIT};
@@ -148,4 +150,93 @@ async fn a_token_in_a_queue_url_never_reaches_a_log_line() {
     let _ = child.wait();
     assert!(line.is_some(), "the stop channel's error is logged: {seen}");
     assert!(!seen.contains(SECRET), "{seen}");
+}
+
+/// A one-page PDF saying "Hello warn" whose second content stream is corrupt deflate data, so
+/// the PDF parser logs warnings while the text still comes out.
+fn pdf_that_makes_the_parser_warn() -> Vec<u8> {
+    let content = "BT /F1 24 Tf 72 720 Td (Hello warn) Tj ET";
+    let corrupt: &[u8] = b"\x78\x9c\xff\xff\xff\xff garbage";
+    let objects: Vec<Vec<u8>> = vec![
+        b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents [4 0 R 6 0 R] /Resources << /Font << /F1 5 0 R >> >> >>".to_vec(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()).into_bytes(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec(),
+        [
+            format!("<< /Length {} /Filter /FlateDecode >>\nstream\n", corrupt.len()).as_bytes(),
+            corrupt,
+            b"\nendstream",
+        ]
+        .concat(),
+    ];
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n", i + 1).as_bytes());
+        out.extend_from_slice(object);
+        out.extend_from_slice(b"\nendobj\n");
+    }
+    let xref = out.len();
+    out.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
+    for offset in offsets {
+        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+/// Runs the PDF through `test-input` with `RUST_LOG` set to `rust_log` (or unset).
+fn extract_pdf(rust_log: Option<&str>) -> (serde_json::Value, String) {
+    let pdf = base64::engine::general_purpose::STANDARD.encode(pdf_that_makes_the_parser_warn());
+    let job =
+        json!({"input": {"task": "extract", "embed": false, "document": {"pdf_base64": pdf}}});
+    let mut command = Command::new(BIN);
+    command
+        .args(["test-input", "--json", &job.to_string()])
+        .env(
+            "RUNPOD_WORKER_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
+        )
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUNPOD_LOG_LEVEL")
+        .env_remove("RUNPOD_ENDPOINT_ID")
+        .env_remove("RUST_LOG");
+    if let Some(filter) = rust_log {
+        command.env("RUST_LOG", filter);
+    }
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (serde_json::from_slice(&out.stdout).unwrap(), stderr)
+}
+
+#[test]
+fn pdf_parser_warnings_stay_out_of_the_log_at_the_default_level_but_rust_log_shows_them() {
+    let (result, quiet) = extract_pdf(None);
+    assert_eq!(result["output"]["text"], "Hello warn", "{result}");
+    assert!(
+        !quiet.contains("deflate") && !quiet.contains("WARN"),
+        "no parser warnings by default: {quiet}"
+    );
+
+    let (_, verbose) = extract_pdf(Some("info"));
+    let warning = verbose
+        .lines()
+        .find(|l| l.contains("corrupt deflate stream"))
+        .unwrap_or_else(|| panic!("RUST_LOG=info shows the parser's warnings: {verbose}"));
+    assert!(warning.contains("target=lopdf"), "{warning}");
+    assert!(
+        !verbose.contains("log.file") && !verbose.contains("/src/"),
+        "never the build's source paths: {verbose}"
+    );
 }
