@@ -10,6 +10,7 @@ mod chaos;
 mod faults;
 mod gpu_memory;
 mod gpu_truth;
+mod handler_inputs;
 mod heartbeat;
 mod lifecycle;
 mod limits;
