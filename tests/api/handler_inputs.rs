@@ -1,6 +1,7 @@
 //! What the model handlers accept and return, held to what the README says: the torchscript
 //! example's real output, non-finite floats encoded rather than `null`, input names the model
-//! does not take refused (at load and per job).
+//! does not take refused (at load and per job), and classify's `text`/`document` and
+//! `temperature` checked.
 
 use std::path::Path;
 
@@ -144,5 +145,66 @@ async fn torchscript_infinities_and_nan_are_encoded_as_strings_never_null() {
         json!([0.0, "-Infinity", "NaN", "Infinity"]),
         "{output}"
     );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_refuses_text_with_a_document_and_a_temperature_out_of_range() {
+    let worker = TestWorker::start(config(), |h| h, 1000).await;
+    let labels = json!(["invoice", "recipe"]);
+    let refused = [
+        (
+            "both",
+            json!({"task": "classify", "text": "a", "document": {"text": "b"}, "labels": labels}),
+            "not both",
+        ),
+        (
+            "zero",
+            json!({"task": "classify", "text": "a", "labels": labels, "temperature": 0}),
+            "from 0.001 to 100",
+        ),
+        (
+            "huge",
+            json!({"task": "classify", "text": "a", "labels": labels, "temperature": 1000}),
+            "from 0.001 to 100",
+        ),
+        (
+            "word",
+            json!({"task": "classify", "text": "a", "labels": labels, "temperature": "hot"}),
+            "from 0.001 to 100",
+        ),
+    ];
+    for (id, input, _) in &refused {
+        worker.enqueue(id, input.clone());
+    }
+    for (id, _, expected) in refused {
+        let (error_type, message) = error_of(&worker, id).await;
+        assert_eq!(error_type, "InvalidInput", "{id}: {message}");
+        assert!(message.contains(expected), "{id}: {message}");
+    }
+
+    // A temperature in range is used: a hotter softmax gives flatter scores.
+    let text = "Preheat the oven to 180°C and bake the flour and eggs for 25 minutes.";
+    let top = |output: &Value| {
+        output["scores"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(0.0, f64::max)
+    };
+    for (id, t) in [("cold", 0.01), ("hot", 10.0)] {
+        worker.enqueue(
+            id,
+            json!({"task": "classify", "text": text, "labels": labels, "temperature": t}),
+        );
+    }
+    let cold = worker.done("cold").await.body["output"].clone();
+    let hot = worker.done("hot").await.body["output"].clone();
+    assert_eq!(
+        (&cold["label"], &hot["label"]),
+        (&json!("recipe"), &json!("recipe"))
+    );
+    assert!(top(&cold) > 0.99 && top(&hot) < 0.6, "{cold} {hot}");
     worker.stop().await;
 }
