@@ -14,6 +14,7 @@
 //!   ordinal, and what libtorch's CUDA can do on this host.
 //! - [`model`]: the libtorch model runtime (TorchScript modules, the MiniLM encoder).
 //! - [`outcome`]: error results in the seed's shape and the job-done body.
+//! - [`redact`]: secrets in URLs (userinfo, token parameters) removed before they are logged.
 //! - [`commands`]: what each subcommand does; `main.rs` only parses arguments.
 //! - [`bench`]: the benchmark harness (`runpod-worker bench`).
 //! - [`gpu_check`]: `runpod-worker gpu-check`, the proof of the GPU paths on a real card.
@@ -32,6 +33,7 @@ pub mod mock_queue;
 pub mod model;
 pub mod outcome;
 pub mod queue;
+pub mod redact;
 pub mod runner;
 pub mod secret;
 pub mod shutdown;

@@ -3,7 +3,9 @@
 //! `RUNPOD_ENDPOINT_ID` is set, i.e. on the platform.
 //!
 //! A `job_id` field on an event becomes `requestId` in JSON and a `| job_id=..` suffix in human
-//! lines. Logs go to stderr; stdout is kept for what commands print (banners, results).
+//! lines. Logs go to stderr; stdout is kept for what commands print (banners, results). Secrets
+//! in URLs are redacted from every line ([`crate::redact`]); events bridged from the `log` crate
+//! keep their target, not their source file.
 
 use std::fmt;
 
@@ -35,6 +37,18 @@ impl LogFormat {
     }
 }
 
+/// Quiet third-party targets, added to the level from `RUNPOD_LOG_LEVEL` or the default: HTTP
+/// internals, and document parsers whose warnings are about the input (a corrupt stream, an
+/// unknown glyph) rather than the worker; the job's result already says when a document cannot
+/// be read. `RUST_LOG` replaces all of this, so `RUST_LOG=info` shows them again.
+const QUIET_TARGETS: &str =
+    "hyper=warn,reqwest=warn,lopdf=error,pdf_extract=error,html2text=error,html5ever=error";
+
+/// The filter directives for `RUNPOD_LOG_LEVEL` (`level`, when set) or the default.
+fn directives(level: Option<&str>) -> String {
+    format!("{},{QUIET_TARGETS}", level.unwrap_or("info"))
+}
+
 /// Installs the global subscriber (level from `RUNPOD_LOG_LEVEL`, else `RUST_LOG`, else info).
 /// Calling it twice is harmless (tests).
 pub fn init(format: LogFormat) {
@@ -49,9 +63,10 @@ pub fn init(format: LogFormat) {
                 _ => "info",
             });
     let filter = match level {
-        Some(level) => EnvFilter::new(format!("{level},hyper=warn,reqwest=warn")),
-        None => EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,reqwest=warn")),
+        Some(level) => EnvFilter::new(directives(Some(level))),
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directives(None)))
+        }
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -82,9 +97,21 @@ impl Visit for Fields {
 
 impl Fields {
     fn record(&mut self, field: &Field, value: String) {
+        // URLs reach log lines from many places (queue errors, webhooks, fetches): their
+        // secrets are removed here, once, for every line.
+        let value = match crate::redact::urls_in(&value) {
+            std::borrow::Cow::Borrowed(_) => value,
+            std::borrow::Cow::Owned(redacted) => redacted,
+        };
         match field.name() {
             "message" => self.message = value,
             "job_id" => self.job_id = Some(value),
+            // Events bridged from the `log` crate carry the source file of the crate that
+            // logged (a build path on the machine that compiled us): only its target is kept.
+            "log.target" => {
+                self.rest.insert("target".to_owned(), Value::String(value));
+            }
+            "log.file" | "log.line" | "log.module_path" => {}
             name => {
                 self.rest.insert(name.to_owned(), Value::String(value));
             }

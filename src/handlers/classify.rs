@@ -1,7 +1,8 @@
-//! `classify`: zero-shot classification. The text (or a document) and the labels are embedded
-//! by the same encoder; scores are a softmax over cosine similarities divided by a temperature.
-//! Label embeddings are cached. With a logits `model` in the config, that model's outputs are
-//! scored against the configured labels instead. Any truncation of the text is stated.
+//! `classify`: zero-shot classification. The text (or a document, never both) and the labels
+//! are embedded by the same encoder; scores are a softmax over cosine similarities divided by a
+//! temperature (the config's, or the job's within 0.001 to 100). Label embeddings are cached.
+//! With a logits `model` in the config, that model's outputs are scored against the configured
+//! labels instead. Any truncation of the text is stated.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,6 +23,8 @@ const MAX_LABELS: usize = 256;
 const MAX_LABEL_CHARS: usize = 200;
 /// Cached label embeddings before the cache is cleared.
 const CACHE_LIMIT: usize = 10_000;
+/// A job's `temperature` range: the one `handlers.<name>.temperature` is checked against.
+const TEMPERATURES: std::ops::RangeInclusive<f64> = 0.001..=100.0;
 
 /// How labels are phrased for the encoder.
 fn label_sentence(label: &str) -> String {
@@ -98,6 +101,23 @@ fn labels_of(input: &Map<String, Value>, defaults: &[String]) -> Result<Vec<Stri
     Ok(labels)
 }
 
+/// The job's `temperature`, else the configured one.
+fn temperature_of(input: &Map<String, Value>, configured: f64) -> Result<f64, JobError> {
+    match input.get("temperature") {
+        None | Some(Value::Null) => Ok(configured),
+        Some(value) => value
+            .as_f64()
+            .filter(|t| TEMPERATURES.contains(t))
+            .ok_or_else(|| {
+                JobError::invalid_input(format!(
+                    "input.temperature must be a number from {} to {}",
+                    TEMPERATURES.start(),
+                    TEMPERATURES.end()
+                ))
+            }),
+    }
+}
+
 fn softmax(values: &[f64]) -> Vec<f64> {
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let exps: Vec<f64> = values.iter().map(|v| (v - max).exp()).collect();
@@ -162,6 +182,7 @@ impl Classifier {
         &self,
         text: &str,
         labels: &[String],
+        temperature: f64,
         device: Option<usize>,
     ) -> Result<Value, JobError> {
         let encoder = self.encoder.for_device(device)?;
@@ -184,7 +205,7 @@ impl Classifier {
                             .zip(text_embedding)
                             .map(|(a, b)| f64::from(*a) * f64::from(*b))
                             .sum::<f64>()
-                            / self.temperature
+                            / temperature
                     })
                     .collect();
                 softmax(&cosines)
@@ -230,20 +251,29 @@ impl Classifier {
 impl Handler for ClassifyHandler {
     async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
         let classifier = self.0.clone();
-        let labels = match &classifier.mode {
+        let (labels, temperature) = match &classifier.mode {
             ClassifyMode::Logits(_) if ctx.input.contains_key("labels") => {
                 return Err(JobError::invalid_input(
                     "this classifier's labels are fixed by its model; leave input.labels out",
                 ))
             }
-            ClassifyMode::Logits(_) => classifier.default_labels.clone(),
-            ClassifyMode::ZeroShot => labels_of(&ctx.input, &classifier.default_labels)?,
+            ClassifyMode::Logits(_) if ctx.input.contains_key("temperature") => {
+                return Err(JobError::invalid_input(
+                    "this classifier's scores come from its model; input.temperature applies \
+                     to zero-shot classification only",
+                ))
+            }
+            ClassifyMode::Logits(_) => (classifier.default_labels.clone(), 1.0),
+            ClassifyMode::ZeroShot => (
+                labels_of(&ctx.input, &classifier.default_labels)?,
+                temperature_of(&ctx.input, classifier.temperature)?,
+            ),
         };
         let source = document::source_of(&ctx.input, true, &classifier.fetch).await?;
         let device = ctx.device;
         ctx.run_blocking(move || {
             let document = document::parse(source)?;
-            classifier.classify(&document.text, &labels, device)
+            classifier.classify(&document.text, &labels, temperature, device)
         })
         .await?
     }
@@ -285,6 +315,27 @@ mod tests {
             labels_of(&Map::new(), &["x".to_owned()]).unwrap(),
             vec!["x"]
         );
+    }
+
+    #[test]
+    fn a_jobs_temperature_must_be_a_number_in_range() {
+        let input = |t: Value| json!({ "temperature": t }).as_object().unwrap().clone();
+        assert_eq!(temperature_of(&Map::new(), 0.05).unwrap(), 0.05);
+        assert_eq!(temperature_of(&input(json!(0.5)), 0.05).unwrap(), 0.5);
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!(1000),
+            json!("hot"),
+            json!(0.0001),
+        ] {
+            let error = temperature_of(&input(bad.clone()), 0.05).unwrap_err();
+            assert!(
+                error.message.contains("from 0.001 to 100"),
+                "{bad}: {}",
+                error.message
+            );
+        }
     }
 
     #[test]

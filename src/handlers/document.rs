@@ -41,6 +41,11 @@ pub async fn source_of(
     policy: &FetchPolicy,
 ) -> Result<Source, JobError> {
     let document = match (input.get("document"), input.get("text")) {
+        (Some(_), Some(_)) if text_fallback => {
+            return Err(JobError::invalid_input(
+                "give input.text or input.document, not both",
+            ))
+        }
         (Some(Value::Object(document)), _) => document,
         (Some(_), _) => {
             return Err(JobError::invalid_input(

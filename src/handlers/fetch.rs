@@ -90,6 +90,8 @@ pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError>
         .host_str()
         .ok_or_else(|| invalid("the URL has no host".to_owned()))?
         .to_owned();
+    // The URL may be presigned: its userinfo and token parameters never reach the log.
+    tracing::debug!("fetching {}", crate::redact::url(url));
     let port = parsed.port_or_known_default().unwrap_or(80);
     let lookup = host
         .trim_start_matches('[')

@@ -8,6 +8,7 @@ mod extract;
 pub mod fetch;
 mod models;
 mod registry;
+mod tensors;
 mod torchscript;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

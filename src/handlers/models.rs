@@ -11,7 +11,7 @@ use tch::Device;
 use super::classify::{Classifier, ClassifyHandler, ClassifyMode};
 use super::extract::ExtractHandler;
 use super::fetch::FetchPolicy;
-use super::torchscript::TorchScriptHandler;
+use super::torchscript::{check_input_names, TorchScriptHandler};
 use super::{EchoHandler, Handler};
 use crate::config::HandlerConfig;
 use crate::model::{load_module, Encoder, LoadError, OnDevices};
@@ -104,13 +104,21 @@ impl ModelLoader {
             }
             "torchscript" => {
                 let path = self.dir.join(table.model.as_deref().unwrap_or_default());
-                let modules = devices
+                let modules: Vec<_> = devices
                     .iter()
                     .map(|d| load_module(&path, *d).map(|m| (m, *d)))
                     .collect::<Result<_, _>>()?;
+                let inputs = table.inputs.clone().unwrap_or_default();
+                // One copy is enough: every device holds the same model.
+                if let Some((module, _)) = modules.first() {
+                    check_input_names(module, &inputs).map_err(|reason| LoadError::Unreadable {
+                        path: path.clone(),
+                        reason,
+                    })?;
+                }
                 Arc::new(TorchScriptHandler {
                     modules: OnDevices(modules),
-                    inputs: table.inputs.clone().unwrap_or_default(),
+                    inputs,
                 })
             }
             other => unreachable!("config validation admits only known kinds, not {other:?}"),

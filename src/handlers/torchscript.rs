@@ -1,20 +1,19 @@
 //! `kind = "torchscript"`: serves any TorchScript model named in the config, without Rust.
-//! Inputs are JSON tensors, one per name the config declares:
+//! Inputs are JSON tensors, one per name the config declares (and no others):
 //! `{"inputs": {"x": {"shape": [2, 4], "dtype": "float32", "data": [...]}}}`; outputs come back
-//! the same way: `{"outputs": [{"shape", "dtype", "data"}]}`.
+//! the same way: `{"outputs": [{"shape", "dtype", "data"}]}`. Floats JSON numbers cannot hold
+//! (±Inf, NaN) are the strings `"Infinity"`, `"-Infinity"` and `"NaN"`, both ways.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use tch::{CModule, Device, IValue, Kind, Tensor};
+use tch::{CModule, Device, IValue};
 
+use super::tensors::{outputs_json, read_tensor, to_tensor};
 use super::{Handler, JobContext};
 use crate::model::{torch_error, OnDevices};
 use crate::outcome::{ErrorType, JobError};
-
-/// Largest tensor accepted, in elements.
-const MAX_ELEMENTS: usize = 10_000_000;
 
 /// The generic TorchScript handler.
 pub struct TorchScriptHandler {
@@ -24,111 +23,92 @@ pub struct TorchScriptHandler {
     pub inputs: Vec<String>,
 }
 
-/// A JSON tensor, checked.
-#[derive(Debug)]
-struct JsonTensor {
-    shape: Vec<i64>,
-    kind: Kind,
-    data: Vec<f64>,
+/// More arguments than any `forward` takes: calling with these fails libtorch's argument check
+/// before anything runs, and its message states the method's declaration.
+const PROBE_ARGUMENTS: usize = 256;
+
+fn probe_arguments() -> Vec<IValue> {
+    (0..PROBE_ARGUMENTS).map(|_| IValue::None).collect()
 }
 
-fn read_tensor(name: &str, value: &Value) -> Result<JsonTensor, JobError> {
-    let invalid = |what: &str| JobError::invalid_input(format!("input.inputs.{name}: {what}"));
-    let shape: Vec<i64> = value
-        .get("shape")
-        .and_then(Value::as_array)
-        .ok_or_else(|| invalid("`shape` must be an array of sizes"))?
-        .iter()
-        .map(|d| d.as_u64().and_then(|d| i64::try_from(d).ok()))
-        .collect::<Option<_>>()
-        .ok_or_else(|| invalid("`shape` must hold whole numbers"))?;
-    if shape.is_empty() || shape.len() > 8 {
-        return Err(invalid("`shape` must have 1 to 8 dimensions"));
+/// Checks the configured input names against `forward`'s declaration, as far as libtorch lets
+/// us see it (tch has no schema API; libtorch's argument-count error quotes the declaration).
+/// `Ok` when they match or the declaration cannot be read; `Err` says how they differ.
+pub(super) fn check_input_names(module: &CModule, configured: &[String]) -> Result<(), String> {
+    let probe = probe_arguments();
+    let Err(error) = module.forward_is(&probe) else {
+        return Ok(());
+    };
+    let Some(declared) = declared_arguments(&error.to_string()) else {
+        tracing::debug!("the model's forward declaration could not be read; inputs not checked");
+        return Ok(());
+    };
+    let names: Vec<&str> = declared.iter().map(|(name, _)| name.as_str()).collect();
+    let in_order = configured.len() <= declared.len()
+        && configured.iter().zip(&names).all(|(c, d)| c == d)
+        && declared[configured.len()..]
+            .iter()
+            .all(|(_, default)| *default);
+    if in_order {
+        Ok(())
+    } else {
+        Err(format!(
+            "inputs = {configured:?} does not match the model's forward({}): list its \
+             arguments in order (those with defaults may be left off the end)",
+            names.join(", ")
+        ))
     }
-    let elements = shape
-        .iter()
-        .try_fold(1usize, |n, d| n.checked_mul(*d as usize))
-        .unwrap_or(usize::MAX);
-    if elements > MAX_ELEMENTS {
-        return Err(invalid(&format!(
-            "{elements} elements is over the limit of {MAX_ELEMENTS}"
-        )));
-    }
-    let kind = match value
-        .get("dtype")
-        .and_then(Value::as_str)
-        .unwrap_or("float32")
-    {
-        "float32" => Kind::Float,
-        "float64" => Kind::Double,
-        "int64" => Kind::Int64,
-        "int32" => Kind::Int,
-        "bool" => Kind::Bool,
-        other => {
-            return Err(invalid(&format!(
-                "dtype {other:?} is not one of float32, float64, int64, int32, bool"
-            )))
+}
+
+/// The arguments (name, has a default) of the declaration quoted in a libtorch error such as
+/// `... Declaration: forward(__torch__.M self, Tensor x, int k=3) -> Tensor`, `self` left out.
+fn declared_arguments(message: &str) -> Option<Vec<(String, bool)>> {
+    let declaration = &message[message.find("Declaration: ")? + "Declaration: ".len()..];
+    let open = declaration.find('(')?;
+    let mut arguments = Vec::new();
+    let (mut depth, mut quote, mut start, mut closed) = (0usize, None, open + 1, false);
+    for (i, c) in declaration.char_indices().skip(open + 1) {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '(' | '[' | '{') => depth += 1,
+            (None, ')') if depth == 0 => {
+                arguments.push(&declaration[start..i]);
+                closed = true;
+                break;
+            }
+            (None, ')' | ']' | '}') => depth = depth.checked_sub(1)?,
+            (None, ',') if depth == 0 => {
+                arguments.push(&declaration[start..i]);
+                start = i + 1;
+            }
+            _ => {}
         }
-    };
-    let data: Vec<f64> = value
-        .get("data")
-        .and_then(Value::as_array)
-        .ok_or_else(|| invalid("`data` must be a flat array of numbers"))?
-        .iter()
-        .map(|v| v.as_f64().or_else(|| v.as_bool().map(f64::from)))
-        .collect::<Option<_>>()
-        .ok_or_else(|| invalid("`data` must hold only numbers"))?;
-    if data.len() != elements {
-        return Err(invalid(&format!(
-            "`data` has {} values but `shape` needs {elements}",
-            data.len()
-        )));
     }
-    Ok(JsonTensor { shape, kind, data })
-}
-
-fn to_tensor(t: &JsonTensor, device: Device) -> Result<Tensor, tch::TchError> {
-    Tensor::f_from_slice(&t.data)?
-        .f_view(t.shape.as_slice())?
-        .f_to_kind(t.kind)?
-        .f_to_device(device)
-}
-
-fn tensor_json(t: &Tensor) -> Result<Value, tch::TchError> {
-    let t = t.f_to_device(Device::Cpu)?;
-    let shape = t.size();
-    let (dtype, data) = match t.kind() {
-        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8 => (
-            "int64",
-            json!(Vec::<i64>::try_from(
-                t.f_to_kind(Kind::Int64)?.f_flatten(0, -1)?
-            )?),
-        ),
-        Kind::Bool => ("bool", json!(Vec::<bool>::try_from(t.f_flatten(0, -1)?)?)),
-        Kind::Double => ("float64", json!(Vec::<f64>::try_from(t.f_flatten(0, -1)?)?)),
-        _ => (
-            "float32",
-            json!(Vec::<f32>::try_from(
-                t.f_to_kind(Kind::Float)?.f_flatten(0, -1)?
-            )?),
-        ),
-    };
-    Ok(json!({ "shape": shape, "dtype": dtype, "data": data }))
-}
-
-fn outputs_json(value: IValue) -> Result<Vec<Value>, tch::TchError> {
-    match value {
-        IValue::Tensor(t) => Ok(vec![tensor_json(&t)?]),
-        IValue::Tuple(items) | IValue::GenericList(items) => items
+    if !closed {
+        return None;
+    }
+    let parsed = arguments
+        .into_iter()
+        .map(str::trim)
+        // `*` marks the keyword-only arguments that follow; empty is `forward()`.
+        .filter(|a| !a.is_empty() && *a != "*")
+        .map(|argument| {
+            let (typed, default) = match argument.split_once('=') {
+                Some((typed, _)) => (typed, true),
+                None => (argument, false),
+            };
+            let name = typed.split_whitespace().last()?;
+            Some((name.to_owned(), default))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(
+        parsed
             .into_iter()
-            .map(outputs_json)
-            .collect::<Result<Vec<_>, _>>()
-            .map(|v| v.concat()),
-        IValue::TensorList(items) => items.iter().map(tensor_json).collect(),
-        _ => Err(tch::TchError::Convert(
-            "the model returned something other than tensors".into(),
-        )),
-    }
+            .filter(|(name, _)| name != "self")
+            .collect(),
+    )
 }
 
 #[async_trait]
@@ -140,6 +120,27 @@ impl Handler for TorchScriptHandler {
                 self.inputs.join(", ")
             )));
         };
+        let unknown: Vec<&str> = given
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !self.inputs.iter().any(|known| known == name))
+            .collect();
+        if !unknown.is_empty() {
+            let names: Vec<String> = unknown
+                .iter()
+                .map(|n| format!("input.inputs.{n}"))
+                .collect();
+            let verb = if names.len() == 1 {
+                "is not an input"
+            } else {
+                "are not inputs"
+            };
+            return Err(JobError::invalid_input(format!(
+                "{} {verb} of this model; it takes: {}",
+                names.join(", "),
+                self.inputs.join(", ")
+            )));
+        }
         let tensors = self
             .inputs
             .iter()
@@ -185,17 +186,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_tensors_are_checked_before_anything_runs() {
-        let ok = read_tensor(
-            "x",
-            &json!({"shape": [2, 2], "dtype": "float32", "data": [1, 2, 3, 4]}),
-        )
-        .unwrap();
-        assert_eq!((ok.shape, ok.kind), (vec![2, 2], Kind::Float));
-        let bad = |v: Value| read_tensor("x", &v).unwrap_err().message;
-        assert!(bad(json!({"shape": [3], "data": [1, 2]})).contains("2 values but `shape` needs 3"));
-        assert!(bad(json!({"shape": [1], "dtype": "complex", "data": [1]})).contains("not one of"));
-        assert!(bad(json!({"shape": [100000, 100000], "data": []})).contains("over the limit"));
-        assert!(bad(json!({"shape": [1], "data": ["x"]})).contains("only numbers"));
+    fn the_declared_arguments_are_read_from_libtorchs_message() {
+        let args = |m: &str| declared_arguments(m).map(|a| a.into_iter().collect::<Vec<_>>());
+        let own = |v: &[(&str, bool)]| {
+            Some(
+                v.iter()
+                    .map(|(n, d)| (n.to_string(), *d))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            args("Expected at most 2 argument(s) for operator 'forward', but received 257 argument(s). Declaration: forward(__torch__.ExampleLinear self, Tensor x) -> Tensor"),
+            own(&[("x", false)])
+        );
+        assert_eq!(
+            args("Declaration: forward(__torch__.M self, Tuple[Tensor, Tensor] pair, Dict(str, Tensor) d, str sep=\",)\", int[2] k=[1, 2], *, bool flag=False) -> (Tensor, Tensor)"),
+            own(&[("pair", false), ("d", false), ("sep", true), ("k", true), ("flag", true)])
+        );
+        assert_eq!(
+            args("Declaration: forward(__torch__.M self) -> Tensor"),
+            own(&[])
+        );
+        assert_eq!(args("forward() is missing value for argument 'x'"), None);
+        assert_eq!(
+            args("Declaration: forward(__torch__.M self, Tensor x"),
+            None
+        );
+    }
+
+    #[test]
+    fn configured_input_names_are_checked_against_forward_at_load() {
+        let module = crate::torch_check::traced_module().unwrap();
+        let probe = probe_arguments();
+        let message = module.forward_is(&probe).unwrap_err().to_string();
+        let declared = declared_arguments(&message).expect("libtorch quotes the declaration");
+        assert_eq!(declared.len(), 1, "{message}");
+        let name = declared[0].0.clone();
+        assert_eq!(
+            check_input_names(&module, std::slice::from_ref(&name)),
+            Ok(())
+        );
+        let wrong = check_input_names(&module, &["not_an_argument".to_owned()]).unwrap_err();
+        assert!(
+            wrong.contains("not_an_argument") && wrong.contains(&format!("forward({name})")),
+            "{wrong}"
+        );
+        assert!(check_input_names(&module, &[name.clone(), name]).is_err());
     }
 }

@@ -333,7 +333,8 @@ fn status_ok(status: StatusCode) -> Result<(), QueueError> {
 }
 
 fn transport(error: reqwest::Error) -> QueueError {
-    // reqwest's message names the URL, never the headers, so the key cannot leak through it.
+    // reqwest's message names the URL (never the headers), and a queue URL may carry a token
+    // in its query: it is left out (the log formatter redacts any URL that gets through).
     let kind = if error.is_timeout() {
         "timed out"
     } else if error.is_connect() {
