@@ -2,22 +2,21 @@
 //! the run, and the job-done POST.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::{execute, Deadline, Execution, HeldJob, JobCounters, Worker};
-use crate::admission::{GlobalSlot, QueuedTicket};
+use crate::admission::{
+    Admitted, Admitter, GlobalSlot, Learned, LimitChange, QueuedTicket, Refusal,
+};
 use crate::handlers::{ChunkSink, JobContext};
 use crate::outcome::{sized_done_body, ErrorType, JobError};
 use crate::queue::client::DeliveryError;
 use crate::queue::protocol::{id_problem, shown_id};
 use crate::queue::{BadJob, Job, QueueClient, SpooledResult};
-
-/// `retry_after` of the retry signal given to a CPU job that waited too long for its handler.
-const LOCAL_WAIT_RETRY_AFTER_S: u64 = 10;
 
 /// Takes charge of one item of a take: registers it (so the next ping lists it) and spawns
 /// the task that answers it. Runs synchronously in the take loop, so the next `takeable()`
@@ -105,67 +104,43 @@ async fn run(
     // the queue sent beyond what was asked), the handler's slot, then memory. One acquisition
     // order everywhere: global, handler, memory.
     let taken_at = Instant::now();
-    let max_wait = worker.config.local_queue_max_wait();
-    let wait_until = taken_at + max_wait;
     let entry = worker
         .handlers
         .get(&handler)
         .expect("routed to a known handler");
-    let slot = match slot {
-        Some(slot) => Some(slot),
-        None => tokio::select! {
-            slot = tokio::time::timeout(max_wait, worker.limits.global()) => slot.ok(),
-            () = stop.cancelled() => {
-                finish_cancelled(&worker, &job.id);
-                return;
-            }
-            () = worker.interrupt.cancelled() => {
-                answer(&worker, &job.id, Err(interrupted()), false).await;
-                return;
-            }
-        },
-    };
-    let permit = match slot {
-        None => None,
-        Some(slot) => tokio::select! {
-            permit = tokio::time::timeout_at(wait_until.into(), worker.limits.acquire(ticket)) => permit.ok().map(|p| (slot, p)),
-            () = stop.cancelled() => {
-                finish_cancelled(&worker, &job.id);
-                return;
-            }
-            () = worker.interrupt.cancelled() => {
-                answer(&worker, &job.id, Err(interrupted()), false).await;
-                return;
-            }
-        },
-    };
-    let Some((_slot, permit)) = permit else {
-        worker
-            .metrics
-            .retry_signals
-            .with_label_values(&["local_wait"])
-            .inc();
-        let error = local_wait_error(&worker, entry, &handler, max_wait);
-        answer(&worker, &job.id, Err(error), false).await;
-        return;
-    };
-    let reservation = tokio::select! {
-        admitted = worker.memory.admit(&handler, wait_until) => match admitted {
-            Ok(reservation) => reservation,
-            Err((shortage, error)) => {
-                worker.metrics.retry_signals.with_label_values(&[shortage.as_str()]).inc();
-                drop(permit);
-                answer(&worker, &job.id, Err(error), false).await;
-                return;
-            }
-        },
-        () = stop.cancelled() => {
+    let admitter = Admitter::new(worker.limits.clone(), worker.memory.clone());
+    let admitted = admitter
+        .admit(
+            entry,
+            ticket,
+            slot,
+            taken_at,
+            worker.config.local_queue_max_wait(),
+            &stop,
+            &worker.interrupt,
+        )
+        .await;
+    let Admitted {
+        slot: _slot,
+        permit,
+        reservation,
+    } = match admitted {
+        Ok(admitted) => admitted,
+        Err(Refusal::Stopped) => {
             finish_cancelled(&worker, &job.id);
             return;
         }
-        () = worker.interrupt.cancelled() => {
-            drop(permit);
+        Err(Refusal::Interrupted) => {
             answer(&worker, &job.id, Err(interrupted()), false).await;
+            return;
+        }
+        Err(Refusal::Retry { reason, error }) => {
+            worker
+                .metrics
+                .retry_signals
+                .with_label_values(&[reason])
+                .inc();
+            answer(&worker, &job.id, Err(error), false).await;
             return;
         }
     };
@@ -198,9 +173,9 @@ async fn run(
     if !simulated {
         ctx.device = reservation.as_ref().map(|r| r.device());
     }
-    let peak_probe = PeakProbe::start(&worker, reservation.as_ref(), simulated);
+    let peak_probe = worker.lessons.peak_probe(reservation.as_ref(), simulated);
     let execution = execute(entry, ctx.clone(), deadline, &stop, &worker.interrupt).await;
-    if let Some(peak) = peak_probe.and_then(|probe| probe.finish(&worker)) {
+    if let Some(peak) = peak_probe.and_then(|probe| worker.lessons.peak(probe)) {
         ctx.report_gpu_peak(peak);
     }
     // The handler's slot and the job's GPU memory go back as soon as its threads have really
@@ -228,14 +203,12 @@ async fn run(
                     }
                 }
                 worker.metrics.job_finished(&handler, &result);
-                learn(
-                    &worker,
-                    &handler,
-                    &result,
-                    started.elapsed(),
-                    ctx.gpu_peak(),
-                );
-                if worker.device_health.record(&result) {
+                let learned =
+                    worker
+                        .lessons
+                        .learn(&handler, &result, started.elapsed(), ctx.gpu_peak());
+                report_lesson(&worker, &handler, learned);
+                if learned.replace_worker {
                     worker.ask_to_be_replaced(&result);
                 }
                 answer(&worker, &job.id, result, ctx.chunks_sent() > 0).await;
@@ -245,101 +218,19 @@ async fn run(
     tokio::join!(release, report);
 }
 
-/// Measures a real GPU job's peak from libtorch's allocator. The allocator's counters are per
-/// device, so a job's peak is only its own when it ran alone there: measured then, skipped
-/// otherwise (its footprint is learned from the jobs that did).
-struct PeakProbe {
-    device: usize,
-    baseline: u64,
-}
-
-impl PeakProbe {
-    fn start(
-        worker: &Worker,
-        reservation: Option<&crate::admission::Reservation>,
-        simulated: bool,
-    ) -> Option<Self> {
-        let device = reservation?.device();
-        if simulated || !alone_on(worker, device) {
-            return None;
-        }
-        let baseline = crate::gpu::allocator::stats(device)?.allocated;
-        crate::gpu::allocator::reset_peak(device).then_some(Self { device, baseline })
-    }
-
-    fn finish(self, worker: &Worker) -> Option<u64> {
-        let stats = crate::gpu::allocator::stats(self.device)?;
-        alone_on(worker, self.device).then(|| stats.peak_allocated.saturating_sub(self.baseline))
-    }
-}
-
-fn alone_on(worker: &Worker, device: usize) -> bool {
-    worker
-        .memory
-        .ledgers()
-        .iter()
-        .find(|l| l.device() == device)
-        .is_some_and(|l| l.entries().len() == 1)
-}
-
-/// Feeds a finished job to admission: durations and footprints, and with `[gpu] adaptive`
-/// the handler's limit (halved on OOM, one more after a run of successes).
-fn learn(
-    worker: &Worker,
-    handler: &str,
-    result: &Result<Value, JobError>,
-    took: Duration,
-    peak: Option<u64>,
-) {
-    worker.memory.record(handler, took, peak, result.is_ok());
-    let oom = matches!(result, Err(e) if e.is_out_of_memory());
-    if oom {
+/// Counts and logs what a finished job taught admission.
+fn report_lesson(worker: &Worker, handler: &str, learned: Learned) {
+    if learned.oom {
         worker.metrics.ooms.with_label_values(&[handler]).inc();
     }
-    let (Some(rule), Some(current)) =
-        (worker.adaptive.get(handler), worker.limits.handler(handler))
-    else {
-        return;
-    };
-    let wanted = match result {
-        _ if oom => rule.on_oom(current.limit),
-        Ok(_) if current.limit < current.max_limit => rule.on_success(current.limit),
-        _ => current.limit,
-    };
-    if wanted != current.limit {
-        let limit = worker.limits.set_limit(handler, wanted);
-        if oom {
-            tracing::warn!("{handler}: out of GPU memory; running at most {limit} at once for now");
-        } else {
-            tracing::info!(
-                "{handler}: {limit} at once again (of {})",
-                current.max_limit
-            );
+    match learned.limit {
+        Some(LimitChange::Shrunk(limit)) => {
+            tracing::warn!("{handler}: out of GPU memory; running at most {limit} at once for now")
         }
-    }
-}
-
-/// The retry signal for a job that waited its whole local-queue time.
-fn local_wait_error(
-    worker: &Worker,
-    entry: &crate::handlers::HandlerEntry,
-    handler: &str,
-    max_wait: Duration,
-) -> JobError {
-    if entry.on_gpu {
-        return JobError::gpu_memory_exhausted(worker.memory.retry_after());
-    }
-    let snapshot = worker.limits.handler(handler);
-    let (active, limit) = snapshot.map_or((0, 0), |s| (s.active, s.limit));
-    JobError {
-        retry_after: Some(LOCAL_WAIT_RETRY_AFTER_S),
-        ..JobError::new(
-            ErrorType::Timeout,
-            format!(
-                "no {handler} slot became free within {} s ({active}/{limit} busy), retry shortly",
-                max_wait.as_secs()
-            ),
-        )
+        Some(LimitChange::Grew(limit, max)) => {
+            tracing::info!("{handler}: {limit} at once again (of {max})")
+        }
+        None => {}
     }
 }
 
@@ -362,7 +253,7 @@ fn finish_cancelled(worker: &Worker, job_id: &str) {
 async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, streamed: bool) {
     // A worker that must be replaced says so with its last result, once it has drained: the
     // platform may stop it as soon as it reads `stopPod`.
-    let stop_pod = worker.device_health.is_tripped() && worker.board.begin_answer(job_id);
+    let stop_pod = worker.lessons.device_tripped() && worker.board.begin_answer(job_id);
     let limit = worker.config.queue.max_result_size.bytes();
     let (result, body) = sized_done_body(result, stop_pod, limit);
     match &result {

@@ -1,0 +1,127 @@
+//! The admit stage of a job's life: a global slot, then its handler's slot, then GPU memory,
+//! in that one order, within the local queue's bound, with one cancel arm for everything that
+//! can end the wait (the queue stopping the job, the drain's grace running out).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{GlobalSlot, HandlerPermit, Limits, MemoryAdmission, QueuedTicket, Reservation};
+use crate::handlers::HandlerEntry;
+use crate::outcome::{ErrorType, JobError};
+
+/// `retry_after` of the retry signal given to a CPU job that waited too long for its handler.
+const LOCAL_WAIT_RETRY_AFTER_S: u64 = 10;
+
+/// What an admitted job holds while it runs; each part is released when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    /// Held until the job is answered.
+    pub slot: GlobalSlot,
+    /// The handler's slot.
+    pub permit: HandlerPermit,
+    /// GPU memory, for jobs of GPU handlers.
+    pub reservation: Option<Reservation>,
+}
+
+/// Why a job was not admitted.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The queue stopped the job: nothing is posted.
+    Stopped,
+    /// The drain's grace ran out first: answered `Interrupted`.
+    Interrupted,
+    /// The local queue's bound passed, or memory is used by others: the retry signal, and the
+    /// reason as `/metrics` counts it (`local_wait`, `ledger`, `measured_memory`).
+    Retry {
+        /// The metrics label.
+        reason: &'static str,
+        /// The error result.
+        error: JobError,
+    },
+}
+
+/// Admits jobs against the worker's limits and GPU memory.
+#[derive(Clone)]
+pub struct Admitter {
+    limits: Arc<Limits>,
+    memory: Arc<MemoryAdmission>,
+}
+
+impl Admitter {
+    /// An admitter over these limits and this memory.
+    pub fn new(limits: Arc<Limits>, memory: Arc<MemoryAdmission>) -> Self {
+        Self { limits, memory }
+    }
+
+    /// Waits for everything `entry`'s job needs, for at most `max_wait` from `taken_at` (the
+    /// local queue's bound, counted from the take), unless `stop` or `interrupt` comes first.
+    /// `slot` is the global slot taken with the job, if one was free then.
+    #[allow(clippy::too_many_arguments)] // the stage's inputs, each a different thing
+    pub async fn admit(
+        &self,
+        entry: &HandlerEntry,
+        ticket: QueuedTicket,
+        slot: Option<GlobalSlot>,
+        taken_at: Instant,
+        max_wait: Duration,
+        stop: &CancellationToken,
+        interrupt: &CancellationToken,
+    ) -> Result<Admitted, Refusal> {
+        let wait_until = taken_at + max_wait;
+        let acquire = async {
+            let local_wait = || Refusal::Retry {
+                reason: "local_wait",
+                error: self.local_wait_error(entry, max_wait),
+            };
+            let slot = match slot {
+                Some(slot) => slot,
+                None => tokio::time::timeout_at(wait_until.into(), self.limits.global())
+                    .await
+                    .map_err(|_| local_wait())?,
+            };
+            let permit = tokio::time::timeout_at(wait_until.into(), self.limits.acquire(ticket))
+                .await
+                .map_err(|_| local_wait())?;
+            let reservation =
+                self.memory
+                    .admit(&entry.name, wait_until)
+                    .await
+                    .map_err(|(shortage, error)| Refusal::Retry {
+                        reason: shortage.as_str(),
+                        error,
+                    })?;
+            Ok(Admitted {
+                slot,
+                permit,
+                reservation,
+            })
+        };
+        tokio::select! {
+            admitted = acquire => admitted,
+            () = stop.cancelled() => Err(Refusal::Stopped),
+            () = interrupt.cancelled() => Err(Refusal::Interrupted),
+        }
+    }
+
+    /// The retry signal for a job that waited its whole local-queue time.
+    fn local_wait_error(&self, entry: &HandlerEntry, max_wait: Duration) -> JobError {
+        if entry.on_gpu {
+            return JobError::gpu_memory_exhausted(self.memory.retry_after());
+        }
+        let snapshot = self.limits.handler(&entry.name);
+        let (active, limit) = snapshot.map_or((0, 0), |s| (s.active, s.limit));
+        JobError {
+            retry_after: Some(LOCAL_WAIT_RETRY_AFTER_S),
+            ..JobError::new(
+                ErrorType::Timeout,
+                format!(
+                    "no {} slot became free within {} s ({active}/{limit} busy), retry shortly",
+                    entry.name,
+                    max_wait.as_secs()
+                ),
+            )
+        }
+    }
+}

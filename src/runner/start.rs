@@ -1,0 +1,233 @@
+//! Start-up: everything a worker needs before it takes a job, and the log line that says it is
+//! ready.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{JobCounters, StartupError, Worker};
+use crate::admission::resident;
+use crate::admission::{AdaptiveRule, Lessons, Limits, MemoryAdmission};
+use crate::config::{validate_budget, Config, Size};
+use crate::gpu::sampler::GpuSampler;
+use crate::gpu::{self, GpuAccess, GpuProbe};
+use crate::handlers::HandlerSet;
+use crate::health::{Observed, PhaseCell};
+use crate::metrics::Metrics;
+use crate::queue::{QueueClient, Spool};
+
+/// Everything a worker needs before it can take jobs: the GPU probe and what libtorch can do
+/// with it, the handlers (models loaded within `[handler].timeout`), memory admission with the
+/// models' resident memory booked, and the limits.
+pub(super) async fn build_worker(
+    config: Config,
+    handlers: Option<HandlerSet>,
+    gpu: Option<Arc<dyn GpuProbe>>,
+    client: QueueClient,
+    shutdown: &CancellationToken,
+    require_cuda: bool,
+) -> Result<Arc<Worker>, StartupError> {
+    let mapping_error = |e: gpu::identity::MappingError| StartupError {
+        check: "gpu_mapping",
+        reason: e.to_string(),
+    };
+    let probe = match gpu {
+        Some(probe) => probe,
+        None => gpu::detect(&config.gpu).map_err(mapping_error)?,
+    };
+    let sampler = GpuSampler::new(probe);
+    let devices = sampler.latest().devices.clone();
+    let access = GpuAccess::check(sampler.probe().as_ref(), &devices).map_err(mapping_error)?;
+    if let GpuAccess::Broken(why) = &access {
+        if require_cuda {
+            return Err(StartupError {
+                check: "cuda",
+                reason: why.clone(),
+            });
+        }
+        tracing::warn!("{why}: CUDA handlers run on the CPU (degraded)");
+    }
+    let simulated = access == GpuAccess::Simulated;
+    let declared_resident = if simulated {
+        resident::declared(&config)
+    } else {
+        0
+    };
+    for device in &devices {
+        validate_budget(&config, Size::from_bytes(device.total), declared_resident).map_err(
+            |e| StartupError {
+                check: "config",
+                reason: e.to_string(),
+            },
+        )?;
+    }
+    let contexts = if access == GpuAccess::Cuda {
+        let probe = sampler.probe().clone();
+        tokio::task::spawn_blocking(move || resident::measure_contexts(probe.as_ref()))
+            .await
+            .unwrap_or_default()
+    } else {
+        Default::default()
+    };
+    let handlers = match handlers {
+        Some(handlers) => handlers,
+        None => load_handlers(&config, access.gpu_present(), simulated).await?,
+    };
+    let memory =
+        MemoryAdmission::new(&config.gpu, &handlers, sampler.clone(), contexts).map_err(|e| {
+            StartupError {
+                check: "gpu_ledger",
+                reason: format!("cannot open the host-wide GPU ledger: {e}"),
+            }
+        })?;
+    let memory = Arc::new(memory);
+    book_resident(&memory, &access, declared_resident).await;
+    if let Some((handler, need, ledger)) = memory.handler_without_room(&handlers) {
+        return Err(StartupError {
+            check: "gpu_memory",
+            reason: format!(
+                "the models hold {} of GPU {} ({})'s budget of {}: no room for one {handler} job \
+                 of {}; lower its gpu_memory or use a GPU with more memory",
+                Size::from_bytes(ledger.resident()).approx(),
+                ledger.device(),
+                ledger.uuid(),
+                Size::from_bytes(ledger.budget()).approx(),
+                Size::from_bytes(need).approx(),
+            ),
+        });
+    }
+    let adaptive = if config.gpu.adaptive {
+        handlers
+            .entries()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    AdaptiveRule::new(config.gpu.grow_after_successes),
+                )
+            })
+            .collect()
+    } else {
+        Default::default()
+    };
+    let limits = Limits::new(
+        config.handler.max_concurrency as usize,
+        handlers.entries().map(|e| (e.name.clone(), e.limit)),
+    );
+    let config_spool_dir = config.queue.spool_dir.clone();
+    let max_consecutive_ooms = config.handler.max_consecutive_ooms;
+    let limits = Arc::new(limits);
+    let (memory_for_lessons, limits_for_lessons) = (memory.clone(), limits.clone());
+    let observed = Arc::new(Observed {
+        phase: PhaseCell::default(),
+        handlers,
+        limits,
+        memory,
+        sampler,
+        gpu_access: access,
+        counters: JobCounters::default(),
+        metrics: Metrics::new(),
+        worker_id: client.endpoints().worker_id.clone(),
+        adaptive: config.gpu.adaptive,
+    });
+    let worker = Arc::new(Worker {
+        config: Arc::new(config),
+        board: Arc::default(),
+        client,
+        interrupt: CancellationToken::new(),
+        lessons: Lessons::new(
+            memory_for_lessons,
+            limits_for_lessons,
+            adaptive,
+            max_consecutive_ooms,
+        ),
+        tracker: TaskTracker::new(),
+        spool: Spool::new(config_spool_dir),
+        stop_taking: shutdown.child_token(),
+        observed,
+    });
+    Ok(worker)
+}
+
+/// Books each device's resident memory: declared on a simulated GPU, measured on a real one
+/// (after the models loaded; no job runs yet).
+async fn book_resident(memory: &Arc<MemoryAdmission>, access: &GpuAccess, declared: u64) {
+    match access {
+        GpuAccess::Simulated => {
+            // A host-wide ledger is a file: booked off the async threads.
+            let booking = memory.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || booking.book_declared_resident(declared)).await;
+        }
+        GpuAccess::Cuda => {
+            let measuring = memory.clone();
+            let measured = tokio::task::spawn_blocking(move || measuring.measure_resident())
+                .await
+                .unwrap_or_default();
+            for (ledger, reading) in measured {
+                tracing::info!(
+                    "GPU {} ({}): {} resident (models, CUDA context, allocator pool; {}), \
+                     budget {}",
+                    ledger.device(),
+                    ledger.uuid(),
+                    Size::from_bytes(reading.bytes).approx(),
+                    reading.source.as_str(),
+                    Size::from_bytes(ledger.budget()).approx()
+                );
+            }
+        }
+        GpuAccess::None | GpuAccess::Broken(_) => {}
+    }
+}
+
+/// Builds the handlers and loads their models on a blocking thread, within `[handler].timeout`.
+async fn load_handlers(
+    config: &Config,
+    gpu_present: bool,
+    simulated: bool,
+) -> Result<HandlerSet, StartupError> {
+    let timeout = Duration::from_secs(config.handler.timeout);
+    let owned = config.clone();
+    let loading =
+        tokio::task::spawn_blocking(move || HandlerSet::build(&owned, gpu_present, simulated));
+    let failed = |reason: String| StartupError {
+        check: "model_load",
+        reason,
+    };
+    match tokio::time::timeout(timeout, loading).await {
+        Err(_) => Err(failed(format!(
+            "loading the models took longer than [handler] timeout = {} s",
+            timeout.as_secs()
+        ))),
+        Ok(Err(_)) => Err(failed("loading the models failed unexpectedly".to_owned())),
+        Ok(Ok(Err(e))) => Err(failed(e.to_string())),
+        Ok(Ok(Ok(handlers))) => Ok(handlers),
+    }
+}
+
+pub(super) fn log_start(worker: &Worker) {
+    let (_, global) = worker.limits.global_usage();
+    let handlers: Vec<String> = worker
+        .handlers
+        .entries()
+        .map(|e| {
+            let place = if e.on_gpu { "gpu" } else { "cpu" };
+            format!("{} ({} at once, {place})", e.name, e.limit)
+        })
+        .collect();
+    tracing::info!(
+        "worker {} ready: up to {global} jobs at once; handlers: {}",
+        worker.client.endpoints().worker_id,
+        handlers.join(", ")
+    );
+    let why = worker.gpu_access.cpu_fallback_reason().unwrap_or_default();
+    for entry in worker.handlers.entries() {
+        if entry.gpu_fallback {
+            tracing::warn!("{} asks for CUDA but {why}: it runs on the CPU", entry.name);
+        }
+        if let Err(reason) = &entry.handler {
+            tracing::warn!("{}: {reason}; its jobs get a ModelError result", entry.name);
+        }
+    }
+}
