@@ -6,10 +6,15 @@
 //! - [`config`]: `runpod.toml`, its defaults and validation.
 //! - [`queue`]: the worker side of the job API (environment, URLs, HTTP client, backoff).
 //! - [`mock_queue`]: a mock of the job API, for local use and tests.
-//! - [`admission`]: how many jobs to take and when a taken job may start.
-//! - [`handlers`]: the `Handler` trait and the handlers (`echo`; the model handlers follow).
-//! - [`runner`]: the take loop, job tasks, heartbeat, stop channel and drain.
-//! - [`health`] and [`metrics`]: `/health`, `/ready`, `/metrics`.
+//! - [`admission`]: how many jobs to take, the admit stage (`Admitter`: global slot, handler
+//!   slot, GPU memory against the ledger, measured and resident memory), and what finished jobs
+//!   teach (`Lessons`: footprints, adaptive limits, device health).
+//! - [`handlers`]: the `Handler` trait and the handlers (echo, extract, classify, torchscript).
+//! - [`runner`]: the job's life as stages (take → admit → execute → release → report, in
+//!   `runner::job`, with a `HeldJob` guard on the heartbeat board), the take loop, heartbeat,
+//!   stop channel, start-up, background tasks and the drain.
+//! - [`health`] and [`metrics`]: `/health`, `/ready`, `/metrics`, reading the `Observed` state
+//!   the runner shares (health knows nothing of the runner).
 //! - [`gpu`]: what is known of the GPU (NVML, simulated, none), which NVML card is which CUDA
 //!   ordinal, and what libtorch's CUDA can do on this host.
 //! - [`model`]: the libtorch model runtime (TorchScript modules, the MiniLM encoder).

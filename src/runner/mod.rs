@@ -2,9 +2,12 @@
 //! that ends them.
 //!
 //! One rule runs through it: capacity is reserved before work is taken. The take loop asks
-//! [`Limits::takeable`] how many jobs could start, takes at most that many, and gives each a
-//! global slot that is held until the job is answered. Every taken job is answered, even at
-//! SIGTERM, except a job the queue itself stopped (the SDK's behaviour).
+//! the limits and memory how many jobs could start, takes at most that many, and gives each a
+//! global slot that is held until the job is answered. A job's life then reads top to bottom in
+//! [`job`]: admit (`admission::Admitter`), execute, release (slot and memory, before the
+//! result is posted), report (deliver or spool); a [`HeldJob`] keeps it on the heartbeat board
+//! until it ends, whichever way. Every taken job is answered, even at SIGTERM, except a job the
+//! queue itself stopped (the SDK's behaviour).
 
 mod background;
 mod board;
