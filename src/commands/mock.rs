@@ -39,9 +39,10 @@ pub fn parse_fault(spec: &str) -> Result<(Route, Fault), String> {
         None => (rest, 500),
     };
     let rate: f64 = rate.trim().parse().map_err(|_| usage())?;
-    if !(0.0..=1.0).contains(&rate) || !(400..=599).contains(&status) {
+    // 200 answers with a garbage body (HTML, the wrong content type), as --help says.
+    if !(0.0..=1.0).contains(&rate) || !(status == 200 || (400..=599).contains(&status)) {
         return Err(format!(
-            "--fault {spec:?}: RATE must be 0..1 and STATUS 400..599"
+            "--fault {spec:?}: RATE must be 0..1 and STATUS 400..599, or 200 for a garbage body"
         ));
     }
     Ok((route, Fault { status, rate }))
@@ -129,5 +130,22 @@ mod tests {
         assert!(parse_fault("job-take")
             .unwrap_err()
             .contains("expected ROUTE=RATE"));
+        assert!(parse_fault("job-take=1:302")
+            .unwrap_err()
+            .contains("or 200 for a garbage body"));
+    }
+
+    #[test]
+    fn a_fault_with_status_200_is_accepted_as_the_help_text_says() {
+        assert_eq!(
+            parse_fault("job-take=1:200").unwrap(),
+            (
+                Route::Take,
+                Fault {
+                    status: 200,
+                    rate: 1.0
+                }
+            )
+        );
     }
 }
