@@ -16,6 +16,7 @@ mod client_api;
 mod gate;
 mod jobs;
 mod leases;
+mod server;
 mod state;
 #[allow(clippy::result_large_err)]
 mod worker_api;
@@ -69,9 +70,8 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     tokio::spawn(leases::run(state.clone(), stop.clone()));
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    let header_read_timeout = state.options.header_read_timeout;
+    server::serve_http1(listener, router(state), header_read_timeout, stop).await
 }
 
 /// A running mock queue.

@@ -193,6 +193,8 @@ pub struct MockOptions {
     pub timeout_grace: Duration,
     /// Pause between webhook attempts.
     pub webhook_retry_delay: Duration,
+    /// A connection that has not sent a complete request head within this is closed.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for MockOptions {
@@ -204,6 +206,7 @@ impl Default for MockOptions {
             max_queued: None,
             timeout_grace: Duration::from_secs(3),
             webhook_retry_delay: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }

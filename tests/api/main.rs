@@ -14,6 +14,7 @@ mod heartbeat;
 mod lifecycle;
 mod limits;
 mod mock_api;
+mod mock_rules;
 mod models;
 mod process;
 mod resilience;
