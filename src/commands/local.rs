@@ -1,35 +1,86 @@
 //! `local`: the mock queue (endpoint id `local`) and a worker in one process, for trying the
 //! worker out and for developing handlers. `make run` starts it.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
+use super::mock::JobRules;
 use crate::config::Config;
 use crate::mock_queue::{MockOptions, MockQueue};
 use crate::queue::QueueEndpoints;
-use crate::runner::{run_worker, WorkerExit, WorkerSetup};
+use crate::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
 use crate::secret::ApiKey;
 
 /// The endpoint id `local` serves.
 pub const LOCAL_ENDPOINT: &str = "local";
+/// The worker's id.
+const WORKER_ID: &str = "local-worker";
+
+/// The `local` settings.
+#[derive(Debug, Clone, Default)]
+pub struct LocalArgs {
+    /// Port of the mock queue.
+    pub port: u16,
+    /// Config file.
+    pub config: Option<PathBuf>,
+    /// Port of the worker's `/health` (overrides `[server] port`).
+    pub http_port: Option<u16>,
+    /// Retention and policy checks of the mock queue.
+    pub rules: JobRules,
+}
+
+/// What [`run_local`] runs with; tests substitute each part.
+pub struct LocalSetup {
+    /// The worker's configuration.
+    pub config: Config,
+    /// The mock queue's options (its key among them).
+    pub mock: MockOptions,
+    /// Where the mock queue is served.
+    pub queue_listener: TcpListener,
+    /// Where the worker serves `/health`, `/ready` and `/metrics`.
+    pub http_listener: TcpListener,
+    /// Cancelled to drain the worker and stop.
+    pub shutdown: CancellationToken,
+}
+
+/// Why `local` stopped before its shutdown signal.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The mock queue could not be served.
+    #[error("cannot start the mock queue: {0}")]
+    Mock(std::io::Error),
+    /// A worker could not start.
+    #[error("cannot start the worker: {0}")]
+    Worker(#[from] StartupError),
+}
+
+/// The mock's options in `local`: the key and `rules`.
+pub fn local_mock_options(key: &str, rules: JobRules) -> MockOptions {
+    rules.apply(MockOptions {
+        api_key: Some(ApiKey::new(key)),
+        ..MockOptions::default()
+    })
+}
 
 /// Runs until SIGTERM/SIGINT; exit code 0 after the drain.
-pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
-    let (mut config, _) = match Config::load(config_path) {
+pub async fn local(args: LocalArgs) -> i32 {
+    let (mut config, _) = match Config::load(args.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{e}");
             return 1;
         }
     };
-    if let Some(port) = http_port {
+    if let Some(port) = args.http_port {
         config.server.port = port;
     }
     let key = std::env::var("RUNPOD_AI_API_KEY")
         .ok()
         .filter(|k| !k.is_empty())
         .unwrap_or_else(|| format!("local-{}", uuid::Uuid::new_v4().simple()));
+    let port = args.port;
     let queue_listener = match TcpListener::bind(("127.0.0.1", port)).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -45,22 +96,32 @@ pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>
             return 1;
         }
     };
-    let options = MockOptions {
-        api_key: Some(ApiKey::new(key.clone())),
-        ..MockOptions::default()
-    };
-    let mock = match MockQueue::start(queue_listener, options).await {
-        Ok(mock) => mock,
-        Err(e) => {
-            eprintln!("cannot start the mock queue: {e}");
-            return 1;
-        }
-    };
-    let base = mock.base_url();
+    let base = queue_listener
+        .local_addr()
+        .map(|a| format!("http://{a}"))
+        .unwrap_or_default();
     let health = http_listener
         .local_addr()
         .map(|a| format!("http://{a}/health"))
         .unwrap_or_default();
+    print_banner(&base, &health, &key);
+    let setup = LocalSetup {
+        config,
+        mock: local_mock_options(&key, args.rules),
+        queue_listener,
+        http_listener,
+        shutdown: crate::shutdown::signal_token(),
+    };
+    match run_local(setup).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn print_banner(base: &str, health: &str, key: &str) {
     println!("listening on {base}");
     println!("runpod-worker {} local endpoint", env!("CARGO_PKG_VERSION"));
     println!("  endpoint URL: {base}/v2/{LOCAL_ENDPOINT}");
@@ -71,24 +132,38 @@ pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>
         "  curl -s -X POST {base}/v2/{LOCAL_ENDPOINT}/runsync -H 'Authorization: Bearer {key}' \
          -H 'Content-Type: application/json' -d '{{\"input\": {{\"task\": \"echo\", \"message\": \"hello\"}}}}'"
     );
-    let endpoints = QueueEndpoints::for_queue(&base, LOCAL_ENDPOINT, "local-worker", &key);
+}
+
+/// Serves the mock queue and runs the worker against it until `shutdown`.
+pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
+    let LocalSetup {
+        config,
+        mock,
+        queue_listener,
+        http_listener,
+        shutdown,
+    } = setup;
+    let key = mock
+        .api_key
+        .as_ref()
+        .map(|k| k.expose().to_owned())
+        .unwrap_or_default();
+    let mock = MockQueue::start(queue_listener, mock)
+        .await
+        .map_err(LocalError::Mock)?;
     let setup = WorkerSetup {
         config,
-        endpoints,
+        endpoints: QueueEndpoints::for_queue(&mock.base_url(), LOCAL_ENDPOINT, WORKER_ID, &key),
         handlers: None,
         gpu: None,
         http_listener,
-        shutdown: crate::shutdown::signal_token(),
+        shutdown,
         require_cuda: false,
     };
-    let code = match run_worker(setup).await {
-        Ok(WorkerExit::Drained) => 0,
-        Ok(WorkerExit::Replaced) => 1,
-        Err(e) => {
-            eprintln!("cannot start the worker: {e}");
-            1
-        }
-    };
+    let exit = run_worker(setup).await?;
+    if exit == WorkerExit::Replaced {
+        tracing::error!("the worker asked to be replaced; local stops");
+    }
     drop(mock);
-    code
+    Ok(())
 }

@@ -14,6 +14,8 @@ mod heartbeat;
 mod lifecycle;
 mod limits;
 mod mock_api;
+mod mock_client;
+mod mock_retention;
 mod mock_rules;
 mod models;
 mod process;
