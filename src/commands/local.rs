@@ -56,10 +56,11 @@ pub enum LocalError {
     Worker(#[from] StartupError),
 }
 
-/// The mock's options in `local`: the key and `rules`.
+/// The mock's options in `local`: the key, only the endpoint `local`, and `rules`.
 pub fn local_mock_options(key: &str, rules: JobRules) -> MockOptions {
     rules.apply(MockOptions {
         api_key: Some(ApiKey::new(key)),
+        endpoint_ids: Some(vec![LOCAL_ENDPOINT.to_owned()]),
         ..MockOptions::default()
     })
 }

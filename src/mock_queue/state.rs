@@ -222,6 +222,9 @@ pub struct MockOptions {
     pub strict_policy_minimums: bool,
     /// A connection that has not sent a complete request head within this is closed.
     pub header_read_timeout: Duration,
+    /// When set, only these endpoint ids exist; any other is a 404 (`local`). `None`: every
+    /// id in a path is its own queue (`mock-queue`).
+    pub endpoint_ids: Option<Vec<String>>,
     /// Keep every take, ping, result and stream chunk in [`EndpointQueue`]'s records for tests
     /// to read ([`super::MockQueue::wait_done`] needs it). `local` and `mock-queue` run for
     /// long and turn it off, so their memory stays bounded by the jobs retained.
@@ -241,6 +244,7 @@ impl Default for MockOptions {
             runsync_retention: Duration::from_secs(60),
             strict_policy_minimums: true,
             header_read_timeout: Duration::from_secs(30),
+            endpoint_ids: None,
             record_history: true,
         }
     }

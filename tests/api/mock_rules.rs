@@ -1,6 +1,6 @@
 //! The mock queue is strict where the platform is: `policy` and `webhook` are checked at
-//! submission with JSON errors that name the field, and a connection that stalls in its
-//! headers is closed.
+//! submission with JSON errors that name the field, endpoints that do not exist are 404s, and
+//! a connection that stalls in its headers is closed.
 
 use std::time::Duration;
 
@@ -125,6 +125,44 @@ async fn webhook_urls_are_checked_at_submission() {
     assert!(mock.endpoint(EP).jobs.is_empty(), "nothing was queued");
     let body = json!({"input": {}, "webhook": "https://example.com/hook"});
     assert_eq!(post(&client, &format!("{base}/run"), body).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_does_not_exist_is_a_404_where_only_some_are_served() {
+    let mock = spawn_mock_with(MockOptions {
+        endpoint_ids: Some(vec!["local".to_owned()]),
+        ..test_mock_options()
+    });
+    let client = client_with_key();
+    let base = mock.base_url();
+    let (status, body) = post(
+        &client,
+        &format!("{base}/v2/other/run"),
+        json!({"input": {}}),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("/v2/local"),
+        "it says which endpoint exists: {body}"
+    );
+    let take = client
+        .get(format!("{base}/v2/other/job-take/w?job_in_progress=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(take.status(), 404, "worker routes too");
+    assert!(
+        mock.state().read(|i| !i.endpoints.contains_key("other")),
+        "no queue was made for it"
+    );
+    let (status, _) = post(
+        &client,
+        &format!("{base}/v2/local/run"),
+        json!({"input": {}}),
+    )
+    .await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
