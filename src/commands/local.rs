@@ -1,5 +1,7 @@
 //! `local`: the mock queue (endpoint id `local`) and a worker in one process, for trying the
-//! worker out and for developing handlers. `make run` starts it.
+//! worker out and for developing handlers. `make run` starts it. The queue outlives its
+//! worker: a worker that must be replaced (repeated OOMs, a lost GPU) is followed by a fresh
+//! one, and the jobs and results stay where they were.
 
 use std::path::PathBuf;
 
@@ -15,7 +17,7 @@ use crate::secret::ApiKey;
 
 /// The endpoint id `local` serves.
 pub const LOCAL_ENDPOINT: &str = "local";
-/// The worker's id.
+/// The first worker's id; its replacements are `local-worker-2`, `-3`, ...
 const WORKER_ID: &str = "local-worker";
 
 /// The `local` settings.
@@ -33,13 +35,13 @@ pub struct LocalArgs {
 
 /// What [`run_local`] runs with; tests substitute each part.
 pub struct LocalSetup {
-    /// The worker's configuration.
+    /// The worker's configuration (each fresh worker gets a copy).
     pub config: Config,
     /// The mock queue's options (its key among them).
     pub mock: MockOptions,
     /// Where the mock queue is served.
     pub queue_listener: TcpListener,
-    /// Where the worker serves `/health`, `/ready` and `/metrics`.
+    /// Where every worker in turn serves `/health`, `/ready` and `/metrics`.
     pub http_listener: TcpListener,
     /// Cancelled to drain the worker and stop.
     pub shutdown: CancellationToken,
@@ -51,6 +53,9 @@ pub enum LocalError {
     /// The mock queue could not be served.
     #[error("cannot start the mock queue: {0}")]
     Mock(std::io::Error),
+    /// The worker's HTTP socket could not be handed to a worker.
+    #[error("cannot pass the worker's HTTP port on: {0}")]
+    HttpPort(std::io::Error),
     /// A worker could not start.
     #[error("cannot start the worker: {0}")]
     Worker(#[from] StartupError),
@@ -135,7 +140,9 @@ fn print_banner(base: &str, health: &str, key: &str) {
     );
 }
 
-/// Serves the mock queue and runs the worker against it until `shutdown`.
+/// Serves the mock queue and runs a worker against it until `shutdown`. A worker that must be
+/// replaced is followed by a fresh one (a new worker id, the same `/health` address); the
+/// queue, its jobs and their results live on.
 pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
     let LocalSetup {
         config,
@@ -152,19 +159,52 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
     let mock = MockQueue::start(queue_listener, mock)
         .await
         .map_err(LocalError::Mock)?;
-    let setup = WorkerSetup {
-        config,
-        endpoints: QueueEndpoints::for_queue(&mock.base_url(), LOCAL_ENDPOINT, WORKER_ID, &key),
-        handlers: None,
-        gpu: None,
-        http_listener,
-        shutdown,
-        require_cuda: false,
-    };
-    let exit = run_worker(setup).await?;
-    if exit == WorkerExit::Replaced {
-        tracing::error!("the worker asked to be replaced; local stops");
+    let http = SharedListener::new(http_listener).map_err(LocalError::HttpPort)?;
+    for generation in 1u32.. {
+        let worker_id = match generation {
+            1 => WORKER_ID.to_owned(),
+            n => format!("{WORKER_ID}-{n}"),
+        };
+        let setup = WorkerSetup {
+            config: config.clone(),
+            endpoints: QueueEndpoints::for_queue(
+                &mock.base_url(),
+                LOCAL_ENDPOINT,
+                &worker_id,
+                &key,
+            ),
+            handlers: None,
+            gpu: None,
+            http_listener: http.handle().map_err(LocalError::HttpPort)?,
+            shutdown: shutdown.clone(),
+            require_cuda: false,
+        };
+        match run_worker(setup).await? {
+            WorkerExit::Drained => break,
+            WorkerExit::Replaced if shutdown.is_cancelled() => break,
+            WorkerExit::Replaced => tracing::warn!(
+                "worker {worker_id} asked to be replaced: starting a fresh worker; the queue \
+                 keeps its jobs and results"
+            ),
+        }
     }
     drop(mock);
     Ok(())
+}
+
+/// The workers' HTTP socket, held open across workers: each worker serves on a handle to the
+/// same socket, so `/health` keeps its address and no other process can take the port while
+/// one worker hands over to the next (connections wait in the backlog meanwhile).
+struct SharedListener(std::net::TcpListener);
+
+impl SharedListener {
+    fn new(listener: TcpListener) -> std::io::Result<Self> {
+        listener.into_std().map(Self)
+    }
+
+    fn handle(&self) -> std::io::Result<TcpListener> {
+        let handle = self.0.try_clone()?;
+        handle.set_nonblocking(true)?;
+        TcpListener::from_std(handle)
+    }
 }

@@ -15,6 +15,7 @@ mod lifecycle;
 mod limits;
 mod mock_api;
 mod mock_client;
+mod mock_local;
 mod mock_retention;
 mod mock_rules;
 mod models;
