@@ -1,6 +1,7 @@
 //! The client-facing routes of the mock queue (runpod-protocol.md §2): `/run`,
-//! `/runsync?wait=`, `/status`, `/stream` (each chunk delivered once), `/cancel`, `/retry`,
-//! `/purge-queue` and `/health`, with the documented bodies and statuses.
+//! `/runsync?wait=`, `/status`, `/status-sync?wait=` (the JavaScript client's), `/stream`
+//! (each chunk delivered once), `/cancel`, `/retry`, `/purge-queue` and `/health`, with the
+//! documented bodies and statuses.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,10 @@ pub(super) fn routes(state: &Arc<MockState>) -> Router<Arc<MockState>> {
         .route("/v2/{endpoint}/run", post(run))
         .route("/v2/{endpoint}/runsync", post(runsync))
         .route("/v2/{endpoint}/status/{job}", get(status).post(status))
+        .route(
+            "/v2/{endpoint}/status-sync/{job}",
+            get(status_sync).post(status_sync),
+        )
         .route("/v2/{endpoint}/stream/{job}", get(stream).post(stream))
         .route("/v2/{endpoint}/cancel/{job}", post(cancel))
         .route("/v2/{endpoint}/retry/{job}", post(retry))
@@ -52,7 +57,7 @@ async fn run(
     }
 }
 
-/// `?wait=` of `/runsync`, or the JSON 400 that names it.
+/// `?wait=` of `/runsync` and `/status-sync`, or the JSON 400 that names it.
 fn wait_of(query: Option<&str>) -> Result<Duration, Response> {
     let raw = query.and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
@@ -78,6 +83,19 @@ async fn runsync(
     match submit(&state, &endpoint, &body, RUNSYNC_LIMIT, Via::RunSync) {
         Ok(id) => settled_status(&state, &endpoint, &id, wait).await,
         Err(refused) => refused.into_response(),
+    }
+}
+
+/// `/status-sync/{id}?wait=`: `/status` once the job has ended, or after `wait` (the JS
+/// client's `runSync` polls it when a job outlasts `/runsync`'s wait).
+async fn status_sync(
+    State(state): State<Arc<MockState>>,
+    Path((endpoint, job)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    match wait_of(query.as_deref()) {
+        Ok(wait) => settled_status(&state, &endpoint, &job, wait).await,
+        Err(refused) => refused,
     }
 }
 

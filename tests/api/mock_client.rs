@@ -1,9 +1,11 @@
-//! The client API where official clients rely on it: `?wait=` clamped as on the platform,
-//! and `/purge-queue` saying which jobs it removed. The test plays the worker through the worker
+//! The client API where official clients rely on it: `/status-sync?wait=` (the JavaScript
+//! client's `runSync` past the sync wait), `?wait=` clamped as on the platform, and
+//! `/purge-queue` saying which jobs it removed. The test plays the worker through the worker
 //! API, so every step is awaited, not slept on.
 
 use std::time::{Duration, Instant};
 
+use runpod_worker::mock_queue::Route;
 use serde_json::{json, Value};
 
 use crate::helpers::{client_with_key, spawn_mock_with, test_mock_options, EP};
@@ -12,6 +14,70 @@ async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_sync_waits_for_the_job_to_end_and_answers_like_status() {
+    let mock = spawn_mock_with(test_mock_options());
+    let base = format!("{}/v2/{EP}", mock.base_url());
+    let client = client_with_key();
+    let (_, job) = send(
+        client
+            .post(format!("{base}/run"))
+            .json(&json!({"input": {"a": 1}})),
+    )
+    .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (_, taken) = send(client.get(format!("{base}/job-take/w?job_in_progress=0"))).await;
+    assert_eq!(taken["id"].as_str(), Some(id.as_str()));
+
+    // Nothing ends it within the wait: the status as it is then.
+    let started = Instant::now();
+    let (status, body) = send(client.get(format!("{base}/status-sync/{id}?wait=1000"))).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("IN_PROGRESS"))
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900), "it waited");
+
+    // The job ends while a status-sync waits: it answers then, with the result, not after
+    // its minute.
+    let before = mock.requests(Route::Client);
+    let asked = Instant::now();
+    let waiting = tokio::spawn(send(
+        client.get(format!("{base}/status-sync/{id}?wait=60000")),
+    ));
+    mock.state()
+        .wait_for(crate::helpers::WAIT, |i| {
+            (i.requests.get(&Route::Client).copied().unwrap_or(0) > before).then_some(())
+        })
+        .await
+        .expect("the status-sync arrived");
+    let (code, _) = send(
+        client
+            .post(format!("{base}/job-done/w/{id}?isStream=false"))
+            .json(&json!({"output": {"done": true}})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (status, body) = waiting.await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "answered when the job ended"
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "COMPLETED");
+    assert_eq!(body["output"], json!({"done": true}));
+    assert_eq!(body["id"].as_str(), Some(id.as_str()));
+
+    let (status, body) = send(client.post(format!("{base}/status-sync/{id}"))).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("COMPLETED")),
+        "POST too"
+    );
+    let (status, body) = send(client.get(format!("{base}/status-sync/nope?wait=5000"))).await;
+    assert_eq!(status, 404, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,6 +94,12 @@ async fn wait_outside_the_platform_range_is_clamped_and_a_non_number_is_a_json_4
                 .json(&job),
         )
         .await;
+        assert_eq!(
+            (status, body["field"].as_str()),
+            (400, Some("wait")),
+            "{wait:?}: {body}"
+        );
+        let (status, body) = send(client.get(format!("{base}/status-sync/x?wait={wait}"))).await;
         assert_eq!(
             (status, body["field"].as_str()),
             (400, Some("wait")),
