@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Serverless GPU inference worker for RunPod-style job queues.
 #[derive(Debug, Parser)]
@@ -36,6 +36,9 @@ pub enum Command {
         /// Port of the worker's /health, /ready and /metrics (overrides [server] port).
         #[arg(long)]
         http_port: Option<u16>,
+        /// How the queue keeps and checks jobs.
+        #[command(flatten)]
+        rules: JobRuleFlags,
     },
     /// Run the mock job queue alone (several `serve` workers can share it).
     MockQueue {
@@ -62,6 +65,9 @@ pub enum Command {
         /// body). Repeatable.
         #[arg(long = "fault", value_name = "ROUTE=RATE[:STATUS]")]
         faults: Vec<String>,
+        /// How the queue keeps and checks jobs.
+        #[command(flatten)]
+        rules: JobRuleFlags,
     },
     /// Run one job from a file or the command line, print its result, exit non-zero on error.
     TestInput {
@@ -115,4 +121,70 @@ pub enum Command {
         #[arg(long)]
         gpu_memory: Option<String>,
     },
+}
+
+/// How the mock queue keeps and checks jobs (`local` and `mock-queue`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct JobRuleFlags {
+    /// Seconds a finished /run job's status and result are kept, then deleted (the platform
+    /// keeps them 30 minutes).
+    #[arg(long, value_name = "SECS", default_value_t = 1800)]
+    pub run_retention: u64,
+    /// Seconds a finished /runsync job's status and result are kept (the platform: 1 minute).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub runsync_retention: u64,
+    /// Accept policy.executionTimeout under 5 s and policy.ttl under 10 s, which the platform
+    /// refuses (for tests; types and the 7-day maximum are still checked).
+    #[arg(long)]
+    pub relax_policy_minimums: bool,
+}
+
+impl From<JobRuleFlags> for crate::commands::JobRules {
+    fn from(flags: JobRuleFlags) -> Self {
+        Self {
+            run_retention_s: flags.run_retention,
+            runsync_retention_s: flags.runsync_retention,
+            relax_policy_minimums: flags.relax_policy_minimums,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_and_mock_queue_take_the_retention_and_policy_flags() {
+        let cli = Cli::try_parse_from([
+            "runpod-worker",
+            "local",
+            "--runsync-retention",
+            "5",
+            "--relax-policy-minimums",
+        ])
+        .unwrap();
+        let Command::Local { rules, .. } = cli.command else {
+            panic!("not local: {:?}", cli.command);
+        };
+        assert_eq!(
+            crate::commands::JobRules::from(rules),
+            crate::commands::JobRules {
+                run_retention_s: 1800,
+                runsync_retention_s: 5,
+                relax_policy_minimums: true,
+            }
+        );
+        let cli =
+            Cli::try_parse_from(["runpod-worker", "mock-queue", "--run-retention", "7"]).unwrap();
+        let Command::MockQueue { rules, .. } = cli.command else {
+            panic!("not mock-queue: {:?}", cli.command);
+        };
+        assert_eq!(
+            crate::commands::JobRules::from(rules),
+            crate::commands::JobRules {
+                run_retention_s: 7,
+                ..crate::commands::JobRules::default()
+            }
+        );
+    }
 }

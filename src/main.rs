@@ -30,7 +30,16 @@ async fn run(cli: Cli) -> i32 {
             port,
             config,
             http_port,
-        } => commands::local(port, config.as_deref(), http_port).await,
+            rules,
+        } => {
+            let args = commands::LocalArgs {
+                port,
+                config,
+                http_port,
+                rules: rules.into(),
+            };
+            commands::local(args).await
+        }
         Command::MockQueue {
             host,
             port,
@@ -39,6 +48,7 @@ async fn run(cli: Cli) -> i32 {
             lease_timeout,
             max_queued,
             faults,
+            rules,
         } => {
             let args = commands::MockQueueArgs {
                 host,
@@ -48,6 +58,7 @@ async fn run(cli: Cli) -> i32 {
                 lease_timeout_s: lease_timeout,
                 max_queued,
                 faults,
+                rules: rules.into(),
             };
             commands::mock_queue(args).await
         }

@@ -1,35 +1,92 @@
 //! `local`: the mock queue (endpoint id `local`) and a worker in one process, for trying the
-//! worker out and for developing handlers. `make run` starts it.
+//! worker out and for developing handlers. `make run` starts it. The queue outlives its
+//! worker: a worker that must be replaced (repeated OOMs, a lost GPU) is followed by a fresh
+//! one, and the jobs and results stay where they were.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
+use super::mock::JobRules;
 use crate::config::Config;
 use crate::mock_queue::{MockOptions, MockQueue};
 use crate::queue::QueueEndpoints;
-use crate::runner::{run_worker, WorkerExit, WorkerSetup};
+use crate::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
 use crate::secret::ApiKey;
 
 /// The endpoint id `local` serves.
 pub const LOCAL_ENDPOINT: &str = "local";
+/// The first worker's id; its replacements are `local-worker-2`, `-3`, ...
+const WORKER_ID: &str = "local-worker";
+
+/// The `local` settings.
+#[derive(Debug, Clone, Default)]
+pub struct LocalArgs {
+    /// Port of the mock queue.
+    pub port: u16,
+    /// Config file.
+    pub config: Option<PathBuf>,
+    /// Port of the worker's `/health` (overrides `[server] port`).
+    pub http_port: Option<u16>,
+    /// Retention and policy checks of the mock queue.
+    pub rules: JobRules,
+}
+
+/// What [`run_local`] runs with; tests substitute each part.
+pub struct LocalSetup {
+    /// The worker's configuration (each fresh worker gets a copy).
+    pub config: Config,
+    /// The mock queue's options (its key among them).
+    pub mock: MockOptions,
+    /// Where the mock queue is served.
+    pub queue_listener: TcpListener,
+    /// Where every worker in turn serves `/health`, `/ready` and `/metrics`.
+    pub http_listener: TcpListener,
+    /// Cancelled to drain the worker and stop.
+    pub shutdown: CancellationToken,
+}
+
+/// Why `local` stopped before its shutdown signal.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The mock queue could not be served.
+    #[error("cannot start the mock queue: {0}")]
+    Mock(std::io::Error),
+    /// The worker's HTTP socket could not be handed to a worker.
+    #[error("cannot pass the worker's HTTP port on: {0}")]
+    HttpPort(std::io::Error),
+    /// A worker could not start.
+    #[error("cannot start the worker: {0}")]
+    Worker(#[from] StartupError),
+}
+
+/// The mock's options in `local`: the key, only the endpoint `local`, and `rules`.
+pub fn local_mock_options(key: &str, rules: JobRules) -> MockOptions {
+    rules.apply(MockOptions {
+        api_key: Some(ApiKey::new(key)),
+        endpoint_ids: Some(vec![LOCAL_ENDPOINT.to_owned()]),
+        ..MockOptions::default()
+    })
+}
 
 /// Runs until SIGTERM/SIGINT; exit code 0 after the drain.
-pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
-    let (mut config, _) = match Config::load(config_path) {
+pub async fn local(args: LocalArgs) -> i32 {
+    let (mut config, _) = match Config::load(args.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{e}");
             return 1;
         }
     };
-    if let Some(port) = http_port {
+    if let Some(port) = args.http_port {
         config.server.port = port;
     }
     let key = std::env::var("RUNPOD_AI_API_KEY")
         .ok()
         .filter(|k| !k.is_empty())
         .unwrap_or_else(|| format!("local-{}", uuid::Uuid::new_v4().simple()));
+    let port = args.port;
     let queue_listener = match TcpListener::bind(("127.0.0.1", port)).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -45,22 +102,32 @@ pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>
             return 1;
         }
     };
-    let options = MockOptions {
-        api_key: Some(ApiKey::new(key.clone())),
-        ..MockOptions::default()
-    };
-    let mock = match MockQueue::start(queue_listener, options).await {
-        Ok(mock) => mock,
-        Err(e) => {
-            eprintln!("cannot start the mock queue: {e}");
-            return 1;
-        }
-    };
-    let base = mock.base_url();
+    let base = queue_listener
+        .local_addr()
+        .map(|a| format!("http://{a}"))
+        .unwrap_or_default();
     let health = http_listener
         .local_addr()
         .map(|a| format!("http://{a}/health"))
         .unwrap_or_default();
+    print_banner(&base, &health, &key);
+    let setup = LocalSetup {
+        config,
+        mock: local_mock_options(&key, args.rules),
+        queue_listener,
+        http_listener,
+        shutdown: crate::shutdown::signal_token(),
+    };
+    match run_local(setup).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn print_banner(base: &str, health: &str, key: &str) {
     println!("listening on {base}");
     println!("runpod-worker {} local endpoint", env!("CARGO_PKG_VERSION"));
     println!("  endpoint URL: {base}/v2/{LOCAL_ENDPOINT}");
@@ -71,24 +138,73 @@ pub async fn local(port: u16, config_path: Option<&Path>, http_port: Option<u16>
         "  curl -s -X POST {base}/v2/{LOCAL_ENDPOINT}/runsync -H 'Authorization: Bearer {key}' \
          -H 'Content-Type: application/json' -d '{{\"input\": {{\"task\": \"echo\", \"message\": \"hello\"}}}}'"
     );
-    let endpoints = QueueEndpoints::for_queue(&base, LOCAL_ENDPOINT, "local-worker", &key);
-    let setup = WorkerSetup {
+}
+
+/// Serves the mock queue and runs a worker against it until `shutdown`. A worker that must be
+/// replaced is followed by a fresh one (a new worker id, the same `/health` address); the
+/// queue, its jobs and their results live on.
+pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
+    let LocalSetup {
         config,
-        endpoints,
-        handlers: None,
-        gpu: None,
+        mock,
+        queue_listener,
         http_listener,
-        shutdown: crate::shutdown::signal_token(),
-        require_cuda: false,
-    };
-    let code = match run_worker(setup).await {
-        Ok(WorkerExit::Drained) => 0,
-        Ok(WorkerExit::Replaced) => 1,
-        Err(e) => {
-            eprintln!("cannot start the worker: {e}");
-            1
+        shutdown,
+    } = setup;
+    let key = mock
+        .api_key
+        .as_ref()
+        .map(|k| k.expose().to_owned())
+        .unwrap_or_default();
+    let mock = MockQueue::start(queue_listener, mock)
+        .await
+        .map_err(LocalError::Mock)?;
+    let http = SharedListener::new(http_listener).map_err(LocalError::HttpPort)?;
+    for generation in 1u32.. {
+        let worker_id = match generation {
+            1 => WORKER_ID.to_owned(),
+            n => format!("{WORKER_ID}-{n}"),
+        };
+        let setup = WorkerSetup {
+            config: config.clone(),
+            endpoints: QueueEndpoints::for_queue(
+                &mock.base_url(),
+                LOCAL_ENDPOINT,
+                &worker_id,
+                &key,
+            ),
+            handlers: None,
+            gpu: None,
+            http_listener: http.handle().map_err(LocalError::HttpPort)?,
+            shutdown: shutdown.clone(),
+            require_cuda: false,
+        };
+        match run_worker(setup).await? {
+            WorkerExit::Drained => break,
+            WorkerExit::Replaced if shutdown.is_cancelled() => break,
+            WorkerExit::Replaced => tracing::warn!(
+                "worker {worker_id} asked to be replaced: starting a fresh worker; the queue \
+                 keeps its jobs and results"
+            ),
         }
-    };
+    }
     drop(mock);
-    code
+    Ok(())
+}
+
+/// The workers' HTTP socket, held open across workers: each worker serves on a handle to the
+/// same socket, so `/health` keeps its address and no other process can take the port while
+/// one worker hands over to the next (connections wait in the backlog meanwhile).
+struct SharedListener(std::net::TcpListener);
+
+impl SharedListener {
+    fn new(listener: TcpListener) -> std::io::Result<Self> {
+        listener.into_std().map(Self)
+    }
+
+    fn handle(&self) -> std::io::Result<TcpListener> {
+        let handle = self.0.try_clone()?;
+        handle.set_nonblocking(true)?;
+        TcpListener::from_std(handle)
+    }
 }

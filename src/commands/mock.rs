@@ -25,6 +25,58 @@ pub struct MockQueueArgs {
     pub max_queued: Option<usize>,
     /// `ROUTE=RATE[:STATUS]` specs.
     pub faults: Vec<String>,
+    /// Retention and policy checks.
+    pub rules: JobRules,
+}
+
+impl MockQueueArgs {
+    /// The mock's options for these settings and `key`.
+    pub fn options(&self, key: Option<ApiKey>) -> MockOptions {
+        self.rules.apply(MockOptions {
+            api_key: key,
+            long_poll: Duration::from_secs(self.long_poll_s),
+            lease_timeout: Duration::from_secs(self.lease_timeout_s),
+            max_queued: self.max_queued,
+            ..MockOptions::default()
+        })
+    }
+}
+
+/// How long finished jobs are kept and how strictly `policy` is checked: the flags that
+/// `mock-queue` and `local` share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobRules {
+    /// Seconds a finished `/run` job is kept.
+    pub run_retention_s: u64,
+    /// Seconds a finished `/runsync` job is kept.
+    pub runsync_retention_s: u64,
+    /// Accept `policy` durations under the platform's minimums.
+    pub relax_policy_minimums: bool,
+}
+
+impl Default for JobRules {
+    /// The platform's: 30 minutes, 1 minute, strict.
+    fn default() -> Self {
+        Self {
+            run_retention_s: 30 * 60,
+            runsync_retention_s: 60,
+            relax_policy_minimums: false,
+        }
+    }
+}
+
+impl JobRules {
+    /// `options` with these rules. The per-request history is off: these servers run for
+    /// long, and only tests read it.
+    pub fn apply(self, options: MockOptions) -> MockOptions {
+        MockOptions {
+            run_retention: Duration::from_secs(self.run_retention_s),
+            runsync_retention: Duration::from_secs(self.runsync_retention_s),
+            strict_policy_minimums: !self.relax_policy_minimums,
+            record_history: false,
+            ..options
+        }
+    }
 }
 
 /// Reads one `--fault ROUTE=RATE[:STATUS]`.
@@ -39,9 +91,10 @@ pub fn parse_fault(spec: &str) -> Result<(Route, Fault), String> {
         None => (rest, 500),
     };
     let rate: f64 = rate.trim().parse().map_err(|_| usage())?;
-    if !(0.0..=1.0).contains(&rate) || !(400..=599).contains(&status) {
+    // 200 answers with a garbage body (HTML, the wrong content type), as --help says.
+    if !(0.0..=1.0).contains(&rate) || !(status == 200 || (400..=599).contains(&status)) {
         return Err(format!(
-            "--fault {spec:?}: RATE must be 0..1 and STATUS 400..599"
+            "--fault {spec:?}: RATE must be 0..1 and STATUS 400..599, or 200 for a garbage body"
         ));
     }
     Ok((route, Fault { status, rate }))
@@ -66,19 +119,17 @@ pub async fn mock_queue(args: MockQueueArgs) -> i32 {
             return 1;
         }
     };
-    let key = args.api_key.filter(|k| !k.is_empty()).map(ApiKey::new);
+    let key = args
+        .api_key
+        .clone()
+        .filter(|k| !k.is_empty())
+        .map(ApiKey::new);
     if key.is_none() {
         tracing::warn!(
             "no --api-key and no RUNPOD_AI_API_KEY: the mock accepts requests without a key"
         );
     }
-    let options = MockOptions {
-        api_key: key,
-        long_poll: Duration::from_secs(args.long_poll_s),
-        lease_timeout: Duration::from_secs(args.lease_timeout_s),
-        max_queued: args.max_queued,
-        ..MockOptions::default()
-    };
+    let options = args.options(key);
     let state = Arc::new(MockState::new(options));
     state.with(|inner| inner.faults.extend(faults));
     if let Ok(addr) = listener.local_addr() {
@@ -129,5 +180,56 @@ mod tests {
         assert!(parse_fault("job-take")
             .unwrap_err()
             .contains("expected ROUTE=RATE"));
+        assert!(parse_fault("job-take=1:302")
+            .unwrap_err()
+            .contains("or 200 for a garbage body"));
+    }
+
+    #[test]
+    fn a_fault_with_status_200_is_accepted_as_the_help_text_says() {
+        assert_eq!(
+            parse_fault("job-take=1:200").unwrap(),
+            (
+                Route::Take,
+                Fault {
+                    status: 200,
+                    rate: 1.0
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn mock_queue_flags_set_retention_policy_strictness_and_drop_the_test_history() {
+        let args = MockQueueArgs {
+            host: "127.0.0.1".into(),
+            port: 0,
+            api_key: None,
+            long_poll_s: 5,
+            lease_timeout_s: 7,
+            max_queued: Some(3),
+            faults: Vec::new(),
+            rules: JobRules {
+                run_retention_s: 120,
+                runsync_retention_s: 2,
+                relax_policy_minimums: true,
+            },
+        };
+        let options = args.options(None);
+        assert_eq!(options.run_retention, Duration::from_secs(120));
+        assert_eq!(options.runsync_retention, Duration::from_secs(2));
+        assert!(!options.strict_policy_minimums);
+        assert!(
+            !options.record_history,
+            "a long-running server keeps no history"
+        );
+        assert_eq!(options.lease_timeout, Duration::from_secs(7));
+        let defaults = JobRules::default().apply(MockOptions::default());
+        assert_eq!(
+            (defaults.run_retention, defaults.runsync_retention),
+            (Duration::from_secs(1800), Duration::from_secs(60)),
+            "the platform's retention"
+        );
+        assert!(defaults.strict_policy_minimums);
     }
 }

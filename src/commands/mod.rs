@@ -9,8 +9,10 @@ mod test_input;
 
 pub use check_config::{capacity_plan, check_config, PlannedGpu};
 pub use gpu_check::{gpu_check, GpuCheckArgs};
-pub use local::{local, LOCAL_ENDPOINT};
-pub use mock::{mock_queue, parse_fault, MockQueueArgs};
+pub use local::{
+    local, local_mock_options, run_local, LocalArgs, LocalError, LocalSetup, LOCAL_ENDPOINT,
+};
+pub use mock::{mock_queue, parse_fault, JobRules, MockQueueArgs};
 pub use serve::serve;
 pub use test_input::test_input;
 

@@ -1,22 +1,23 @@
 //! The client-facing routes of the mock queue (runpod-protocol.md §2): `/run`,
-//! `/runsync?wait=`, `/status`, `/stream` (each chunk delivered once), `/cancel`, `/retry`,
-//! `/purge-queue` and `/health`, with the documented bodies and statuses.
+//! `/runsync?wait=`, `/status`, `/status-sync?wait=` (the JavaScript client's), `/stream`
+//! (each chunk delivered once), `/cancel`, `/retry`, `/purge-queue` and `/health`, with the
+//! documented bodies and statuses.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::jobs::JobState;
-use super::state::{EndpointQueue, MockState, Route};
+use super::jobs::{JobRecord, JobState};
+use super::policy;
+use super::state::{EndpointQueue, Inner, MockState, Route};
+use super::submit::{submit, Via};
 use super::worker_api::{error, unknown_job};
 
 /// `/run` bodies above this are refused (the platform's limit).
@@ -30,94 +31,19 @@ pub(super) fn routes(state: &Arc<MockState>) -> Router<Arc<MockState>> {
         .route("/v2/{endpoint}/run", post(run))
         .route("/v2/{endpoint}/runsync", post(runsync))
         .route("/v2/{endpoint}/status/{job}", get(status).post(status))
+        .route(
+            "/v2/{endpoint}/status-sync/{job}",
+            get(status_sync).post(status_sync),
+        )
         .route("/v2/{endpoint}/stream/{job}", get(stream).post(stream))
         .route("/v2/{endpoint}/cancel/{job}", post(cancel))
         .route("/v2/{endpoint}/retry/{job}", post(retry))
         .route("/v2/{endpoint}/purge-queue", post(purge))
-        .route("/v2/{endpoint}/health", get(health))
+        .route("/v2/{endpoint}/health", get(super::health::health))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.clone(), Route::Client),
             super::gate::check,
         ))
-}
-
-/// Reads a submit body, queues the job, and returns its id.
-fn submit(
-    state: &MockState,
-    endpoint: &str,
-    body: &Bytes,
-    limit: usize,
-    prefix: &str,
-) -> Result<String, Response> {
-    if body.len() > limit {
-        return Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body of {} bytes is over the {} MB limit",
-                body.len(),
-                limit / 1_000_000
-            ),
-        ));
-    }
-    let submitted = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "the body must be a JSON object like {\"input\": {...}}",
-            ))
-        }
-        Err(e) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not JSON: {e}"),
-            ))
-        }
-    };
-    match submitted.get("input") {
-        Some(Value::Object(_)) => {}
-        Some(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "`input` must be a JSON object",
-            ))
-        }
-        None => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "`input` is required: {\"input\": {...}}",
-            ))
-        }
-    }
-    // Only the documented top-level keys reach the worker; others are discarded, as documented.
-    let mut job = serde_json::Map::new();
-    for key in ["input", "webhook", "policy", "s3Config"] {
-        if let Some(value) = submitted.get(key) {
-            job.insert(key.to_owned(), value.clone());
-        }
-    }
-    let id = format!("{prefix}{}-u1", uuid::Uuid::new_v4());
-    job.insert("id".into(), Value::String(id.clone()));
-    let max_queued = state.options.max_queued;
-    let queued = state.with(|inner| {
-        let queue = inner.endpoint(endpoint);
-        if max_queued.is_some_and(|max| queue.pending.len() >= max) {
-            return false;
-        }
-        queue.push(Value::Object(job));
-        true
-    });
-    if !queued {
-        return Err(error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "the queue is full ({} jobs waiting); retry later",
-                max_queued.unwrap_or(0)
-            ),
-        ));
-    }
-    state.wake();
-    Ok(id)
 }
 
 async fn run(
@@ -125,36 +51,74 @@ async fn run(
     Path(endpoint): Path<String>,
     body: Bytes,
 ) -> Response {
-    match submit(&state, &endpoint, &body, RUN_LIMIT, "") {
+    match submit(&state, &endpoint, &body, RUN_LIMIT, Via::Run) {
         Ok(id) => Json(json!({ "id": id, "status": "IN_QUEUE" })).into_response(),
-        Err(refused) => refused,
+        Err(refused) => refused.into_response(),
     }
 }
 
-#[derive(Deserialize)]
-struct Wait {
-    wait: Option<u64>,
+/// `?wait=` of `/runsync` and `/status-sync`, or the JSON 400 that names it.
+fn wait_of(query: Option<&str>) -> Result<Duration, Response> {
+    let raw = query.and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(key, _)| key == "wait")
+            .map(|(_, value)| value.into_owned())
+    });
+    policy::parse_wait(raw.as_deref()).map_err(|e| {
+        let body = json!({ "error": e.to_string(), "field": e.field });
+        (StatusCode::BAD_REQUEST, Json(body)).into_response()
+    })
 }
 
 async fn runsync(
     State(state): State<Arc<MockState>>,
     Path(endpoint): Path<String>,
-    Query(wait): Query<Wait>,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let id = match submit(&state, &endpoint, &body, RUNSYNC_LIMIT, "sync-") {
-        Ok(id) => id,
+    let wait = match wait_of(query.as_deref()) {
+        Ok(wait) => wait,
         Err(refused) => return refused,
     };
-    let wait = Duration::from_millis(wait.wait.unwrap_or(90_000).clamp(1_000, 300_000));
-    let body_of = |inner: &super::Inner, only_final: bool| {
-        let job = inner.endpoints.get(&endpoint)?.jobs.get(&id)?;
-        (!only_final || job.state.is_final()).then(|| job.status_body(&id))
+    match submit(&state, &endpoint, &body, RUNSYNC_LIMIT, Via::RunSync) {
+        Ok(id) => settled_status(&state, &endpoint, &id, wait).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// `/status-sync/{id}?wait=`: `/status` once the job has ended, or after `wait` (the JS
+/// client's `runSync` polls it when a job outlasts `/runsync`'s wait).
+async fn status_sync(
+    State(state): State<Arc<MockState>>,
+    Path((endpoint, job)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    match wait_of(query.as_deref()) {
+        Ok(wait) => settled_status(&state, &endpoint, &job, wait).await,
+        Err(refused) => refused,
+    }
+}
+
+/// The `/status` body of `job` once it has ended (or is gone), or when `wait` is over.
+async fn settled_status(state: &MockState, endpoint: &str, job: &str, wait: Duration) -> Response {
+    fn record<'a>(inner: &'a Inner, endpoint: &str, job: &str) -> Option<&'a JobRecord> {
+        inner.endpoints.get(endpoint)?.jobs.get(job)
+    }
+    // The body is read in the same look as the final state: a retention that ends just then
+    // cannot turn a finished job into a 404.
+    let settled = state
+        .wait_for(wait, |inner| match record(inner, endpoint, job) {
+            Some(record) if !record.state.is_final() => None,
+            found => Some(found.map(|r| r.status_body(job))),
+        })
+        .await;
+    let body = match settled {
+        Some(body) => body,
+        None => state.read(|inner| record(inner, endpoint, job).map(|r| r.status_body(job))),
     };
-    let finished = state.wait_for(wait, |inner| body_of(inner, true)).await;
-    match finished.or_else(|| state.read(|inner| body_of(inner, false))) {
+    match body {
         Some(body) => Json(body).into_response(),
-        None => unknown_job(&id),
+        None => unknown_job(&state.options, job),
     }
 }
 
@@ -170,7 +134,7 @@ fn with_job(
         queue.jobs.contains_key(job).then(|| f(queue))
     });
     state.wake();
-    found.unwrap_or_else(|| unknown_job(job))
+    found.unwrap_or_else(|| unknown_job(&state.options, job))
 }
 
 async fn status(
@@ -256,55 +220,25 @@ async fn retry(
 }
 
 async fn purge(State(state): State<Arc<MockState>>, Path(endpoint): Path<String>) -> Response {
-    let removed = state.with(|inner| {
+    let (removed, ids) = state.with(|inner| {
         let queue = inner.endpoint(&endpoint);
         let removed: Vec<Value> = queue.pending.drain(..).collect();
-        for raw in &removed {
-            if let Some(id) = raw.get("id").and_then(Value::as_str) {
-                queue.jobs.remove(id);
-            }
-        }
-        removed.len()
-    });
-    Json(json!({ "removed": removed, "status": "completed" })).into_response()
-}
-
-async fn health(State(state): State<Arc<MockState>>, Path(endpoint): Path<String>) -> Response {
-    let seen_within = state.options.lease_timeout;
-    let body = state.read(|inner| {
-        let empty = EndpointQueue::default();
-        let queue = inner.endpoints.get(&endpoint).unwrap_or(&empty);
-        let count = |s: JobState| queue.jobs.values().filter(|j| j.state == s).count();
-        let now = Instant::now();
-        // A worker is alive if it pinged within a lease; its last ping tells if it is unhealthy.
-        let mut last: std::collections::BTreeMap<&str, &super::PingRecord> = Default::default();
-        for ping in queue.pings.iter().filter(|p| now.duration_since(p.at) < seen_within) {
-            last.insert(&ping.worker, ping);
-        }
-        let unhealthy: BTreeSet<&str> = last
+        let ids: Vec<String> = removed
             .iter()
-            .filter(|(_, p)| p.query.get("status").map(String::as_str) == Some("unhealthy"))
-            .map(|(w, _)| *w)
+            .filter_map(|raw| raw.get("id").and_then(Value::as_str))
+            .map(str::to_owned)
             .collect();
-        let running: BTreeSet<&str> = queue.jobs.values().filter_map(|j| j.holder.as_deref()).collect();
-        let ready = last.len() - unhealthy.len();
-        json!({
-            "jobs": {
-                "completed": count(JobState::Completed),
-                "failed": count(JobState::Failed) + count(JobState::TimedOut),
-                "inProgress": count(JobState::InProgress),
-                "inQueue": queue.pending.len(),
-                "retried": queue.retried,
-            },
-            "workers": {
-                "idle": last.keys().filter(|w| !running.contains(*w) && !unhealthy.contains(*w)).count(),
-                "initializing": 0,
-                "ready": ready,
-                "running": running.len(),
-                "throttled": 0,
-                "unhealthy": unhealthy.len(),
-            },
-        })
+        for id in &ids {
+            queue.jobs.remove(id);
+        }
+        (removed.len(), ids)
     });
-    Json(body).into_response()
+    if removed > 0 {
+        tracing::info!(
+            "purge-queue on {endpoint}: removed {removed} job(s): {}",
+            ids.join(", ")
+        );
+    }
+    // The platform's body, and which jobs they were: their /status is a 404 from now on.
+    Json(json!({ "removed": removed, "status": "completed", "ids": ids })).into_response()
 }

@@ -1,5 +1,5 @@
 //! The checks every route passes first: the request is counted, the API key checked (raw or
-//! `Bearer`), and an injected fault applied.
+//! `Bearer`), the endpoint id checked where only some exist, and an injected fault applied.
 
 use std::sync::Arc;
 
@@ -17,14 +17,14 @@ pub(super) async fn check(
     request: Request,
     next: Next,
 ) -> Response {
-    match gate(&state, route, request.headers()) {
+    match gate(&state, route, request.headers(), request.uri().path()) {
         Ok(()) => next.run(request).await,
         Err(refused) => refused,
     }
 }
 
-/// Counts the request, checks the key, and applies an injected fault.
-fn gate(state: &MockState, route: Route, headers: &HeaderMap) -> Result<(), Response> {
+/// Counts the request, checks the key and the endpoint id, and applies an injected fault.
+fn gate(state: &MockState, route: Route, headers: &HeaderMap, path: &str) -> Result<(), Response> {
     let fault = state.with(|inner| {
         *inner.requests.entry(route).or_default() += 1;
         inner.faults.get(&route).copied()
@@ -44,6 +44,9 @@ fn gate(state: &MockState, route: Route, headers: &HeaderMap) -> Result<(), Resp
             return Err(error(StatusCode::UNAUTHORIZED, "wrong API key"));
         }
     }
+    if let Some(served) = &state.options.endpoint_ids {
+        check_endpoint(served, path)?;
+    }
     if let Some(fault) = fault {
         if rand::random::<f64>() < fault.rate {
             // Status 200 injects a garbage body with the wrong content type.
@@ -57,4 +60,25 @@ fn gate(state: &MockState, route: Route, headers: &HeaderMap) -> Result<(), Resp
         }
     }
     Ok(())
+}
+
+/// A 404 unless the endpoint id in `path` (`/v2/{endpoint}/...`) is one of `served`: a job
+/// sent to an endpoint no worker serves would wait forever.
+fn check_endpoint(served: &[String], path: &str) -> Result<(), Response> {
+    let raw = path
+        .strip_prefix("/v2/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    let endpoint = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    if served.iter().any(|id| *id == endpoint) {
+        return Ok(());
+    }
+    let routes: Vec<String> = served.iter().map(|id| format!("/v2/{id}")).collect();
+    Err(error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint {endpoint:?} here: this queue serves {}",
+            routes.join(", ")
+        ),
+    ))
 }

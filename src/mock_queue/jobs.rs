@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::policy;
+
 /// Where a job is in its life (runpod-protocol.md §2.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
@@ -67,10 +69,12 @@ pub struct JobRecord {
     pub started: Option<Instant>,
     /// When it ended.
     pub finished: Option<Instant>,
-    /// `policy.executionTimeout`.
-    pub execution_timeout: Option<Duration>,
-    /// `policy.ttl`.
-    pub ttl: Option<Duration>,
+    /// `policy.executionTimeout`, or the platform's default.
+    pub execution_timeout: Duration,
+    /// `policy.ttl`, or the platform's default.
+    pub ttl: Duration,
+    /// How long it is kept once it has ended.
+    pub retention: Duration,
     /// Where to POST the final `/status` body.
     pub webhook: Option<String>,
     /// Times it went back to the queue after a lease expired.
@@ -78,8 +82,10 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
-    /// A record for a job object, reading its policy and webhook.
-    pub fn new(raw: Value) -> Self {
+    /// A record for a job object, reading its policy (the platform's defaults where it has
+    /// none; submissions are validated before this) and webhook, kept for `retention` once
+    /// it ends.
+    pub fn new(raw: Value, retention: Duration) -> Self {
         let policy_ms = |key: &str| {
             raw.get("policy")
                 .and_then(|p| p.get(key))
@@ -87,8 +93,10 @@ impl JobRecord {
                 .map(Duration::from_millis)
         };
         Self {
-            execution_timeout: policy_ms("executionTimeout"),
-            ttl: policy_ms("ttl"),
+            execution_timeout: policy_ms("executionTimeout")
+                .unwrap_or(policy::DEFAULT_EXECUTION_TIMEOUT),
+            ttl: policy_ms("ttl").unwrap_or(policy::DEFAULT_TTL),
+            retention,
             webhook: raw
                 .get("webhook")
                 .and_then(Value::as_str)
@@ -106,6 +114,14 @@ impl JobRecord {
             finished: None,
             retries: 0,
         }
+    }
+
+    /// Whether it ended more than its retention ago (then it is deleted).
+    pub fn retention_over(&self, now: Instant) -> bool {
+        self.state.is_final()
+            && self
+                .finished
+                .is_some_and(|finished| now.saturating_duration_since(finished) >= self.retention)
     }
 
     /// The `/status` body.

@@ -1,5 +1,6 @@
 //! Time-driven job changes: lease expiry (requeue), `policy.executionTimeout` (stop, then
-//! TIMED_OUT) and `policy.ttl` (deletion), checked on a short tick; and webhook delivery.
+//! TIMED_OUT), `policy.ttl` (deletion) and the end of a finished job's retention (deletion),
+//! checked on a short tick, with whatever else would otherwise pile up; and webhook delivery.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,9 +23,15 @@ pub(super) async fn run(state: Arc<MockState>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         }
         let hooks = state.with(|inner| {
+            let now = Instant::now();
             let mut hooks = Vec::new();
             for queue in inner.endpoints.values_mut() {
-                hooks.extend(expire(queue, &state.options, Instant::now()));
+                hooks.extend(expire(queue, &state.options, now));
+                forget(queue, &state.options, now);
+            }
+            if !state.options.record_history {
+                // Any id in a path makes a queue; one with nothing left in it goes.
+                inner.endpoints.retain(|_, queue| !queue.is_idle());
             }
             hooks
         });
@@ -47,10 +54,7 @@ fn expire(
         let Some(job) = queue.jobs.get(&id) else {
             continue;
         };
-        if job
-            .ttl
-            .is_some_and(|ttl| now.duration_since(job.submitted) > ttl)
-        {
+        if now.saturating_duration_since(job.submitted) > job.ttl {
             let holder = job.holder.clone();
             queue.jobs.remove(&id);
             queue.unqueue(&id);
@@ -60,13 +64,21 @@ fn expire(
             tracing::info!(job_id = %id, "ttl reached: job deleted");
             continue;
         }
+        if job.retention_over(now) {
+            queue.jobs.remove(&id);
+            // A stop signal for it that no worker collected is moot now.
+            for ids in queue.stops.values_mut() {
+                ids.retain(|stop| stop != &id);
+            }
+            queue.stops.retain(|_, ids| !ids.is_empty());
+            continue;
+        }
         if job.state != JobState::InProgress {
             continue;
         }
         let started = job.started.unwrap_or(job.submitted);
-        let timed_out = job
-            .execution_timeout
-            .is_some_and(|limit| now.duration_since(started) > limit + options.timeout_grace);
+        let timed_out =
+            now.saturating_duration_since(started) > job.execution_timeout + options.timeout_grace;
         let lease_lost = job.lease_until.is_some_and(|until| now > until);
         let Some(job) = queue.jobs.get_mut(&id) else {
             continue;
@@ -100,6 +112,14 @@ fn expire(
         }
     }
     hooks
+}
+
+/// Drops what no one needs any more: workers that have not pinged for a lease (`/health`
+/// no longer counts them).
+fn forget(queue: &mut EndpointQueue, options: &super::state::MockOptions, now: Instant) {
+    queue
+        .workers
+        .retain(|_, ping| now.saturating_duration_since(ping.at) < options.lease_timeout);
 }
 
 /// POSTs the final `/status` body to the job's webhook: three attempts in all.

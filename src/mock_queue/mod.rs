@@ -3,7 +3,9 @@
 //! use (`local`, `mock-queue`) and for tests. Any endpoint id in the path is its own queue.
 //!
 //! Jobs held by a worker carry a lease that the worker's pings renew; an expired lease sends
-//! the job back to the queue, and the old holder's late result is refused.
+//! the job back to the queue, and the old holder's late result is refused. Submissions are
+//! checked as the platform checks them, and finished jobs are deleted after their retention,
+//! so a long-running mock holds only the jobs it must.
 //!
 //! [`MockQueue`] is the handle tests use: start it on `127.0.0.1:0`, enqueue jobs, inject
 //! faults, queue stop signals, and await what the workers did without sleeping.
@@ -14,9 +16,13 @@
 mod client_api;
 #[allow(clippy::result_large_err)]
 mod gate;
+mod health;
 mod jobs;
 mod leases;
+pub mod policy;
+mod server;
 mod state;
+mod submit;
 #[allow(clippy::result_large_err)]
 mod worker_api;
 
@@ -62,16 +68,16 @@ pub fn router(state: Arc<MockState>) -> Router {
         .with_state(state)
 }
 
-/// Serves the mock on `listener` (routes plus the lease and deadline checks) until `stop`.
+/// Serves the mock on `listener` (routes plus the lease, deadline and retention checks)
+/// until `stop`.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<MockState>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     tokio::spawn(leases::run(state.clone(), stop.clone()));
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    let header_read_timeout = state.options.header_read_timeout;
+    server::serve_http1(listener, router(state), header_read_timeout, stop).await
 }
 
 /// A running mock queue.
@@ -101,18 +107,19 @@ impl MockQueue {
         &self.state
     }
 
-    /// Queues a job object (`{"id", "input", ...}`, or anything, to test bad jobs).
+    /// Queues a job object (`{"id", "input", ...}`, or anything, to test bad jobs), unchecked,
+    /// kept like a `/run` job once it ends.
     pub fn enqueue(&self, endpoint: &str, job: Value) {
-        self.state.with(|inner| inner.endpoint(endpoint).push(job));
-        self.state.wake();
+        self.enqueue_all(endpoint, [job]);
     }
 
     /// Queues several jobs at once: a waiting take sees all of them.
     pub fn enqueue_all(&self, endpoint: &str, jobs: impl IntoIterator<Item = Value>) {
+        let retention = self.state.options.run_retention;
         self.state.with(|inner| {
             let queue = inner.endpoint(endpoint);
             for job in jobs {
-                queue.push(job);
+                queue.push(job, retention);
             }
         });
         self.state.wake();
@@ -145,7 +152,7 @@ impl MockQueue {
             .read(|inner| inner.endpoints.get(endpoint).cloned().unwrap_or_default())
     }
 
-    /// Waits for job-done of `job_id` on `endpoint`.
+    /// Waits for job-done of `job_id` on `endpoint` (with `record_history`).
     pub async fn wait_done(
         &self,
         endpoint: &str,

@@ -121,6 +121,9 @@ pub struct EndpointQueue {
     pub stops: HashMap<String, Vec<String>>,
     /// Jobs that went back to the queue after their lease expired.
     pub retried: u64,
+    /// Each worker's latest ping (what `/health` counts), kept whether or not the history is;
+    /// forgotten a lease after it arrived.
+    pub workers: HashMap<String, PingRecord>,
 }
 
 impl EndpointQueue {
@@ -134,12 +137,28 @@ impl EndpointQueue {
         self.jobs.values().filter(|j| j.holder.is_some()).count()
     }
 
-    /// Queues a job object; jobs with a string id get a record (status, lease).
-    pub fn push(&mut self, raw: Value) {
+    /// Queues a job object; jobs with a string id get a record (status, lease), kept for
+    /// `retention` once they end.
+    pub fn push(&mut self, raw: Value, retention: Duration) {
         if let Some(id) = raw.get("id").and_then(Value::as_str) {
-            self.jobs.insert(id.to_owned(), JobRecord::new(raw.clone()));
+            self.jobs
+                .insert(id.to_owned(), JobRecord::new(raw.clone(), retention));
         }
         self.pending.push_back(raw);
+    }
+
+    /// Whether nothing is kept for this endpoint: no job, no worker, no stop signal and no
+    /// history (so a long-running mock can forget it).
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+            && self.jobs.is_empty()
+            && self.workers.is_empty()
+            && self.stops.is_empty()
+            && self.done.is_empty()
+            && self.progress.is_empty()
+            && self.streams.is_empty()
+            && self.pings.is_empty()
+            && self.takes.is_empty()
     }
 
     /// Asks `worker` to stop `job_id`.
@@ -193,6 +212,23 @@ pub struct MockOptions {
     pub timeout_grace: Duration,
     /// Pause between webhook attempts.
     pub webhook_retry_delay: Duration,
+    /// How long a finished `/run` job (and anything queued by [`super::MockQueue::enqueue`])
+    /// is kept before it is deleted (the platform: 30 minutes).
+    pub run_retention: Duration,
+    /// How long a finished `/runsync` job is kept (the platform: 1 minute).
+    pub runsync_retention: Duration,
+    /// Refuse `policy.executionTimeout` under 5 s and `policy.ttl` under 10 s, as the platform
+    /// does; tests turn this off to use short deadlines (types and maximums still apply).
+    pub strict_policy_minimums: bool,
+    /// A connection that has not sent a complete request head within this is closed.
+    pub header_read_timeout: Duration,
+    /// When set, only these endpoint ids exist; any other is a 404 (`local`). `None`: every
+    /// id in a path is its own queue (`mock-queue`).
+    pub endpoint_ids: Option<Vec<String>>,
+    /// Keep every take, ping, result and stream chunk in [`EndpointQueue`]'s records for tests
+    /// to read ([`super::MockQueue::wait_done`] needs it). `local` and `mock-queue` run for
+    /// long and turn it off, so their memory stays bounded by the jobs retained.
+    pub record_history: bool,
 }
 
 impl Default for MockOptions {
@@ -204,6 +240,12 @@ impl Default for MockOptions {
             max_queued: None,
             timeout_grace: Duration::from_secs(3),
             webhook_retry_delay: Duration::from_secs(10),
+            run_retention: Duration::from_secs(30 * 60),
+            runsync_retention: Duration::from_secs(60),
+            strict_policy_minimums: true,
+            header_read_timeout: Duration::from_secs(30),
+            endpoint_ids: None,
+            record_history: true,
         }
     }
 }

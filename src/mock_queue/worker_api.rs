@@ -14,7 +14,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::jobs::JobState;
-use super::state::{DoneRecord, MockState, PingRecord, Route, StreamRecord, TakeRecord};
+use super::state::{
+    DoneRecord, MockOptions, MockState, PingRecord, Route, StreamRecord, TakeRecord,
+};
 
 type Params = Query<BTreeMap<String, String>>;
 
@@ -90,6 +92,7 @@ async fn take_jobs(
 ) -> Response {
     let wanted = batch_size.unwrap_or(1);
     let lease_timeout = state.options.lease_timeout;
+    let record_history = state.options.record_history;
     let deadline = tokio::time::Instant::now() + state.options.long_poll;
     loop {
         let arrived = state.job_arrived.notified();
@@ -112,7 +115,7 @@ async fn take_jobs(
                 }
             }
             let timed_out = tokio::time::Instant::now() >= deadline;
-            if !jobs.is_empty() || timed_out {
+            if record_history && (!jobs.is_empty() || timed_out) {
                 queue.takes.push(TakeRecord {
                     worker: worker.clone(),
                     batch_size,
@@ -182,12 +185,27 @@ fn parse_body(body: &Bytes, what: &str) -> Result<Value, Response> {
     })
 }
 
-/// 404 for a job id the queue does not know.
-pub(super) fn unknown_job(job: &str) -> Response {
+/// 404 for a job id the queue does not know, with every reason it may have gone.
+pub(super) fn unknown_job(options: &MockOptions, job: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
-        format!("job {job} not found (never queued, or deleted after its ttl)"),
+        format!(
+            "job {job} not found: never queued, purged, deleted at its policy.ttl, or ended \
+             longer ago than results are kept ({} after /run, {} after /runsync)",
+            readable(options.run_retention),
+            readable(options.runsync_retention)
+        ),
     )
+}
+
+/// `30 min`, `60 s`, `200 ms`.
+fn readable(duration: std::time::Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        0 => format!("{} ms", duration.as_millis()),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
 }
 
 async fn done(
@@ -201,11 +219,12 @@ async fn done(
         Err(refused) => return refused,
     };
     let progress = body.get("status").and_then(Value::as_str) == Some("IN_PROGRESS");
+    let record_history = state.options.record_history;
     let mut webhook = None;
     let outcome = state.with(|inner| {
         let queue = inner.endpoint(&endpoint);
         let Some(record) = queue.jobs.get_mut(&job) else {
-            return Err(unknown_job(&job));
+            return Err(unknown_job(&state.options, &job));
         };
         if record.holder.as_deref() != Some(worker.as_str()) {
             // A late result from a worker that lost the job (lease expired, cancelled, timed
@@ -240,10 +259,10 @@ async fn done(
             is_stream: query.get("isStream").cloned(),
             body,
         };
-        if progress {
-            queue.progress.push(entry);
-        } else {
-            queue.done.push(entry);
+        match (record_history, progress) {
+            (false, _) => {}
+            (true, true) => queue.progress.push(entry),
+            (true, false) => queue.done.push(entry),
         }
         Ok(())
     });
@@ -269,7 +288,7 @@ async fn stream(
     let outcome = state.with(|inner| {
         let queue = inner.endpoint(&endpoint);
         let Some(record) = queue.jobs.get_mut(&job) else {
-            return Err(unknown_job(&job));
+            return Err(unknown_job(&state.options, &job));
         };
         if record.holder.as_deref() != Some(worker.as_str()) {
             return Err(error(
@@ -280,10 +299,12 @@ async fn stream(
         record
             .stream
             .push_back(body.get("output").cloned().unwrap_or(Value::Null));
-        queue.streams.push(StreamRecord {
-            job_id: job.clone(),
-            body,
-        });
+        if state.options.record_history {
+            queue.streams.push(StreamRecord {
+                job_id: job.clone(),
+                body,
+            });
+        }
         Ok(())
     });
     match outcome {
@@ -324,12 +345,16 @@ async fn ping(
                 }
             }
         }
-        queue.pings.push(PingRecord {
+        let ping = PingRecord {
             worker,
             job_ids,
             query,
             at: now,
-        });
+        };
+        if state.options.record_history {
+            queue.pings.push(ping.clone());
+        }
+        queue.workers.insert(ping.worker.clone(), ping);
     });
     StatusCode::OK.into_response()
 }

@@ -35,11 +35,13 @@ pub fn spawn_mock_with_lease(long_poll: Duration, lease_timeout: Duration) -> Ar
     })
 }
 
-/// Options for test mocks: the key `test-key`, quick webhook retries.
+/// Options for test mocks: the key `test-key`, quick webhook retries, and `policy` durations
+/// under the platform's minimums accepted (tests use short deadlines).
 pub fn test_mock_options() -> MockOptions {
     MockOptions {
         api_key: Some(runpod_worker::secret::ApiKey::new("test-key")),
         webhook_retry_delay: Duration::from_millis(200),
+        strict_policy_minimums: false,
         ..MockOptions::default()
     }
 }

@@ -1,0 +1,138 @@
+//! Taking a job in from `/run` or `/runsync`: the body's size and shape, the `policy` and
+//! `webhook` checks, the queue bound, and the job object that workers receive.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::policy::{self, FieldError};
+use super::state::MockState;
+
+/// Which route a job came in through: it sets the id's form and how long its result is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Via {
+    /// `/run`: `<uuid>-u1`, kept `run_retention`.
+    Run,
+    /// `/runsync`: `sync-<uuid>-u1`, kept `runsync_retention`.
+    RunSync,
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SubmitError {
+    /// Over the route's size limit.
+    #[error("request body of {size} bytes is over the {} MB limit", limit / 1_000_000)]
+    TooLarge { size: usize, limit: usize },
+    /// Not JSON at all.
+    #[error("the body is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// JSON, but not an object.
+    #[error("the body must be a JSON object like {{\"input\": {{...}}}}")]
+    NotObject,
+    /// No `input`.
+    #[error("`input` is required: {{\"input\": {{...}}}}")]
+    NoInput,
+    /// `input` is not an object.
+    #[error("`input` must be a JSON object")]
+    InputNotObject,
+    /// A field the platform would refuse.
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    /// `--max-queued` jobs are waiting.
+    #[error("the queue is full ({0} jobs waiting); retry later")]
+    QueueFull(usize),
+}
+
+impl IntoResponse for SubmitError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let mut body = json!({ "error": self.to_string() });
+        if let Self::Field(e) = &self {
+            body["field"] = json!(e.field);
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Checks a submit body, queues the job on `endpoint`, and returns its id.
+pub(super) fn submit(
+    state: &MockState,
+    endpoint: &str,
+    body: &[u8],
+    limit: usize,
+    via: Via,
+) -> Result<String, SubmitError> {
+    if body.len() > limit {
+        return Err(SubmitError::TooLarge {
+            size: body.len(),
+            limit,
+        });
+    }
+    let submitted = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(SubmitError::NotObject),
+        Err(e) => return Err(SubmitError::NotJson(e)),
+    };
+    check(&submitted, state.options.strict_policy_minimums)?;
+    // Only the documented top-level keys reach the worker; others are discarded, as documented.
+    let mut job = Map::new();
+    for key in ["input", "webhook", "policy", "s3Config"] {
+        if let Some(value) = submitted.get(key) {
+            job.insert(key.to_owned(), value.clone());
+        }
+    }
+    let (prefix, retention) = match via {
+        Via::Run => ("", state.options.run_retention),
+        Via::RunSync => ("sync-", state.options.runsync_retention),
+    };
+    let id = format!("{prefix}{}-u1", uuid::Uuid::new_v4());
+    job.insert("id".into(), Value::String(id.clone()));
+    enqueue(state, endpoint, Value::Object(job), retention)?;
+    Ok(id)
+}
+
+/// The checks on the submitted fields, in the order a client would fix them.
+fn check(submitted: &Map<String, Value>, strict_minimums: bool) -> Result<(), SubmitError> {
+    match submitted.get("input") {
+        Some(Value::Object(_)) => {}
+        Some(_) => return Err(SubmitError::InputNotObject),
+        None => return Err(SubmitError::NoInput),
+    }
+    if let Some(policy) = submitted.get("policy") {
+        policy::check_policy(policy, strict_minimums)?;
+    }
+    if let Some(webhook) = submitted.get("webhook") {
+        policy::check_webhook(webhook)?;
+    }
+    Ok(())
+}
+
+/// Queues `job` unless `--max-queued` jobs are waiting already.
+fn enqueue(
+    state: &MockState,
+    endpoint: &str,
+    job: Value,
+    retention: Duration,
+) -> Result<(), SubmitError> {
+    let max_queued = state.options.max_queued;
+    let queued = state.with(|inner| {
+        let queue = inner.endpoint(endpoint);
+        if max_queued.is_some_and(|max| queue.pending.len() >= max) {
+            return false;
+        }
+        queue.push(job, retention);
+        true
+    });
+    if !queued {
+        return Err(SubmitError::QueueFull(max_queued.unwrap_or(0)));
+    }
+    state.wake();
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! `local` as a user runs it: its queue outlives a worker that must be replaced, and it serves
+//! only its own endpoint.
+
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout};
+
+use crate::helpers::{BIN, WAIT};
+
+const KEY: &str = "local-test-key";
+
+/// `local` on free ports with `config` (killed if the test fails); returns the process, its
+/// stdout (kept open) and the queue and worker URLs from its banner.
+async fn start_local(config: &std::path::Path) -> (Child, BufReader<ChildStdout>, String, String) {
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["local", "--port", "0", "--http-port", "0", "--config"])
+        .arg(config)
+        .env("RUNPOD_AI_API_KEY", KEY)
+        .env_remove("RUNPOD_ENDPOINT_ID")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut base, mut health) = (None, None);
+    let mut line = String::new();
+    while base.is_none() || health.is_none() {
+        line.clear();
+        let read = tokio::time::timeout(WAIT, stdout.read_line(&mut line)).await;
+        assert!(
+            read.expect("banner in time").unwrap() > 0,
+            "banner ended early"
+        );
+        if let Some(url) = line.trim().strip_prefix("listening on ") {
+            base = Some(url.to_owned());
+        }
+        if let Some(url) = line.trim().strip_prefix("worker:") {
+            health = Some(url.trim().to_owned());
+        }
+    }
+    (child, stdout, base.unwrap(), health.unwrap())
+}
+
+async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_replaces_a_worker_that_must_be_replaced_and_its_queue_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            [handler]
+            max_concurrency = 2
+            max_consecutive_ooms = 2
+            [gpu]
+            simulate = "24GB"
+            [queue]
+            empty_poll_floor_ms = 50
+            backoff_initial_ms = 100
+            spool_dir = "{}"
+            [handlers.echo]
+            max_concurrency = 2
+            device = "cpu"
+            "#,
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let (mut child, _stdout, base, health) = start_local(&config).await;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(WAIT * 4)
+        .build()
+        .unwrap();
+    let api = format!("{base}/v2/local");
+
+    // Only its own endpoint exists: a job sent elsewhere would wait forever.
+    let (status, body) = send(
+        client
+            .post(format!("{base}/v2/locla/run"))
+            .json(&json!({"input": {}})),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+
+    // Two OOMs in a row: the worker asks to be replaced and drains.
+    let mut failed = Vec::new();
+    for _ in 0..2 {
+        let oom = json!({"input": {"task": "echo", "fail": "oom"}});
+        let (_, body) = send(client.post(format!("{api}/runsync")).json(&oom)).await;
+        assert_eq!(body["status"], "FAILED", "{body}");
+        assert_eq!(
+            body["output"]["error_type"], "InsufficientGPUMemory",
+            "{body}"
+        );
+        failed.push(body["id"].as_str().unwrap().to_owned());
+    }
+
+    // A fresh worker takes the next job; the queue and its results are still there.
+    let next = json!({"input": {"task": "echo", "after": "replacement"}});
+    let (status, body) = send(client.post(format!("{api}/runsync")).json(&next)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "COMPLETED", "{body}");
+    assert_eq!(body["output"]["after"], "replacement");
+    assert_eq!(body["workerId"], "local-worker-2", "{body}");
+    for id in &failed {
+        let (status, body) = send(client.get(format!("{api}/status/{id}"))).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("FAILED")),
+            "{body}"
+        );
+        assert_eq!(body["workerId"], "local-worker");
+    }
+    let worker_health = reqwest::get(&health).await.unwrap();
+    assert_eq!(
+        worker_health.status(),
+        200,
+        "the fresh worker serves /health at the printed address"
+    );
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let code = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("local exits after SIGTERM")
+        .unwrap();
+    assert_eq!(code.code(), Some(0), "drained and exited cleanly");
+}
