@@ -199,33 +199,38 @@ impl MemoryAdmission {
     }
 
     /// One admission attempt: the device with the most admissible memory, or why none.
+    /// Blocking when the ledgers are shared files: it reads them fresh, since peers book
+    /// without telling us (a stale read would call a peer's booking "others' use").
     pub fn try_admit(&self, handler: &str, need: u64) -> Result<Reservation, Shortage> {
-        let mut candidates: Vec<(u64, u64, &Arc<Ledger>)> = self
+        self.refresh_shared();
+        // One look at every device: (room for a job, memory used by others, booked room).
+        let mut candidates: Vec<(u64, u64, u64, &Arc<Ledger>)> = self
             .ledgers
             .iter()
             .map(|l| {
                 let others = self.others_used(l.device());
-                let room = l.available().saturating_sub(others);
-                (room, others, l)
+                let available = l.available();
+                (available.saturating_sub(others), others, available, l)
             })
             .collect();
         candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
-        for (room, others, ledger) in &candidates {
+        let mut tried = false;
+        for (room, others, _, ledger) in &candidates {
             if *room < need {
                 break;
             }
+            tried = true;
             if let Some(reservation) = ledger.try_reserve(need, handler, *others) {
                 return Ok(reservation);
             }
         }
-        // Would our own reservations alone let it in? Then it is others' use that blocks it.
-        let own_room = self
-            .ledgers
-            .iter()
-            .map(|l| l.available())
-            .max()
-            .unwrap_or(0);
-        Err(if own_room >= need {
+        // Room seen but not had: a peer booked it meanwhile; it comes back when its job ends.
+        if tried {
+            return Err(Shortage::Ledger);
+        }
+        // Would the booked memory alone let it in? Then it is others' use that blocks it.
+        let booked_room = candidates.iter().map(|c| c.2).max().unwrap_or(0);
+        Err(if booked_room >= need {
             Shortage::Measured
         } else {
             Shortage::Ledger

@@ -171,6 +171,11 @@ async fn two_workers(ctx: &Ctx) -> Result<(String, bool), String> {
         .iter()
         .filter(|r| harness::kind_of(r) == "InsufficientGPUMemory")
         .count();
+    let first_failure = answers
+        .iter()
+        .find_map(|a| a.as_ref().err())
+        .map(|e| format!("; first failure: {}", e["error"].as_str().unwrap_or("?")))
+        .unwrap_or_default();
     let used_by_workers = used.saturating_sub(baseline);
     let nvml = if ctx.simulated {
         String::new()
@@ -182,7 +187,7 @@ async fn two_workers(ctx: &Ctx) -> Result<(String, bool), String> {
     let both_worked = by_a > 0 && by_a < done.len();
     Ok((
         format!(
-            "jobs of {} on 2x{PER_WORKER} slots: {ok}/{JOBS} ok ({by_a} by one, {} by the other), {ooms} OOM; ledger peak {} of {} budget{nvml}",
+            "jobs of {} on 2x{PER_WORKER} slots: {ok}/{JOBS} ok ({by_a} by one, {} by the other), {ooms} OOM; ledger peak {} of {} budget{nvml}{first_failure}",
             gib(per_job),
             done.len() - by_a,
             gib(booked),

@@ -20,41 +20,67 @@ pub enum Execution {
     Cancelled,
 }
 
-/// The time a job may run, and the limit it comes from (for the `Timeout` message).
+/// The platform's `policy.executionTimeout` for a job that sets none (its documented default).
+pub const PLATFORM_EXECUTION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where a job's time limit comes from (for the `Timeout` message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitSource {
+    /// `[handler] execution_timeout`.
+    Config,
+    /// The job's `policy.executionTimeout`.
+    Policy,
+    /// The platform's default policy (the job set none).
+    PlatformDefault,
+}
+
+/// The time a job may run, and the limit it comes from.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline {
     /// Time left from now.
     pub left: Duration,
     /// The configured limit it derives from.
     pub limit: Duration,
-    /// Whether the limit is the job's `policy.executionTimeout` (else `execution_timeout`).
-    pub from_policy: bool,
+    /// Which limit it is.
+    pub source: LimitSource,
 }
 
 impl Deadline {
     /// `execution_timeout` (from now) or what is left of the job's policy (counted by the
-    /// queue from the take), whichever ends first.
+    /// queue from the take), whichever ends first. A job without a policy has the platform's
+    /// default one (600 s): the queue times it out then anyway.
     pub fn of(execution_timeout: Duration, policy: Option<Duration>, since_take: Duration) -> Self {
-        match policy {
-            Some(policy) if policy.saturating_sub(since_take) < execution_timeout => Self {
+        let (policy, source) = match policy {
+            Some(policy) => (policy, LimitSource::Policy),
+            None => (PLATFORM_EXECUTION_TIMEOUT, LimitSource::PlatformDefault),
+        };
+        if policy.saturating_sub(since_take) < execution_timeout {
+            Self {
                 left: policy.saturating_sub(since_take),
                 limit: policy,
-                from_policy: true,
-            },
-            _ => Self {
+                source,
+            }
+        } else {
+            Self {
                 left: execution_timeout,
                 limit: execution_timeout,
-                from_policy: false,
-            },
+                source: LimitSource::Config,
+            }
         }
     }
 
     fn message(&self) -> String {
         let limit = format_duration(self.limit);
-        if self.from_policy {
-            format!("the job ran past its policy.executionTimeout of {limit}")
-        } else {
-            format!("the job ran longer than its execution timeout of {limit}")
+        match self.source {
+            LimitSource::Policy => {
+                format!("the job ran past its policy.executionTimeout of {limit}")
+            }
+            LimitSource::PlatformDefault => format!(
+                "the job ran past the platform's default policy.executionTimeout of {limit}"
+            ),
+            LimitSource::Config => {
+                format!("the job ran longer than its execution timeout of {limit}")
+            }
         }
     }
 }
@@ -118,5 +144,31 @@ fn format_duration(d: Duration) -> String {
         format!("{} s", d.as_secs())
     } else {
         format!("{} ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_without_a_policy_ends_at_the_platforms_default_if_that_comes_first() {
+        let secs = Duration::from_secs;
+        let long = Deadline::of(secs(3600), None, Duration::ZERO);
+        assert_eq!(
+            (long.limit, long.source),
+            (secs(600), LimitSource::PlatformDefault)
+        );
+        assert!(long.message().contains("platform's default"));
+        let short = Deadline::of(secs(120), None, Duration::ZERO);
+        assert_eq!(
+            (short.limit, short.source),
+            (secs(120), LimitSource::Config)
+        );
+        let policy = Deadline::of(secs(120), Some(secs(30)), secs(10));
+        assert_eq!(
+            (policy.left, policy.source),
+            (secs(20), LimitSource::Policy)
+        );
     }
 }

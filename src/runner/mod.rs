@@ -35,7 +35,7 @@ use crate::queue::{QueueClient, QueueEndpoints, Spool};
 
 pub use crate::health::JobCounters;
 pub use board::{HeldJob, JobBoard};
-pub use execute::{execute, Deadline, Execution};
+pub use execute::{execute, Deadline, Execution, LimitSource, PLATFORM_EXECUTION_TIMEOUT};
 
 /// What a worker is started with. Tests substitute each part.
 pub struct WorkerSetup {

@@ -77,8 +77,10 @@ async fn finished_jobs_are_deleted_after_their_retention_runsync_ones_sooner() {
 async fn many_jobs_through_a_mock_without_history_leave_nothing_behind() {
     let mock = spawn_mock_with(MockOptions {
         long_poll: Duration::from_secs(2),
-        run_retention: Duration::ZERO,
-        runsync_retention: Duration::ZERO,
+        // Short, not zero: a /runsync waiting on its job reads the result within milliseconds
+        // of its end, but a retention of zero could delete it in between.
+        run_retention: Duration::from_millis(50),
+        runsync_retention: Duration::from_millis(50),
         record_history: false,
         ..test_mock_options()
     });
