@@ -122,12 +122,13 @@ pub fn router(slot: WorkerSlot) -> Router {
         .with_state(slot)
 }
 
+/// A client that has not sent its request head within this is disconnected.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves the routes on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, slot: WorkerSlot, stop: CancellationToken) {
     let app = router(slot);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    if let Err(e) = crate::http_server::serve_http1(listener, app, HEADER_READ_TIMEOUT, stop).await
     {
         tracing::error!("health server stopped: {e}");
     }

@@ -33,6 +33,7 @@ pub mod gpu;
 pub mod gpu_check;
 pub mod handlers;
 pub mod health;
+mod http_server;
 pub mod metrics;
 pub mod mock_queue;
 pub mod model;

@@ -16,9 +16,9 @@ use serde_json::{json, Value};
 
 use super::jobs::{JobRecord, JobState};
 use super::policy;
+use super::replies::{error, unknown_job};
 use super::state::{EndpointQueue, Inner, MockState, Route};
 use super::submit::{submit, Via};
-use super::worker_api::{error, unknown_job};
 
 /// `/run` bodies above this are refused (the platform's limit).
 pub const RUN_LIMIT: usize = 10 * 1_000_000;

@@ -8,8 +8,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::replies::error;
 use super::state::{MockState, Route};
-use super::worker_api::error;
 
 /// The gate as a middleware: refuses, or passes the request on.
 pub(super) async fn check(

@@ -20,7 +20,7 @@ mod health;
 mod jobs;
 mod leases;
 pub mod policy;
-mod server;
+mod replies;
 mod state;
 mod submit;
 #[allow(clippy::result_large_err)]
@@ -53,13 +53,13 @@ pub fn router(state: Arc<MockState>) -> Router {
     worker_api::routes(&state)
         .merge(client_api::routes(&state))
         .fallback(|method: Method, uri: Uri| async move {
-            worker_api::error(
+            replies::error(
                 StatusCode::NOT_FOUND,
                 format!("no route for {method} {}", uri.path()),
             )
         })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
-            worker_api::error(
+            replies::error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{method} is not allowed on {}", uri.path()),
             )
@@ -77,7 +77,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     tokio::spawn(leases::run(state.clone(), stop.clone()));
     let header_read_timeout = state.options.header_read_timeout;
-    server::serve_http1(listener, router(state), header_read_timeout, stop).await
+    crate::http_server::serve_http1(listener, router(state), header_read_timeout, stop).await
 }
 
 /// A running mock queue.

@@ -14,9 +14,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::jobs::JobState;
-use super::state::{
-    DoneRecord, MockOptions, MockState, PingRecord, Route, StreamRecord, TakeRecord,
-};
+use super::replies::{error, unknown_job};
+use super::state::{DoneRecord, MockState, PingRecord, Route, StreamRecord, TakeRecord};
 
 type Params = Query<BTreeMap<String, String>>;
 
@@ -50,11 +49,6 @@ pub(super) fn routes(state: &Arc<MockState>) -> Router<Arc<MockState>> {
             "/v2/{endpoint}/ping/{worker}",
             get(ping).route_layer(gate(Route::Ping)),
         )
-}
-
-/// A JSON error body with `status`.
-pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
 async fn take(
@@ -183,29 +177,6 @@ fn parse_body(body: &Bytes, what: &str) -> Result<Value, Response> {
             format!("{what} body is not JSON: {e}"),
         )
     })
-}
-
-/// 404 for a job id the queue does not know, with every reason it may have gone.
-pub(super) fn unknown_job(options: &MockOptions, job: &str) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        format!(
-            "job {job} not found: never queued, purged, deleted at its policy.ttl, or ended \
-             longer ago than results are kept ({} after /run, {} after /runsync)",
-            readable(options.run_retention),
-            readable(options.runsync_retention)
-        ),
-    )
-}
-
-/// `30 min`, `60 s`, `200 ms`.
-fn readable(duration: std::time::Duration) -> String {
-    let secs = duration.as_secs();
-    match secs {
-        0 => format!("{} ms", duration.as_millis()),
-        s if s % 60 == 0 => format!("{} min", s / 60),
-        s => format!("{s} s"),
-    }
 }
 
 async fn done(

@@ -1,6 +1,7 @@
-//! The mock's HTTP/1 server: axum's router on hyper connections that have a timer, so a
-//! connection that stalls in its request head is closed after `header_read_timeout`
-//! (`axum::serve` has no timer, and such a connection would stay open for good).
+//! The HTTP/1 server of the mock queue and of the worker's own endpoints: axum's router on
+//! hyper connections that have a timer, so a connection that stalls in its request head is
+//! closed after `header_read_timeout` (`axum::serve` has no timer, and such a connection would
+//! stay open for good: the worker's port faces the network on the platform).
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio_util::task::TaskTracker;
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Serves `app` on `listener` until `stop`, then lets the requests in flight finish.
-pub(super) async fn serve_http1(
+pub(crate) async fn serve_http1(
     listener: TcpListener,
     app: Router,
     header_read_timeout: Duration,
@@ -27,7 +28,7 @@ pub(super) async fn serve_http1(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!("mock queue: accept failed: {e}");
+                    tracing::warn!("HTTP server: accept failed: {e}");
                     tokio::time::sleep(ACCEPT_RETRY).await;
                     continue;
                 }
@@ -51,7 +52,7 @@ pub(super) async fn serve_http1(
             };
             if let Err(e) = result {
                 // A client that went away, or one that stalled in its headers.
-                tracing::debug!("mock queue: connection ended: {e}");
+                tracing::debug!("HTTP server: connection ended: {e}");
             }
         });
     }
