@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{execute, Deadline, Execution, HeldJob, JobCounters, Worker};
@@ -23,7 +24,7 @@ use crate::queue::{BadJob, Job, QueueClient, SpooledResult};
 /// already counts this job against its handler. A job whose id is already in hand is not
 /// started again (the running copy answers); one whose id cannot go in a URL as it is is
 /// answered without ever being listed in the heartbeat.
-pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
+pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Option<JoinHandle<()>> {
     JobCounters::bump(&worker.counters.taken);
     let id = match &item {
         Ok(job) => Some(job.id.clone()),
@@ -34,15 +35,14 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
         if let Err(BadJob { problem, .. }) = item {
             tracing::error!("received a job that cannot be answered ({problem}); skipping it");
         }
-        return;
+        return None;
     };
     if let Some(problem) = id_problem(&id) {
         tracing::warn!(job_id = %shown_id(&id), "{problem}: answering it without holding it");
         let worker = worker.clone();
-        worker.tracker.clone().spawn(async move {
+        return Some(worker.tracker.clone().spawn(async move {
             answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
-        });
-        return;
+        }));
     }
     let Some(held) = worker.board.register(&id) else {
         JobCounters::bump(&worker.counters.duplicates);
@@ -51,18 +51,17 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
             "the queue sent a job already in hand (a repeated id, or a lease that ran out while \
              it ran): not started again; the running copy answers"
         );
-        return;
+        return None;
     };
     let slot = worker.limits.try_global();
     let job = match item {
         Ok(job) => job,
         Err(BadJob { problem, .. }) => {
             let worker = worker.clone();
-            worker.tracker.clone().spawn(async move {
+            return Some(worker.tracker.clone().spawn(async move {
                 let (_slot, _held) = (slot, held);
                 answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
-            });
-            return;
+            }));
         }
     };
     let routed = worker
@@ -70,13 +69,11 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
         .route(&job.input)
         .map(|r| (r.entry.name.clone(), r.input));
     let worker_ref = worker.clone();
-    match routed {
-        Err(error) => {
-            worker.tracker.spawn(async move {
-                let (_slot, _held) = (slot, held);
-                answer(&worker_ref, &job.id, Err(error), false).await;
-            });
-        }
+    Some(match routed {
+        Err(error) => worker.tracker.spawn(async move {
+            let (_slot, _held) = (slot, held);
+            answer(&worker_ref, &job.id, Err(error), false).await;
+        }),
         Ok((handler, input)) => {
             let ticket = worker
                 .limits
@@ -84,9 +81,9 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) {
                 .expect("every routed handler has limits");
             worker
                 .tracker
-                .spawn(run(worker_ref, job, handler, input, ticket, slot, held));
+                .spawn(run(worker_ref, job, handler, input, ticket, slot, held))
         }
-    }
+    })
 }
 
 async fn run(

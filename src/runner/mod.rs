@@ -123,6 +123,27 @@ impl Worker {
 /// Runs a worker until `setup.shutdown` is cancelled (or the worker must be replaced) and
 /// every taken job is answered.
 pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> {
+    match start_worker(setup).await? {
+        Some(started) => Ok(started.run().await),
+        None => Ok(WorkerExit::Drained),
+    }
+}
+
+/// A worker that has started (models loaded; heartbeat, stop channel, HTTP endpoints and
+/// background tasks running) and takes jobs when told to: [`StartedWorker::run_next_batch`]
+/// takes, runs and reports one batch (tests step the worker with it), [`StartedWorker::run`]
+/// takes until shutdown and drains.
+pub struct StartedWorker {
+    worker: Arc<Worker>,
+    /// Ends the heartbeat, the stop channel and the HTTP server.
+    finished: CancellationToken,
+    http: tokio::task::JoinHandle<()>,
+    heartbeat: std::thread::JoinHandle<()>,
+    stop_loop: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a worker; `None` if `setup.shutdown` came while it was starting (it took nothing).
+pub async fn start_worker(setup: WorkerSetup) -> Result<Option<StartedWorker>, StartupError> {
     let WorkerSetup {
         config,
         endpoints,
@@ -136,7 +157,6 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
         check: "queue",
         reason: e.to_string(),
     })?;
-    // Ends the heartbeat, the stop channel and the HTTP server once every job is answered.
     let finished = CancellationToken::new();
     // Served from the start: during a cold start (models loading) `/ready` says 503 "starting".
     let slot = health::WorkerSlot::default();
@@ -150,7 +170,7 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
             tracing::info!("stopped while starting: no job was taken");
             finished.cancel();
             let _ = http.await;
-            return Ok(WorkerExit::Drained);
+            return Ok(None);
         }
     };
     let worker = match built {
@@ -189,26 +209,66 @@ pub async fn run_worker(setup: WorkerSetup) -> Result<WorkerExit, StartupError> 
     let stop_loop = tokio::spawn(stop::run(worker.clone(), finished.clone()));
     tokio::spawn(background::resend_spooled(worker.clone()));
     worker.phase.set(Phase::Ready);
-    take::run(worker.clone(), worker.stop_taking.clone()).await;
+    Ok(Some(StartedWorker {
+        worker,
+        finished,
+        http,
+        heartbeat,
+        stop_loop,
+    }))
+}
 
-    drain::drain(&worker).await;
-    let replaced = worker.lessons.device_tripped();
-    if replaced {
-        // Also said through the heartbeat URL, the SDK's channel for an unhealthy worker, in
-        // case no result was left to carry `stopPod`.
-        let reason = "GPU failures: drained, asking to be replaced";
-        if let Err(e) = worker.client.report_unhealthy("gpu", reason).await {
-            tracing::warn!("could not report the failure to the queue: {e}");
+impl StartedWorker {
+    /// Takes one batch (waiting until some job could start, then as many as could), runs it,
+    /// and returns once every job of it is answered: how many jobs it brought.
+    pub async fn run_next_batch(&self) -> usize {
+        let mut backoff = take::backoff_for(&self.worker);
+        match take::take_once(&self.worker, &self.worker.stop_taking, &mut backoff).await {
+            take::Step::Took(handles, _) => {
+                let count = handles.len();
+                for handle in handles {
+                    let _ = handle.await;
+                }
+                count
+            }
+            take::Step::Pause(_) | take::Step::Stopped => 0,
         }
     }
-    finished.cancel();
-    let _ = stop_loop.await;
-    let _ = http.await;
-    let _ = tokio::task::spawn_blocking(move || heartbeat.join()).await;
-    tracing::info!("all taken jobs answered; worker stopped");
-    Ok(if replaced {
-        WorkerExit::Replaced
-    } else {
-        WorkerExit::Drained
-    })
+
+    /// What `/health` would answer now.
+    pub fn health(&self) -> serde_json::Value {
+        health::health_report(&self.worker.observed).1
+    }
+
+    /// Takes jobs until shutdown (or until the worker must be replaced), drains, and stops.
+    pub async fn run(self) -> WorkerExit {
+        let StartedWorker {
+            worker,
+            finished,
+            http,
+            heartbeat,
+            stop_loop,
+        } = self;
+        take::run(worker.clone(), worker.stop_taking.clone()).await;
+        drain::drain(&worker).await;
+        let replaced = worker.lessons.device_tripped();
+        if replaced {
+            // Also said through the heartbeat URL, the SDK's channel for an unhealthy worker, in
+            // case no result was left to carry `stopPod`.
+            let reason = "GPU failures: drained, asking to be replaced";
+            if let Err(e) = worker.client.report_unhealthy("gpu", reason).await {
+                tracing::warn!("could not report the failure to the queue: {e}");
+            }
+        }
+        finished.cancel();
+        let _ = stop_loop.await;
+        let _ = http.await;
+        let _ = tokio::task::spawn_blocking(move || heartbeat.join()).await;
+        tracing::info!("all taken jobs answered; worker stopped");
+        if replaced {
+            WorkerExit::Replaced
+        } else {
+            WorkerExit::Drained
+        }
+    }
 }

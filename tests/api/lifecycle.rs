@@ -183,3 +183,51 @@ async fn while_the_models_load_health_answers_and_ready_says_starting() {
     stop.cancel();
     server.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_can_step_the_worker_one_batch_at_a_time() {
+    use runpod_worker::queue::QueueEndpoints;
+    use runpod_worker::runner::{start_worker, WorkerExit, WorkerSetup};
+
+    let mock = crate::helpers::spawn_mock(std::time::Duration::from_secs(1));
+    let mut endpoints = QueueEndpoints::for_queue(&mock.base_url(), EP, "stepped", "test-key");
+    endpoints.ping_interval = std::time::Duration::from_millis(200);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let setup = WorkerSetup {
+        config: test_config(),
+        endpoints,
+        handlers: None,
+        gpu: None,
+        http_listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        shutdown: shutdown.clone(),
+        require_cuda: true,
+    };
+    let started = start_worker(setup).await.unwrap().expect("started");
+    mock.enqueue_all(
+        EP,
+        (1..=3).map(|i| json!({"id": format!("s{i}"), "input": {"task": "echo", "i": i}})),
+    );
+    assert_eq!(
+        started.run_next_batch().await,
+        3,
+        "one take brought all three"
+    );
+    // Answered when the call returns, and nothing else was taken: the loop is not running.
+    let answered: Vec<String> = mock
+        .endpoint(EP)
+        .done
+        .iter()
+        .map(|d| d.job_id.clone())
+        .collect();
+    assert_eq!(answered.len(), 3, "{answered:?}");
+    mock.enqueue(EP, json!({"id": "s4", "input": {"task": "echo"}}));
+    mock.enqueue(EP, json!({"id": "s5", "input": {"task": "echo"}}));
+    let taken = started.run_next_batch().await;
+    assert!((1..=2).contains(&taken), "{taken}");
+    assert_eq!(
+        started.health()["jobs"]["completed"].as_u64(),
+        Some(3 + taken as u64)
+    );
+    shutdown.cancel();
+    assert_eq!(started.run().await, WorkerExit::Drained);
+}
