@@ -203,3 +203,37 @@ fn check_config_plans_the_models_memory_and_refuses_models_that_leave_no_room() 
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_gpu_memory_goes_back_before_its_result_is_delivered() {
+    use runpod_worker::mock_queue::{Fault, Route};
+    // Room for one 20 GB job on a 24 GB card; results are refused (503) and retried for a
+    // while: the next job must not wait for the first one's delivery.
+    let mut config = classify_config(None);
+    config.handlers.get_mut("classify").unwrap().gpu_memory = Some("20GB".parse().unwrap());
+    config.queue.delivery_retry_s = 30;
+    let gate = GateHandler::new();
+    let worker = TestWorker::start(config, |h| h.with_handler("classify", gate.clone()), 200).await;
+    worker.mock.set_fault(
+        Route::Done,
+        Some(Fault {
+            status: 503,
+            rate: 1.0,
+        }),
+    );
+    worker.enqueue("first", json!({"task": "classify"}));
+    gate.wait_started(1).await;
+    gate.release(1);
+    worker.enqueue("second", json!({"task": "classify"}));
+    gate.wait_started(2).await;
+    assert_eq!(
+        worker.results_for("first"),
+        0,
+        "the second job started while the first one's result was still being retried"
+    );
+    worker.mock.set_fault(Route::Done, None);
+    gate.release(1);
+    worker.done("first").await;
+    worker.done("second").await;
+    worker.stop().await;
+}

@@ -89,6 +89,22 @@ pub fn worker_command(base: &str, worker: &str) -> Command {
     command
 }
 
+/// The test config's worker against the queue at `base` (worker id `worker`), handlers built
+/// from the config, its HTTP endpoints on a free port; it stops when `shutdown` is cancelled.
+pub async fn setup_against(base: &str, worker: &str, shutdown: &CancellationToken) -> WorkerSetup {
+    let mut endpoints = QueueEndpoints::for_queue(base, EP, worker, "test-key");
+    endpoints.ping_interval = Duration::from_millis(200);
+    WorkerSetup {
+        config: test_config(),
+        endpoints,
+        handlers: None,
+        gpu: None,
+        http_listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        shutdown: shutdown.clone(),
+        require_cuda: true,
+    }
+}
+
 /// An HTTP client that sends the test key (as the SDK client does, with `Bearer`).
 pub fn client_with_key() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
@@ -181,6 +197,16 @@ impl TestWorker {
             require_cuda,
         };
         let handle = tokio::spawn(run_worker(setup));
+        // Until it is ready, /health describes a worker that is starting: wait for `/ready`
+        // (or for the worker to end, for tests of start-up failures).
+        let deadline = std::time::Instant::now() + WAIT;
+        while !handle.is_finished() && std::time::Instant::now() < deadline {
+            let ready = reqwest::get(format!("{http}/ready")).await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Self {
             mock,
             shutdown,

@@ -186,22 +186,11 @@ async fn while_the_models_load_health_answers_and_ready_says_starting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_can_step_the_worker_one_batch_at_a_time() {
-    use runpod_worker::queue::QueueEndpoints;
-    use runpod_worker::runner::{start_worker, WorkerExit, WorkerSetup};
+    use runpod_worker::runner::{start_worker, WorkerExit};
 
     let mock = crate::helpers::spawn_mock(std::time::Duration::from_secs(1));
-    let mut endpoints = QueueEndpoints::for_queue(&mock.base_url(), EP, "stepped", "test-key");
-    endpoints.ping_interval = std::time::Duration::from_millis(200);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let setup = WorkerSetup {
-        config: test_config(),
-        endpoints,
-        handlers: None,
-        gpu: None,
-        http_listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        shutdown: shutdown.clone(),
-        require_cuda: true,
-    };
+    let setup = crate::helpers::setup_against(&mock.base_url(), "stepped", &shutdown).await;
     let started = start_worker(setup).await.unwrap().expect("started");
     mock.enqueue_all(
         EP,

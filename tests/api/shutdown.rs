@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runpod_worker::config::{DeviceChoice, HandlerConfig};
-use runpod_worker::queue::QueueEndpoints;
-use runpod_worker::runner::{run_worker, WorkerSetup};
+use runpod_worker::runner::run_worker;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -142,18 +141,8 @@ async fn stalling_queue() -> (String, Arc<tokio::sync::Notify>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_answer_that_stalls_in_its_body_does_not_hold_up_the_shutdown() {
     let (base, taken) = stalling_queue().await;
-    let mut endpoints = QueueEndpoints::for_queue(&base, EP, "stalled", "test-key");
-    endpoints.ping_interval = Duration::from_millis(200);
     let shutdown = CancellationToken::new();
-    let setup = WorkerSetup {
-        config: test_config(),
-        endpoints,
-        handlers: None,
-        gpu: None,
-        http_listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        shutdown: shutdown.clone(),
-        require_cuda: true,
-    };
+    let setup = crate::helpers::setup_against(&base, "stalled", &shutdown).await;
     let worker = tokio::spawn(run_worker(setup));
     tokio::time::timeout(WAIT, taken.notified())
         .await
