@@ -1,6 +1,7 @@
-//! Global and per-handler concurrency limits as RAII slots. The global limit is a semaphore;
-//! each handler's limit can move at run time (adaptive concurrency), so handler slots are
-//! counted under a small lock with a FIFO wake-up.
+//! Global and per-handler concurrency limits as RAII slots, on tokio's (FIFO) semaphores. A
+//! handler's limit can move at run time (adaptive concurrency): raised, it adds permits;
+//! lowered, it forgets free permits, and permits still held by running jobs are forgotten as
+//! those jobs end (a debt), so running jobs are never cut short.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -10,9 +11,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 /// One handler's slots and counters.
 #[derive(Debug)]
 struct HandlerSlots {
+    /// One permit per slot of the current limit.
+    semaphore: Arc<Semaphore>,
     state: Mutex<SlotState>,
-    /// Woken when a slot frees or the limit grows.
-    changed: Notify,
     /// The configured limit: adaptive changes never go above it.
     max_limit: usize,
 }
@@ -22,6 +23,8 @@ struct SlotState {
     limit: usize,
     active: usize,
     queued: usize,
+    /// Permits to forget as running jobs end (the limit was lowered below what ran).
+    debt: usize,
 }
 
 /// What `/health` and the logs show of one handler.
@@ -59,12 +62,13 @@ impl Limits {
             .into_iter()
             .map(|(name, limit)| {
                 let slots = HandlerSlots {
+                    semaphore: Arc::new(Semaphore::new(limit)),
                     state: Mutex::new(SlotState {
                         limit,
                         active: 0,
                         queued: 0,
+                        debt: 0,
                     }),
-                    changed: Notify::new(),
                     max_limit: limit,
                 };
                 (name, slots)
@@ -150,28 +154,24 @@ impl Limits {
         })
     }
 
-    /// Waits for a slot of the ticket's handler.
+    /// Waits for a slot of the ticket's handler (first come, first served).
     pub async fn acquire(self: &Arc<Self>, mut ticket: QueuedTicket) -> HandlerPermit {
         let slots = &self.handlers[&ticket.handler];
-        loop {
-            let changed = slots.changed.notified();
-            tokio::pin!(changed);
-            // Register before checking, so a release in between is not missed.
-            changed.as_mut().enable();
-            {
-                let mut s = lock(slots);
-                if s.active < s.limit {
-                    s.active += 1;
-                    s.queued -= 1;
-                    ticket.taken = true;
-                    return HandlerPermit {
-                        limits: self.clone(),
-                        handler: ticket.handler.clone(),
-                        active: s.active,
-                    };
-                }
-            }
-            changed.await;
+        let permit = slots
+            .semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("handler semaphores are never closed");
+        let mut s = lock(slots);
+        s.active += 1;
+        s.queued -= 1;
+        ticket.taken = true;
+        HandlerPermit {
+            limits: self.clone(),
+            handler: ticket.handler.clone(),
+            active: s.active,
+            permit: Some(permit),
         }
     }
 
@@ -183,12 +183,21 @@ impl Limits {
         let limit = limit.clamp(1, slots.max_limit);
         let grew = {
             let mut s = lock(slots);
+            if limit < s.limit {
+                let fewer = s.limit - limit;
+                let forgotten = slots.semaphore.forget_permits(fewer);
+                s.debt += fewer - forgotten;
+            } else {
+                let more = limit - s.limit;
+                let repaid = more.min(s.debt);
+                s.debt -= repaid;
+                slots.semaphore.add_permits(more - repaid);
+            }
             let grew = limit > s.limit;
             s.limit = limit;
             grew
         };
         if grew {
-            slots.changed.notify_waiters();
             self.freed.notify_one();
         }
         limit
@@ -223,11 +232,19 @@ impl Limits {
         )
     }
 
-    fn release(&self, handler: &str) {
+    fn release(&self, handler: &str, permit: OwnedSemaphorePermit) {
         let slots = &self.handlers[handler];
-        lock(slots).active -= 1;
-        // FIFO: the longest waiter gets the slot.
-        slots.changed.notify_one();
+        {
+            let mut s = lock(slots);
+            s.active -= 1;
+            if s.debt > 0 {
+                // The limit was lowered while this ran: this slot goes with it.
+                s.debt -= 1;
+                permit.forget();
+            } else {
+                drop(permit);
+            }
+        }
         self.freed.notify_one();
     }
 }
@@ -259,10 +276,7 @@ pub struct QueuedTicket {
 impl Drop for QueuedTicket {
     fn drop(&mut self) {
         if !self.taken {
-            let slots = &self.limits.handlers[&self.handler];
-            lock(slots).queued -= 1;
-            // A waiter that gave up may have been the one a release woke: pass it on.
-            slots.changed.notify_one();
+            lock(&self.limits.handlers[&self.handler]).queued -= 1;
         }
     }
 }
@@ -273,6 +287,7 @@ pub struct HandlerPermit {
     limits: Arc<Limits>,
     handler: String,
     active: usize,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl HandlerPermit {
@@ -284,7 +299,9 @@ impl HandlerPermit {
 
 impl Drop for HandlerPermit {
     fn drop(&mut self) {
-        self.limits.release(&self.handler);
+        if let Some(permit) = self.permit.take() {
+            self.limits.release(&self.handler, permit);
+        }
     }
 }
 
@@ -367,6 +384,7 @@ mod tests {
             async move { limits.acquire(limits.enqueue("extract").unwrap()).await }
         });
         let _still_running = running.pop();
+        // 3 running, limit 2: the first that ends pays the debt, the second lets the waiter in.
         drop(running);
         // 1 running, limit 2: the waiter gets in.
         let permit = tokio::time::timeout(Duration::from_secs(1), waiting)
@@ -374,5 +392,64 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(permit.active_at_start(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_limit_lowered_below_the_running_jobs_is_paid_as_they_end_and_raising_it_repays() {
+        let limits = Arc::new(Limits::new(8, [("gpu".to_owned(), 2)]));
+        let first = limits.acquire(limits.enqueue("gpu").unwrap()).await;
+        let second = limits.acquire(limits.enqueue("gpu").unwrap()).await;
+        assert_eq!(limits.set_limit("gpu", 1), 1, "both keep running");
+        let waiting = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.acquire(limits.enqueue("gpu").unwrap()).await }
+        });
+        drop(first);
+        // The freed slot paid the debt: one runs, the limit is one, the waiter still waits.
+        assert_eq!(limits.handlers["gpu"].semaphore.available_permits(), 0);
+        assert_eq!(limits.handler("gpu").unwrap().active, 1);
+        drop(second);
+        let third = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(third.active_at_start(), 1);
+        assert_eq!(limits.set_limit("gpu", 2), 2);
+        let fourth = tokio::time::timeout(
+            Duration::from_secs(1),
+            limits.acquire(limits.enqueue("gpu").unwrap()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(fourth.active_at_start(), 2);
+        // Lowered while both run, then raised before either ends: the debt is repaid, no
+        // permit is added on top of the two in use.
+        assert_eq!(limits.set_limit("gpu", 1), 1);
+        assert_eq!(limits.set_limit("gpu", 2), 2);
+        let fifth = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.acquire(limits.enqueue("gpu").unwrap()).await }
+        });
+        let free = |limits: &Limits| limits.handlers["gpu"].semaphore.available_permits();
+        assert_eq!(free(&limits), 0, "two running, limit two: nothing free");
+        drop(third);
+        let fifth = tokio::time::timeout(Duration::from_secs(1), fifth)
+            .await
+            .unwrap()
+            .unwrap();
+        drop((fourth, fifth));
+        assert_eq!(limits.snapshot()["gpu"].active, 0);
+        assert_eq!(
+            free(&limits),
+            2,
+            "as many permits as the limit, none lost or added"
+        );
+        let a = limits.acquire(limits.enqueue("gpu").unwrap()).await;
+        let b = limits.acquire(limits.enqueue("gpu").unwrap()).await;
+        assert_eq!(
+            (a.active_at_start(), b.active_at_start()),
+            (1, 2),
+            "two slots, no more"
+        );
     }
 }
