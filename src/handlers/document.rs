@@ -46,6 +46,12 @@ pub async fn source_of(
                 "give input.text or input.document, not both",
             ))
         }
+        // A text beside the document would be silently ignored: say where it goes instead.
+        (Some(_), Some(_)) => {
+            return Err(JobError::invalid_input(
+                "input.text is not read here: give the text as input.document.text, not both",
+            ))
+        }
         (Some(Value::Object(document)), _) => document,
         (Some(_), _) => {
             return Err(JobError::invalid_input(

@@ -208,3 +208,18 @@ async fn classify_refuses_text_with_a_document_and_a_temperature_out_of_range() 
     assert!(top(&cold) > 0.99 && top(&hot) < 0.6, "{cold} {hot}");
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extract_refuses_a_text_beside_its_document_instead_of_ignoring_it() {
+    let mut config = config();
+    config.handlers.insert("extract".into(), table("extract"));
+    let worker = TestWorker::start(config, |h| h, 1000).await;
+    worker.enqueue(
+        "both",
+        json!({"task": "extract", "text": "ignored?", "document": {"text": "the document"}}),
+    );
+    let (error_type, message) = error_of(&worker, "both").await;
+    assert_eq!(error_type, "InvalidInput", "{message}");
+    assert!(message.contains("input.document.text"), "{message}");
+    worker.stop().await;
+}
