@@ -75,37 +75,43 @@ pub(super) async fn remeasure_resident(worker: Arc<Worker>, stop: CancellationTo
     if worker.gpu_access != GpuAccess::Cuda {
         return;
     }
-    let mut ticker = tokio::time::interval(RESIDENT_REMEASURE_EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        let w = worker.clone();
-        let _ = tokio::task::spawn_blocking(move || w.memory.remeasure_idle()).await;
-    }
+    every(RESIDENT_REMEASURE_EVERY, false, stop, move || {
+        worker.memory.remeasure_idle()
+    })
+    .await;
 }
 
 /// Re-reads the host-wide ledgers at the sampling pace, off the async threads, so take sizing
 /// and `/health` see the peers' bookings without waiting for the file's lock.
 pub(super) async fn refresh_shared_ledgers(
     worker: Arc<Worker>,
-    every: Duration,
+    interval: Duration,
     stop: CancellationToken,
 ) {
     if !worker.memory.ledgers().iter().any(|l| l.host().is_some()) {
         return;
     }
-    let mut ticker = tokio::time::interval(every);
+    every(interval, true, stop, move || worker.memory.refresh_shared()).await;
+}
+
+/// Runs the blocking `work` on a blocking thread every `interval` (at once first, if
+/// `at_start`), one run at a time, until `stop`.
+async fn every(
+    interval: Duration,
+    at_start: bool,
+    stop: CancellationToken,
+    work: impl Fn() + Clone + Send + 'static,
+) {
+    let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if !at_start {
+        ticker.tick().await;
+    }
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             () = stop.cancelled() => return,
         }
-        let w = worker.clone();
-        let _ = tokio::task::spawn_blocking(move || w.memory.refresh_shared()).await;
+        let _ = tokio::task::spawn_blocking(work.clone()).await;
     }
 }
