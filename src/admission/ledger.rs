@@ -44,6 +44,8 @@ pub struct Ledger {
     /// The last read of the host-wide file (refreshed off the async threads), so that `/health`,
     /// take sizing and measured memory never wait for its lock.
     host_view: Mutex<HostView>,
+    /// A real GPU (not a simulated one).
+    real_device: bool,
     /// A job has run since the resident memory was last measured.
     used_since_measure: AtomicBool,
     state: Mutex<LedgerState>,
@@ -55,15 +57,18 @@ pub struct Ledger {
 
 impl Ledger {
     /// A ledger for the card `uuid` (CUDA ordinal `device`) with `budget` bytes, shared with
-    /// other processes through `host`; `released` is woken at every release.
+    /// other processes through `host`; `released` is woken at every release. `real_device`:
+    /// a real GPU, whose allocator cache is emptied before a shared reservation is released.
     pub fn new(
         device: usize,
         uuid: &str,
         budget: u64,
         host: Option<HostLedger>,
         released: Arc<Notify>,
+        real_device: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
+            real_device,
             device,
             uuid: uuid.to_owned(),
             budget,
@@ -258,6 +263,12 @@ impl Ledger {
     }
 
     fn release(&self, id: u64) {
+        if self.host.is_some() && self.real_device {
+            // Peers admit against the host ledger as soon as this reservation goes: the memory
+            // must be free on the card by then, not kept in our allocator's cache (seen on an
+            // H100: a peer's job OOMed on memory our finished job had cached).
+            crate::gpu::allocator::empty_cache();
+        }
         {
             let mut state = self.lock();
             if let Some((_, bytes, _)) = state.live.remove(&id) {
@@ -319,7 +330,7 @@ mod tests {
 
     #[test]
     fn reservations_fit_the_budget_and_release_on_drop() {
-        let ledger = Ledger::new(0, "GPU-0", 10, None, Arc::default());
+        let ledger = Ledger::new(0, "GPU-0", 10, None, Arc::default(), false);
         let a = ledger.try_reserve(6, "classify", 0).unwrap();
         assert!(ledger.try_reserve(6, "classify", 0).is_none());
         let b = ledger.try_reserve(4, "classify", 0).unwrap();
@@ -337,7 +348,7 @@ mod tests {
 
     #[test]
     fn resident_memory_leaves_less_for_jobs_and_is_re_measured_only_when_idle() {
-        let ledger = Ledger::new(0, "GPU-0", 24, None, Arc::default());
+        let ledger = Ledger::new(0, "GPU-0", 24, None, Arc::default(), false);
         ledger.set_resident(14);
         assert_eq!(ledger.available(), 10);
         let a = ledger.try_reserve(6, "classify", 0).unwrap();
@@ -365,7 +376,7 @@ mod tests {
         /// budget, and its count always equals the sum of the live reservations.
         #[test]
         fn never_over_commits(ops in prop::collection::vec((any::<bool>(), 1u64..40, any::<prop::sample::Index>()), 1..200)) {
-            let ledger = Ledger::new(0, "GPU-0", 100, None, Arc::default());
+            let ledger = Ledger::new(0, "GPU-0", 100, None, Arc::default(), false);
             let mut live: Vec<Reservation> = Vec::new();
             for (reserve, bytes, pick) in ops {
                 if reserve || live.is_empty() {

@@ -84,6 +84,7 @@ impl MemoryAdmission {
                     budget,
                     host,
                     released.clone(),
+                    !sampler.probe().is_simulated(),
                 ))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -114,11 +115,6 @@ impl MemoryAdmission {
             contexts,
             resident_sources: std::sync::Mutex::default(),
         })
-    }
-
-    /// Whether other worker processes book on these (real) devices through a host-wide ledger.
-    pub fn shared_with_peers(&self) -> bool {
-        !self.sampler.probe().is_simulated() && self.ledgers.iter().any(|l| l.host().is_some())
     }
 
     /// The footprint of `handler`, if it runs on a GPU.

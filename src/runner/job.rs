@@ -180,12 +180,8 @@ async fn run(
     // is delivered, which can take `delivery_retry_s`.
     let release = async {
         ctx.threads_finished().await;
-        if reservation.is_some() && worker.memory.shared_with_peers() {
-            // Peers admit against the host ledger as soon as this reservation goes: the memory
-            // must be free on the card by then, not kept in our allocator's cache (seen on an
-            // H100: a peer's job OOMed on memory our finished job had cached).
-            let _ = tokio::task::spawn_blocking(crate::gpu::allocator::empty_cache).await;
-        }
+        // With a host-wide ledger the release also empties the allocator's cache, off the
+        // async threads (see `Ledger`): peers may use the memory at once.
         drop(reservation);
         drop(permit);
     };
