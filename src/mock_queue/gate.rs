@@ -27,6 +27,10 @@ pub(super) async fn check(
 fn gate(state: &MockState, route: Route, headers: &HeaderMap, path: &str) -> Result<(), Response> {
     let fault = state.with(|inner| {
         *inner.requests.entry(route).or_default() += 1;
+        let times = inner.request_times.entry(route).or_default();
+        if times.len() < super::state::REQUEST_TIMES_KEPT {
+            times.push(std::time::Instant::now());
+        }
         inner.faults.get(&route).copied()
     });
     if let Some(key) = &state.options.api_key {

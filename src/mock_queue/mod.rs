@@ -146,6 +146,22 @@ impl MockQueue {
             .read(|inner| inner.requests.get(&route).copied().unwrap_or(0))
     }
 
+    /// Waits until `route` has seen `count` requests (within `timeout`), and returns when
+    /// each of the first `count` arrived.
+    pub async fn wait_for_requests(
+        &self,
+        route: Route,
+        count: usize,
+        timeout: Duration,
+    ) -> Option<Vec<std::time::Instant>> {
+        self.state
+            .wait_for(timeout, |inner| {
+                let times = inner.request_times.get(&route)?;
+                (times.len() >= count).then(|| times[..count].to_vec())
+            })
+            .await
+    }
+
     /// A copy of `endpoint`'s queue and records.
     pub fn endpoint(&self, endpoint: &str) -> EndpointQueue {
         self.state

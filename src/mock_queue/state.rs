@@ -187,7 +187,13 @@ pub struct Inner {
     pub faults: HashMap<Route, Fault>,
     /// Requests seen per route (including refused and faulted ones).
     pub requests: HashMap<Route, u64>,
+    /// When the first [`REQUEST_TIMES_KEPT`] requests of each route arrived (tests measure
+    /// request pacing from them instead of counting over a fixed sleep).
+    pub request_times: HashMap<Route, Vec<std::time::Instant>>,
 }
+
+/// Arrival times kept per route.
+pub(super) const REQUEST_TIMES_KEPT: usize = 1000;
 
 impl Inner {
     /// The queue of `endpoint`, created on first use.

@@ -7,6 +7,9 @@ use serde_json::json;
 
 use crate::helpers::{test_config, TestWorker};
 
+/// How much earlier than asked a timer may fire, as seen across two processes' clocks.
+const TIMER_SLACK: Duration = Duration::from_millis(20);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn take_backs_off_against_a_queue_that_answers_500_and_recovers() {
     let mut config = test_config();
@@ -22,14 +25,19 @@ async fn take_backs_off_against_a_queue_that_answers_500_and_recovers() {
     );
     let worker = TestWorker::start_on(mock.clone(), config, |h| h, 1000).await;
 
-    let window = Duration::from_secs(3);
-    tokio::time::sleep(window).await;
-    let requests = mock.requests(Route::Take);
-    let rate = requests as f64 / window.as_secs_f64();
-    println!("job-take against a queue answering 500: {requests} requests in {window:?} ({rate:.1}/s; the SDK sends ~750/s)");
-    // 250 ms doubling to 2 s: about 5 requests in 3 s; 10 leaves room for a slow machine.
-    assert!(requests <= 10, "{requests} take requests in {window:?}");
-    assert!(requests >= 2, "it keeps trying: {requests}");
+    // It keeps trying, and each wait is at least half its doubling ceiling (250 ms, 500 ms,
+    // 1 s, 2 s): measured between the requests as they arrive, so a slow machine only makes
+    // the gaps longer.
+    let times = mock
+        .wait_for_requests(Route::Take, 5, Duration::from_secs(20))
+        .await
+        .expect("it keeps trying");
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("job-take against a queue answering 500: gaps {gaps:?} (the SDK sends ~750/s)");
+    for (i, gap) in gaps.iter().enumerate() {
+        let ceiling = Duration::from_millis(250 << i).min(Duration::from_secs(2));
+        assert!(*gap >= ceiling / 2 - TIMER_SLACK, "gap {i}: {gaps:?}");
+    }
 
     mock.set_fault(Route::Take, None);
     worker.enqueue("healed", json!({"task": "echo"}));
@@ -49,12 +57,17 @@ async fn a_429_on_take_waits_the_configured_pause() {
         }),
     );
     let worker = TestWorker::start_on(mock.clone(), config, |h| h, 1000).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let requests = mock.requests(Route::Take);
-    assert!(
-        (2..=4).contains(&requests),
-        "one take per second under 429: {requests}"
-    );
+    let times = mock
+        .wait_for_requests(Route::Take, 3, Duration::from_secs(10))
+        .await
+        .expect("it keeps trying");
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_secs(1) - TIMER_SLACK,
+            "one take per second under 429: {gap:?}"
+        );
+    }
     mock.set_fault(Route::Take, None);
     worker.stop().await;
 }

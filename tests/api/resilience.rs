@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use runpod_worker::handlers::{Handler, JobContext};
+use runpod_worker::handlers::{Handler, JobContext, Prepared};
 use runpod_worker::mock_queue::{Fault, Route};
 use runpod_worker::outcome::JobError;
 use runpod_worker::runner::WorkerExit;
@@ -82,7 +82,7 @@ struct BlockingModel {
 
 #[async_trait]
 impl Handler for BlockingModel {
-    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+    async fn run(&self, ctx: JobContext, _prepared: Prepared) -> Result<Value, JobError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         let release = self.release.clone();
         ctx.run_blocking(move || {
@@ -187,10 +187,20 @@ async fn a_queue_answering_garbage_is_survived_with_backoff() {
         );
     }
     let worker = TestWorker::start_on(mock.clone(), test_config(), |h| h, 200).await;
-    let before = mock.requests(Route::Take);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let takes = mock.requests(Route::Take) - before;
-    assert!(takes <= 10, "{takes} takes in 2 s against garbage");
+    // Garbage is a failure like any other: the takes back off (100 ms doubling to 1 s in the
+    // test config, each wait at least half its ceiling), measured as the requests arrive.
+    let times = mock
+        .wait_for_requests(Route::Take, 5, Duration::from_secs(20))
+        .await
+        .expect("it keeps trying");
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, gap) in gaps.iter().enumerate() {
+        let ceiling = Duration::from_millis(100 << i).min(Duration::from_secs(1));
+        assert!(
+            *gap >= ceiling / 2 - Duration::from_millis(20),
+            "gap {i} against garbage: {gaps:?}"
+        );
+    }
     for route in [Route::Take, Route::Stop, Route::Ping] {
         mock.set_fault(route, None);
     }
