@@ -40,10 +40,10 @@ run: build
 
 lint: venv models
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 test: lint
-	$(CARGO) test --locked -- --test-threads 2
+	$(CARGO) test --locked --workspace -- --test-threads 2
 	$(PY) tests/interop/sdk_client.py target/debug/runpod-worker
 	$(PY) tests/interop/sdk_worker.py target/debug/runpod-worker
 	npm ci --prefix tests/interop/js --silent --no-audit --no-fund && node tests/interop/js/sdk_client.mjs target/debug/runpod-worker
@@ -60,7 +60,8 @@ GPU_KIT ?= gpu-kit
 gpu-kit: venv
 	$(CARGO) build --release --locked
 	rm -rf $(GPU_KIT) && mkdir -p $(GPU_KIT)/models
-	cp target/release/runpod-worker $(GPU_KIT)/ && strip $(GPU_KIT)/runpod-worker
+	cp target/release/runpod-worker target/release/runpod-parse $(GPU_KIT)/
+	strip $(GPU_KIT)/runpod-worker $(GPU_KIT)/runpod-parse
 	HF_HUB_OFFLINE=1 $(PY) handler/export_models.py --out $(GPU_KIT)/models --fp16
 	cp handler/gpu-kit/runpod.toml handler/gpu-kit/gpu-check.sh $(GPU_KIT)/
 	@du -sh $(GPU_KIT) $(GPU_KIT)/* $(GPU_KIT)/models/*

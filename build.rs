@@ -20,10 +20,18 @@ fn main() {
     compile_shim(lib_path);
     if std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default() == "linux" {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_path.display());
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        // Not for `runpod-parse`, the document parser's child process: it must not map
+        // libtorch (its address-space limit is for the document, not for CUDA libraries).
+        for target in ["bin=runpod-worker", "tests"] {
+            for arg in [
+                "-Wl,--no-as-needed",
+                "-ltorch",
+                "-ltorch_cuda",
+                "-Wl,--as-needed",
+            ] {
+                println!("cargo:rustc-link-arg-{target}={arg}");
+            }
+        }
     }
 }
 

@@ -6,13 +6,16 @@
 //! - [`config`]: `runpod.toml`, its defaults and validation.
 //! - [`queue`]: the worker side of the job API (environment, URLs, HTTP client, backoff).
 //! - [`mock_queue`]: a mock of the job API, for local use and tests.
-//! - [`admission`]: how many jobs to take, the admit stage (`Admitter`: global slot, handler
-//!   slot, GPU memory against the ledger, measured and resident memory), and what finished jobs
-//!   teach (`Lessons`: footprints, adaptive limits, device health).
-//! - [`handlers`]: the `Handler` trait and the handlers (echo, extract, classify, torchscript).
-//! - [`runner`]: the job's life as stages (take → admit → execute → release → report, in
-//!   `runner::job`, with a `HeldJob` guard on the heartbeat board), the take loop, heartbeat,
-//!   stop channel, start-up, background tasks and the drain.
+//! - [`admission`]: how many jobs to take, the admit and reserve stages (`Admitter`: global
+//!   slot, handler slot; then GPU memory against the ledger, measured and resident memory), and
+//!   what finished jobs teach (`Lessons`: footprints, adaptive limits, device health).
+//! - [`handlers`]: the `Handler` trait (`prepare`, CPU only, then `run`, the model work) and
+//!   the handlers (echo, extract, classify, torchscript); documents are parsed in `runpod-parse`
+//!   child processes (`handlers::ParserPool`, the `docparse` workspace crate).
+//! - [`runner`]: the job's life as stages (take → admit → prepare → reserve → execute →
+//!   release → report, in `runner::job`, under one cancel arm, `runner::Bounds`, with a
+//!   `HeldJob` guard on the heartbeat board), the take loop, heartbeat, stop channel, start-up,
+//!   background tasks and the drain.
 //! - [`health`] and [`metrics`]: `/health`, `/ready`, `/metrics`, reading the `Observed` state
 //!   the runner shares (health knows nothing of the runner).
 //! - [`gpu`]: what is known of the GPU (NVML, simulated, none), which NVML card is which CUDA

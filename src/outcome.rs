@@ -5,6 +5,7 @@
 //! path), and a `retry_after` only where retrying can succeed.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 /// The closed list of `error_type` values.
@@ -117,23 +118,53 @@ impl JobError {
     }
 }
 
+/// A job-done body, serialised once: its size is checked and it is posted (or spooled) as
+/// these bytes, never rebuilt.
+pub type DoneBody = Box<RawValue>;
+
+#[derive(Serialize)]
+struct DoneFields<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    output: &'a Value,
+    #[serde(rename = "stopPod", skip_serializing_if = "std::ops::Not::not")]
+    stop_pod: bool,
+}
+
 /// The job-done body for a finished job.
 ///
 /// Output goes as `{"output": ..}`. An error goes twice: as `output` (the SDK client's
 /// `output()` sees it) and as a JSON string in `error` (the platform marks the job FAILED).
 /// `stop_pod` asks the platform to replace this worker.
-pub fn done_body(result: &Result<Value, JobError>, stop_pod: bool) -> Value {
-    let mut body = match result {
-        Ok(output) => json!({ "output": output }),
+pub fn done_body(result: &Result<Value, JobError>, stop_pod: bool) -> DoneBody {
+    let object;
+    let fields = match result {
+        Ok(output) => DoneFields {
+            error: None,
+            output,
+            stop_pod,
+        },
         Err(error) => {
-            let object = error.to_object();
-            json!({ "error": object.to_string(), "output": object })
+            object = error.to_object();
+            DoneFields {
+                error: Some(object.to_string()),
+                output: &object,
+                stop_pod,
+            }
         }
     };
-    if stop_pod {
-        body["stopPod"] = json!(true);
-    }
-    body
+    serde_json::value::to_raw_value(&fields).expect("a JSON value always serialises")
+}
+
+/// The `OutputTooLarge` error for an output of `size` bytes (or more) over `limit`.
+pub fn output_too_large(size: u64, limit: u64) -> JobError {
+    JobError::new(
+        ErrorType::OutputTooLarge,
+        format!(
+            "the result is {size} bytes, over the limit of {limit} bytes; return less, or store \
+             large outputs elsewhere and return a link"
+        ),
+    )
 }
 
 /// The job-done body of `result`, within `limit` bytes: a larger one becomes an
@@ -143,19 +174,14 @@ pub fn sized_done_body(
     result: Result<Value, JobError>,
     stop_pod: bool,
     limit: u64,
-) -> (Result<Value, JobError>, Value) {
+) -> (Result<Value, JobError>, DoneBody) {
     let body = done_body(&result, stop_pod);
-    let size = serde_json::to_vec(&body).map_or(0, |b| b.len()) as u64;
+    let size = body.get().len() as u64;
     if size <= limit {
         return (result, body);
     }
-    let error = JobError::new(
-        ErrorType::OutputTooLarge,
-        format!(
-            "the result is {size} bytes, over the limit of {limit} bytes; return less, or store \
-             large outputs elsewhere and return a link"
-        ),
-    );
+    drop(body);
+    let error = output_too_large(size, limit);
     let body = done_body(&Err(error.clone()), stop_pod);
     (Err(error), body)
 }
@@ -176,10 +202,14 @@ mod tests {
 
     #[test]
     fn error_body_carries_the_object_as_output_and_as_a_json_string() {
-        let body = done_body(
-            &Err(JobError::invalid_input("input.task is required")),
-            false,
-        );
+        let body: Value = serde_json::from_str(
+            done_body(
+                &Err(JobError::invalid_input("input.task is required")),
+                false,
+            )
+            .get(),
+        )
+        .unwrap();
         let as_string: Value = serde_json::from_str(body["error"].as_str().unwrap()).unwrap();
         assert_eq!(as_string, body["output"]);
         assert_eq!(body["output"]["error_type"], "InvalidInput");
@@ -189,12 +219,13 @@ mod tests {
 
     #[test]
     fn output_body_is_just_the_output_plus_stop_pod_when_asked() {
+        let parsed = |body: DoneBody| serde_json::from_str::<Value>(body.get()).unwrap();
         assert_eq!(
-            done_body(&Ok(json!({"a": 1})), false),
+            parsed(done_body(&Ok(json!({"a": 1})), false)),
             json!({"output": {"a": 1}})
         );
         assert_eq!(
-            done_body(&Ok(json!(null)), true),
+            parsed(done_body(&Ok(json!(null)), true)),
             json!({"output": null, "stopPod": true})
         );
     }

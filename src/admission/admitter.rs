@@ -14,15 +14,13 @@ use crate::outcome::{ErrorType, JobError};
 /// `retry_after` of the retry signal given to a CPU job that waited too long for its handler.
 const LOCAL_WAIT_RETRY_AFTER_S: u64 = 10;
 
-/// What an admitted job holds while it runs; each part is released when dropped.
+/// The slots an admitted job holds while it runs; each is released when dropped.
 #[derive(Debug)]
 pub struct Admitted {
     /// Held until the job is answered.
     pub slot: GlobalSlot,
     /// The handler's slot.
     pub permit: HandlerPermit,
-    /// GPU memory, for jobs of GPU handlers.
-    pub reservation: Option<Reservation>,
 }
 
 /// Why a job was not admitted.
@@ -32,14 +30,18 @@ pub enum Refusal {
     Stopped,
     /// The drain's grace ran out first: answered `Interrupted`.
     Interrupted,
-    /// The local queue's bound passed, or memory is used by others: the retry signal, and the
-    /// reason as `/metrics` counts it (`local_wait`, `ledger`, `measured_memory`).
-    Retry {
-        /// The metrics label.
-        reason: &'static str,
-        /// The error result.
-        error: JobError,
-    },
+    /// The local queue's bound passed, or memory is used by others: the retry signal.
+    Retry(RetrySignal),
+}
+
+/// A retry signal, and the reason as `/metrics` counts it (`local_wait`, `ledger`,
+/// `measured_memory`).
+#[derive(Debug)]
+pub struct RetrySignal {
+    /// The metrics label.
+    pub reason: &'static str,
+    /// The error result.
+    pub error: JobError,
 }
 
 /// Admits jobs against the worker's limits and GPU memory.
@@ -55,9 +57,10 @@ impl Admitter {
         Self { limits, memory }
     }
 
-    /// Waits for everything `entry`'s job needs, for at most `max_wait` from `taken_at` (the
-    /// local queue's bound, counted from the take), unless `stop` or `interrupt` comes first.
-    /// `slot` is the global slot taken with the job, if one was free then.
+    /// Waits for a global slot and `entry`'s slot, for at most `max_wait` from `taken_at` (the
+    /// local queue's bound, counted from the take), unless `stop` or `interrupt` comes first. `slot` is the
+    /// global slot taken with the job, if one was free then. One acquisition order everywhere:
+    /// global, handler, then (in [`Admitter::reserve`]) memory.
     #[allow(clippy::too_many_arguments)] // the stage's inputs, each a different thing
     pub async fn admit(
         &self,
@@ -71,9 +74,11 @@ impl Admitter {
     ) -> Result<Admitted, Refusal> {
         let wait_until = taken_at + max_wait;
         let acquire = async {
-            let local_wait = || Refusal::Retry {
-                reason: "local_wait",
-                error: self.local_wait_error(entry, max_wait),
+            let local_wait = || {
+                Refusal::Retry(RetrySignal {
+                    reason: "local_wait",
+                    error: self.local_wait_error(entry, max_wait),
+                })
             };
             let slot = match slot {
                 Some(slot) => slot,
@@ -84,25 +89,29 @@ impl Admitter {
             let permit = tokio::time::timeout_at(wait_until.into(), self.limits.acquire(ticket))
                 .await
                 .map_err(|_| local_wait())?;
-            let reservation =
-                self.memory
-                    .admit(&entry.name, wait_until)
-                    .await
-                    .map_err(|(shortage, error)| Refusal::Retry {
-                        reason: shortage.as_str(),
-                        error,
-                    })?;
-            Ok(Admitted {
-                slot,
-                permit,
-                reservation,
-            })
+            Ok(Admitted { slot, permit })
         };
         tokio::select! {
             admitted = acquire => admitted,
             () = stop.cancelled() => Err(Refusal::Stopped),
             () = interrupt.cancelled() => Err(Refusal::Interrupted),
         }
+    }
+
+    /// The GPU memory `entry`'s job needs (none on the CPU), waiting for it until `wait_until`
+    /// (the local queue's bound). The caller bounds the wait by the job's deadline too.
+    pub async fn reserve(
+        &self,
+        entry: &HandlerEntry,
+        wait_until: Instant,
+    ) -> Result<Option<Reservation>, RetrySignal> {
+        self.memory
+            .admit(&entry.name, wait_until)
+            .await
+            .map_err(|(shortage, error)| RetrySignal {
+                reason: shortage.as_str(),
+                error,
+            })
     }
 
     /// The retry signal for a job that waited its whole local-queue time.

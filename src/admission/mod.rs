@@ -17,7 +17,7 @@ mod limits;
 mod memory;
 pub mod resident;
 
-pub use admitter::{Admitted, Admitter, Refusal};
+pub use admitter::{Admitted, Admitter, Refusal, RetrySignal};
 pub use device_health::DeviceHealth;
 pub use host_ledger::{HostLedger, HostTotals, HostView};
 pub use learning::{AdaptiveRule, DurationStats, Footprint};

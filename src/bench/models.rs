@@ -73,7 +73,8 @@ pub async fn measure(
             );
             ctx.device = device;
             let start = Instant::now();
-            handler.run(ctx).await.ok()?;
+            let prepared = handler.prepare(&ctx).await.ok()?;
+            handler.run(ctx, prepared).await.ok()?;
             Some(start.elapsed().as_secs_f64() * 1000.0)
         }
     };

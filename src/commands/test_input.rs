@@ -13,7 +13,7 @@ use crate::gpu;
 use crate::handlers::{ChunkSink, HandlerSet, JobContext};
 use crate::outcome::{done_body, sized_done_body, JobError};
 use crate::queue::protocol::{check_job_text, parse_job, JobLimits};
-use crate::runner::{execute, Deadline, Execution};
+use crate::runner::{execute, Bounds, Deadline, Execution};
 use std::time::Duration;
 
 /// Stream chunks are printed as they come, one JSON line each.
@@ -105,20 +105,22 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
         Ok(job) => match handlers.route(&job.input) {
             Err(e) => Err(e),
             Ok(routed) => {
-                let ctx = JobContext::new(
+                let mut ctx = JobContext::new(
                     job.id.clone(),
                     routed.input,
                     Arc::new(PrintSink),
                     CancellationToken::new(),
                     probe.is_simulated(),
                 );
+                ctx.max_output_bytes = config.queue.max_result_size.bytes();
                 let deadline = Deadline::of(
                     config.execution_timeout(),
                     job.policy_execution_timeout(),
                     Duration::ZERO,
                 );
                 let never = CancellationToken::new();
-                match execute(routed.entry, ctx, deadline, &never, &never).await {
+                let bounds = Bounds::new(deadline, &never, &never, ctx.cancel.clone());
+                match execute(routed.entry, ctx, &bounds).await {
                     Execution::Finished(result) => result,
                     Execution::Cancelled => Err(JobError::internal("the job was cancelled")),
                 }

@@ -2,6 +2,7 @@
 //! others, so a key in the wrong table does not pass silently.
 
 use super::error::{check, ConfigError};
+use super::{Size, DEFAULT_PAGES, DEFAULT_PARSE_CPU_S, DEFAULT_PARSE_MEMORY, DEFAULT_TEXT_CHARS};
 
 /// Keys that only some kinds read are refused elsewhere, so a typo'd table does not pass silently.
 pub(super) fn validate_kind_keys(
@@ -24,12 +25,17 @@ pub(super) fn validate_kind_keys(
     if (h.chunk_tokens.is_some() || h.overlap.is_some()) && !is(&["extract"]) {
         return Err(misplaced("chunk_tokens/overlap", "extract"));
     }
-    let fetch_keys = h.allow_private_urls.is_some()
+    let document_keys = h.allow_private_urls.is_some()
         || h.max_document_size.is_some()
-        || h.url_timeout_s.is_some();
-    if fetch_keys && !is(&["extract", "classify"]) {
+        || h.url_timeout_s.is_some()
+        || h.max_parse_memory.is_some()
+        || h.max_parse_cpu_s.is_some()
+        || h.max_text_chars.is_some()
+        || h.max_pages.is_some();
+    if document_keys && !is(&["extract", "classify"]) {
         return Err(misplaced(
-            "allow_private_urls/max_document_size/url_timeout_s",
+            "allow_private_urls/max_document_size/url_timeout_s/max_parse_memory/\
+             max_parse_cpu_s/max_text_chars/max_pages",
             "extract and classify",
         ));
     }
@@ -80,6 +86,30 @@ pub(super) fn validate_kind_keys(
         h.url_timeout_s.unwrap_or(20),
         1,
         600,
+    )?;
+    check(
+        &format!("handlers.{name}.max_parse_memory"),
+        h.max_parse_memory.unwrap_or(DEFAULT_PARSE_MEMORY).bytes(),
+        64_000_000,
+        Size::gb(64).bytes(),
+    )?;
+    check(
+        &format!("handlers.{name}.max_parse_cpu_s"),
+        h.max_parse_cpu_s.unwrap_or(DEFAULT_PARSE_CPU_S),
+        1,
+        3600,
+    )?;
+    check(
+        &format!("handlers.{name}.max_text_chars"),
+        h.max_text_chars.unwrap_or(DEFAULT_TEXT_CHARS) as u64,
+        1_000,
+        100_000_000,
+    )?;
+    check(
+        &format!("handlers.{name}.max_pages"),
+        h.max_pages.unwrap_or(DEFAULT_PAGES) as u64,
+        1,
+        100_000,
     )?;
     Ok(())
 }

@@ -63,6 +63,10 @@ pub struct HandlerDefaults {
     /// After this many GPU out-of-memory failures in a row, the worker reports itself unhealthy,
     /// drains and asks to be replaced (`stopPod`) instead of failing every job.
     pub max_consecutive_ooms: u32,
+    /// The document parser executable (`runpod-parse`) that extract and classify parse
+    /// documents in; by default the one beside `runpod-worker`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parser: Option<PathBuf>,
 }
 
 impl Default for HandlerDefaults {
@@ -77,6 +81,7 @@ impl Default for HandlerDefaults {
             drain_grace_s: 60,
             intra_op_threads: 0,
             max_consecutive_ooms: 3,
+            parser: None,
         }
     }
 }
@@ -263,6 +268,22 @@ pub struct HandlerConfig {
     /// extract, classify: time limit for fetching a URL (default 20 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_timeout_s: Option<u64>,
+    /// extract, classify: memory a document's parser process may use (default 1GB).
+    #[serde(
+        default,
+        with = "optional_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_parse_memory: Option<Size>,
+    /// extract, classify: CPU seconds one document's parsing may take (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parse_cpu_s: Option<u64>,
+    /// extract, classify: most characters of text a document may yield (default 5,000,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_text_chars: Option<usize>,
+    /// extract, classify: most pages a PDF may have (default 2,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pages: Option<usize>,
     /// torchscript: the names of the model's inputs, in the order `forward` takes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<Vec<String>>,
@@ -284,10 +305,25 @@ impl Default for HandlerConfig {
             allow_private_urls: None,
             max_document_size: None,
             url_timeout_s: None,
+            max_parse_memory: None,
+            max_parse_cpu_s: None,
+            max_text_chars: None,
+            max_pages: None,
             inputs: None,
         }
     }
 }
+
+/// `max_parse_memory`'s default.
+pub const DEFAULT_PARSE_MEMORY: Size = Size::gb(1);
+/// `max_parse_cpu_s`'s default.
+pub const DEFAULT_PARSE_CPU_S: u64 = 30;
+/// `max_text_chars`'s default.
+pub const DEFAULT_TEXT_CHARS: usize = 5_000_000;
+/// `max_pages`'s default.
+pub const DEFAULT_PAGES: usize = 2_000;
+/// `max_document_size`'s default, in bytes.
+pub const DEFAULT_DOCUMENT_SIZE: u64 = 20_000_000;
 
 impl HandlerConfig {
     /// The implementation kind (`kind`, or the table's name).

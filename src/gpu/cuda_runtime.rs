@@ -239,9 +239,9 @@ mod tests {
     #[test]
     fn this_machine_reads_the_runtime_without_throwing() {
         // The wheel's cudart is loaded everywhere (libtorch_cpu needs it); without a GPU the
-        // count is an error or zero, never a crash.
+        // count is an error or zero, never a crash. (That `libtorch_cuda` is linked is checked
+        // where build.rs links it: the worker binary and the integration tests.)
         let torch = TorchCuda::read();
-        assert!(torch.linked, "build.rs links libtorch_cuda");
         assert!(torch.runtime.is_some_and(|v| v.0 >= 12000), "{torch:?}");
         if !tch::Cuda::is_available() {
             assert!(!torch.usable());

@@ -13,7 +13,8 @@ use tch::{CModule, Kind};
 
 use super::document;
 use super::fetch::FetchPolicy;
-use super::{Handler, JobContext};
+use super::parser::ParserPool;
+use super::{Handler, JobContext, Prepared};
 use crate::model::{torch_error, Encoder, OnDevices};
 use crate::outcome::JobError;
 
@@ -54,6 +55,8 @@ pub struct Classifier {
     pub temperature: f64,
     /// URL fetching limits.
     pub fetch: FetchPolicy,
+    /// Where documents are parsed.
+    pub parsers: ParserPool,
     /// label → embedding.
     pub cache: Mutex<HashMap<String, Arc<Vec<f32>>>>,
 }
@@ -247,10 +250,17 @@ impl Classifier {
     }
 }
 
+/// What the prepare stage hands to the model work.
+struct ClassifyJob {
+    labels: Vec<String>,
+    temperature: f64,
+    text: String,
+}
+
 #[async_trait]
 impl Handler for ClassifyHandler {
-    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
-        let classifier = self.0.clone();
+    async fn prepare(&self, ctx: &JobContext) -> Result<Prepared, JobError> {
+        let classifier = &self.0;
         let (labels, temperature) = match &classifier.mode {
             ClassifyMode::Logits(_) if ctx.input.contains_key("labels") => {
                 return Err(JobError::invalid_input(
@@ -270,12 +280,24 @@ impl Handler for ClassifyHandler {
             ),
         };
         let source = document::source_of(&ctx.input, true, &classifier.fetch).await?;
+        let text = document::read(source, &classifier.parsers).await?.text;
+        Ok(Prepared::new(ClassifyJob {
+            labels,
+            temperature,
+            text,
+        }))
+    }
+
+    async fn run(&self, ctx: JobContext, prepared: Prepared) -> Result<Value, JobError> {
+        let ClassifyJob {
+            labels,
+            temperature,
+            text,
+        } = prepared.take()?;
+        let classifier = self.0.clone();
         let device = ctx.device;
-        ctx.run_blocking(move || {
-            let document = document::parse(source)?;
-            classifier.classify(&document.text, &labels, temperature, device)
-        })
-        .await?
+        ctx.run_blocking(move || classifier.classify(&text, &labels, temperature, device))
+            .await?
     }
 }
 

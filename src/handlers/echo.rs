@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-use super::{Handler, JobContext};
+use super::{Handler, JobContext, Prepared};
 use crate::outcome::JobError;
 
 /// Longest `block_ms` accepted.
@@ -40,7 +40,7 @@ fn option_u64(ctx: &JobContext, key: &str, max: u64) -> Result<u64, JobError> {
 
 #[async_trait]
 impl Handler for EchoHandler {
-    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+    async fn run(&self, ctx: JobContext, _prepared: Prepared) -> Result<Value, JobError> {
         let sleep_ms = option_u64(&ctx, "sleep_ms", MAX_SLEEP_MS)?;
         let block_ms = option_u64(&ctx, "block_ms", MAX_BLOCK_MS)?;
         if block_ms > 0 && !ctx.simulated_gpu {

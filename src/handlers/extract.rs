@@ -1,6 +1,8 @@
 //! `extract`: a document in, its text out, cut into chunks by tokenizer tokens (never silently
 //! truncated), with an embedding per chunk: `{text, pages, chunks: [{index, text, embedding}],
-//! model, dims}`. CPU-bound by default.
+//! model, dims}`. CPU-bound by default. The document is fetched and parsed in the prepare
+//! stage; tokenizing and embedding stop at the job's cancellation, and an output that cannot
+//! fit `max_result_size` is refused before it is built.
 
 use std::sync::Arc;
 
@@ -9,9 +11,10 @@ use serde_json::{json, Value};
 
 use super::document::{self, Document};
 use super::fetch::FetchPolicy;
-use super::{Handler, JobContext};
+use super::parser::ParserPool;
+use super::{Handler, JobContext, Prepared};
 use crate::model::{torch_error, Encoder, OnDevices};
-use crate::outcome::JobError;
+use crate::outcome::{output_too_large, JobError};
 
 /// The extraction handler.
 pub struct ExtractHandler {
@@ -23,6 +26,8 @@ pub struct ExtractHandler {
     pub overlap: usize,
     /// URL fetching limits.
     pub fetch: FetchPolicy,
+    /// Where documents are parsed.
+    pub parsers: ParserPool,
 }
 
 /// Cuts `text` into windows of `size` tokens sharing `overlap`, as byte ranges of the text.
@@ -61,38 +66,95 @@ fn option(ctx: &JobContext, key: &str, default: usize, max: usize) -> Result<usi
     }
 }
 
+/// What the prepare stage hands to the model work.
+struct ExtractJob {
+    chunk_tokens: usize,
+    overlap: usize,
+    embed: bool,
+    document: Document,
+}
+
+/// Bytes a JSON number of an embedding takes at the least (a digit and a comma): with the
+/// chunk count known, a lower bound of the output's size before anything is embedded.
+const MIN_BYTES_PER_FLOAT: u64 = 2;
+/// Bytes of a chunk's JSON around its text and numbers.
+const CHUNK_OVERHEAD: u64 = 40;
+
+/// The least the output can take, from what is known before it is built.
+fn output_floor(text_len: usize, ranges: &[(usize, usize)], dims: usize, embed: bool) -> u64 {
+    let chunk_texts: u64 = ranges.iter().map(|(a, b)| (b - a) as u64).sum();
+    let numbers = if embed {
+        ranges.len() as u64 * dims as u64 * MIN_BYTES_PER_FLOAT
+    } else {
+        0
+    };
+    text_len as u64 + chunk_texts + ranges.len() as u64 * CHUNK_OVERHEAD + numbers
+}
+
 #[async_trait]
 impl Handler for ExtractHandler {
-    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
-        let chunk_tokens = option(&ctx, "chunk_tokens", self.chunk_tokens, 254)?;
-        let overlap = option(&ctx, "overlap", self.overlap, chunk_tokens / 2)?;
+    async fn prepare(&self, ctx: &JobContext) -> Result<Prepared, JobError> {
+        let chunk_tokens = option(ctx, "chunk_tokens", self.chunk_tokens, 254)?;
+        let overlap = option(ctx, "overlap", self.overlap, chunk_tokens / 2)?;
         let embed = match ctx.input.get("embed") {
             None | Some(Value::Null) => true,
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(JobError::invalid_input("input.embed must be true or false")),
         };
         let source = document::source_of(&ctx.input, false, &self.fetch).await?;
+        let document = document::read(source, &self.parsers).await?;
+        Ok(Prepared::new(ExtractJob {
+            chunk_tokens,
+            overlap,
+            embed,
+            document,
+        }))
+    }
+
+    async fn run(&self, ctx: JobContext, prepared: Prepared) -> Result<Value, JobError> {
+        let ExtractJob {
+            chunk_tokens,
+            overlap,
+            embed,
+            document: Document { text, pages },
+        } = prepared.take()?;
         let encoder = self.encoder.for_device(ctx.device)?.clone();
         let cancel = ctx.cancel.clone();
+        let max_output = ctx.max_output_bytes;
         ctx.run_blocking(move || {
-            let Document { text, pages } = document::parse(source)?;
+            let cancelled = || JobError::internal("the job was cancelled");
             let offsets = encoder
-                .token_offsets(&text)
-                .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?;
+                .token_offsets(&text, &cancel)
+                .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?
+                .ok_or_else(cancelled)?;
             let ranges = chunk_ranges(&offsets, chunk_tokens, overlap, text.len());
+            // Refused before the embeddings and the JSON exist, when it cannot fit anyway.
+            let floor = output_floor(text.len(), &ranges, encoder.dims(), embed);
+            if floor > max_output {
+                return Err(output_too_large(floor, max_output));
+            }
             let chunk_texts: Vec<String> =
                 ranges.iter().map(|&(a, b)| text[a..b].to_owned()).collect();
-            let embeddings = if embed && !cancel.is_cancelled() {
+            let embeddings = if embed {
                 encoder
-                    .embed(&chunk_texts)
+                    .embed_until(&chunk_texts, &cancel)
                     .map_err(|e| torch_error(&e, 10))?
             } else {
                 Vec::new()
             };
+            if cancel.is_cancelled() {
+                return Err(cancelled());
+            }
             let chunks: Vec<Value> = chunk_texts
                 .into_iter()
+                .zip(
+                    embeddings
+                        .into_iter()
+                        .map(Some)
+                        .chain(std::iter::repeat(None)),
+                )
                 .enumerate()
-                .map(|(index, text)| match embeddings.get(index) {
+                .map(|(index, (text, embedding))| match embedding {
                     Some(embedding) => {
                         json!({ "index": index, "text": text, "embedding": embedding })
                     }

@@ -7,6 +7,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use docparse::wire::Encoding;
+
 use crate::outcome::JobError;
 
 /// Limits on fetching.
@@ -20,13 +22,15 @@ pub struct FetchPolicy {
     pub timeout: Duration,
 }
 
-/// A fetched body and what it looks like (`pdf`, `html` or `text`).
+/// A fetched body, as it came (decompressing it is the parser's work, under its limits).
 #[derive(Debug)]
 pub struct Fetched {
     /// The body.
     pub bytes: Vec<u8>,
-    /// `pdf`, `html` or `text`.
-    pub kind: &'static str,
+    /// The server said it is HTML.
+    pub html: bool,
+    /// Its `Content-Encoding`.
+    pub encoding: Encoding,
 }
 
 /// Whether `ip` is internal: private, loopback, link-local, unspecified, shared (CGNAT),
@@ -166,6 +170,23 @@ pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError>
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("html"));
+    let encoding = match response
+        .headers()
+        .get(reqwest::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("identity") => Encoding::Identity,
+        Some("gzip" | "x-gzip") => Encoding::Gzip,
+        Some("deflate") => Encoding::Deflate,
+        Some(other) => {
+            let other: String = other.chars().take(40).collect();
+            return Err(invalid(format!(
+                "the URL's body is encoded as {other:?}; gzip and deflate are read"
+            )));
+        }
+    };
     let mut bytes = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| {
         invalid(format!(
@@ -178,14 +199,11 @@ pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError>
         }
         bytes.extend_from_slice(&chunk);
     }
-    let kind = if bytes.starts_with(b"%PDF") {
-        "pdf"
-    } else if html {
-        "html"
-    } else {
-        "text"
-    };
-    Ok(Fetched { bytes, kind })
+    Ok(Fetched {
+        bytes,
+        html,
+        encoding,
+    })
 }
 
 #[cfg(test)]

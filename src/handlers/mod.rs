@@ -7,10 +7,12 @@ mod echo;
 mod extract;
 pub mod fetch;
 mod models;
+pub mod parser;
 mod registry;
 mod tensors;
 mod torchscript;
 
+use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -24,15 +26,47 @@ use crate::outcome::JobError;
 pub use classify::{Classifier, ClassifyHandler, ClassifyMode};
 pub use echo::EchoHandler;
 pub use extract::{chunk_ranges, ExtractHandler};
+pub use parser::{ParseLimits, ParserPool};
 pub use registry::{HandlerEntry, HandlerSet, Routed};
 pub use torchscript::TorchScriptHandler;
 
-/// One kind of work. Implementations run model calls on blocking threads, never on the async
-/// runtime, and check `ctx.cancel` at their safe points.
+/// One kind of work, in two stages: [`Handler::prepare`] does what needs no GPU memory (check
+/// the input, fetch and parse a document) and [`Handler::run`] the model work, which is the
+/// only part that holds the job's GPU reservation. Implementations run model calls on blocking
+/// threads, never on the async runtime, and check `ctx.cancel` at their safe points.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    /// Runs one job to its output or its error.
-    async fn run(&self, ctx: JobContext) -> Result<Value, JobError>;
+    /// The CPU-only stage before GPU memory is reserved. By default there is none.
+    async fn prepare(&self, ctx: &JobContext) -> Result<Prepared, JobError> {
+        let _ = ctx;
+        Ok(Prepared::nothing())
+    }
+
+    /// Runs one job to its output or its error, with what [`Handler::prepare`] made.
+    async fn run(&self, ctx: JobContext, prepared: Prepared) -> Result<Value, JobError>;
+}
+
+/// What a handler's prepare stage hands to its run stage (each handler knows its own type).
+pub struct Prepared(Option<Box<dyn Any + Send>>);
+
+impl Prepared {
+    /// Nothing was prepared.
+    pub fn nothing() -> Self {
+        Self(None)
+    }
+
+    /// `value` was prepared.
+    pub fn new<T: Send + 'static>(value: T) -> Self {
+        Self(Some(Box::new(value)))
+    }
+
+    /// The prepared value, which must be a `T` (a mismatch is a bug, reported as `Internal`).
+    pub fn take<T: 'static>(self) -> Result<T, JobError> {
+        self.0
+            .and_then(|value| value.downcast::<T>().ok())
+            .map(|value| *value)
+            .ok_or_else(|| JobError::internal("the handler's prepare stage did not run"))
+    }
 }
 
 /// Where a job's stream chunks go (job-stream in the worker, stdout in `test-input`).
@@ -55,6 +89,9 @@ pub struct JobContext {
     pub simulated_gpu: bool,
     /// The GPU admission reserved memory on, for handlers with a model on every GPU.
     pub device: Option<usize>,
+    /// The largest output the job may return (`[queue] max_result_size`): handlers that can
+    /// tell the size of their output before they build it refuse it early.
+    pub max_output_bytes: u64,
     sink: Arc<dyn ChunkSink>,
     chunks_sent: Arc<AtomicUsize>,
     threads: TaskTracker,
@@ -76,6 +113,7 @@ impl JobContext {
             cancel,
             simulated_gpu,
             device: None,
+            max_output_bytes: u64::MAX,
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
             threads: TaskTracker::new(),

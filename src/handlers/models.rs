@@ -11,15 +11,22 @@ use tch::Device;
 use super::classify::{Classifier, ClassifyHandler, ClassifyMode};
 use super::extract::ExtractHandler;
 use super::fetch::FetchPolicy;
+use super::parser::{self, ParseLimits, ParserPool};
 use super::torchscript::{check_input_names, TorchScriptHandler};
 use super::{EchoHandler, Handler};
-use crate::config::HandlerConfig;
+use crate::config::{
+    HandlerConfig, Size, DEFAULT_DOCUMENT_SIZE, DEFAULT_PAGES, DEFAULT_PARSE_CPU_S,
+    DEFAULT_PARSE_MEMORY, DEFAULT_TEXT_CHARS,
+};
 use crate::model::{load_module, Encoder, LoadError, OnDevices};
+use docparse::wire::Limits;
 
 /// Loads models on demand, once per (file, device).
 pub(super) struct ModelLoader {
     dir: PathBuf,
     encoders: HashMap<String, Arc<Encoder>>,
+    /// `[handler] parser`, if set.
+    parser: Option<PathBuf>,
 }
 
 fn device_key(device: Device) -> String {
@@ -27,11 +34,17 @@ fn device_key(device: Device) -> String {
 }
 
 impl ModelLoader {
-    pub(super) fn new(dir: &Path) -> Self {
+    pub(super) fn new(dir: &Path, parser: Option<&Path>) -> Self {
         Self {
             dir: dir.to_path_buf(),
             encoders: HashMap::new(),
+            parser: parser.map(Path::to_path_buf),
         }
+    }
+
+    /// The document parser executable (a start-up error when it is missing).
+    fn parser(&self) -> Result<PathBuf, LoadError> {
+        parser::locate(self.parser.as_deref()).map_err(LoadError::NoParser)
     }
 
     fn encoder(&mut self, device: Device) -> Result<Arc<Encoder>, LoadError> {
@@ -66,13 +79,25 @@ impl ModelLoader {
         table: &HandlerConfig,
         devices: &[Device],
     ) -> Result<Arc<dyn Handler>, LoadError> {
+        let max_document = table
+            .max_document_size
+            .map_or(DEFAULT_DOCUMENT_SIZE, Size::bytes);
+        let max_document = usize::try_from(max_document).unwrap_or(usize::MAX);
         let fetch = FetchPolicy {
             allow_private: table.allow_private_urls.unwrap_or(false),
-            max_bytes: table.max_document_size.map_or(20_000_000, |s| {
-                usize::try_from(s.bytes()).unwrap_or(usize::MAX)
-            }),
+            max_bytes: max_document,
             timeout: Duration::from_secs(table.url_timeout_s.unwrap_or(20)),
         };
+        let limits = ParseLimits {
+            max_memory: table.max_parse_memory.unwrap_or(DEFAULT_PARSE_MEMORY),
+            max_cpu: Duration::from_secs(table.max_parse_cpu_s.unwrap_or(DEFAULT_PARSE_CPU_S)),
+            document: Limits {
+                max_text_chars: table.max_text_chars.unwrap_or(DEFAULT_TEXT_CHARS),
+                max_pages: table.max_pages.unwrap_or(DEFAULT_PAGES),
+                max_decoded_bytes: max_document,
+            },
+        };
+        let keep = table.max_concurrency as usize;
         Ok(match kind {
             "echo" => Arc::new(EchoHandler),
             "extract" => Arc::new(ExtractHandler {
@@ -80,6 +105,7 @@ impl ModelLoader {
                 chunk_tokens: table.chunk_tokens.unwrap_or(200),
                 overlap: table.overlap.unwrap_or(32),
                 fetch,
+                parsers: ParserPool::new(self.parser()?, limits, keep),
             }),
             "classify" => {
                 let mode = match &table.model {
@@ -99,6 +125,7 @@ impl ModelLoader {
                     default_labels: table.labels.clone().unwrap_or_default(),
                     temperature: table.temperature.unwrap_or(0.05),
                     fetch,
+                    parsers: ParserPool::new(self.parser()?, limits, keep),
                     cache: Mutex::new(HashMap::new()),
                 })))
             }

@@ -74,7 +74,8 @@ impl HandlerSet {
     /// one, or the simulated one, `simulated`).
     pub fn build(config: &Config, gpu_present: bool, simulated: bool) -> Result<Self, LoadError> {
         crate::model::set_threads(config.handler.intra_op_threads);
-        let mut loader = ModelLoader::new(&config.handler.model_dir);
+        let mut loader =
+            ModelLoader::new(&config.handler.model_dir, config.handler.parser.as_deref());
         let mut entries = BTreeMap::new();
         for (name, table) in &config.handlers {
             let kind = table.kind(name).to_owned();

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tch::{CModule, Device, IValue};
 
 use super::tensors::{outputs_json, read_tensor, to_tensor};
-use super::{Handler, JobContext};
+use super::{Handler, JobContext, Prepared};
 use crate::model::{torch_error, OnDevices};
 use crate::outcome::{ErrorType, JobError};
 
@@ -113,7 +113,7 @@ fn declared_arguments(message: &str) -> Option<Vec<(String, bool)>> {
 
 #[async_trait]
 impl Handler for TorchScriptHandler {
-    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+    async fn run(&self, ctx: JobContext, _prepared: Prepared) -> Result<Value, JobError> {
         let Some(given) = ctx.input.get("inputs").and_then(Value::as_object) else {
             return Err(JobError::invalid_input(format!(
                 "input.inputs must be an object with the tensors {}",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tch::{CModule, Device, Kind, Tensor};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokio_util::sync::CancellationToken;
 
 use super::{load_module, LoadError};
 
@@ -13,6 +14,36 @@ use super::{load_module, LoadError};
 pub const MAX_MODEL_TOKENS: usize = 256;
 /// Texts per forward call.
 const BATCH: usize = 32;
+
+/// Bytes of text tokenized at once (a cancellation is seen within one piece's time).
+const TOKENIZE_PIECE: usize = 64 * 1024;
+
+/// `text` in pieces of about `size` bytes, cut after a whitespace character where one is near
+/// (else at a character boundary), each with its byte offset.
+fn pieces(text: &str, size: usize) -> impl Iterator<Item = (usize, &str)> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= text.len() {
+            return None;
+        }
+        let rest = &text[start..];
+        let mut end = if rest.len() <= size {
+            rest.len()
+        } else {
+            (size..=rest.len().min(size + size / 8))
+                .find(|&i| rest.is_char_boundary(i) && rest[..i].ends_with(char::is_whitespace))
+                .unwrap_or_else(|| {
+                    (size..)
+                        .find(|&i| rest.is_char_boundary(i))
+                        .unwrap_or(rest.len())
+                })
+        };
+        end = end.max(1);
+        let piece = (start, &rest[..end]);
+        start += end;
+        Some(piece)
+    })
+}
 
 /// A loaded encoder, shared by every job on its device.
 pub struct Encoder {
@@ -87,13 +118,31 @@ impl Encoder {
         &self.name
     }
 
-    /// Tokens of `text` without special tokens, with their byte offsets into `text`.
-    pub fn token_offsets(&self, text: &str) -> Result<Vec<(usize, usize)>, String> {
-        let encoding = self
-            .chunk_tokenizer
-            .encode(text, false)
-            .map_err(|e| e.to_string())?;
-        Ok(encoding.get_offsets().to_vec())
+    /// Tokens of `text` without special tokens, with their byte offsets into `text`. A long
+    /// text is tokenized a piece at a time, cut at whitespace (where the tokenizer splits
+    /// anyway), and `cancel` is checked between pieces: `Ok(None)` when it was set.
+    pub fn token_offsets(
+        &self,
+        text: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<(usize, usize)>>, String> {
+        let mut offsets = Vec::new();
+        for (start, piece) in pieces(text, TOKENIZE_PIECE) {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let encoding = self
+                .chunk_tokenizer
+                .encode(piece, false)
+                .map_err(|e| e.to_string())?;
+            offsets.extend(
+                encoding
+                    .get_offsets()
+                    .iter()
+                    .map(|&(a, b)| (start + a, start + b)),
+            );
+        }
+        Ok(Some(offsets))
     }
 
     /// How many tokens the model sees of `text` (special tokens included), and how many the
@@ -133,9 +182,22 @@ impl Encoder {
     /// Embeds `texts` (each truncated at [`MAX_MODEL_TOKENS`]), L2-normalised, in batches.
     /// Blocking: call it from a blocking thread.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, tch::TchError> {
+        self.embed_until(texts, &CancellationToken::new())
+    }
+
+    /// [`Encoder::embed`], checking `cancel` between batches: once it is set, the texts not
+    /// yet embedded are left out (the caller discards a cancelled job's output).
+    pub fn embed_until(
+        &self,
+        texts: &[String],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Vec<f32>>, tch::TchError> {
         let _no_grad = tch::no_grad_guard();
         let mut out = Vec::with_capacity(texts.len());
         for batch in texts.chunks(BATCH) {
+            if cancel.is_cancelled() {
+                break;
+            }
             let encodings = self
                 .model_tokenizer
                 .encode_batch(batch.to_vec(), true)
@@ -166,5 +228,25 @@ impl Encoder {
             out.extend(flat.chunks(dims.max(1)).map(<[f32]>::to_vec));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_text_and_cut_after_whitespace() {
+        let text = "ab cd ef gh ij";
+        let cut: Vec<(usize, &str)> = pieces(text, 4).collect();
+        assert_eq!(cut.iter().map(|(_, p)| *p).collect::<String>(), text);
+        assert_eq!(cut[0], (0, "ab c"));
+        assert_eq!(pieces("aaa aaaa aaaa", 4).next(), Some((0, "aaa ")));
+        let wide = "é".repeat(10);
+        let cut: Vec<(usize, &str)> = pieces(&wide, 3).collect();
+        assert_eq!(cut.iter().map(|(_, p)| *p).collect::<String>(), wide);
+        assert!(cut
+            .iter()
+            .all(|(start, p)| &wide[*start..*start + p.len()] == *p));
     }
 }

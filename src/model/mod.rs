@@ -31,6 +31,9 @@ pub enum LoadError {
         /// Why.
         reason: String,
     },
+    /// The document parser executable, which extract and classify need, is not there.
+    #[error("{0}")]
+    NoParser(String),
 }
 
 /// Loads a TorchScript module onto `device`, in eval mode.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::StatusCode;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::backoff::Backoff;
@@ -251,11 +252,11 @@ impl QueueClient {
     pub async fn post_done(
         &self,
         job_id: &str,
-        body: &Value,
+        body: &RawValue,
         is_stream: bool,
     ) -> Result<(), DeliveryError> {
         let url = self.endpoints.done_url(job_id, is_stream);
-        self.deliver(&url, job_id, body).await
+        self.deliver(&url, job_id, body.get().as_bytes()).await
     }
 
     /// POSTs `body` to `url` with the result-delivery retries (re-sending spooled results).
@@ -263,9 +264,9 @@ impl QueueClient {
         &self,
         url: &str,
         job_id: &str,
-        body: &Value,
+        body: &RawValue,
     ) -> Result<(), DeliveryError> {
-        self.deliver(url, job_id, body).await
+        self.deliver(url, job_id, body.get().as_bytes()).await
     }
 
     /// POSTs one stream chunk (`{"output": chunk}`) to job-stream.
@@ -274,17 +275,19 @@ impl QueueClient {
             .endpoints
             .stream_url(job_id)
             .ok_or(DeliveryError::NoStreamUrl)?;
-        self.deliver(&url, job_id, &serde_json::json!({ "output": chunk }))
-            .await
+        let body = serde_json::to_vec(&serde_json::json!({ "output": chunk }))
+            .unwrap_or_else(|_| b"{}".to_vec());
+        self.deliver(&url, job_id, &body).await
     }
 
-    async fn deliver(&self, url: &str, job_id: &str, body: &Value) -> Result<(), DeliveryError> {
+    async fn deliver(&self, url: &str, job_id: &str, body: &[u8]) -> Result<(), DeliveryError> {
         let deadline = Instant::now() + Duration::from_secs(self.config.delivery_retry_s);
         let mut backoff = Backoff::new(
             Duration::from_millis(self.config.backoff_initial_ms),
             Duration::from_millis(self.config.backoff_max_ms),
         );
-        let payload = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+        // Shared by every attempt without a copy.
+        let payload = bytes::Bytes::copy_from_slice(body);
         loop {
             let attempt = self
                 .http

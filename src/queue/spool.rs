@@ -4,18 +4,18 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::outcome::DoneBody;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// A result waiting to be delivered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SpooledResult {
     /// The job it answers.
     pub job_id: String,
     /// The job-done URL it was meant for.
     pub url: String,
-    /// The job-done body.
-    pub body: Value,
+    /// The job-done body, as it was to be posted.
+    pub body: DoneBody,
 }
 
 /// A directory of spooled results.
@@ -112,7 +112,7 @@ mod tests {
         let result = SpooledResult {
             job_id: "a/../b".into(),
             url: "http://q/done".into(),
-            body: json!({"output": 1}),
+            body: serde_json::value::to_raw_value(&json!({"output": 1})).unwrap(),
         };
         let path = spool.save(&result).unwrap();
         assert!(path
@@ -122,7 +122,12 @@ mod tests {
             .unwrap()
             .starts_with("a____b-"));
         let pending = spool.pending();
-        assert_eq!(pending, vec![(path.clone(), result)]);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].0, path);
+        assert_eq!(
+            (pending[0].1.job_id.as_str(), pending[0].1.body.get()),
+            (result.job_id.as_str(), result.body.get())
+        );
         spool.remove(&path);
         assert!(spool.pending().is_empty());
     }

@@ -1,6 +1,8 @@
-//! Running one admitted job on its handler: the deadline, cancellation, and panic isolation.
+//! Running one admitted job on its handler, in two stages (prepare, then the model work), under
+//! one cancel arm: the deadline, the queue's stop, the drain. Panics fail the job only.
 //! Shared by the worker and `test-input`.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -8,7 +10,7 @@ use futures::FutureExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::handlers::{HandlerEntry, JobContext};
+use crate::handlers::{HandlerEntry, JobContext, Prepared};
 use crate::outcome::{ErrorType, JobError};
 
 /// How a job's run ended.
@@ -85,21 +87,85 @@ impl Deadline {
     }
 }
 
-/// Runs `ctx` on `entry`'s handler within `deadline`.
-///
-/// - `stop` (the stop channel) abandons the job: [`Execution::Cancelled`].
-/// - `interrupt` (the drain's grace period is over) ends it with `Interrupted`.
-/// - Past `deadline` it ends with `Timeout`.
-/// - A panic in the handler fails this job only, with `Internal`.
-///
-/// In each case the handler's `ctx.cancel` is set so that work on other threads stops at its
-/// next safe point.
-pub async fn execute(
+/// The one cancel arm every stage of a job runs under: its deadline, the queue stopping it
+/// (the stop channel), and the drain's grace running out. When one of them ends a stage, the
+/// job's `ctx.cancel` is set, so work on other threads stops at its next safe point.
+pub struct Bounds<'a> {
+    deadline: Deadline,
+    ends_at: tokio::time::Instant,
+    stop: &'a CancellationToken,
+    interrupt: &'a CancellationToken,
+    job_cancel: CancellationToken,
+}
+
+impl<'a> Bounds<'a> {
+    /// Bounds that end `deadline.left` from now; `job_cancel` is the job's `ctx.cancel`.
+    pub fn new(
+        deadline: Deadline,
+        stop: &'a CancellationToken,
+        interrupt: &'a CancellationToken,
+        job_cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            ends_at: tokio::time::Instant::now() + deadline.left,
+            deadline,
+            stop,
+            interrupt,
+            job_cancel,
+        }
+    }
+
+    /// Runs `work` to its end, unless the job ends first:
+    /// - `stop` abandons it: [`Execution::Cancelled`];
+    /// - `interrupt` (the drain's grace period is over) ends it with `Interrupted`;
+    /// - past the deadline it ends with `Timeout`.
+    pub async fn within<T>(&self, work: impl Future<Output = T>) -> Result<T, Execution> {
+        let ended = tokio::select! {
+            value = work => return Ok(value),
+            () = tokio::time::sleep_until(self.ends_at) => Execution::Finished(Err(JobError::new(
+                ErrorType::Timeout,
+                self.deadline.message(),
+            ))),
+            () = self.stop.cancelled() => Execution::Cancelled,
+            () = self.interrupt.cancelled() => Execution::Finished(Err(JobError::new(
+                ErrorType::Interrupted,
+                "the worker was shut down before the job finished; submit it again",
+            ))),
+        };
+        self.job_cancel.cancel();
+        Err(ended)
+    }
+}
+
+/// The prepare stage: `entry`'s handler checks the input and fetches and parses what the job
+/// needs (CPU only; no GPU memory is held), within `bounds`. A panic fails this job only.
+pub async fn prepare(
+    entry: &HandlerEntry,
+    ctx: &JobContext,
+    bounds: &Bounds<'_>,
+) -> Result<Prepared, Execution> {
+    let handler = match &entry.handler {
+        Ok(handler) => handler.clone(),
+        Err(reason) => {
+            return Err(Execution::Finished(Err(JobError::new(
+                ErrorType::ModelError,
+                reason.clone(),
+            ))))
+        }
+    };
+    match bounds.within(guarded(entry, handler.prepare(ctx))).await? {
+        Ok(prepared) => Ok(prepared),
+        Err(error) => Err(Execution::Finished(Err(error))),
+    }
+}
+
+/// The execute stage: the model work of `entry`'s handler with what `prepare` made, within
+/// `bounds`. A panic fails this job only. `ctx.cancel` is set when it ends, however it ends.
+pub async fn run(
     entry: &HandlerEntry,
     ctx: JobContext,
-    deadline: Deadline,
-    stop: &CancellationToken,
-    interrupt: &CancellationToken,
+    prepared: Prepared,
+    bounds: &Bounds<'_>,
 ) -> Execution {
     let handler = match &entry.handler {
         Ok(handler) => handler.clone(),
@@ -108,35 +174,45 @@ pub async fn execute(
         }
     };
     let job_cancel = ctx.cancel.clone();
-    let run = AssertUnwindSafe(handler.run(ctx)).catch_unwind();
-    let outcome = tokio::select! {
-        result = run => match result {
-            Ok(result) => Execution::Finished(result),
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!("handler {} panicked: {what}", entry.name);
-                Execution::Finished(Err(JobError::internal(format!(
-                    "the {} handler failed unexpectedly; the worker is still running",
-                    entry.name
-                ))))
-            }
-        },
-        () = tokio::time::sleep(deadline.left) => Execution::Finished(Err(JobError::new(
-            ErrorType::Timeout,
-            deadline.message(),
-        ))),
-        () = stop.cancelled() => Execution::Cancelled,
-        () = interrupt.cancelled() => Execution::Finished(Err(JobError::new(
-            ErrorType::Interrupted,
-            "the worker was shut down before the job finished; submit it again",
-        ))),
+    let outcome = match bounds
+        .within(guarded(entry, handler.run(ctx, prepared)))
+        .await
+    {
+        Ok(result) => Execution::Finished(result),
+        Err(ended) => ended,
     };
     job_cancel.cancel();
     outcome
+}
+
+/// Both stages without GPU memory between them (`test-input`, benchmarks).
+pub async fn execute(entry: &HandlerEntry, ctx: JobContext, bounds: &Bounds<'_>) -> Execution {
+    match prepare(entry, &ctx, bounds).await {
+        Ok(prepared) => run(entry, ctx, prepared, bounds).await,
+        Err(ended) => ended,
+    }
+}
+
+/// `work`, with a panic turned into this job's `Internal` error.
+async fn guarded<T>(
+    entry: &HandlerEntry,
+    work: impl Future<Output = Result<T, JobError>>,
+) -> Result<T, JobError> {
+    match AssertUnwindSafe(work).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!("handler {} panicked: {what}", entry.name);
+            Err(JobError::internal(format!(
+                "the {} handler failed unexpectedly; the worker is still running",
+                entry.name
+            )))
+        }
+    }
 }
 
 fn format_duration(d: Duration) -> String {

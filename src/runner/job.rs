@@ -1,5 +1,6 @@
-//! One taken job, from the take to its answer: routing, the wait for its handler (bounded),
-//! the run, and the job-done POST.
+//! One taken job, from the take to its answer, one stage after another: take (routing, in
+//! [`dispatch`]) → admit (slots) → prepare (fetch and parse, CPU only) → reserve (GPU memory)
+//! → execute (model work) → release (slots, memory) → report (learning, deliver or spool).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,11 +10,14 @@ use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{execute, Deadline, Execution, HeldJob, JobCounters, Worker};
+use super::board::AlreadyHere;
+use super::execute::{self, Bounds, Deadline, Execution};
+use super::{HeldJob, JobCounters, Worker};
 use crate::admission::{
-    Admitted, Admitter, GlobalSlot, Learned, LimitChange, QueuedTicket, Refusal,
+    Admitted, Admitter, GlobalSlot, Learned, LimitChange, QueuedTicket, Refusal, Reservation,
+    RetrySignal,
 };
-use crate::handlers::{ChunkSink, JobContext};
+use crate::handlers::{ChunkSink, HandlerEntry, JobContext};
 use crate::outcome::{sized_done_body, ErrorType, JobError};
 use crate::queue::client::DeliveryError;
 use crate::queue::protocol::{id_problem, shown_id};
@@ -44,14 +48,24 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
             answer(&worker, &id, Err(JobError::invalid_input(problem)), false).await;
         }));
     }
-    let Some(held) = worker.board.register(&id) else {
-        JobCounters::bump(&worker.counters.duplicates);
-        tracing::warn!(
-            job_id = %id,
-            "the queue sent a job already in hand (a repeated id, or a lease that ran out while \
-             it ran): not started again; the running copy answers"
-        );
-        return None;
+    let held = match worker.board.register(&id) {
+        Ok(held) => held,
+        Err(already) => {
+            JobCounters::bump(&worker.counters.duplicates);
+            match already {
+                AlreadyHere::Running => tracing::warn!(
+                    job_id = %id,
+                    "the queue sent a job already in hand (a repeated id, or a lease that ran out \
+                     while it ran): not started again; the running copy answers"
+                ),
+                AlreadyHere::Answered => tracing::warn!(
+                    job_id = %id,
+                    "the queue sent a job whose result was just delivered (its lease ran out \
+                     while it ran): not started again"
+                ),
+            }
+            return None;
+        }
     };
     let slot = worker.limits.try_global();
     let job = match item {
@@ -98,21 +112,23 @@ async fn run(
     // On the heartbeat board until this task ends, however it ends.
     let stop = held.stop().clone();
     // The local queue's bound covers the whole wait, from the take: for a global slot (jobs
-    // the queue sent beyond what was asked), the handler's slot, then memory. One acquisition
-    // order everywhere: global, handler, memory.
+    // the queue sent beyond what was asked), the handler's slot, then memory.
     let taken_at = Instant::now();
+    let max_wait = worker.config.local_queue_max_wait();
     let entry = worker
         .handlers
         .get(&handler)
         .expect("routed to a known handler");
     let admitter = Admitter::new(worker.limits.clone(), worker.memory.clone());
+
+    // Admit: the slots.
     let admitted = admitter
         .admit(
             entry,
             ticket,
             slot,
             taken_at,
-            worker.config.local_queue_max_wait(),
+            max_wait,
             &stop,
             &worker.interrupt,
         )
@@ -120,7 +136,6 @@ async fn run(
     let Admitted {
         slot: _slot,
         permit,
-        reservation,
     } = match admitted {
         Ok(admitted) => admitted,
         Err(Refusal::Stopped) => {
@@ -131,13 +146,8 @@ async fn run(
             answer(&worker, &job.id, Err(interrupted()), false).await;
             return;
         }
-        Err(Refusal::Retry { reason, error }) => {
-            worker
-                .metrics
-                .retry_signals
-                .with_label_values(&[reason])
-                .inc();
-            answer(&worker, &job.id, Err(error), false).await;
+        Err(Refusal::Retry(signal)) => {
+            answer_retry(&worker, &job.id, signal).await;
             return;
         }
     };
@@ -149,8 +159,8 @@ async fn run(
     tracing::info!(job_id = %job.id, "{}", entry.started_line(permit.active_at_start()));
     let started = Instant::now();
 
-    // The queue counts `policy.executionTimeout` from the take: what is left of it, so our own
-    // `Timeout` arrives before the queue gives up on the job. `execution_timeout` counts from now.
+    // The job's time counts from here. The queue counts `policy.executionTimeout` from the
+    // take: what is left of it, so our own `Timeout` arrives before the queue gives up.
     let deadline = Deadline::of(
         worker.config.execution_timeout(),
         job.policy_execution_timeout(),
@@ -165,19 +175,20 @@ async fn run(
         CancellationToken::new(),
         simulated,
     );
-    // Models are loaded on every GPU: the job runs where its memory is reserved (a simulated
-    // GPU computes on the CPU, where there is one copy).
-    if !simulated {
-        ctx.device = reservation.as_ref().map(|r| r.device());
-    }
-    let peak_probe = worker.lessons.peak_probe(reservation.as_ref(), simulated);
-    let execution = execute(entry, ctx.clone(), deadline, &stop, &worker.interrupt).await;
-    if let Some(peak) = peak_probe.and_then(|probe| worker.lessons.peak(probe)) {
-        ctx.report_gpu_peak(peak);
-    }
-    // The handler's slot and the job's GPU memory go back as soon as its threads have really
-    // returned (a timed-out or stopped model call may still be running), not after the result
-    // is delivered, which can take `delivery_retry_s`.
+    ctx.max_output_bytes = worker.config.queue.max_result_size.bytes();
+    let bounds = Bounds::new(deadline, &stop, &worker.interrupt, ctx.cancel.clone());
+    let stages = Stages {
+        worker: &worker,
+        entry,
+        admitter: &admitter,
+        bounds: &bounds,
+        wait_until: taken_at + max_wait,
+    };
+    let (ended, reservation) = stages.prepare_reserve_execute(&mut ctx).await;
+
+    // Release: the handler's slot and the job's GPU memory go back as soon as its threads
+    // have really returned (a timed-out or stopped model call may still be running), not
+    // after the result is delivered, which can take `delivery_retry_s`.
     let release = async {
         ctx.threads_finished().await;
         // With a host-wide ledger the release also empties the allocator's cache, off the
@@ -185,10 +196,12 @@ async fn run(
         drop(reservation);
         drop(permit);
     };
+    // Report: learning, then deliver or spool.
     let report = async {
-        match execution {
-            Execution::Cancelled => finish_cancelled(&worker, &job.id),
-            Execution::Finished(mut result) => {
+        match ended {
+            Ended::Refused(signal) => answer_retry(&worker, &job.id, signal).await,
+            Ended::Ran(Execution::Cancelled) => finish_cancelled(&worker, &job.id),
+            Ended::Ran(Execution::Finished(mut result)) => {
                 if let Err(error) = &mut result {
                     if error.is_out_of_memory() {
                         // When memory should free up, as for an admission refusal.
@@ -209,6 +222,64 @@ async fn run(
         }
     };
     tokio::join!(release, report);
+}
+
+/// How the stages after admission ended.
+enum Ended {
+    /// The job ran (or was cut short by its deadline, a stop or the drain).
+    Ran(Execution),
+    /// GPU memory did not come free in time: the retry signal, without running the model.
+    Refused(RetrySignal),
+}
+
+/// The stages of an admitted job that run under its cancel arm.
+struct Stages<'a> {
+    worker: &'a Worker,
+    entry: &'a HandlerEntry,
+    admitter: &'a Admitter,
+    bounds: &'a Bounds<'a>,
+    /// The local queue's bound, for the memory wait.
+    wait_until: Instant,
+}
+
+impl Stages<'_> {
+    /// Prepare (CPU only, no GPU memory held), reserve (GPU memory), execute (model work).
+    /// Returns how it ended and the reservation, if one was made, for the release.
+    async fn prepare_reserve_execute(&self, ctx: &mut JobContext) -> (Ended, Option<Reservation>) {
+        let prepared = match execute::prepare(self.entry, ctx, self.bounds).await {
+            Ok(prepared) => prepared,
+            Err(ended) => return (Ended::Ran(ended), None),
+        };
+        let reserve = self.admitter.reserve(self.entry, self.wait_until);
+        let reservation = match self.bounds.within(reserve).await {
+            Ok(Ok(reservation)) => reservation,
+            Ok(Err(signal)) => return (Ended::Refused(signal), None),
+            Err(ended) => return (Ended::Ran(ended), None),
+        };
+        let simulated = ctx.simulated_gpu;
+        // Models are loaded on every GPU: the job runs where its memory is reserved (a
+        // simulated GPU computes on the CPU, where there is one copy).
+        if !simulated {
+            ctx.device = reservation.as_ref().map(Reservation::device);
+        }
+        let lessons = &self.worker.lessons;
+        let peak_probe = lessons.peak_probe(reservation.as_ref(), simulated);
+        let execution = execute::run(self.entry, ctx.clone(), prepared, self.bounds).await;
+        if let Some(peak) = peak_probe.and_then(|probe| lessons.peak(probe)) {
+            ctx.report_gpu_peak(peak);
+        }
+        (Ended::Ran(execution), reservation)
+    }
+}
+
+/// Answers a job with the retry signal, counted by its reason.
+async fn answer_retry(worker: &Worker, job_id: &str, signal: RetrySignal) {
+    worker
+        .metrics
+        .retry_signals
+        .with_label_values(&[signal.reason])
+        .inc();
+    answer(worker, job_id, Err(signal.error), false).await;
 }
 
 /// Counts and logs what a finished job taught admission.
@@ -262,7 +333,10 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
         }
     }
     match worker.client.post_done(job_id, &body, streamed).await {
-        Ok(()) => tracing::debug!(job_id, "result delivered"),
+        Ok(()) => {
+            worker.board.delivered(job_id);
+            tracing::debug!(job_id, "result delivered");
+        }
         Err(DeliveryError::Gone(_)) => {
             JobCounters::bump(&worker.counters.undelivered);
             tracing::warn!(

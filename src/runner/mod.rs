@@ -4,9 +4,10 @@
 //! One rule runs through it: capacity is reserved before work is taken. The take loop asks
 //! the limits and memory how many jobs could start, takes at most that many, and gives each a
 //! global slot that is held until the job is answered. A job's life then reads top to bottom in
-//! [`job`]: admit (`admission::Admitter`), execute, release (slot and memory, before the
-//! result is posted), report (deliver or spool); a [`HeldJob`] keeps it on the heartbeat board
-//! until it ends, whichever way. Every taken job is answered, even at SIGTERM, except a job the
+//! [`job`]: admit (slots, `admission::Admitter`), prepare (fetch and parse, CPU only), reserve
+//! (GPU memory), execute (model work), release (slot and memory, before the result is
+//! posted), report (deliver or spool), all under one cancel arm ([`Bounds`]); a [`HeldJob`]
+//! keeps it on the heartbeat board until it ends, whichever way. Every taken job is answered, even at SIGTERM, except a job the
 //! queue itself stopped (the SDK's behaviour).
 
 mod background;
@@ -35,7 +36,9 @@ use crate::queue::{QueueClient, QueueEndpoints, Spool};
 
 pub use crate::health::JobCounters;
 pub use board::{HeldJob, JobBoard};
-pub use execute::{execute, Deadline, Execution, LimitSource, PLATFORM_EXECUTION_TIMEOUT};
+pub use execute::{
+    execute, prepare, run, Bounds, Deadline, Execution, LimitSource, PLATFORM_EXECUTION_TIMEOUT,
+};
 
 /// What a worker is started with. Tests substitute each part.
 pub struct WorkerSetup {

@@ -365,3 +365,60 @@ async fn two_worker_processes_on_one_gpu_never_exceed_its_budget_together() {
     );
     assert_eq!((a.code(), b.code()), (Some(0), Some(0)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_is_fetched_before_its_gpu_memory_is_reserved() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A server that sends its headers and a little of the body, then stalls; it says when it
+    // has been asked.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/slow", listener.local_addr().unwrap());
+    let (asked, asked_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 1024];
+        let _ = socket.read(&mut request).await;
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nhi";
+        let _ = socket.write_all(head.as_bytes()).await;
+        let _ = asked.send(());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    let mut config = test_config();
+    config.gpu.simulate = Some("24GB".parse().unwrap());
+    config.handler.model_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("handler/models");
+    config.handlers.clear();
+    config.handlers.insert(
+        "classify".into(),
+        HandlerConfig {
+            allow_private_urls: Some(true),
+            url_timeout_s: Some(2),
+            ..handler("classify", DeviceChoice::Cuda, 1, Some("8GB"))
+        },
+    );
+    let worker = TestWorker::start(config, |h| h, 200).await;
+    worker.enqueue(
+        "slow-doc",
+        json!({"task": "classify", "labels": ["a", "b"], "document": {"url": url}}),
+    );
+    asked_rx.await.unwrap();
+    let health = worker.health().await;
+    assert_eq!(
+        health["gpus"][0]["reserved_gb"].as_f64(),
+        Some(0.0),
+        "no GPU memory is held while the document is fetched: {health}"
+    );
+    let done = worker.done("slow-doc").await;
+    assert_eq!(
+        done.body["output"]["error_type"], "InvalidInput",
+        "{:?}",
+        done.body
+    );
+    // A document that arrives is classified with its memory reserved as usual.
+    worker.enqueue(
+        "fast-doc",
+        json!({"task": "classify", "labels": ["a", "b"], "text": "a"}),
+    );
+    assert!(worker.done("fast-doc").await.body["output"]["label"].is_string());
+    worker.stop().await;
+}

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
-use runpod_worker::gpu::cuda_runtime::{CudaVersion, DriverInfo};
+use runpod_worker::gpu::cuda_runtime::{CudaVersion, DriverInfo, TorchCuda};
 use runpod_worker::gpu::{DeviceReading, GpuProbe};
 use runpod_worker::handlers::HandlerSet;
 use serde_json::json;
@@ -236,4 +236,21 @@ async fn a_jobs_gpu_memory_goes_back_before_its_result_is_delivered() {
     worker.done("first").await;
     worker.done("second").await;
     worker.stop().await;
+}
+
+#[test]
+fn the_worker_links_libtorch_cuda_and_the_document_parser_does_not() {
+    // build.rs keeps libtorch_cuda linked (else CUDA is never visible) for the worker and these
+    // tests; the parser child must not map libtorch, or its memory limit would go to CUDA.
+    assert!(TorchCuda::read().linked, "build.rs links libtorch_cuda");
+    let needed = |exe: &str| {
+        let out = Command::new("ldd").arg(exe).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(needed(BIN).contains("libtorch_cuda"));
+    let parser = needed(crate::helpers::PARSER);
+    assert!(
+        !parser.contains("torch") && !parser.contains("c10"),
+        "{parser}"
+    );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runpod_worker::config::Config;
-use runpod_worker::handlers::{Handler, HandlerSet, JobContext};
+use runpod_worker::handlers::{Handler, HandlerSet, JobContext, Prepared};
 use runpod_worker::mock_queue::{MockOptions, MockQueue};
 use runpod_worker::outcome::JobError;
 use runpod_worker::queue::QueueEndpoints;
@@ -70,6 +70,8 @@ pub fn spawn_mock_with(options: MockOptions) -> Arc<MockQueue> {
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_runpod-worker");
+/// The document parser's child process.
+pub const PARSER: &str = env!("CARGO_BIN_EXE_runpod-parse");
 
 /// The real binary as a `serve` worker against the mock at `base`.
 pub fn worker_command(base: &str, worker: &str) -> Command {
@@ -134,6 +136,8 @@ pub fn test_config() -> Config {
     )
     .unwrap();
     config.server.port = 0;
+    // The document parser is part of the worker's setup: the one cargo built beside the tests.
+    config.handler.parser = Some(PARSER.into());
     // Each test its own spool, never the repository's.
     config.queue.spool_dir = std::env::temp_dir().join(format!(
         "runpod-worker-test-spool-{}",
@@ -365,7 +369,7 @@ impl GateHandler {
 
 #[async_trait]
 impl Handler for GateHandler {
-    async fn run(&self, ctx: JobContext) -> Result<Value, JobError> {
+    async fn run(&self, ctx: JobContext, _prepared: Prepared) -> Result<Value, JobError> {
         self.enter();
         let gate = self.shared.as_deref().unwrap_or(self);
         let permit = gate.release.acquire().await;

@@ -157,3 +157,59 @@ async fn a_take_answer_that_stalls_in_its_body_does_not_hold_up_the_shutdown() {
         stopping.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_models_load_exits_at_once() {
+    // Forty handlers that each load their own copy of MiniLM: loading takes many seconds.
+    let dir = tempfile::tempdir().unwrap();
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("handler/models");
+    let mut toml = format!("[handler]\nmax_concurrency = 1\nmodel_dir = {models:?}\n");
+    for i in 0..40 {
+        toml.push_str(&format!(
+            "[handlers.m{i}]\nkind = \"torchscript\"\nmodel = \"minilm.pt\"\n\
+             inputs = [\"input_ids\", \"attention_mask\"]\nmax_concurrency = 1\ndevice = \"cpu\"\n"
+        ));
+    }
+    let config = dir.path().join("runpod.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mock = spawn_mock(Duration::from_secs(2));
+    let mut child = worker_command(&mock.base_url(), "loading")
+        .env("RUNPOD_WORKER_CONFIG", &config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The HTTP server is up before the models load; /ready says so.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let ready = reqwest::get(format!("{base}/ready")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.text().await.unwrap(), "starting");
+    let signalled = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let (status, mut child) = tokio::task::spawn_blocking(move || (child.wait().unwrap(), child))
+        .await
+        .unwrap();
+    let took = signalled.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after SIGTERM: {stderr}"
+    );
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("ready:"),
+        "it never became ready: {stderr}"
+    );
+}
