@@ -156,8 +156,8 @@ pub fn done_body(result: &Result<Value, JobError>, stop_pod: bool) -> DoneBody {
     serde_json::value::to_raw_value(&fields).expect("a JSON value always serialises")
 }
 
-/// The `OutputTooLarge` error for an output of `size` bytes (or more) over `limit`.
-pub fn output_too_large(size: u64, limit: u64) -> JobError {
+/// The `OutputTooLarge` error for an output of `size` bytes over `limit`.
+fn output_too_large(size: u64, limit: u64) -> JobError {
     JobError::new(
         ErrorType::OutputTooLarge,
         format!(

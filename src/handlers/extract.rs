@@ -14,7 +14,7 @@ use super::fetch::FetchPolicy;
 use super::parser::ParserPool;
 use super::{Handler, JobContext, Prepared};
 use crate::model::{torch_error, Encoder, OnDevices};
-use crate::outcome::{output_too_large, JobError};
+use crate::outcome::{ErrorType, JobError};
 
 /// The extraction handler.
 pub struct ExtractHandler {
@@ -131,7 +131,15 @@ impl Handler for ExtractHandler {
             // Refused before the embeddings and the JSON exist, when it cannot fit anyway.
             let floor = output_floor(text.len(), &ranges, encoder.dims(), embed);
             if floor > max_output {
-                return Err(output_too_large(floor, max_output));
+                return Err(JobError::new(
+                    ErrorType::OutputTooLarge,
+                    format!(
+                        "the result would take at least {floor} bytes ({} chunks of text and \
+                         embeddings), over the limit of {max_output} bytes; send a shorter \
+                         document, or set embed to false",
+                        ranges.len()
+                    ),
+                ));
             }
             let chunk_texts: Vec<String> =
                 ranges.iter().map(|&(a, b)| text[a..b].to_owned()).collect();

@@ -358,3 +358,34 @@ async fn documents_from_pdf_html_and_url_and_the_torchscript_handler() {
     assert_eq!(worker.health().await["status"], "healthy");
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_that_cannot_fit_is_refused_before_anything_is_embedded() {
+    let mut config = model_config();
+    config.queue.max_result_size = "100KB".parse().unwrap();
+    let worker = TestWorker::start(config, |h| h, 200).await;
+    // 80 KB of text: the text, its chunks and 384 numbers per chunk cannot fit in 100 KB.
+    let text = "word ".repeat(16_000);
+    worker.enqueue(
+        "too-big",
+        json!({"task": "extract", "document": {"text": text}}),
+    );
+    let output = worker.done("too-big").await.body["output"].clone();
+    assert_eq!(output["error_type"], "OutputTooLarge", "{output}");
+    let message = output["error"].as_str().unwrap();
+    assert!(
+        message.contains("would take at least") && message.contains("embed to false"),
+        "decided from the chunk count, before the embeddings exist: {message}"
+    );
+    // Without embeddings the same document fits.
+    worker.enqueue(
+        "text-only",
+        json!({"task": "extract", "embed": false, "document": {"text": "word ".repeat(2_000)}}),
+    );
+    let output = worker.done("text-only").await.body["output"].clone();
+    assert!(
+        output["chunks"].as_array().is_some_and(|c| !c.is_empty()),
+        "{output}"
+    );
+    worker.stop().await;
+}
