@@ -208,3 +208,40 @@ async fn a_queue_answering_garbage_is_survived_with_backoff() {
     worker.done("after-garbage").await;
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_waiting_for_delivery_hold_their_global_slot_so_the_take_loop_waits() {
+    // One global slot: a result the queue keeps refusing (503, retried) holds it, so no second
+    // job is taken meanwhile. Results waiting for delivery are bounded by max_concurrency
+    // (count) times max_result_size (bytes).
+    let mut config = test_config();
+    config.handler.max_concurrency = 1;
+    config.queue.delivery_retry_s = 30;
+    let worker = TestWorker::start(config, |h| h, 200).await;
+    worker.mock.set_fault(
+        Route::Done,
+        Some(Fault {
+            status: 503,
+            rate: 1.0,
+        }),
+    );
+    worker.enqueue("first", json!({"task": "echo"}));
+    worker.enqueue("second", json!({"task": "echo"}));
+    // The first result has been refused three times: its delivery is being retried.
+    worker
+        .mock
+        .wait_for_requests(Route::Done, 3, WAIT)
+        .await
+        .expect("the result is retried");
+    let queue = worker.mock.endpoint(EP);
+    assert_eq!(
+        queue.holder_of("second"),
+        None,
+        "the second job stays in the queue while the only slot delivers a result"
+    );
+    assert_eq!(queue.pending.len(), 1);
+    worker.mock.set_fault(Route::Done, None);
+    worker.done("first").await;
+    worker.done("second").await;
+    worker.stop().await;
+}
