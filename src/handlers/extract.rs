@@ -74,17 +74,19 @@ struct ExtractJob {
     document: Document,
 }
 
-/// Bytes a JSON number of an embedding takes at the least (a digit and a comma): with the
-/// chunk count known, a lower bound of the output's size before anything is embedded.
+/// Bytes a JSON number of an embedding takes at the least (a digit and a comma). With these,
+/// the chunk count gives a lower bound of the output's size before anything is embedded.
 const MIN_BYTES_PER_FLOAT: u64 = 2;
-/// Bytes of a chunk's JSON around its text and numbers.
-const CHUNK_OVERHEAD: u64 = 40;
+/// Bytes of a chunk's JSON around its text at the least: `{"index":0,"text":""},` ...
+const CHUNK_OVERHEAD: u64 = 22;
+/// ... and around its numbers: `"embedding":[],`.
+const EMBEDDING_OVERHEAD: u64 = 15;
 
 /// The least the output can take, from what is known before it is built.
 fn output_floor(text_len: usize, ranges: &[(usize, usize)], dims: usize, embed: bool) -> u64 {
     let chunk_texts: u64 = ranges.iter().map(|(a, b)| (b - a) as u64).sum();
     let numbers = if embed {
-        ranges.len() as u64 * dims as u64 * MIN_BYTES_PER_FLOAT
+        ranges.len() as u64 * (dims as u64 * MIN_BYTES_PER_FLOAT + EMBEDDING_OVERHEAD)
     } else {
         0
     };
@@ -185,6 +187,35 @@ impl Handler for ExtractHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_output_floor_is_never_more_than_the_output() {
+        let text = "a b";
+        let ranges = [(0, 1), (2, 3)];
+        for embed in [true, false] {
+            let chunks: Vec<Value> = ranges
+                .iter()
+                .enumerate()
+                .map(|(index, &(a, b))| {
+                    // The shortest numbers JSON can hold.
+                    let embedding = vec![0u8; 4];
+                    if embed {
+                        json!({"index": index, "text": &text[a..b], "embedding": embedding})
+                    } else {
+                        json!({"index": index, "text": &text[a..b]})
+                    }
+                })
+                .collect();
+            let output = json!({"text": text, "chunks": chunks});
+            let size = serde_json::to_vec(&output).unwrap().len() as u64;
+            let floor = output_floor(text.len(), &ranges, 4, embed);
+            assert!(floor <= size, "embed {embed}: floor {floor} over {size}");
+            assert!(
+                floor * 2 > size,
+                "embed {embed}: floor {floor} far under {size}"
+            );
+        }
+    }
 
     #[test]
     fn chunks_cover_every_token_with_the_overlap() {

@@ -27,8 +27,9 @@ pub const PARSER_EXE: &str = "runpod-parse";
 const CPU_POLL: Duration = Duration::from_millis(50);
 /// Documents one child parses before it is replaced (a fresh heap now and then).
 const DOCUMENTS_PER_CHILD: u32 = 1000;
-/// A child whose resident memory grew past this is replaced rather than kept warm.
-const MAX_IDLE_RSS: u64 = 256 << 20;
+/// A child whose address space grew past this (or a quarter of its limit) is replaced rather
+/// than kept warm.
+const MAX_IDLE_MAPPED: u64 = 256 << 20;
 /// What is kept of a child's stderr, to say why it died.
 const STDERR_TAIL: usize = 4096;
 
@@ -115,38 +116,54 @@ impl ParserPool {
         };
         let frame = wire::encode(&request, &bytes);
         drop(bytes);
-        let mut parser = match self.take_idle() {
-            Some(parser) => parser,
-            None => self.spawn()?,
-        };
+        if let Some(parser) = self.take_idle() {
+            match self.exchange(parser, &frame).await {
+                Exchange::Answered(result) => return result,
+                // A warm child that died is not the document's fault by itself (the kernel's
+                // OOM killer, or what an earlier document left in its heap): a fresh one decides.
+                Exchange::Died(death) => {
+                    tracing::debug!("a warm document parser stopped ({death:?}); retrying fresh")
+                }
+            }
+        }
+        let parser = self.spawn()?;
+        match self.exchange(parser, &frame).await {
+            Exchange::Answered(result) => result,
+            Exchange::Died(death) => Err(death.into_error(&self.limits)),
+        }
+    }
+
+    /// Sends one frame to `parser` and reads its reply, within the CPU limit.
+    async fn exchange(&self, mut parser: Parser, frame: &[u8]) -> Exchange {
         let cpu_before = parser.cpu_time();
         // Characters are at most 4 bytes: a longer reply is a broken child.
         let max_reply = self.limits.document.max_text_chars as u64 * 4;
         let over_cpu = cpu_over(parser.pid, cpu_before, self.limits.max_cpu);
-        let exchange = parser.exchange(&frame, max_reply);
+        let exchange = parser.exchange(frame, max_reply);
         let reply = tokio::select! {
             reply = exchange => reply,
             () = over_cpu => {
-                return Err(JobError::invalid_input(format!(
+                return Exchange::Answered(Err(JobError::invalid_input(format!(
                     "parsing the document took more than {} s of CPU time (max_parse_cpu_s); \
                      the parser was stopped",
                     self.limits.max_cpu.as_secs()
-                )));
+                ))));
             }
         };
-        match reply {
-            Ok((Reply::Parsed { pages }, text)) => {
-                let text = String::from_utf8(text)
-                    .map_err(|_| JobError::internal("the document parser sent invalid UTF-8"))?;
-                self.put_back(parser, cpu_before);
-                Ok(Document { text, pages })
-            }
+        Exchange::Answered(match reply {
+            Ok((Reply::Parsed { pages }, text)) => match String::from_utf8(text) {
+                Ok(text) => {
+                    self.put_back(parser, cpu_before);
+                    Ok(Document { text, pages })
+                }
+                Err(_) => Err(JobError::internal("the document parser sent invalid UTF-8")),
+            },
             Ok((Reply::Failed { message }, _)) => {
                 self.put_back(parser, cpu_before);
                 Err(JobError::invalid_input(message))
             }
-            Err(_) => Err(parser.death(&self.limits).await),
-        }
+            Err(error) => return Exchange::Died(parser.death(&error).await),
+        })
     }
 
     fn take_idle(&self) -> Option<Parser> {
@@ -160,9 +177,11 @@ impl ParserPool {
     fn put_back(&self, mut parser: Parser, cpu_before: Duration) {
         parser.documents += 1;
         let worked = parser.cpu_time().saturating_sub(cpu_before);
+        // RLIMIT_AS counts what is mapped, not what is resident: a child whose heap stays
+        // large would fail the next document early.
         let spent = parser.documents >= DOCUMENTS_PER_CHILD
             || worked > self.limits.max_cpu / 2
-            || parser.resident_bytes() > MAX_IDLE_RSS;
+            || parser.mapped_bytes() > MAX_IDLE_MAPPED.min(self.limits.max_memory.bytes() / 4);
         if spent {
             return;
         }
@@ -179,9 +198,8 @@ impl ParserPool {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // A backtrace after an abort is noise here: the worker says what happened.
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
+            // Nothing of the worker's environment (its API key least of all); no backtraces.
+            .env_clear()
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
@@ -288,18 +306,26 @@ impl Parser {
         cpu_time(self.pid).unwrap_or_default()
     }
 
-    fn resident_bytes(&self) -> u64 {
+    fn mapped_bytes(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .ok()
             .and_then(|status| {
-                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
                 line.split_whitespace().nth(1)?.parse::<u64>().ok()
             })
             .map_or(0, |kb| kb * 1024)
     }
 
-    /// Why the child stopped answering: its exit and the last of its stderr, as the job's error.
-    async fn death(mut self, limits: &ParseLimits) -> JobError {
+    /// Why the child stopped answering: its exit and what it said on stderr. A child that
+    /// broke the protocol but still runs is killed first.
+    async fn death(mut self, error: &std::io::Error) -> Death {
+        let hung_up = matches!(
+            error.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::BrokenPipe
+        );
+        if !hung_up {
+            let _ = self.child.start_kill();
+        }
         let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
         let _ = tokio::time::timeout(Duration::from_millis(500), &mut self.stderr_done).await;
         let tail = std::mem::take(
@@ -309,16 +335,10 @@ impl Parser {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         if tail.out_of_memory {
-            return JobError::invalid_input(format!(
-                "parsing the document needed more than {} of memory (max_parse_memory); the \
-                 parser was stopped",
-                limits.max_memory.approx()
-            ));
+            return Death::OutOfMemory;
         }
         if tail.stack_overflow {
-            return JobError::invalid_input(
-                "the document is nested too deeply to parse; the parser was stopped",
-            );
+            return Death::StackOverflow;
         }
         let how = match status {
             Ok(Ok(status)) => match status.signal() {
@@ -327,10 +347,48 @@ impl Parser {
             },
             _ => "no answer".to_owned(),
         };
-        tracing::warn!("the document parser stopped ({how}): {}", tail.text.trim());
-        JobError::invalid_input(format!(
-            "the document parser stopped on this document ({how}); it may be malformed"
-        ))
+        Death::Other(format!("{how}, {error}: {}", tail.text.trim()))
+    }
+}
+
+/// How one exchange with a child ended.
+enum Exchange {
+    /// With the document's text or error.
+    Answered(Result<Document, JobError>),
+    /// The child stopped answering.
+    Died(Death),
+}
+
+/// Why a child stopped answering.
+#[derive(Debug)]
+enum Death {
+    /// It reached its memory limit (`max_parse_memory`).
+    OutOfMemory,
+    /// It overflowed its stack.
+    StackOverflow,
+    /// Anything else: its exit, the pipe error, its last words.
+    Other(String),
+}
+
+impl Death {
+    /// The job's error when a fresh child died on its document.
+    fn into_error(self, limits: &ParseLimits) -> JobError {
+        match self {
+            Self::OutOfMemory => JobError::invalid_input(format!(
+                "parsing the document needed more than {} of memory (max_parse_memory); the \
+                 parser was stopped",
+                limits.max_memory.approx()
+            )),
+            Self::StackOverflow => JobError::invalid_input(
+                "the document is nested too deeply to parse; the parser was stopped",
+            ),
+            // Safe Rust under catch_unwind does not crash on a document: this is the
+            // worker's fault (a missing or broken parser executable), not the job's.
+            Self::Other(what) => {
+                tracing::error!("the document parser stopped unexpectedly ({what})");
+                JobError::internal("the document parser stopped unexpectedly")
+            }
+        }
     }
 }
 

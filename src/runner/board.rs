@@ -1,6 +1,6 @@
 //! The jobs this worker holds: their ids (for the heartbeat) and their stop tokens (for the stop
-//! channel), and the ids it answered moments ago (a re-send that crossed the answer is not run
-//! again).
+//! channel), and the jobs the queue re-sent while they ran that were answered moments ago (a
+//! late copy that crossed the answer is not run again).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -8,53 +8,70 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-/// A held job: its stop token, and whether its result is being posted.
+/// A held job: its stop token, whether its result is being posted, and whether the queue sent
+/// it again while it was held (its lease ran out while it ran).
 #[derive(Debug)]
 struct Held {
     stop: CancellationToken,
     answering: bool,
+    sent_again: bool,
 }
 
-/// How long a delivered job's id is remembered: a queue whose lease ran out while the job ran
-/// may hand it out again just before our result reaches it (a few lease periods).
-const DELIVERED_MEMORY: Duration = Duration::from_secs(120);
-/// Most delivered ids remembered.
-const DELIVERED_MAX: usize = 4096;
+/// How long the id of a job that the queue re-sent while it ran is remembered once its result
+/// is delivered: more copies may be on their way (a few lease periods).
+const CROSSED_MEMORY: Duration = Duration::from_secs(120);
+/// Most such ids remembered.
+const CROSSED_MAX: usize = 4096;
 
 /// Why a job was not registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AlreadyHere {
     /// A job of that id is in hand: the running copy answers.
     Running,
-    /// Its result was delivered moments ago: a re-send that crossed our answer.
+    /// A copy sent while it ran, arriving after its result was delivered.
     Answered,
 }
 
-/// In-flight jobs, keyed by id, and the ids whose results were delivered recently.
+#[derive(Debug, Default)]
+struct Board {
+    jobs: BTreeMap<String, Held>,
+    /// Jobs re-sent while they ran whose results were delivered, and when.
+    crossed: VecDeque<(String, Instant)>,
+}
+
+/// In-flight jobs, keyed by id, and the re-sent ones answered moments ago.
 #[derive(Debug, Default)]
 pub struct JobBoard {
-    jobs: Mutex<BTreeMap<String, Held>>,
-    delivered: Mutex<VecDeque<(String, Instant)>>,
+    board: Mutex<Board>,
 }
 
 impl JobBoard {
     /// Records a job as held, until the returned guard is dropped (whatever way the job ends);
     /// its token is cancelled if the queue asks to stop it. Refused if a job of that id is in
-    /// hand, or was answered moments ago: it must not run twice.
+    /// hand, or is a late copy of one the queue re-sent while it ran and whose result has been
+    /// delivered: it must not run twice. (A job sent again later, by `/retry` or after a
+    /// failed delivery, runs again.)
     pub fn register(self: &Arc<Self>, job_id: &str) -> Result<HeldJob, AlreadyHere> {
-        if self.recently_delivered(job_id) {
-            return Err(AlreadyHere::Answered);
-        }
-        let mut jobs = self.lock();
-        if jobs.contains_key(job_id) {
+        let mut board = self.lock();
+        if let Some(held) = board.jobs.get_mut(job_id) {
+            held.sent_again = true;
             return Err(AlreadyHere::Running);
+        }
+        let now = Instant::now();
+        if board
+            .crossed
+            .iter()
+            .any(|(id, at)| id == job_id && now.duration_since(*at) <= CROSSED_MEMORY)
+        {
+            return Err(AlreadyHere::Answered);
         }
         let token = CancellationToken::new();
         let held = Held {
             stop: token.clone(),
             answering: false,
+            sent_again: false,
         };
-        jobs.insert(job_id.to_owned(), held);
+        board.jobs.insert(job_id.to_owned(), held);
         Ok(HeldJob {
             board: self.clone(),
             id: job_id.to_owned(),
@@ -62,40 +79,33 @@ impl JobBoard {
         })
     }
 
-    /// The job's result reached the queue: a re-send of it is not run again for a while.
+    /// The job's output reached the queue. If the queue had sent it again while it ran, more
+    /// copies may follow: they are not run for a while.
     pub fn delivered(&self, job_id: &str) {
-        let mut delivered = self.delivered_lock();
-        let now = Instant::now();
-        while delivered.len() >= DELIVERED_MAX
-            || delivered
-                .front()
-                .is_some_and(|(_, at)| now.duration_since(*at) > DELIVERED_MEMORY)
-        {
-            delivered.pop_front();
+        let mut board = self.lock();
+        if !board.jobs.get(job_id).is_some_and(|held| held.sent_again) {
+            return;
         }
-        delivered.push_back((job_id.to_owned(), now));
-    }
-
-    fn recently_delivered(&self, job_id: &str) -> bool {
-        self.delivered_lock()
-            .iter()
-            .any(|(id, at)| id == job_id && at.elapsed() <= DELIVERED_MEMORY)
-    }
-
-    fn delivered_lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, Instant)>> {
-        self.delivered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let now = Instant::now();
+        while board.crossed.len() >= CROSSED_MAX
+            || board
+                .crossed
+                .front()
+                .is_some_and(|(_, at)| now.duration_since(*at) > CROSSED_MEMORY)
+        {
+            board.crossed.pop_front();
+        }
+        board.crossed.push_back((job_id.to_owned(), now));
     }
 
     /// The job has been answered (or abandoned): it leaves the heartbeat.
     fn finish(&self, job_id: &str) {
-        self.lock().remove(job_id);
+        self.lock().jobs.remove(job_id);
     }
 
     /// Stops a held job; `false` if this worker does not hold it.
     pub fn cancel(&self, job_id: &str) -> bool {
-        match self.lock().get(job_id) {
+        match self.lock().jobs.get(job_id) {
             Some(held) => {
                 held.stop.cancel();
                 true
@@ -107,21 +117,21 @@ impl JobBoard {
     /// Marks `job_id` as being answered; `true` when every job in hand is now being answered,
     /// i.e. this is the last result of a worker that takes no more jobs.
     pub fn begin_answer(&self, job_id: &str) -> bool {
-        let mut jobs = self.lock();
-        if let Some(held) = jobs.get_mut(job_id) {
+        let mut board = self.lock();
+        if let Some(held) = board.jobs.get_mut(job_id) {
             held.answering = true;
         }
-        jobs.values().all(|h| h.answering)
+        board.jobs.values().all(|h| h.answering)
     }
 
     /// Ids of every held job (running or waiting for its handler).
     pub fn ids(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().jobs.keys().cloned().collect()
     }
 
     /// Number of held jobs.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().jobs.len()
     }
 
     /// Whether no job is held.
@@ -129,10 +139,10 @@ impl JobBoard {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Held>> {
-        // A panic while holding this lock cannot leave the map half-updated (single inserts
+    fn lock(&self) -> std::sync::MutexGuard<'_, Board> {
+        // A panic while holding this lock cannot leave the maps half-updated (single inserts
         // and removes), so a poisoned lock is still safe to use.
-        self.jobs
+        self.board
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -177,12 +187,23 @@ mod tests {
         assert!(board.cancel("a") && held.stop().is_cancelled());
         drop(held);
         assert!(board.is_empty());
+        let again = board
+            .register("a")
+            .expect("answered: it may come again (a /retry)");
+        board.delivered("a");
+        drop(again);
         assert!(
             board.register("a").is_ok(),
-            "ended without a delivered result: it may come again"
+            "not re-sent while it ran: a later copy runs"
         );
-        board.delivered("a");
-        assert_eq!(board.register("a").err(), Some(AlreadyHere::Answered));
-        assert!(board.register("b").is_ok());
+        let crossed = board.register("b").unwrap();
+        assert_eq!(board.register("b").err(), Some(AlreadyHere::Running));
+        board.delivered("b");
+        drop(crossed);
+        assert_eq!(
+            board.register("b").err(),
+            Some(AlreadyHere::Answered),
+            "a copy sent while it ran arrives after its result: not run"
+        );
     }
 }

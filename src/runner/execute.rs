@@ -45,6 +45,11 @@ pub struct Deadline {
     pub limit: Duration,
     /// Which limit it is.
     pub source: LimitSource,
+    /// What is left of the job's policy (or the platform's default one), which nothing
+    /// extends: the queue gives up on the job then.
+    pub policy_left: Duration,
+    /// That policy's limit, and where it comes from.
+    policy: (Duration, LimitSource),
 }
 
 impl Deadline {
@@ -56,17 +61,22 @@ impl Deadline {
             Some(policy) => (policy, LimitSource::Policy),
             None => (PLATFORM_EXECUTION_TIMEOUT, LimitSource::PlatformDefault),
         };
-        if policy.saturating_sub(since_take) < execution_timeout {
+        let policy_left = policy.saturating_sub(since_take);
+        if policy_left < execution_timeout {
             Self {
-                left: policy.saturating_sub(since_take),
+                left: policy_left,
                 limit: policy,
                 source,
+                policy_left,
+                policy: (policy, source),
             }
         } else {
             Self {
                 left: execution_timeout,
                 limit: execution_timeout,
                 source: LimitSource::Config,
+                policy_left,
+                policy: (policy, source),
             }
         }
     }
@@ -93,6 +103,7 @@ impl Deadline {
 pub struct Bounds<'a> {
     deadline: Deadline,
     ends_at: tokio::time::Instant,
+    policy_ends_at: tokio::time::Instant,
     stop: &'a CancellationToken,
     interrupt: &'a CancellationToken,
     job_cancel: CancellationToken,
@@ -106,12 +117,26 @@ impl<'a> Bounds<'a> {
         interrupt: &'a CancellationToken,
         job_cancel: CancellationToken,
     ) -> Self {
+        let now = tokio::time::Instant::now();
         Self {
-            ends_at: tokio::time::Instant::now() + deadline.left,
+            ends_at: now + deadline.left,
+            policy_ends_at: now + deadline.policy_left,
             deadline,
             stop,
             interrupt,
             job_cancel,
+        }
+    }
+
+    /// Moves the deadline `waited` later (time the job spent waiting for GPU memory is local
+    /// queue time, not its execution time), but never past its policy: the queue's own clock.
+    pub fn extend(&mut self, waited: Duration) {
+        let extended = self.ends_at + waited;
+        if extended >= self.policy_ends_at {
+            self.ends_at = self.policy_ends_at;
+            (self.deadline.limit, self.deadline.source) = self.deadline.policy;
+        } else {
+            self.ends_at = extended;
         }
     }
 

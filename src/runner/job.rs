@@ -3,7 +3,7 @@
 //! → execute (model work) → release (slots, memory) → report (learning, deliver or spool).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
@@ -151,13 +151,7 @@ async fn run(
             return;
         }
     };
-    worker
-        .metrics
-        .admissions
-        .with_label_values(&[handler.as_str()])
-        .inc();
-    tracing::info!(job_id = %job.id, "{}", entry.started_line(permit.active_at_start()));
-    let started = Instant::now();
+    let active = permit.active_at_start();
 
     // The job's time counts from here. The queue counts `policy.executionTimeout` from the
     // take: what is left of it, so our own `Timeout` arrives before the queue gives up.
@@ -176,15 +170,21 @@ async fn run(
         simulated,
     );
     ctx.max_output_bytes = worker.config.queue.max_result_size.bytes();
-    let bounds = Bounds::new(deadline, &stop, &worker.interrupt, ctx.cancel.clone());
     let stages = Stages {
         worker: &worker,
         entry,
+        job_id: &job.id,
+        active,
         admitter: &admitter,
-        bounds: &bounds,
+        stop: &stop,
         wait_until: taken_at + max_wait,
     };
-    let (ended, reservation) = stages.prepare_reserve_execute(&mut ctx).await;
+    let mut bounds = Bounds::new(deadline, &stop, &worker.interrupt, ctx.cancel.clone());
+    let Worked {
+        ended,
+        reservation,
+        model_time,
+    } = stages.prepare_reserve_execute(&mut ctx, &mut bounds).await;
 
     // Release: the handler's slot and the job's GPU memory go back as soon as its threads
     // have really returned (a timed-out or stopped model call may still be running), not
@@ -209,10 +209,9 @@ async fn run(
                     }
                 }
                 worker.metrics.job_finished(&handler, &result);
-                let learned =
-                    worker
-                        .lessons
-                        .learn(&handler, &result, started.elapsed(), ctx.gpu_peak());
+                let learned = worker
+                    .lessons
+                    .learn(&handler, &result, model_time, ctx.gpu_peak());
                 report_lesson(&worker, &handler, learned);
                 if learned.replace_worker {
                     worker.ask_to_be_replaced(&result);
@@ -232,30 +231,69 @@ enum Ended {
     Refused(RetrySignal),
 }
 
-/// The stages of an admitted job that run under its cancel arm.
+/// What the stages after admission leave to the release and the report.
+struct Worked {
+    ended: Ended,
+    /// The job's GPU memory, if it got that far.
+    reservation: Option<Reservation>,
+    /// How long the model work ran (what learning times).
+    model_time: Duration,
+}
+
+impl Worked {
+    fn before_the_model(ended: Ended) -> Self {
+        Self {
+            ended,
+            reservation: None,
+            model_time: Duration::ZERO,
+        }
+    }
+}
+
+/// The stages of an admitted job.
 struct Stages<'a> {
     worker: &'a Worker,
     entry: &'a HandlerEntry,
+    job_id: &'a str,
+    /// Jobs of its handler running when it was admitted (for the start line).
+    active: usize,
     admitter: &'a Admitter,
-    bounds: &'a Bounds<'a>,
+    stop: &'a CancellationToken,
     /// The local queue's bound, for the memory wait.
     wait_until: Instant,
 }
 
 impl Stages<'_> {
     /// Prepare (CPU only, no GPU memory held), reserve (GPU memory), execute (model work).
-    /// Returns how it ended and the reservation, if one was made, for the release.
-    async fn prepare_reserve_execute(&self, ctx: &mut JobContext) -> (Ended, Option<Reservation>) {
-        let prepared = match execute::prepare(self.entry, ctx, self.bounds).await {
+    /// The job's deadline covers prepare and execute; the wait for memory is local queue time,
+    /// bounded by the local queue's bound, answered with the retry signal.
+    async fn prepare_reserve_execute(
+        &self,
+        ctx: &mut JobContext,
+        bounds: &mut Bounds<'_>,
+    ) -> Worked {
+        let prepared = match execute::prepare(self.entry, ctx, bounds).await {
             Ok(prepared) => prepared,
-            Err(ended) => return (Ended::Ran(ended), None),
+            Err(ended) => return Worked::before_the_model(Ended::Ran(ended)),
         };
-        let reserve = self.admitter.reserve(self.entry, self.wait_until);
-        let reservation = match self.bounds.within(reserve).await {
-            Ok(Ok(reservation)) => reservation,
-            Ok(Err(signal)) => return (Ended::Refused(signal), None),
-            Err(ended) => return (Ended::Ran(ended), None),
+        let waiting = Instant::now();
+        let reservation = tokio::select! {
+            reserved = self.admitter.reserve(self.entry, self.wait_until) => match reserved {
+                Ok(reservation) => reservation,
+                Err(signal) => return Worked::before_the_model(Ended::Refused(signal)),
+            },
+            () = self.stop.cancelled() => {
+                return Worked::before_the_model(Ended::Ran(Execution::Cancelled))
+            }
+            () = self.worker.interrupt.cancelled() => {
+                return Worked::before_the_model(Ended::Ran(Execution::Finished(Err(interrupted()))))
+            }
         };
+        bounds.extend(waiting.elapsed());
+        let metrics = &self.worker.metrics;
+        let handler = self.entry.name.as_str();
+        metrics.admissions.with_label_values(&[handler]).inc();
+        tracing::info!(job_id = %self.job_id, "{}", self.entry.started_line(self.active));
         let simulated = ctx.simulated_gpu;
         // Models are loaded on every GPU: the job runs where its memory is reserved (a
         // simulated GPU computes on the CPU, where there is one copy).
@@ -264,11 +302,17 @@ impl Stages<'_> {
         }
         let lessons = &self.worker.lessons;
         let peak_probe = lessons.peak_probe(reservation.as_ref(), simulated);
-        let execution = execute::run(self.entry, ctx.clone(), prepared, self.bounds).await;
+        let started = Instant::now();
+        let execution = execute::run(self.entry, ctx.clone(), prepared, bounds).await;
+        let model_time = started.elapsed();
         if let Some(peak) = peak_probe.and_then(|probe| lessons.peak(probe)) {
             ctx.report_gpu_peak(peak);
         }
-        (Ended::Ran(execution), reservation)
+        Worked {
+            ended: Ended::Ran(execution),
+            reservation,
+            model_time,
+        }
     }
 }
 
@@ -334,7 +378,9 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
     }
     match worker.client.post_done(job_id, &body, streamed).await {
         Ok(()) => {
-            worker.board.delivered(job_id);
+            if result.is_ok() {
+                worker.board.delivered(job_id);
+            }
             tracing::debug!(job_id, "result delivered");
         }
         Err(DeliveryError::Gone(_)) => {

@@ -11,6 +11,9 @@ use crate::wire::{self, Reply, Request};
 /// The argument that carries the memory limit, in bytes: `--max-memory BYTES`.
 pub const MAX_MEMORY_ARG: &str = "--max-memory";
 
+/// Longest failure message sent back.
+const MAX_MESSAGE_CHARS: usize = 2000;
+
 /// Largest document a request may carry (the worker's job size limit is far below).
 const MAX_REQUEST_BODY: u64 = 4 << 30;
 
@@ -80,7 +83,11 @@ pub fn serve(input: &mut impl io::Read, output: &mut impl io::Write) -> io::Resu
                 },
                 parsed.text.as_bytes(),
             )?,
-            Err(failed) => wire::write(output, &Reply::Failed { message: failed.0 }, b"")?,
+            Err(failed) => {
+                // Messages quote the document's own words at times: keep the header small.
+                let message = failed.0.chars().take(MAX_MESSAGE_CHARS).collect();
+                wire::write(output, &Reply::Failed { message }, b"")?
+            }
         }
     }
     Ok(())
