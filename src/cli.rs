@@ -25,6 +25,15 @@ pub enum Command {
         #[arg(long)]
         http_port: Option<u16>,
     },
+    /// Probe a running worker's /ready (a container HEALTHCHECK): exit 0 when it is ready.
+    Health {
+        /// Config file, for `[server]` host and port (and their environment overrides).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Probe this URL instead (e.g. http://127.0.0.1:8080/ready).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// A mock queue (endpoint id `local`) and a worker in one process, on 127.0.0.1.
     Local {
         /// Port of the mock queue (the endpoint URL is http://127.0.0.1:PORT/v2/local).

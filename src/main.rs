@@ -26,6 +26,9 @@ async fn run(cli: Cli) -> i32 {
     telemetry::init(telemetry::LogFormat::from_env());
     match cli.command {
         Command::Serve { config, http_port } => commands::serve(config.as_deref(), http_port).await,
+        Command::Health { config, url } => {
+            commands::health(config.as_deref(), url.as_deref()).await
+        }
         Command::Local {
             port,
             config,

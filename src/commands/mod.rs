@@ -2,6 +2,7 @@
 
 mod check_config;
 mod gpu_check;
+mod health;
 mod local;
 mod mock;
 mod serve;
@@ -9,6 +10,7 @@ mod test_input;
 
 pub use check_config::{capacity_plan, check_config, PlannedGpu};
 pub use gpu_check::{gpu_check, GpuCheckArgs};
+pub use health::{health, ready_url};
 pub use local::{
     local, local_mock_options, run_local, LocalArgs, LocalError, LocalSetup, LOCAL_ENDPOINT,
 };

@@ -21,6 +21,10 @@ pub use validate::validate_budget;
 
 /// Environment variable that names the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "RUNPOD_WORKER_CONFIG";
+/// Overrides `[server] host`.
+pub const HOST_ENV: &str = "RUNPOD_WORKER_HOST";
+/// Overrides `[server] port`.
+pub const PORT_ENV: &str = "RUNPOD_WORKER_PORT";
 /// The file looked for in the working directory when neither `--config` nor the variable is set.
 pub const DEFAULT_CONFIG_FILE: &str = "runpod.toml";
 
@@ -387,14 +391,38 @@ impl Config {
         let path = match explicit {
             Some(p) => p,
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => PathBuf::from(DEFAULT_CONFIG_FILE),
-            None => return Ok((Self::default(), ConfigSource::Defaults)),
+            None => {
+                let config = Self::default().with_env_overrides(|name| std::env::var(name).ok())?;
+                return Ok((config, ConfigSource::Defaults));
+            }
         };
         let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
             path: path.clone(),
             reason: e.to_string(),
         })?;
         let config = Self::from_toml(&text).map_err(|e| e.in_file(&path))?;
+        let config = config.with_env_overrides(|name| std::env::var(name).ok())?;
         Ok((config, ConfigSource::File(path)))
+    }
+
+    /// `[server]` overridden by [`HOST_ENV`] and [`PORT_ENV`] where `var` has them: an image
+    /// bakes its config, and an endpoint's environment adjusts where the worker listens.
+    pub fn with_env_overrides(
+        mut self,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        if let Some(host) = var(HOST_ENV) {
+            self.server.host = host;
+        }
+        if let Some(port) = var(PORT_ENV) {
+            self.server.port = port.trim().parse().map_err(|_| ConfigError::OutOfRange {
+                key: PORT_ENV.into(),
+                value: port.clone(),
+                limit: "a port number from 0 to 65535".into(),
+            })?;
+        }
+        self.validate()?;
+        Ok(self)
     }
 
     /// Checks every value against its limit.

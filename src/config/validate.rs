@@ -257,6 +257,40 @@ mod tests {
     }
 
     #[test]
+    fn the_environment_overrides_where_the_worker_listens() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let config = Config::default()
+            .with_env_overrides(env(&[
+                (super::super::HOST_ENV, "0.0.0.0"),
+                (super::super::PORT_ENV, "9090"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            (config.server.host.as_str(), config.server.port),
+            ("0.0.0.0", 9090)
+        );
+        let untouched = Config::default().with_env_overrides(env(&[])).unwrap();
+        assert_eq!(untouched.server, Config::default().server);
+        let bad_port = Config::default()
+            .with_env_overrides(env(&[(super::super::PORT_ENV, "80000")]))
+            .unwrap_err()
+            .to_string();
+        assert!(bad_port.contains("RUNPOD_WORKER_PORT"), "{bad_port}");
+        let bad_host = Config::default()
+            .with_env_overrides(env(&[(super::super::HOST_ENV, "not a host!")]))
+            .unwrap_err()
+            .to_string();
+        assert!(bad_host.contains("server.host"), "{bad_host}");
+    }
+
+    #[test]
     fn empty_file_gives_the_defaults() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
     }

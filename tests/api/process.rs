@@ -310,3 +310,40 @@ fn check_config_refuses_what_serve_would_refuse() {
         String::from_utf8_lossy(&fine.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_probe_exits_0_on_a_ready_worker_and_1_otherwise() {
+    let worker = crate::helpers::TestWorker::start(crate::helpers::test_config(), |h| h, 200).await;
+    let probe = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["health", "--url", &url])
+                .output()
+                .unwrap()
+        })
+    };
+    let ready = probe(format!("{}/ready", worker.http)).await.unwrap();
+    assert_eq!(ready.status.code(), Some(0), "{ready:?}");
+    // The port from the config, overridden by the environment as in the image.
+    let port = worker.http.rsplit(':').next().unwrap().to_owned();
+    let from_env = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .arg("health")
+            .env_remove("RUNPOD_WORKER_CONFIG")
+            .env("RUNPOD_WORKER_HOST", "0.0.0.0")
+            .env("RUNPOD_WORKER_PORT", port)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(from_env.status.code(), Some(0), "{from_env:?}");
+    worker.stop().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = format!("http://{}/ready", listener.local_addr().unwrap());
+    drop(listener);
+    let down = probe(closed).await.unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("no answer"));
+}
