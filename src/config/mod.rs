@@ -6,6 +6,7 @@
 
 mod error;
 mod kind_keys;
+mod reference;
 mod size;
 mod validate;
 
