@@ -129,6 +129,9 @@ pub enum Command {
         /// Plan for a GPU of this size (e.g. 24GB) instead of the detected one.
         #[arg(long)]
         gpu_memory: Option<String>,
+        /// With --gpu-memory: how many such GPUs.
+        #[arg(long, default_value_t = 1, requires = "gpu_memory")]
+        gpus: usize,
     },
 }
 

@@ -241,7 +241,7 @@ pub fn health_report(worker: &Observed) -> (StatusCode, Value) {
         };
         let footprint = worker.memory.footprint(&entry.name).map(|f| {
             json!({
-                "declared_gb": gib(f.declared()),
+                "declared_gb": gib(worker.memory.resolve(f.declared())),
                 "learned_gb": gib(f.estimate()),
                 "samples": f.samples(),
                 "admitted_gb": gib(worker.memory.need(&entry.name).unwrap_or(0)),

@@ -87,8 +87,10 @@ async fn run(cli: Cli) -> i32 {
             };
             commands::gpu_check(args).await
         }
-        Command::CheckConfig { config, gpu_memory } => {
-            commands::check_config(config.as_deref(), gpu_memory.as_deref())
-        }
+        Command::CheckConfig {
+            config,
+            gpu_memory,
+            gpus,
+        } => commands::check_config(config.as_deref(), gpu_memory.as_deref(), gpus),
     }
 }

@@ -112,8 +112,8 @@ impl MemoryAdmission {
         let room = roomiest.budget().saturating_sub(roomiest.resident());
         handlers
             .entries()
-            .filter(|e| e.on_gpu && e.reservation.bytes() > room)
-            .map(|e| (e.name.clone(), e.reservation.bytes(), roomiest.clone()))
+            .filter(|e| e.on_gpu && (e.reservation.within(room) > room || room == 0))
+            .map(|e| (e.name.clone(), e.reservation.within(room), roomiest.clone()))
             .next()
     }
 

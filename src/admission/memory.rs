@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use super::learning::{DurationStats, Footprint};
 use super::resident::ResidentSource;
 use super::{HostLedger, Ledger, Reservation};
-use crate::config::GpuConfig;
+use crate::config::{GpuConfig, Size};
 use crate::gpu::sampler::GpuSampler;
 use crate::handlers::HandlerSet;
 use crate::outcome::JobError;
@@ -131,11 +131,26 @@ impl MemoryAdmission {
     /// declared one; `None` for CPU handlers.
     pub fn need(&self, handler: &str) -> Option<u64> {
         let footprint = self.footprints.get(handler)?;
-        Some(if self.config.adaptive {
+        Some(self.resolve(if self.config.adaptive {
             footprint.estimate()
         } else {
             footprint.declared()
-        })
+        }))
+    }
+
+    /// `bytes` of a reservation, with `"all"` resolved to the room one job has on the
+    /// smallest device (its budget less the resident memory).
+    pub fn resolve(&self, bytes: u64) -> u64 {
+        Size::from_bytes(bytes).within(self.room_for_one_job())
+    }
+
+    /// What a job alone may have on every device: the least of budget minus resident.
+    fn room_for_one_job(&self) -> u64 {
+        self.ledgers
+            .iter()
+            .map(|l| l.budget().saturating_sub(l.resident()))
+            .min()
+            .unwrap_or(0)
     }
 
     /// Memory in use on `device` (a CUDA ordinal) by anything that books nothing in our ledger,

@@ -19,10 +19,12 @@ pub struct PlannedGpu {
     pub total: Size,
     /// The resident memory planned on it.
     pub resident: resident::Estimate,
+    /// How many such GPUs (the worker loads its models on each).
+    pub count: usize,
 }
 
 /// Validates and prints; exit code 1 if the config is refused.
-pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32 {
+pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>, gpus: usize) -> i32 {
     let (config, source) = match Config::load(config_path) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -30,7 +32,7 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32
             return 1;
         }
     };
-    let gpu = match plan_gpu(&config, gpu_memory) {
+    let gpu = match plan_gpu(&config, gpu_memory, gpus) {
         Ok(gpu) => gpu,
         Err(message) => {
             eprintln!("{message}");
@@ -77,15 +79,23 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>) -> i32
 
 /// The GPU to plan for: `--gpu-memory` (a GPU this machine need not have), else the detected
 /// one, checked as `serve` checks it. `Err` is the message to print.
-fn plan_gpu(config: &Config, gpu_memory: Option<&str>) -> Result<Option<PlannedGpu>, String> {
+fn plan_gpu(
+    config: &Config,
+    gpu_memory: Option<&str>,
+    gpus: usize,
+) -> Result<Option<PlannedGpu>, String> {
     if let Some(text) = gpu_memory {
         let size = text
             .parse::<Size>()
             .map_err(|e| format!("--gpu-memory: {e}"))?;
+        if gpus == 0 {
+            return Err("--gpus: plan for at least one GPU".to_owned());
+        }
         return Ok(Some(PlannedGpu {
             name: format!("a {size} GPU (--gpu-memory)"),
             total: size,
             resident: resident::estimate(config, true),
+            count: gpus,
         }));
     }
     let probe = gpu::detect(&config.gpu).map_err(|e| format!("serve would not start: {e}"))?;
@@ -115,6 +125,7 @@ fn plan_gpu(config: &Config, gpu_memory: Option<&str>) -> Result<Option<PlannedG
         name: g.name.clone(),
         total: Size::from_bytes(g.total),
         resident,
+        count: devices.len(),
     }))
 }
 
@@ -129,7 +140,12 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
         Some(gpu) => {
             let _ = writeln!(
                 out,
-                "GPU: {}, {} total ({:.1} GiB), headroom {}, budget {}",
+                "GPU: {}{}, {} total ({:.1} GiB), headroom {}, budget {}",
+                if gpu.count > 1 {
+                    format!("{} x ", gpu.count)
+                } else {
+                    String::new()
+                },
                 gpu.name,
                 gpu.total,
                 gpu.total.gib(),
@@ -167,7 +183,7 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<12} {:<12} {:<6} {:>8} {:>12} {:>10}",
+        "{:<12} {:<12} {:<6} {:>8} {:>14} {:>10}",
         "handler", "kind", "device", "limit", "GPU mem/job", "at once"
     );
     let mut gpu_at_full_load = 0u64;
@@ -175,24 +191,26 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
         let on_gpu = gpu.is_some() && handler.device == DeviceChoice::Cuda;
         let reservation = handler.reservation(&config.handler, on_gpu);
         let limit = u64::from(handler.max_concurrency.min(config.handler.max_concurrency));
+        let bytes = reservation.within(for_jobs.unwrap_or(0));
+        let gpus = gpu.map_or(1, |g| g.count as u64);
         let at_once = match for_jobs {
-            Some(room) if reservation.bytes() > 0 => limit.min(room / reservation.bytes()),
+            Some(room) if bytes > 0 => limit.min(room / bytes * gpus),
             _ => limit,
         };
-        gpu_at_full_load += at_once * reservation.bytes();
+        gpu_at_full_load += at_once * bytes;
         let device = match (handler.device, on_gpu) {
             (DeviceChoice::Cpu, _) => "cpu",
             (DeviceChoice::Cuda, true) => "cuda",
             (DeviceChoice::Cuda, false) => "cpu*",
         };
-        let memory = if reservation.bytes() == 0 {
-            "-".to_owned()
-        } else {
-            reservation.to_string()
+        let memory = match (reservation.bytes(), reservation.is_whole_budget()) {
+            (0, _) => "-".to_owned(),
+            (_, true) if bytes > 0 => format!("all ({})", Size::from_bytes(bytes).approx()),
+            _ => reservation.to_string(),
         };
         let _ = writeln!(
             out,
-            "{name:<12} {:<12} {device:<6} {:>8} {memory:>12} {at_once:>10}",
+            "{name:<12} {:<12} {device:<6} {:>8} {memory:>14} {at_once:>10}",
             handler.kind(name),
             handler.max_concurrency
         );
@@ -209,6 +227,8 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
         );
     }
     if let Some(room) = for_jobs {
+        // Left for jobs on every GPU together.
+        let room = room * gpu.map_or(1, |g| g.count as u64);
         let _ = writeln!(
             out,
             "\nAt full load the GPU handlers reserve {} of the {} left for jobs{}",
@@ -236,6 +256,7 @@ mod tests {
                 bytes: resident,
                 ..resident::Estimate::default()
             },
+            count: 1,
         }
     }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
-pub use size::{Size, SizeError, MAX_SIZE};
+pub use size::{Size, SizeError, MAX_SIZE, WHOLE_BUDGET};
 pub use validate::validate_budget;
 
 /// Environment variable that names the config file when `--config` is not given.
@@ -55,7 +55,9 @@ pub struct HandlerDefaults {
     pub timeout: u64,
     /// Per-job limit in seconds, counted from the moment the job starts running.
     pub execution_timeout: u64,
-    /// GPU memory reserved per job for handlers on a GPU that do not declare their own.
+    /// GPU memory reserved per job for handlers on a GPU that do not declare their own
+    /// (`"all"`: a device's whole budget for jobs).
+    #[serde(with = "reservation")]
     pub gpu_memory_per_request: Size,
     /// How long a taken job may wait for its handler before it gets the retry signal.
     pub local_queue_max_wait_s: u64,
@@ -230,9 +232,10 @@ pub struct HandlerConfig {
     /// Where it runs.
     pub device: DeviceChoice,
     /// GPU memory one job needs; defaults to `[handler].gpu_memory_per_request` on a GPU.
+    /// `"all"` is a device's whole budget for jobs (one job at a time per GPU).
     #[serde(
         default,
-        with = "optional_size",
+        with = "optional_reservation",
         skip_serializing_if = "Option::is_none"
     )]
     pub gpu_memory: Option<Size>,
@@ -439,6 +442,48 @@ impl Config {
     /// `[handler].local_queue_max_wait_s` as a duration.
     pub fn local_queue_max_wait(&self) -> Duration {
         Duration::from_secs(self.handler.local_queue_max_wait_s)
+    }
+}
+
+/// Serde glue for a reservation: a size, or `"all"` ([`WHOLE_BUDGET`]).
+mod reservation {
+    use super::{Size, WHOLE_BUDGET};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Size, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub(super) fn parse(text: &str) -> Result<Size, super::SizeError> {
+        if text.trim().eq_ignore_ascii_case("all") {
+            return Ok(WHOLE_BUDGET);
+        }
+        text.parse()
+    }
+}
+
+/// Serde glue for an optional reservation (empty: not set).
+mod optional_reservation {
+    use super::Size;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<Size>, s: S) -> Result<S::Ok, S::Error> {
+        super::optional_size::serialize(v, s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        super::reservation::parse(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
     }
 }
 

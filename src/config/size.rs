@@ -13,6 +13,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// overflow, not a plan.
 pub const MAX_SIZE: Size = Size(1_000_000_000_000_000);
 
+/// A GPU reservation of `"all"`: the whole budget a device has for jobs (its memory less the
+/// headroom and the worker's resident memory), so a job has the card to itself. Only the
+/// reservation keys (`gpu_memory`, `gpu_memory_per_request`) accept it.
+pub const WHOLE_BUDGET: Size = Size(u64::MAX);
+
 /// A byte count read from a size string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Size(u64);
@@ -31,6 +36,20 @@ impl Size {
     /// The byte count.
     pub const fn bytes(self) -> u64 {
         self.0
+    }
+
+    /// Whether this is the reservation `"all"` ([`WHOLE_BUDGET`]).
+    pub const fn is_whole_budget(self) -> bool {
+        self.0 == WHOLE_BUDGET.0
+    }
+
+    /// The bytes this reservation takes on a device with `room` for jobs (`"all"` takes it all).
+    pub fn within(self, room: u64) -> u64 {
+        if self.is_whole_budget() {
+            room
+        } else {
+            self.0
+        }
     }
 
     /// A rounded figure for people (`14.5GB`, `466MB`); `Display` writes the exact size.
@@ -102,6 +121,7 @@ impl fmt::Display for Size {
         const GIB: u64 = 1 << 30;
         const MIB: u64 = 1 << 20;
         match self.0 {
+            u64::MAX => write!(f, "all"),
             0 => write!(f, "0B"),
             b if b % GB == 0 => write!(f, "{}GB", b / GB),
             b if b % GIB == 0 => write!(f, "{}GiB", b / GIB),

@@ -219,7 +219,12 @@ pub fn validate_budget(config: &Config, total: Size, resident: u64) -> Result<()
     let room = budget - resident;
     for (name, handler) in &config.handlers {
         let reservation = handler.reservation(&config.handler, true);
-        if reservation.bytes() > room {
+        // `"all"` fits whatever room there is, as long as there is some.
+        let too_large = match reservation.is_whole_budget() {
+            true => room == 0,
+            false => reservation.bytes() > room,
+        };
+        if too_large {
             let key = match handler.gpu_memory {
                 Some(_) => format!("handlers.{name}.gpu_memory"),
                 None => "handler.gpu_memory_per_request".to_owned(),
@@ -254,6 +259,32 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_reservation_of_all_is_the_whole_budget_and_only_reservations_take_it() {
+        let config = Config::from_toml(
+            "[handler]\ngpu_memory_per_request = \"all\"\n\
+             [handlers.classify]\nmax_concurrency = 1\ndevice = \"cuda\"\ngpu_memory = \"all\"\n",
+        )
+        .unwrap();
+        assert!(config.handler.gpu_memory_per_request.is_whole_budget());
+        let classify = &config.handlers["classify"];
+        assert!(classify
+            .reservation(&config.handler, true)
+            .is_whole_budget());
+        assert_eq!(classify.reservation(&config.handler, true).within(7), 7);
+        // It fits any GPU with room for a job, and says "all" when written back.
+        validate_budget(&config, Size::gb(24), Size::gb(2).bytes()).unwrap();
+        let written = toml::to_string(&config).unwrap();
+        assert!(written.contains("gpu_memory = \"all\""), "{written}");
+        assert_eq!(Config::from_toml(&written).unwrap(), config);
+        // Not a size anywhere else.
+        let msg = err("[gpu]\nheadroom = \"all\"\n");
+        assert!(msg.contains("headroom"), "{msg}");
+        // A size larger than the budget is still refused (the seed's "24GB" on a 24 GB card).
+        let seed = Config::from_toml("[handler]\ngpu_memory_per_request = \"24GB\"\n").unwrap();
+        assert!(validate_budget(&seed, Size::gb(24), 0).is_err());
     }
 
     #[test]

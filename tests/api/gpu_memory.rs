@@ -422,3 +422,40 @@ async fn a_document_is_fetched_before_its_gpu_memory_is_reserved() {
     assert!(worker.done("fast-doc").await.body["output"]["label"].is_string());
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_of_all_gives_each_job_the_whole_budget_one_at_a_time() {
+    let mut config = seed_config(2);
+    let classify = config.handlers.get_mut("classify").unwrap();
+    classify.gpu_memory = Some(runpod_worker::config::WHOLE_BUDGET);
+    classify.model_memory = Some("2GB".parse().unwrap());
+    let gate = GateHandler::new();
+    let worker = TestWorker::start(config, |h| h.with_handler("classify", gate.clone()), 200).await;
+    worker.enqueue("w1", json!({"task": "classify"}));
+    worker.enqueue("w2", json!({"task": "classify"}));
+    gate.wait_started(1).await;
+    worker.wait_held_count(2).await;
+    let health = worker.health().await;
+    // 24 GB less 1 GiB headroom less the 2 GB model: 20.926 GB, in GiB.
+    let admitted = health["handlers"]["classify"]["footprint"]["admitted_gb"]
+        .as_f64()
+        .unwrap();
+    let expected = (24e9 - (1u64 << 30) as f64 - 2e9) / (1u64 << 30) as f64;
+    assert!(
+        (admitted - expected).abs() < 0.01,
+        "{admitted} vs {expected}: {health}"
+    );
+    assert_eq!(health["gpus"][0]["reservations"], 1, "{health}");
+    assert_eq!(gate.max(), 1);
+    gate.release(1);
+    gate.wait_started(2).await;
+    gate.release(1);
+    worker.done("w1").await;
+    worker.done("w2").await;
+    assert_eq!(
+        gate.max(),
+        1,
+        "never two jobs that each take the whole card"
+    );
+    worker.stop().await;
+}

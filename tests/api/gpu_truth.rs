@@ -254,3 +254,70 @@ fn the_worker_links_libtorch_cuda_and_the_document_parser_does_not() {
         "{parser}"
     );
 }
+
+#[test]
+fn every_profile_in_config_plans_for_the_gpus_it_names() {
+    let plan = |file: &str, gpus: &str| {
+        let out = Command::new(BIN)
+            .args([
+                "check-config",
+                "--config",
+                file,
+                "--gpu-memory",
+                "24GB",
+                "--gpus",
+                gpus,
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("RUNPOD_WORKER_HOST")
+            .env_remove("RUNPOD_WORKER_PORT")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{file}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let at_once = |plan: &str, handler: &str| -> u64 {
+        let line = plan
+            .lines()
+            .find(|l| l.starts_with(handler))
+            .unwrap_or_else(|| panic!("{handler} in {plan}"));
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let profiles: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(profiles.len(), 5, "{profiles:?}");
+    for profile in &profiles {
+        let gpus = if profile.starts_with("four-gpus") {
+            "4"
+        } else {
+            "1"
+        };
+        let text = plan(&format!("config/{profile}"), gpus);
+        assert!(
+            text.contains("GiB") && !text.contains("B total (0"),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        at_once(&plan("config/extraction-only.toml", "1"), "extract"),
+        8
+    );
+    let mixed = plan("config/extraction-classification.toml", "1");
+    assert_eq!(
+        (at_once(&mixed, "extract"), at_once(&mixed, "classify")),
+        (4, 1)
+    );
+    let heavy = plan("config/classification-heavy.toml", "1");
+    assert!(heavy.contains("all (22.1GB)"), "the whole budget: {heavy}");
+    assert_eq!(at_once(&heavy, "classify"), 1);
+    assert_eq!(at_once(&plan("config/four-gpus.toml", "4"), "extract"), 16);
+    let four = plan("config/four-gpus-classification.toml", "4");
+    assert_eq!(at_once(&four, "classify"), 4, "one per GPU: {four}");
+}
