@@ -22,6 +22,8 @@ pub struct Metrics {
     pub retry_signals: IntCounterVec,
     /// GPU out-of-memory failures inside handlers, by handler.
     pub ooms: IntCounterVec,
+    /// Results the queue never got, by fate (`gone`, `rejected`, `dropped`, `spooled`).
+    pub undelivered: IntCounterVec,
     /// Per-handler gauges (`active`, `limit`, `max_limit`, `queued`, `footprint_bytes`).
     pub handler: IntGaugeVec,
     /// Per-device memory gauges, bytes (`total`, `free`, `budget`, `resident`, `reserved`,
@@ -92,6 +94,12 @@ impl Metrics {
                 "runpod_worker_ooms_total",
                 "GPU out-of-memory failures in handlers",
                 &["handler"],
+            ),
+            undelivered: counter(
+                &r,
+                "runpod_worker_undelivered_results_total",
+                "Results the queue did not take, by fate (gone, rejected, dropped, spooled)",
+                &["fate"],
             ),
             handler: gauge(
                 &r,

@@ -384,7 +384,7 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
             tracing::debug!(job_id, "result delivered");
         }
         Err(DeliveryError::Gone(_)) => {
-            JobCounters::bump(&worker.counters.undelivered);
+            undelivered(worker, "gone");
             tracing::warn!(
                 job_id = %shown_id(job_id),
                 "result dropped: the queue no longer knows the job (404): it expired or was \
@@ -392,18 +392,18 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
             );
         }
         Err(error @ DeliveryError::Rejected(_)) => {
-            JobCounters::bump(&worker.counters.undelivered);
+            undelivered(worker, "rejected");
             tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
         }
         Err(error) if id_problem(job_id).is_some() => {
             // Re-sending it at every start would never work better: it is not kept. The error
             // may quote the URL, which holds the id: cut short.
-            JobCounters::bump(&worker.counters.undelivered);
+            undelivered(worker, "dropped");
             let error: String = error.to_string().chars().take(200).collect();
             tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
         }
         Err(error) => {
-            JobCounters::bump(&worker.counters.undelivered);
+            undelivered(worker, "spooled");
             let spooled = SpooledResult {
                 job_id: job_id.to_owned(),
                 url: worker.client.endpoints().done_url(job_id, streamed),
@@ -427,6 +427,12 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
             }
         }
     }
+}
+
+/// Counts a result the queue did not take (in `/health` and `/metrics`).
+fn undelivered(worker: &Worker, fate: &str) {
+    JobCounters::bump(&worker.counters.undelivered);
+    worker.metrics.undelivered.with_label_values(&[fate]).inc();
 }
 
 /// Stream chunks go to job-stream.
