@@ -12,7 +12,7 @@ export LIBTORCH_USE_PYTORCH := 1
 CARGO ?= cargo
 PORT ?= 8000
 
-.PHONY: run test build lint venv models clean bench gpu-check gpu-kit
+.PHONY: run test build lint venv models clean bench gpu-check gpu-kit image-test
 
 venv: $(VENV_STAMP)
 
@@ -39,6 +39,7 @@ run: build
 	./target/release/runpod-worker local --port $(PORT)
 
 lint: venv models
+	$(VENV)/bin/hadolint Dockerfile
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
@@ -66,6 +67,11 @@ gpu-kit: venv
 	HF_HUB_OFFLINE=1 $(PY) handler/export_models.py --out $(GPU_KIT)/models --fp16
 	cp handler/gpu-kit/runpod.toml handler/gpu-kit/gpu-check.sh $(GPU_KIT)/
 	@du -sh $(GPU_KIT) $(GPU_KIT)/* $(GPU_KIT)/models/*
+
+# Builds the image from the Dockerfile with podman (no Docker engine, no registry) and runs
+# its binaries: --version, check-config, test-input, a `local` round trip. Needs root.
+image-test: venv
+	tests/image/image-test.sh
 
 bench: build
 	./target/release/runpod-worker bench all

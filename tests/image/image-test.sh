@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Builds the image from the real Dockerfile and runs it, without a Docker engine or a registry:
+# podman builds on local base images (a debootstrapped Debian for the runtime; the same plus
+# this machine's Rust toolchain, copied in, for the builder: no registry needed), then the
+# image's file system runs its own binaries through chroot, with only the image's environment
+# (`podman run` needs rlimits this sandbox does not allow).
+#
+# Usage: tests/image/image-test.sh   (from the repository root; as root; `make image-test`)
+set -euo pipefail
+
+CACHE=${IMAGE_TEST_CACHE:-/var/tmp/runpod-worker-image}
+TAG=localhost/runpod-worker:test
+RUNTIME_BASE=localhost/runpod-worker-runtime-base:bookworm
+BUILDER_BASE=localhost/runpod-worker-builder-base:bookworm
+MIRROR=${DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit} /^deb / {print $2; exit}' \
+    /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true)}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+
+step_start=$SECONDS
+step() {
+    echo "image-test: $1 ($((SECONDS - step_start)) s)"
+    step_start=$SECONDS
+}
+fail() {
+    echo "image-test: FAILED: $*" >&2
+    exit 1
+}
+
+free_gb=$(df --output=avail -BG /var/lib /var/tmp | tail -1 | tr -dc 0-9)
+[ "${free_gb:-0}" -ge 25 ] || fail "needs 25 GB free under /var (has ${free_gb} GB)"
+
+if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman debootstrap >/dev/null
+fi
+step "podman $(podman --version | awk '{print $3}') ready"
+
+mkdir -p "$CACHE"
+if ! podman image exists "$RUNTIME_BASE"; then
+    rm -rf "$CACHE/rootfs"
+    debootstrap --variant=minbase bookworm "$CACHE/rootfs" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 \
+        || fail "debootstrap (see $CACHE/debootstrap.log)"
+    tar -C "$CACHE/rootfs" -c . | podman import - "$RUNTIME_BASE" >/dev/null
+fi
+step "runtime base $RUNTIME_BASE"
+
+if ! podman image exists "$BUILDER_BASE"; then
+    sysroot=$(rustc --print sysroot)
+    rustc_version=$(rustc --version)
+    container=$(podman create "$RUNTIME_BASE" true)
+    mount=$(podman mount "$container")
+    mkdir -p "$mount/usr/local/rust"
+    cp -a "$sysroot/." "$mount/usr/local/rust/"
+    podman umount "$container" >/dev/null
+    podman commit -q \
+        --change 'ENV PATH=/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        "$container" "$BUILDER_BASE" >/dev/null
+    podman rm "$container" >/dev/null
+    echo "image-test: builder base carries this machine's toolchain: $rustc_version"
+fi
+step "builder base $BUILDER_BASE"
+
+podman build --isolation chroot --format docker \
+    --build-arg BUILDER_IMAGE="$BUILDER_BASE" \
+    --build-arg RUNTIME_IMAGE="$RUNTIME_BASE" \
+    --build-arg MODELS=baked \
+    -t "$TAG" . >"$CACHE/build.log" 2>&1 || { tail -30 "$CACHE/build.log"; fail "podman build (see $CACHE/build.log)"; }
+size=$(podman image inspect --format '{{.Size}}' "$TAG")
+step "built $TAG: $((size / 1000000)) MB"
+
+container=$(podman create "$TAG")
+mount=$(podman mount "$container")
+cleanup() {
+    [ -n "${local_pid:-}" ] && kill "$local_pid" 2>/dev/null || true
+    umount "$mount/proc" 2>/dev/null || true
+    podman umount "$container" >/dev/null 2>&1 || true
+    podman rm "$container" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+mount -t proc proc "$mount/proc" 2>/dev/null || echo "image-test: no /proc in the chroot (the parser's CPU limit is not read)"
+mapfile -t image_env < <(podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$TAG" | sed '/^$/d')
+user=$(podman image inspect --format '{{.Config.User}}' "$TAG")
+in_image() {
+    chroot --userspec="$user" "$mount" /usr/bin/env -i "${image_env[@]}" HOME=/home/runpod "$@"
+}
+
+in_image runpod-worker --version | grep -q "runpod-worker" || fail "--version"
+step "runpod-worker --version: $(in_image runpod-worker --version)"
+
+in_image runpod-worker check-config >"$CACHE/check-config.log" 2>&1 || { cat "$CACHE/check-config.log"; fail "check-config"; }
+step "check-config with the image's config: $(head -1 "$CACHE/check-config.log")"
+
+mkdir -p "$mount/tmp/test_inputs"
+cp handler/test_inputs/*.json "$mount/tmp/test_inputs/"
+chmod -R a+r "$mount/tmp/test_inputs"
+for input in handler/test_inputs/*.json; do
+    name=$(basename "$input")
+    case "$name" in
+        example_torchscript.json) continue ;;  # its handler is not in the image's config
+    esac
+    in_image runpod-worker test-input --file "/tmp/test_inputs/$name" >"$CACHE/test-input-$name.log" 2>&1 \
+        || { cat "$CACHE/test-input-$name.log"; fail "test-input $name"; }
+done
+step "test-input on every handler's input in handler/test_inputs"
+
+in_image env RUNPOD_AI_API_KEY=image-key RUNPOD_WORKER_PORT=0 runpod-worker local --port 0 \
+    >"$CACHE/local.log" 2>&1 &
+local_pid=$!
+for _ in $(seq 300); do
+    grep -q "^Submit a job" "$CACHE/local.log" && break
+    kill -0 "$local_pid" 2>/dev/null || { cat "$CACHE/local.log"; fail "local exited"; }
+    sleep 0.2
+done
+base=$(sed -n 's/^listening on \(http:[^ ]*\).*/\1/p' "$CACHE/local.log" | head -1)
+[ -n "$base" ] || { cat "$CACHE/local.log"; fail "local printed no address"; }
+answer=$(curl -s -m 60 -X POST "$base/v2/local/runsync" -H 'Authorization: Bearer image-key' \
+    -H 'Content-Type: application/json' \
+    -d '{"input": {"task": "classify", "text": "Whisk the eggs and bake for 20 minutes.", "labels": ["recipe", "invoice"]}}')
+echo "$answer" | grep -q '"status":"COMPLETED"' || fail "local round trip: $answer"
+echo "$answer" | grep -q '"label":"recipe"' || fail "local round trip: $answer"
+step "local round trip from outside the image: COMPLETED, label recipe"
+echo "image-test: OK ($TAG, $((size / 1000000)) MB)"
