@@ -11,7 +11,8 @@ set -euo pipefail
 CACHE=${IMAGE_TEST_CACHE:-/var/tmp/runpod-worker-image}
 TAG=localhost/runpod-worker:test
 RUNTIME_BASE=localhost/runpod-worker-runtime-base:bookworm
-BUILDER_BASE=localhost/runpod-worker-builder-base:bookworm
+# Named by this machine's toolchain: a new toolchain makes a new builder base.
+BUILDER_BASE=localhost/runpod-worker-builder-base:$(rustc --version | awk '{print $2}')
 MIRROR=${DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit} /^deb / {print $2; exit}' \
     /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true)}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
@@ -48,11 +49,19 @@ if ! podman image exists "$BUILDER_BASE"; then
     rustc_version=$(rustc --version)
     container=$(podman create "$RUNTIME_BASE" true)
     mount=$(podman mount "$container")
-    mkdir -p "$mount/usr/local/rust"
+    mkdir -p "$mount/usr/local/rust" "$mount/usr/local/share/ca-certificates"
     cp -a "$sysroot/." "$mount/usr/local/rust/"
+    # The registries are reached as this machine reaches them: its extra certificate
+    # authorities (an egress proxy's, say) are trusted in the build too, through the bundle
+    # the Dockerfile's `ca-certificates` install assembles.
+    cp -a /usr/local/share/ca-certificates/. "$mount/usr/local/share/ca-certificates/" 2>/dev/null || true
     podman umount "$container" >/dev/null
+    bundle=/etc/ssl/certs/ca-certificates.crt
     podman commit -q \
         --change 'ENV PATH=/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change "ENV PIP_CERT=$bundle" \
+        --change "ENV SSL_CERT_FILE=$bundle" \
+        --change "ENV CARGO_HTTP_CAINFO=$bundle" \
         "$container" "$BUILDER_BASE" >/dev/null
     podman rm "$container" >/dev/null
     echo "image-test: builder base carries this machine's toolchain: $rustc_version"
@@ -101,6 +110,10 @@ for input in handler/test_inputs/*.json; do
         || { cat "$CACHE/test-input-$name.log"; fail "test-input $name"; }
 done
 step "test-input on every handler's input in handler/test_inputs"
+
+in_image runpod-worker gpu-check --simulate 24GB >"$CACHE/gpu-check.log" 2>&1 \
+    || { cat "$CACHE/gpu-check.log"; fail "gpu-check --simulate 24GB"; }
+step "gpu-check on a simulated GPU: $(tail -1 "$CACHE/gpu-check.log")"
 
 in_image env RUNPOD_AI_API_KEY=image-key RUNPOD_WORKER_PORT=0 runpod-worker local --port 0 \
     >"$CACHE/local.log" 2>&1 &
