@@ -307,13 +307,7 @@ impl Parser {
     }
 
     fn mapped_bytes(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .ok()
-            .and_then(|status| {
-                let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
-                line.split_whitespace().nth(1)?.parse::<u64>().ok()
-            })
-            .map_or(0, |kb| kb * 1024)
+        docparse::child::mapped_bytes(&self.pid.to_string()).unwrap_or(0)
     }
 
     /// Why the child stopped answering: its exit and what it said on stderr. A child that

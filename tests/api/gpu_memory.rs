@@ -182,12 +182,7 @@ async fn external_memory_pressure_gives_the_retry_signal_with_retry_after() {
     assert_eq!(output["error"], "GPU memory exhausted, retry shortly");
     let retry_after = output["retry_after"].as_u64().unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
-    let metrics = reqwest::get(format!("{}/metrics", worker.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = worker.metrics().await;
     assert!(
         metrics.contains("runpod_worker_retry_signals_total{reason=\"measured_memory\"} 1"),
         "{metrics}"
@@ -255,12 +250,7 @@ async fn an_oom_shrinks_the_handler_limit_and_successes_grow_it_back() {
         vec![2, 3, 3, 4],
         "one step per two successes, up to the configured 4"
     );
-    let metrics = reqwest::get(format!("{}/metrics", worker.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = worker.metrics().await;
     assert!(
         metrics.contains("runpod_worker_ooms_total{handler=\"gpu\"} 1"),
         "{metrics}"

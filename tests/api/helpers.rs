@@ -266,6 +266,16 @@ impl TestWorker {
             .unwrap()
     }
 
+    /// The worker's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Drains and waits for the worker to return.
     pub async fn stop(self) -> WorkerExit {
         self.shutdown.cancel();

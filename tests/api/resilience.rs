@@ -58,12 +58,7 @@ async fn an_undeliverable_result_is_spooled_and_delivered_at_the_next_start() {
         })
         .await;
     assert_eq!(spooled, Some(1), "the result was spooled");
-    let metrics = reqwest::get(format!("{}/metrics", first.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = first.metrics().await;
     assert!(
         metrics.contains("runpod_worker_undelivered_results_total{fate=\"spooled\"} 1"),
         "{metrics}"

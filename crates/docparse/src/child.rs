@@ -104,7 +104,13 @@ fn limit_memory(bytes: u64) -> io::Result<()> {
 
 /// `VmSize` from `/proc/self/status`, in bytes.
 fn mapped_now() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    mapped_bytes("self")
+}
+
+/// The address space process `pid` (or `"self"`) maps now: `VmSize` from its
+/// `/proc/<pid>/status`, in bytes. The worker reads its children's with it too.
+pub fn mapped_bytes(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
