@@ -44,8 +44,8 @@ pub use state::{
     StreamRecord, TakeRecord,
 };
 
-/// Bodies above this are cut off before any route sees them (results up to the platform's
-/// 20 MB, with room for JSON overhead).
+/// Bodies above this are cut off (413) before any route sees them. job-done and job-stream
+/// refuse bodies over the platform's limits (20 MB, 1 MB) themselves, with the platform's 400.
 const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
 /// The mock's routes over `state`.

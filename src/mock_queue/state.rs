@@ -192,6 +192,11 @@ pub struct Inner {
     pub request_times: HashMap<Route, Vec<std::time::Instant>>,
 }
 
+/// The platform's limit on a job-done body.
+pub(super) const MAX_RESULT_SIZE: usize = 20 * 1000 * 1000;
+/// The platform's limit on one job-stream body.
+pub(super) const MAX_STREAM_CHUNK: usize = 1000 * 1000;
+
 /// Arrival times kept per route.
 pub(super) const REQUEST_TIMES_KEPT: usize = 1000;
 
@@ -235,6 +240,11 @@ pub struct MockOptions {
     /// to read ([`super::MockQueue::wait_done`] needs it). `local` and `mock-queue` run for
     /// long and turn it off, so their memory stays bounded by the jobs retained.
     pub record_history: bool,
+    /// job-done bodies above this are refused with 400, as the platform refuses results over
+    /// its 20 MB limit (a 400, not a 413).
+    pub max_result_size: usize,
+    /// job-stream bodies above this are refused with 400 (the platform's 1 MB per chunk).
+    pub max_stream_chunk: usize,
 }
 
 impl Default for MockOptions {
@@ -252,6 +262,8 @@ impl Default for MockOptions {
             header_read_timeout: Duration::from_secs(30),
             endpoint_ids: None,
             record_history: true,
+            max_result_size: MAX_RESULT_SIZE,
+            max_stream_chunk: MAX_STREAM_CHUNK,
         }
     }
 }

@@ -170,6 +170,21 @@ async fn stop(
     }
 }
 
+/// Refuses a body over `limit` as the platform does: 400 with the sizes (a 413 would be the
+/// HTTP convention, but a worker must handle the 400 the platform really sends).
+fn check_size(body: &Bytes, limit: usize, what: &str) -> Result<(), Response> {
+    if body.len() <= limit {
+        return Ok(());
+    }
+    Err(error(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "{what} body is {} bytes, over the limit of {limit} bytes",
+            body.len()
+        ),
+    ))
+}
+
 fn parse_body(body: &Bytes, what: &str) -> Result<Value, Response> {
     serde_json::from_slice(body).map_err(|e| {
         error(
@@ -185,7 +200,9 @@ async fn done(
     Query(query): Params,
     body: Bytes,
 ) -> Response {
-    let body = match parse_body(&body, "job-done") {
+    let checked = check_size(&body, state.options.max_result_size, "job-done")
+        .and_then(|()| parse_body(&body, "job-done"));
+    let body = match checked {
         Ok(body) => body,
         Err(refused) => return refused,
     };
@@ -252,7 +269,9 @@ async fn stream(
     Path((endpoint, worker, job)): Path<(String, String, String)>,
     body: Bytes,
 ) -> Response {
-    let body = match parse_body(&body, "job-stream") {
+    let checked = check_size(&body, state.options.max_stream_chunk, "job-stream")
+        .and_then(|()| parse_body(&body, "job-stream"));
+    let body = match checked {
         Ok(body) => body,
         Err(refused) => return refused,
     };
