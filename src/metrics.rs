@@ -22,7 +22,7 @@ pub struct Metrics {
     pub retry_signals: IntCounterVec,
     /// GPU out-of-memory failures inside handlers, by handler.
     pub ooms: IntCounterVec,
-    /// Results the queue never got, by fate (`gone`, `rejected`, `dropped`, `spooled`).
+    /// Results the queue never got, by fate (`gone`, `replaced`, `rejected`, `dropped`, `spooled`).
     pub undelivered: IntCounterVec,
     /// Per-handler gauges (`active`, `limit`, `max_limit`, `queued`, `footprint_bytes`).
     pub handler: IntGaugeVec,
@@ -98,7 +98,7 @@ impl Metrics {
             undelivered: counter(
                 &r,
                 "runpod_worker_undelivered_results_total",
-                "Results the queue did not take, by fate (gone, rejected, dropped, spooled)",
+                "Results the queue did not take, by fate (gone, replaced, rejected, dropped, spooled)",
                 &["fate"],
             ),
             handler: gauge(

@@ -167,6 +167,28 @@ fn output_too_large(size: u64, limit: u64) -> JobError {
     )
 }
 
+/// Refused bodies above this were most likely refused for their size (the platform's
+/// stream-chunk limit; its result limit is 20 MB, but it answers both with a bare 400).
+const LIKELY_TOO_LARGE: u64 = 1_000_000;
+
+/// The small error result posted in place of a result the queue refused with `status` (a 4xx
+/// other than 404): the client then sees `FAILED` with a cause instead of `COMPLETED` with no
+/// output (runpod-python #309).
+pub fn refused_result(status: u16, reason: &str, size: u64) -> JobError {
+    let error_type = if status == 413 || size > LIKELY_TOO_LARGE {
+        ErrorType::OutputTooLarge
+    } else {
+        ErrorType::Internal
+    };
+    JobError::new(
+        error_type,
+        format!(
+            "the queue refused the job's result ({size} bytes) with HTTP {status}: {reason}; \
+             this error was sent in its place"
+        ),
+    )
+}
+
 /// The job-done body of `result`, within `limit` bytes: a larger one becomes an
 /// `OutputTooLarge` error (the platform refuses large results, and the job would end with no
 /// output at all). Returns the result as it will be reported, and its body.
@@ -215,6 +237,27 @@ mod tests {
         assert_eq!(body["output"]["error_type"], "InvalidInput");
         assert!(body["output"].get("retry_after").is_none());
         assert!(body.get("stopPod").is_none());
+    }
+
+    #[test]
+    fn a_refused_result_is_replaced_by_an_error_that_names_the_status_and_size() {
+        let large = refused_result(400, "payload too large", 25_000_000);
+        assert_eq!(large.error_type, ErrorType::OutputTooLarge);
+        assert!(
+            large.message.contains("25000000 bytes"),
+            "{}",
+            large.message
+        );
+        assert!(large.message.contains("HTTP 400: payload too large"));
+        assert_eq!(large.retry_after, None);
+        assert_eq!(
+            refused_result(413, "too large", 10).error_type,
+            ErrorType::OutputTooLarge
+        );
+        assert_eq!(
+            refused_result(400, "bad body", 500).error_type,
+            ErrorType::Internal
+        );
     }
 
     #[test]

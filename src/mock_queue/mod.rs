@@ -9,6 +9,10 @@
 //!
 //! [`MockQueue`] is the handle tests use: start it on `127.0.0.1:0`, enqueue jobs, inject
 //! faults, queue stop signals, and await what the workers did without sleeping.
+//!
+//! For parity with the platform, the client API can apply its documented per-route rate limits
+//! ([`RateLimits`], off by default), and `/stream` is held until there is a chunk or the job has
+//! ended (at most [`MockOptions::stream_hold`]), as the JavaScript client's polling expects.
 
 // Route helpers return `Result<_, Response>` so a refusal is an early return; the large error
 // variant costs nothing that matters in a mock server.
@@ -20,6 +24,7 @@ mod health;
 mod jobs;
 mod leases;
 pub mod policy;
+mod rate_limit;
 mod replies;
 mod state;
 mod submit;
@@ -39,9 +44,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use client_api::{RUNSYNC_LIMIT, RUN_LIMIT};
 pub use jobs::{JobRecord, JobState};
+pub use rate_limit::{LimitedRoute, RateLimits};
 pub use state::{
-    DoneRecord, EndpointQueue, Fault, Inner, MockOptions, MockState, PingRecord, Route,
-    StreamRecord, TakeRecord,
+    DoneRecord, EndpointQueue, Fault, Inner, MockOptions, MockState, PingRecord, ResultHeaders,
+    Route, StreamRecord, TakeRecord,
 };
 
 /// Bodies above this are cut off (413) before any route sees them. job-done and job-stream

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 
 use super::jobs::JobState;
 use super::replies::{error, unknown_job};
-use super::state::{DoneRecord, MockState, PingRecord, Route, StreamRecord, TakeRecord};
+use super::state::{
+    DoneRecord, MockState, PingRecord, ResultHeaders, Route, StreamRecord, TakeRecord,
+};
 
 type Params = Query<BTreeMap<String, String>>;
 
@@ -198,6 +200,7 @@ async fn done(
     State(state): State<Arc<MockState>>,
     Path((endpoint, worker, job)): Path<(String, String, String)>,
     Query(query): Params,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let checked = check_size(&body, state.options.max_result_size, "job-done")
@@ -246,6 +249,7 @@ async fn done(
             worker: worker.clone(),
             is_stream: query.get("isStream").cloned(),
             body,
+            headers: ResultHeaders::of(&headers),
         };
         match (record_history, progress) {
             (false, _) => {}
@@ -267,6 +271,7 @@ async fn done(
 async fn stream(
     State(state): State<Arc<MockState>>,
     Path((endpoint, worker, job)): Path<(String, String, String)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let checked = check_size(&body, state.options.max_stream_chunk, "job-stream")
@@ -293,6 +298,7 @@ async fn stream(
             queue.streams.push(StreamRecord {
                 job_id: job.clone(),
                 body,
+                headers: ResultHeaders::of(&headers),
             });
         }
         Ok(())

@@ -43,8 +43,13 @@ pub enum DeliveryError {
     #[error("the queue no longer knows job {0} (404): it expired or was handed to another worker")]
     Gone(String),
     /// Another 4xx: retrying the same body cannot help.
-    #[error("the queue refused the result with {0}")]
-    Rejected(u16),
+    #[error("the queue refused the result with {status}: {reason}")]
+    Rejected {
+        /// The status.
+        status: u16,
+        /// What the queue said, cut short.
+        reason: String,
+    },
     /// Retried for `[queue].delivery_retry_s` without success.
     #[error("gave up after {attempts} attempts: {last}")]
     Exhausted {
@@ -289,10 +294,14 @@ impl QueueClient {
         // Shared by every attempt without a copy.
         let payload = bytes::Bytes::copy_from_slice(body);
         loop {
+            // The SDK's headers (rp_http.py): the platform is built for them. The job id rides
+            // on the result only, never on takes (the SDK's header leaks onto later takes).
             let attempt = self
                 .http
                 .post(url)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::CONTENT_TYPE, SDK_RESULT_CONTENT_TYPE)
+                .header("charset", "utf-8")
+                .header(REQUEST_ID, job_id)
                 .body(payload.clone())
                 .timeout(Duration::from_secs(60))
                 .send()
@@ -306,7 +315,11 @@ impl QueueClient {
                     if r.status().is_client_error()
                         && r.status() != StatusCode::TOO_MANY_REQUESTS =>
                 {
-                    return Err(DeliveryError::Rejected(r.status().as_u16()))
+                    let status = r.status().as_u16();
+                    return Err(DeliveryError::Rejected {
+                        status,
+                        reason: refusal_reason(r).await,
+                    });
                 }
                 Ok(r) => format!("the queue answered {}", r.status().as_u16()),
                 Err(e) => transport(e).to_string(),
@@ -324,6 +337,30 @@ impl QueueClient {
             );
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+/// What the official SDK labels its (JSON) result bodies with.
+const SDK_RESULT_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
+
+/// The header that carries a result's job id.
+const REQUEST_ID: &str = "X-Request-ID";
+
+/// How much of a refusal's body is kept for the log and the replacement result.
+const REFUSAL_REASON_CHARS: usize = 200;
+
+/// The first characters of a refusal's body (the platform says why there), on one line.
+async fn refusal_reason(response: reqwest::Response) -> String {
+    let text = response.text().await.unwrap_or_default();
+    let reason: String = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(REFUSAL_REASON_CHARS)
+        .collect();
+    if reason.trim().is_empty() {
+        "no reason given".to_owned()
+    } else {
+        reason
     }
 }
 

@@ -52,7 +52,7 @@ pub(super) async fn resend_spooled(worker: Arc<Worker>) {
             }
             Err(
                 e @ (crate::queue::client::DeliveryError::Gone(_)
-                | crate::queue::client::DeliveryError::Rejected(_)),
+                | crate::queue::client::DeliveryError::Rejected { .. }),
             ) => {
                 tracing::warn!(job_id = %result.job_id, "spooled result dropped: {e}");
                 let spool = worker.spool.clone();

@@ -18,7 +18,7 @@ use crate::admission::{
     RetrySignal,
 };
 use crate::handlers::{ChunkSink, HandlerEntry, JobContext};
-use crate::outcome::{sized_done_body, ErrorType, JobError};
+use crate::outcome::{done_body, refused_result, sized_done_body, ErrorType, JobError};
 use crate::queue::client::DeliveryError;
 use crate::queue::protocol::{id_problem, shown_id};
 use crate::queue::{BadJob, Job, QueueClient, SpooledResult};
@@ -391,9 +391,10 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
                  handed to another worker"
             );
         }
-        Err(error @ DeliveryError::Rejected(_)) => {
-            undelivered(worker, "rejected");
-            tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
+        Err(DeliveryError::Rejected { status, reason }) => {
+            let size = body.get().len() as u64;
+            let replacement = refused_result(status, &reason, size);
+            post_replacement(worker, job_id, replacement, stop_pod, streamed).await;
         }
         Err(error) if id_problem(job_id).is_some() => {
             // Re-sending it at every start would never work better: it is not kept. The error
@@ -425,6 +426,31 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
                     "result could not be delivered ({error}) nor spooled ({e}): it is lost"
                 ),
             }
+        }
+    }
+}
+
+/// Posts a small error result in place of one the queue refused, once: if the queue refuses
+/// that too, the result is dropped (and counted).
+async fn post_replacement(
+    worker: &Worker,
+    job_id: &str,
+    replacement: JobError,
+    stop_pod: bool,
+    streamed: bool,
+) {
+    tracing::warn!(
+        job_id = %shown_id(job_id),
+        "{}; posting it as an {} error",
+        replacement.message,
+        replacement.error_type.as_str()
+    );
+    let body = done_body(&Err(replacement), stop_pod);
+    match worker.client.post_done(job_id, &body, streamed).await {
+        Ok(()) => undelivered(worker, "replaced"),
+        Err(error) => {
+            undelivered(worker, "rejected");
+            tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
         }
     }
 }
