@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::board::AlreadyHere;
 use super::execute::{self, Bounds, Deadline, Execution};
@@ -22,6 +23,7 @@ use crate::outcome::{done_body, refused_result, sized_done_body, ErrorType, JobE
 use crate::queue::client::DeliveryError;
 use crate::queue::protocol::{id_problem, shown_id};
 use crate::queue::{BadJob, Job, QueueClient, SpooledResult};
+use crate::telemetry::job_span;
 
 /// Takes charge of one item of a take: registers it (so the next ping lists it) and spawns
 /// the task that answers it. Runs synchronously in the take loop, so the next `takeable()`
@@ -93,9 +95,11 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
                 .limits
                 .enqueue(&handler)
                 .expect("every routed handler has limits");
+            let batch_id = job.raw.get("batchId").and_then(Value::as_str);
+            let span = job_span(&job.id, batch_id);
             worker
                 .tracker
-                .spawn(run(worker_ref, job, handler, input, ticket, slot, held))
+                .spawn(run(worker_ref, job, handler, input, ticket, slot, held).instrument(span))
         }
     })
 }

@@ -222,3 +222,45 @@ fn pdf_parser_warnings_stay_out_of_the_log_at_the_default_level_but_rust_log_sho
         "never the build's source paths: {verbose}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runpod_debug_level_is_read_as_the_sdks_older_name_for_the_log_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["local", "--port", "0", "--http-port", "0", "--config"])
+        .arg(echo_config(dir.path()))
+        .env("RUNPOD_AI_API_KEY", "test-key")
+        .env("RUNPOD_DEBUG_LEVEL", "DEBUG")
+        .env_remove("RUNPOD_ENDPOINT_ID")
+        .env_remove("RUNPOD_LOG_LEVEL")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let stderr = lines_of(child.stderr.take().unwrap());
+    let (listening, _) = lines_until(&stdout, "listening on ");
+    let base = listening
+        .expect("local prints its address")
+        .trim_start_matches("listening on ")
+        .to_owned();
+    let answer = client_with_key()
+        .post(format!("{base}/v2/local/runsync"))
+        .json(&json!({"input": {"task": "echo"}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success());
+    let (line, seen) =
+        tokio::task::spawn_blocking(move || lines_until(&stderr, "result delivered"))
+            .await
+            .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.unwrap_or_else(|| panic!("debug lines are on: {seen}"));
+    assert!(
+        line.starts_with("[RunPod] DEBUG: result delivered | job_id="),
+        "{line}"
+    );
+}
