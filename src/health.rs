@@ -118,6 +118,7 @@ pub fn router(slot: WorkerSlot) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/ping", get(ping))
         .route("/metrics", get(metrics))
         .with_state(slot)
 }
@@ -344,6 +345,21 @@ async fn ready(State(slot): State<WorkerSlot>) -> impl IntoResponse {
         Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
         Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
         Phase::Unhealthy => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy"),
+    }
+}
+
+/// The platform's load-balancing probe: 200 ready, 204 initializing, anything else unhealthy,
+/// so one probe serves queue and load-balancing endpoints alike. Draining is not healthy: a
+/// balancer must send nothing more.
+async fn ping(State(slot): State<WorkerSlot>) -> Response {
+    let phase = slot
+        .get()
+        .map_or(Phase::Starting, |worker| worker.phase.get());
+    match phase {
+        Phase::Ready => (StatusCode::OK, Json(json!({ "status": "healthy" }))).into_response(),
+        Phase::Starting => StatusCode::NO_CONTENT.into_response(),
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response(),
+        Phase::Unhealthy => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy").into_response(),
     }
 }
 

@@ -166,6 +166,8 @@ async fn while_the_models_load_health_answers_and_ready_says_starting() {
     let ready = reqwest::get(format!("{base}/ready")).await.unwrap();
     assert_eq!(ready.status(), 503);
     assert_eq!(ready.text().await.unwrap(), "starting");
+    let ping = reqwest::get(format!("{base}/ping")).await.unwrap();
+    assert_eq!(ping.status(), 204, "the load balancer's 'initializing'");
     let health = reqwest::get(format!("{base}/health")).await.unwrap();
     assert_eq!(health.status(), 200, "alive while loading");
     let body: serde_json::Value = health.json().await.unwrap();
@@ -219,4 +221,34 @@ async fn a_test_can_step_the_worker_one_batch_at_a_time() {
     );
     shutdown.cancel();
     assert_eq!(started.run().await, WorkerExit::Drained);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_answers_as_a_load_balancer_expects_ready_then_draining() {
+    let worker = TestWorker::start(test_config(), |h| h, 100).await;
+    let ping = reqwest::get(format!("{}/ping", worker.http)).await.unwrap();
+    assert_eq!(ping.status(), 200);
+    let body: serde_json::Value = ping.json().await.unwrap();
+    assert_eq!(body, json!({"status": "healthy"}));
+
+    worker.enqueue("d1", json!({"task": "echo", "sleep_ms": 1500}));
+    worker.wait_held(&["d1"]).await;
+    worker.shutdown.cancel();
+    // The drain begins when the run loop sees the signal; the job keeps it going meanwhile.
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        let status = reqwest::get(format!("{}/ping", worker.http))
+            .await
+            .unwrap()
+            .status();
+        if status != 200 || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        status, 503,
+        "a draining worker is not healthy to a load balancer"
+    );
+    worker.finished().await;
 }
