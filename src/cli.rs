@@ -149,6 +149,11 @@ pub struct JobRuleFlags {
     /// refuses (for tests; types and the 7-day maximum are still checked).
     #[arg(long)]
     pub relax_policy_minimums: bool,
+    /// Apply the platform's rate limits per endpoint: /run 1000, /runsync 2000, /cancel 100
+    /// and /purge-queue 2 requests per 10 s (sliding window); beyond them a 429 with
+    /// Retry-After.
+    #[arg(long)]
+    pub rate_limit: bool,
 }
 
 impl From<JobRuleFlags> for crate::commands::JobRules {
@@ -157,6 +162,7 @@ impl From<JobRuleFlags> for crate::commands::JobRules {
             run_retention_s: flags.run_retention,
             runsync_retention_s: flags.runsync_retention,
             relax_policy_minimums: flags.relax_policy_minimums,
+            rate_limit: flags.rate_limit,
         }
     }
 }
@@ -166,7 +172,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn local_and_mock_queue_take_the_retention_and_policy_flags() {
+    fn local_and_mock_queue_take_the_retention_policy_and_rate_limit_flags() {
         let cli = Cli::try_parse_from([
             "runpod-worker",
             "local",
@@ -184,10 +190,17 @@ mod tests {
                 run_retention_s: 1800,
                 runsync_retention_s: 5,
                 relax_policy_minimums: true,
+                rate_limit: false,
             }
         );
-        let cli =
-            Cli::try_parse_from(["runpod-worker", "mock-queue", "--run-retention", "7"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "runpod-worker",
+            "mock-queue",
+            "--run-retention",
+            "7",
+            "--rate-limit",
+        ])
+        .unwrap();
         let Command::MockQueue { rules, .. } = cli.command else {
             panic!("not mock-queue: {:?}", cli.command);
         };
@@ -195,6 +208,7 @@ mod tests {
             crate::commands::JobRules::from(rules),
             crate::commands::JobRules {
                 run_retention_s: 7,
+                rate_limit: true,
                 ..crate::commands::JobRules::default()
             }
         );

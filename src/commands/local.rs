@@ -208,3 +208,22 @@ impl SharedListener {
         TcpListener::from_std(handle)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_queue::RateLimits;
+
+    #[test]
+    fn local_serves_only_its_endpoint_and_rate_limits_only_when_asked() {
+        let options = local_mock_options("k", JobRules::default());
+        assert_eq!(options.endpoint_ids, Some(vec![LOCAL_ENDPOINT.to_owned()]));
+        assert_eq!(options.rate_limits, None);
+        let limited = JobRules {
+            rate_limit: true,
+            ..JobRules::default()
+        };
+        let options = local_mock_options("k", limited);
+        assert_eq!(options.rate_limits, Some(RateLimits::PLATFORM));
+    }
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::mock_queue::{serve, Fault, MockOptions, MockState, Route};
+use crate::mock_queue::{serve, Fault, MockOptions, MockState, RateLimits, Route};
 use crate::secret::ApiKey;
 
 /// The `mock-queue` settings.
@@ -42,8 +42,8 @@ impl MockQueueArgs {
     }
 }
 
-/// How long finished jobs are kept and how strictly `policy` is checked: the flags that
-/// `mock-queue` and `local` share.
+/// How long finished jobs are kept, how strictly `policy` is checked and whether the platform's
+/// rate limits apply: the flags that `mock-queue` and `local` share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobRules {
     /// Seconds a finished `/run` job is kept.
@@ -52,15 +52,19 @@ pub struct JobRules {
     pub runsync_retention_s: u64,
     /// Accept `policy` durations under the platform's minimums.
     pub relax_policy_minimums: bool,
+    /// Apply the platform's per-route rate limits (429 with `Retry-After` beyond them).
+    pub rate_limit: bool,
 }
 
 impl Default for JobRules {
-    /// The platform's: 30 minutes, 1 minute, strict.
+    /// The platform's: 30 minutes, 1 minute, strict; no rate limits (they would only get in
+    /// the way of local use unless asked for).
     fn default() -> Self {
         Self {
             run_retention_s: 30 * 60,
             runsync_retention_s: 60,
             relax_policy_minimums: false,
+            rate_limit: false,
         }
     }
 }
@@ -73,6 +77,7 @@ impl JobRules {
             run_retention: Duration::from_secs(self.run_retention_s),
             runsync_retention: Duration::from_secs(self.runsync_retention_s),
             strict_policy_minimums: !self.relax_policy_minimums,
+            rate_limits: self.rate_limit.then_some(RateLimits::PLATFORM),
             record_history: false,
             ..options
         }
@@ -213,6 +218,7 @@ mod tests {
                 run_retention_s: 120,
                 runsync_retention_s: 2,
                 relax_policy_minimums: true,
+                rate_limit: false,
             },
         };
         let options = args.options(None);
@@ -231,5 +237,20 @@ mod tests {
             "the platform's retention"
         );
         assert!(defaults.strict_policy_minimums);
+        assert_eq!(
+            defaults.rate_limits, None,
+            "no rate limits unless asked for"
+        );
+    }
+
+    #[test]
+    fn the_rate_limit_flag_turns_on_the_platform_limits() {
+        let rules = JobRules {
+            rate_limit: true,
+            ..JobRules::default()
+        };
+        let options = rules.apply(MockOptions::default());
+        assert_eq!(options.rate_limits, Some(RateLimits::PLATFORM));
+        assert_eq!(MockOptions::default().rate_limits, None);
     }
 }

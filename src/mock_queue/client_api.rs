@@ -1,7 +1,8 @@
 //! The client-facing routes of the mock queue (runpod-protocol.md §2): `/run`,
 //! `/runsync?wait=`, `/status`, `/status-sync?wait=` (the JavaScript client's), `/stream`
-//! (each chunk delivered once), `/cancel`, `/retry`, `/purge-queue` and `/health`, with the
-//! documented bodies and statuses.
+//! (each chunk delivered once, held until there is one), `/cancel`, `/retry`, `/purge-queue` and
+//! `/health`, with the documented bodies and statuses, and the documented rate limits where
+//! they are on.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::jobs::{JobRecord, JobState};
 use super::policy;
+use super::rate_limit::LimitedRoute;
 use super::replies::{error, unknown_job};
 use super::state::{EndpointQueue, Inner, MockState, Route};
 use super::submit::{submit, Via};
@@ -27,18 +29,34 @@ pub const RUNSYNC_LIMIT: usize = 20 * 1_000_000;
 
 /// The client API routes, behind the gate.
 pub(super) fn routes(state: &Arc<MockState>) -> Router<Arc<MockState>> {
+    // Inside the gate: a request without the key is a 401 and takes no place in the window.
+    let limited = |route: LimitedRoute| {
+        axum::middleware::from_fn_with_state((state.clone(), route), super::rate_limit::check)
+    };
     Router::new()
-        .route("/v2/{endpoint}/run", post(run))
-        .route("/v2/{endpoint}/runsync", post(runsync))
+        .route(
+            "/v2/{endpoint}/run",
+            post(run).route_layer(limited(LimitedRoute::Run)),
+        )
+        .route(
+            "/v2/{endpoint}/runsync",
+            post(runsync).route_layer(limited(LimitedRoute::RunSync)),
+        )
         .route("/v2/{endpoint}/status/{job}", get(status).post(status))
         .route(
             "/v2/{endpoint}/status-sync/{job}",
             get(status_sync).post(status_sync),
         )
         .route("/v2/{endpoint}/stream/{job}", get(stream).post(stream))
-        .route("/v2/{endpoint}/cancel/{job}", post(cancel))
+        .route(
+            "/v2/{endpoint}/cancel/{job}",
+            post(cancel).route_layer(limited(LimitedRoute::Cancel)),
+        )
         .route("/v2/{endpoint}/retry/{job}", post(retry))
-        .route("/v2/{endpoint}/purge-queue", post(purge))
+        .route(
+            "/v2/{endpoint}/purge-queue",
+            post(purge).route_layer(limited(LimitedRoute::PurgeQueue)),
+        )
         .route("/v2/{endpoint}/health", get(super::health::health))
         .route_layer(axum::middleware::from_fn_with_state(
             (state.clone(), Route::Client),
@@ -146,13 +164,18 @@ async fn status(
     })
 }
 
+/// `/stream/{id}`: the chunks not read before, each delivered once (the SDKs yield everything
+/// they get). Held until there is a chunk or the job has ended, at most `stream_hold`: the
+/// JavaScript client polls again at once, so an empty answer would only make it spin.
 async fn stream(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
+    hold_stream(&state, &endpoint, &job).await;
     with_job(&state, &endpoint, &job, |queue| {
-        let record = queue.jobs.get_mut(&job).expect("checked by with_job");
-        // Each chunk is delivered once: the SDK polls and yields everything it gets.
+        let Some(record) = queue.jobs.get_mut(&job) else {
+            return unknown_job(&state.options, &job);
+        };
         let chunks: Vec<Value> = record
             .stream
             .drain(..)
@@ -161,6 +184,21 @@ async fn stream(
         Json(json!({ "id": job, "status": record.state.as_str(), "stream": chunks }))
             .into_response()
     })
+}
+
+/// Waits, at most `stream_hold`, until `job` has a chunk not read before, has ended, or is
+/// gone; the answer is then whatever there is, as without the wait.
+async fn hold_stream(state: &MockState, endpoint: &str, job: &str) {
+    state
+        .wait_for(state.options.stream_hold, |inner| {
+            // An unknown endpoint or job is answered (404) at once, not held.
+            let record = inner.endpoints.get(endpoint).and_then(|q| q.jobs.get(job));
+            match record {
+                Some(record) if record.stream.is_empty() && !record.state.is_final() => None,
+                _ => Some(()),
+            }
+        })
+        .await;
 }
 
 async fn cancel(

@@ -1,6 +1,7 @@
 //! The checks every route passes first: the request is counted, the API key checked (raw or
 //! `Bearer`), the endpoint id checked where only some exist, and an injected fault applied.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -69,11 +70,7 @@ fn gate(state: &MockState, route: Route, headers: &HeaderMap, path: &str) -> Res
 /// A 404 unless the endpoint id in `path` (`/v2/{endpoint}/...`) is one of `served`: a job
 /// sent to an endpoint no worker serves would wait forever.
 fn check_endpoint(served: &[String], path: &str) -> Result<(), Response> {
-    let raw = path
-        .strip_prefix("/v2/")
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_default();
-    let endpoint = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    let endpoint = endpoint_of(path);
     if served.iter().any(|id| *id == endpoint) {
         return Ok(());
     }
@@ -85,4 +82,14 @@ fn check_endpoint(served: &[String], path: &str) -> Result<(), Response> {
             routes.join(", ")
         ),
     ))
+}
+
+/// The endpoint id in `path` (`/v2/{endpoint}/...`), percent-decoded as the routes' `Path`
+/// extractor decodes it, so the gate and the rate limit see the id the route serves.
+pub(super) fn endpoint_of(path: &str) -> Cow<'_, str> {
+    let raw = path
+        .strip_prefix("/v2/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    percent_encoding::percent_decode_str(raw).decode_utf8_lossy()
 }

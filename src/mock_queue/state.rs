@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
 use super::jobs::JobRecord;
+use super::rate_limit::{RateLimiter, RateLimits};
 use crate::secret::ApiKey;
 
 /// A route group (for fault injection and request counts).
@@ -76,6 +77,33 @@ pub struct DoneRecord {
     pub is_stream: Option<String>,
     /// The body, parsed as JSON whatever its content type.
     pub body: Value,
+    /// The `X-Request-ID` and `Content-Type` headers.
+    pub headers: ResultHeaders,
+}
+
+/// The headers of a result POST that the SDK sets (runpod-protocol.md §2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResultHeaders {
+    /// `X-Request-ID`: the SDK's job id.
+    pub request_id: Option<String>,
+    /// `Content-Type`: the SDK labels its JSON `application/x-www-form-urlencoded`.
+    pub content_type: Option<String>,
+}
+
+impl ResultHeaders {
+    /// Reads them from a request's headers.
+    pub fn of(headers: &axum::http::HeaderMap) -> Self {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            request_id: text("x-request-id"),
+            content_type: text("content-type"),
+        }
+    }
 }
 
 /// One job-stream POST that was accepted.
@@ -85,6 +113,8 @@ pub struct StreamRecord {
     pub job_id: String,
     /// The body (`{"output": chunk}`).
     pub body: Value,
+    /// The `X-Request-ID` and `Content-Type` headers.
+    pub headers: ResultHeaders,
 }
 
 /// One ping.
@@ -197,6 +227,9 @@ pub(super) const MAX_RESULT_SIZE: usize = 20 * 1000 * 1000;
 /// The platform's limit on one job-stream body.
 pub(super) const MAX_STREAM_CHUNK: usize = 1000 * 1000;
 
+/// How long `/stream` is held by default: under the Python client's 10 s request timeout.
+pub(super) const STREAM_HOLD: Duration = Duration::from_secs(5);
+
 /// Arrival times kept per route.
 pub(super) const REQUEST_TIMES_KEPT: usize = 1000;
 
@@ -245,6 +278,14 @@ pub struct MockOptions {
     pub max_result_size: usize,
     /// job-stream bodies above this are refused with 400 (the platform's 1 MB per chunk).
     pub max_stream_chunk: usize,
+    /// The platform's per-route limits on `/run`, `/runsync`, `/cancel` and `/purge-queue`
+    /// (429 with `Retry-After` beyond them; see [`RateLimits`] for the window). `None`, the
+    /// default, admits everything, so tests and local use are never throttled by accident.
+    pub rate_limits: Option<RateLimits>,
+    /// The longest a `/stream` request is held waiting for a chunk or the job's end. The
+    /// JavaScript client polls `/stream` in a loop without a pause; holding the request keeps
+    /// it from spinning, and the bound keeps a client's request timeout from firing first.
+    pub stream_hold: Duration,
 }
 
 impl Default for MockOptions {
@@ -264,6 +305,8 @@ impl Default for MockOptions {
             record_history: true,
             max_result_size: MAX_RESULT_SIZE,
             max_stream_chunk: MAX_STREAM_CHUNK,
+            rate_limits: None,
+            stream_hold: STREAM_HOLD,
         }
     }
 }
@@ -280,6 +323,8 @@ pub struct MockState {
     changed: watch::Sender<u64>,
     /// How the mock behaves.
     pub options: MockOptions,
+    /// Counts client requests against `options.rate_limits`, when set.
+    rate_limiter: Option<RateLimiter>,
     /// For webhooks.
     pub(super) http: reqwest::Client,
 }
@@ -292,6 +337,7 @@ impl MockState {
             job_arrived: Notify::new(),
             stop_arrived: Notify::new(),
             changed: watch::channel(0).0,
+            rate_limiter: options.rate_limits.map(RateLimiter::new),
             options,
             http: reqwest::Client::new(),
         }
@@ -307,6 +353,11 @@ impl MockState {
     /// Reads the state without signalling a change.
     pub fn read<T>(&self, f: impl FnOnce(&Inner) -> T) -> T {
         f(&self.lock())
+    }
+
+    /// The rate limiter, where limits are on.
+    pub(super) fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.rate_limiter.as_ref()
     }
 
     /// Wakes long-polls after jobs were queued or stop signals added.

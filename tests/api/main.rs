@@ -20,6 +20,7 @@ mod logs;
 mod mock_api;
 mod mock_client;
 mod mock_local;
+mod mock_parity;
 mod mock_retention;
 mod mock_rules;
 mod models;
