@@ -178,6 +178,8 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
             http_listener: http.handle().map_err(LocalError::HttpPort)?,
             shutdown: shutdown.clone(),
             require_cuda: false,
+            // A developer's machine is what it is: no fitness checks.
+            fitness: crate::runner::Fitness::skipped(),
         };
         match run_worker(setup).await? {
             WorkerExit::Drained => break,

@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::queue::{QueueClient, QueueEndpoints};
-use crate::runner::{run_worker, WorkerExit, WorkerSetup};
+use crate::runner::{run_worker, Fitness, WorkerExit, WorkerSetup};
 
 /// Runs the worker until SIGTERM/SIGINT and the drain. Exit code 0 after a clean drain; 1 on a
 /// start-up failure, after the SDK's unhealthy ping.
@@ -31,6 +31,10 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
     if let Some(port) = http_port {
         config.server.port = port;
     }
+    let fitness = match Fitness::from_env() {
+        Ok(fitness) => fitness,
+        Err(e) => return fail(&endpoints, e.check, &e.reason).await,
+    };
     let address = format!("{}:{}", config.server.host, config.server.port);
     let listener = match TcpListener::bind(&address).await {
         Ok(listener) => listener,
@@ -54,6 +58,7 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
         http_listener: listener,
         shutdown: crate::shutdown::signal_token(),
         require_cuda: true,
+        fitness,
     };
     match run_worker(setup).await {
         Ok(WorkerExit::Drained) => 0,

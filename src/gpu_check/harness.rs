@@ -88,6 +88,8 @@ impl Harness {
             http_listener: listener,
             shutdown: shutdown.clone(),
             require_cuda: false,
+            // A developer's machine is what it is: no fitness checks.
+            fitness: crate::runner::Fitness::skipped(),
         };
         let harness = Self {
             mock,

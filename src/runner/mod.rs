@@ -14,6 +14,7 @@ mod background;
 mod board;
 mod drain;
 mod execute;
+pub mod fitness;
 mod heartbeat;
 mod job;
 mod start;
@@ -39,6 +40,7 @@ pub use board::{HeldJob, JobBoard};
 pub use execute::{
     execute, prepare, run, Bounds, Deadline, Execution, LimitSource, PLATFORM_EXECUTION_TIMEOUT,
 };
+pub use fitness::Fitness;
 
 /// What a worker is started with. Tests substitute each part.
 pub struct WorkerSetup {
@@ -57,6 +59,8 @@ pub struct WorkerSetup {
     /// Refuse to start where NVML sees a GPU that libtorch cannot use (`serve`: the platform
     /// then replaces the host); otherwise CUDA handlers run on the CPU, reported `degraded`.
     pub require_cuda: bool,
+    /// The start-up checks (`serve`: the SDK's variables; tests and `local`: none).
+    pub fitness: Fitness,
 }
 
 /// Why the worker could not start.
@@ -155,6 +159,7 @@ pub async fn start_worker(setup: WorkerSetup) -> Result<Option<StartedWorker>, S
         http_listener,
         shutdown,
         require_cuda,
+        fitness,
     } = setup;
     let client = QueueClient::new(endpoints, config.queue.clone()).map_err(|e| StartupError {
         check: "queue",
@@ -164,7 +169,15 @@ pub async fn start_worker(setup: WorkerSetup) -> Result<Option<StartedWorker>, S
     // Served from the start: during a cold start (models loading) `/ready` says 503 "starting".
     let slot = health::WorkerSlot::default();
     let http = tokio::spawn(health::serve(http_listener, slot.clone(), finished.clone()));
-    let building = start::build_worker(config, handlers, gpu, client, &shutdown, require_cuda);
+    let building = start::build_worker(
+        config,
+        handlers,
+        gpu,
+        client,
+        &shutdown,
+        require_cuda,
+        &fitness,
+    );
     let built = tokio::select! {
         built = building => built,
         // A worker stopped while its models load has no job to answer: exit now rather than

@@ -2,11 +2,12 @@
 //! ready.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::fitness::{self, Fitness};
 use super::{JobCounters, StartupError, Worker};
 use crate::admission::resident;
 use crate::admission::{AdaptiveRule, Lessons, Limits, MemoryAdmission};
@@ -28,7 +29,10 @@ pub(super) async fn build_worker(
     client: QueueClient,
     shutdown: &CancellationToken,
     require_cuda: bool,
+    fitness: &Fitness,
 ) -> Result<Arc<Worker>, StartupError> {
+    let cold_start =
+        Instant::now() + fitness.cold_start_budget(Duration::from_secs(config.handler.timeout));
     let mapping_error = |e: gpu::identity::MappingError| StartupError {
         check: "gpu_mapping",
         reason: e.to_string(),
@@ -63,17 +67,39 @@ pub(super) async fn build_worker(
             },
         )?;
     }
+    let mut passed = {
+        let (fitness, probe) = (fitness.clone(), sampler.probe().clone());
+        let spool_dir = config.queue.spool_dir.clone();
+        // statvfs on a network volume may stall: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            fitness::check_host(&fitness, probe.as_ref(), &spool_dir)
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_failed("system_checks", &e)))?
+    };
     let contexts = if access == GpuAccess::Cuda {
         let probe = sampler.probe().clone();
-        tokio::task::spawn_blocking(move || resident::measure_contexts(probe.as_ref()))
-            .await
-            .unwrap_or_default()
+        let contexts =
+            tokio::task::spawn_blocking(move || resident::measure_contexts(probe.as_ref()))
+                .await
+                .unwrap_or_default();
+        // After the contexts were measured (a context made here would hide their size).
+        let fitness = fitness.clone();
+        passed.extend(
+            tokio::task::spawn_blocking(move || fitness::check_gpus(&fitness))
+                .await
+                .unwrap_or_else(|e| Err(join_failed("gpu_allocation", &e)))?,
+        );
+        contexts
     } else {
         Default::default()
     };
+    if let Some(line) = fitness::summary(&passed) {
+        tracing::info!("{line}");
+    }
     let handlers = match handlers {
         Some(handlers) => handlers,
-        None => load_handlers(&config, access.gpu_present(), simulated).await?,
+        None => load_handlers(&config, access.gpu_present(), simulated, cold_start).await?,
     };
     let memory =
         MemoryAdmission::new(&config.gpu, &handlers, sampler.clone(), contexts).map_err(|e| {
@@ -181,13 +207,23 @@ async fn book_resident(memory: &Arc<MemoryAdmission>, access: &GpuAccess, declar
     }
 }
 
-/// Builds the handlers and loads their models on a blocking thread, within `[handler].timeout`.
+/// A check's thread that panicked: a failed check, not a crash.
+fn join_failed(check: &'static str, error: &tokio::task::JoinError) -> StartupError {
+    StartupError {
+        check,
+        reason: format!("the check failed unexpectedly ({error})"),
+    }
+}
+
+/// Builds the handlers and loads their models on a blocking thread, by `cold_start` (the
+/// smaller of `[handler] timeout` and `RUNPOD_INIT_TIMEOUT`, counted from the start).
 async fn load_handlers(
     config: &Config,
     gpu_present: bool,
     simulated: bool,
+    cold_start: Instant,
 ) -> Result<HandlerSet, StartupError> {
-    let timeout = Duration::from_secs(config.handler.timeout);
+    let timeout = cold_start.saturating_duration_since(Instant::now());
     let owned = config.clone();
     let loading =
         tokio::task::spawn_blocking(move || HandlerSet::build(&owned, gpu_present, simulated));
@@ -197,8 +233,9 @@ async fn load_handlers(
     };
     match tokio::time::timeout(timeout, loading).await {
         Err(_) => Err(failed(format!(
-            "loading the models took longer than [handler] timeout = {} s",
-            timeout.as_secs()
+            "loading the models took longer than the cold-start budget ([handler] timeout = {} \
+             s, or RUNPOD_INIT_TIMEOUT when smaller)",
+            config.handler.timeout
         ))),
         Ok(Err(_)) => Err(failed("loading the models failed unexpectedly".to_owned())),
         Ok(Ok(Err(e))) => Err(failed(e.to_string())),

@@ -11,7 +11,7 @@ use runpod_worker::handlers::{Handler, HandlerSet, JobContext, Prepared};
 use runpod_worker::mock_queue::{MockOptions, MockQueue};
 use runpod_worker::outcome::JobError;
 use runpod_worker::queue::QueueEndpoints;
-use runpod_worker::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
+use runpod_worker::runner::{run_worker, Fitness, StartupError, WorkerExit, WorkerSetup};
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
 use tokio::sync::{watch, Semaphore};
@@ -82,6 +82,8 @@ pub fn worker_command(base: &str, worker: &str) -> Command {
         .arg("0")
         .env_remove("RUNPOD_ENDPOINT_ID")
         .env("RUNPOD_PING_INTERVAL", "200")
+        // The SDK's switch, as its own tests use it: the test machine's disk is not the point.
+        .env("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
         .env(
             "RUNPOD_WORKER_CONFIG",
             concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
@@ -104,6 +106,7 @@ pub async fn setup_against(base: &str, worker: &str, shutdown: &CancellationToke
         http_listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         shutdown: shutdown.clone(),
         require_cuda: true,
+        fitness: Fitness::skipped(),
     }
 }
 
@@ -199,6 +202,7 @@ impl TestWorker {
             http_listener: listener,
             shutdown: shutdown.clone(),
             require_cuda,
+            fitness: Fitness::skipped(),
         };
         let handle = tokio::spawn(run_worker(setup));
         // Until it is ready, /health describes a worker that is starting: wait for `/ready`

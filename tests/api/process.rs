@@ -347,3 +347,95 @@ async fn the_health_probe_exits_0_on_a_ready_worker_and_1_otherwise() {
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("no answer"));
 }
+
+/// The unhealthy ping the worker `worker` sent, as `(check, reason)`.
+fn unhealthy_ping(mock: &runpod_worker::mock_queue::MockQueue, worker: &str) -> (String, String) {
+    let ping = mock
+        .endpoint(EP)
+        .pings
+        .into_iter()
+        .find(|p| {
+            p.worker == worker && p.query.get("status").map(String::as_str) == Some("unhealthy")
+        })
+        .expect("an unhealthy ping");
+    (ping.query["check"].clone(), ping.query["reason"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_below_the_sdks_minimums_sends_the_unhealthy_ping_with_its_check_and_exits_1() {
+    let mock = spawn_mock(Duration::from_secs(2));
+    for (worker, variable, value, check) in [
+        ("low-memory", "RUNPOD_MIN_MEMORY_GB", "1000000", "memory"),
+        ("low-disk", "RUNPOD_MIN_DISK_PERCENT", "100.5", "disk"),
+    ] {
+        let out = worker_command(&mock.base_url(), worker)
+            .env_remove("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS")
+            .env(variable, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let (sent_check, reason) = unhealthy_ping(&mock, worker);
+        assert_eq!(sent_check, check, "{reason}");
+        assert!(reason.contains(variable), "{reason}");
+        assert!(!stderr.contains("ready:"), "it never took a job: {stderr}");
+    }
+    let out = worker_command(&mock.base_url(), "bad-variable")
+        .env("RUNPOD_MIN_CUDA_VERSION", "newest")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(unhealthy_ping(&mock, "bad-variable").0, "config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_checks_show_their_timings_before_the_worker_is_ready() {
+    use std::io::BufRead;
+    let mock = spawn_mock(Duration::from_secs(2));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    std::fs::write(
+        &config,
+        "[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
+    )
+    .unwrap();
+    let mut child = worker_command(&mock.base_url(), "fit")
+        .env("RUNPOD_WORKER_CONFIG", &config)
+        .env_remove("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS")
+        .env("RUNPOD_MIN_MEMORY_GB", "0")
+        .env("RUNPOD_MIN_DISK_PERCENT", "0")
+        .env_remove("RUNPOD_LOG_LEVEL")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let ready = line.contains(" ready: ");
+            seen.push(line);
+            if ready {
+                break;
+            }
+        }
+        seen
+    });
+    let lines = tokio::time::timeout(WAIT, lines).await.unwrap().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let checks = lines
+        .iter()
+        .position(|l| l.contains("start-up checks passed in"))
+        .unwrap_or_else(|| panic!("the checks are logged: {lines:?}"));
+    let ready = lines.iter().position(|l| l.contains(" ready: ")).unwrap();
+    assert!(checks < ready, "before the first take: {lines:?}");
+    let line = &lines[checks];
+    assert!(
+        line.contains("memory ") && line.contains("disk / ") && line.contains(" ms)"),
+        "each check with its timing: {line}"
+    );
+}
