@@ -299,6 +299,23 @@ impl Handler for ClassifyHandler {
         ctx.run_blocking(move || classifier.classify(&text, &labels, temperature, device))
             .await?
     }
+
+    fn warm_up(&self) -> Result<(), String> {
+        let classifier = &self.0;
+        for (device, encoder) in classifier.encoder.0.iter().enumerate() {
+            encoder.warm_up()?;
+            if let ClassifyMode::Logits(modules) = &classifier.mode {
+                let module = modules.0.get(device).ok_or("no logits model copy")?;
+                let _no_grad = tch::no_grad_guard();
+                Classifier::logits(module, encoder, "warm up").map_err(|e| {
+                    let message = e.to_string();
+                    let first = message.lines().next().unwrap_or_default();
+                    format!("the logits model: {first}")
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -182,6 +182,13 @@ impl Handler for ExtractHandler {
         })
         .await?
     }
+
+    fn warm_up(&self) -> Result<(), String> {
+        self.encoder
+            .0
+            .iter()
+            .try_for_each(|encoder| encoder.warm_up())
+    }
 }
 
 #[cfg(test)]

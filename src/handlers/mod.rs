@@ -44,6 +44,14 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Runs one job to its output or its error, with what [`Handler::prepare`] made.
     async fn run(&self, ctx: JobContext, prepared: Prepared) -> Result<Value, JobError>;
+
+    /// One small inference on each device's model copy, at start-up before the first take, so
+    /// that the first job does not pay for libtorch's first calls (the profiling executor's
+    /// runs, the CUDA kernels' loading). Blocking: called on a blocking thread. By default
+    /// there is nothing to warm.
+    fn warm_up(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// What a handler's prepare stage hands to its run stage (each handler knows its own type).

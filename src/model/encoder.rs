@@ -57,6 +57,9 @@ pub struct Encoder {
     name: String,
 }
 
+/// What the warm-up embeds: a sentence of an ordinary length.
+const WARM_UP_TEXT: &str = "The worker warms its model before it takes the first job.";
+
 impl Encoder {
     /// Loads `minilm.pt` and `tokenizer.json` from `dir` onto `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Self, LoadError> {
@@ -177,6 +180,17 @@ impl Encoder {
             .f_view([1, width])?
             .f_to_device(self.device)?;
         Ok((ids, mask))
+    }
+
+    /// Runs the model as a job would, twice (TorchScript's profiling executor optimises the
+    /// graph on its second call): see [`crate::handlers::Handler::warm_up`].
+    pub fn warm_up(&self) -> Result<(), String> {
+        let texts = vec![WARM_UP_TEXT.to_owned()];
+        for _ in 0..2 {
+            self.embed(&texts)
+                .map_err(|e| format!("{}: {}", self.name(), super::first_line(&e.to_string())))?;
+        }
+        Ok(())
     }
 
     /// Embeds `texts` (each truncated at [`MAX_MODEL_TOKENS`]), L2-normalised, in batches.

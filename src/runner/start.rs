@@ -101,6 +101,7 @@ pub(super) async fn build_worker(
         Some(handlers) => handlers,
         None => load_handlers(&config, access.gpu_present(), simulated, cold_start).await?,
     };
+    warm_up(&handlers, cold_start).await?;
     let memory =
         MemoryAdmission::new(&config.gpu, &handlers, sampler.clone(), contexts).map_err(|e| {
             StartupError {
@@ -204,6 +205,46 @@ async fn book_resident(memory: &Arc<MemoryAdmission>, access: &GpuAccess, declar
             }
         }
         GpuAccess::None | GpuAccess::Broken(_) => {}
+    }
+}
+
+/// Runs each handler's warm-up inference (every device's copy) on a blocking thread, by
+/// `cold_start`, and logs how long each took: the first job then runs at full speed.
+async fn warm_up(handlers: &HandlerSet, cold_start: Instant) -> Result<(), StartupError> {
+    let models: Vec<(String, Arc<dyn crate::handlers::Handler>)> = handlers
+        .entries()
+        .filter_map(|e| Some((e.name.clone(), e.handler.as_ref().ok()?.clone())))
+        .collect();
+    let warming = tokio::task::spawn_blocking(move || {
+        let mut took = Vec::new();
+        for (name, handler) in models {
+            let started = Instant::now();
+            handler
+                .warm_up()
+                .map_err(|reason| format!("{name}: {reason}"))?;
+            took.push(format!("{name} {} ms", started.elapsed().as_millis()));
+        }
+        Ok::<_, String>(took)
+    });
+    let failed = |reason: String| StartupError {
+        check: "warm_up",
+        reason,
+    };
+    let budget = cold_start.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(budget, warming).await {
+        Err(_) => Err(failed(
+            "the warm-up inference ran past the cold-start budget ([handler] timeout, or \
+             RUNPOD_INIT_TIMEOUT when smaller)"
+                .to_owned(),
+        )),
+        Ok(Err(e)) => Err(join_failed("warm_up", &e)),
+        Ok(Ok(Err(reason))) => Err(failed(format!(
+            "a model failed its first inference: {reason}"
+        ))),
+        Ok(Ok(Ok(took))) => {
+            tracing::info!("warm-up: {}", took.join(", "));
+            Ok(())
+        }
     }
 }
 

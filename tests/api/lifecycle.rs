@@ -252,3 +252,41 @@ async fn ping_answers_as_a_load_balancer_expects_ready_then_draining() {
     );
     worker.finished().await;
 }
+
+/// A handler that notes when it was warmed.
+#[derive(Default)]
+struct Warmed(std::sync::Mutex<Vec<std::time::Instant>>);
+
+#[async_trait::async_trait]
+impl runpod_worker::handlers::Handler for Warmed {
+    async fn run(
+        &self,
+        _ctx: runpod_worker::handlers::JobContext,
+        _prepared: runpod_worker::handlers::Prepared,
+    ) -> Result<serde_json::Value, runpod_worker::outcome::JobError> {
+        Ok(json!({"warmed": self.0.lock().unwrap().len()}))
+    }
+
+    fn warm_up(&self) -> Result<(), String> {
+        self.0.lock().unwrap().push(std::time::Instant::now());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_model_is_warmed_once_before_the_first_take() {
+    let warmed = std::sync::Arc::new(Warmed::default());
+    let handler = warmed.clone();
+    let worker = TestWorker::start(test_config(), |h| h.with_handler("echo", handler), 100).await;
+    let first_take = worker
+        .mock
+        .wait_for_requests(Route::Take, 1, WAIT)
+        .await
+        .expect("the worker takes")[0];
+    worker.enqueue("w", json!({"task": "echo"}));
+    assert_eq!(worker.done("w").await.body["output"]["warmed"], 1);
+    let warmed_at = warmed.0.lock().unwrap().clone();
+    assert_eq!(warmed_at.len(), 1, "warmed once, not per job");
+    assert!(warmed_at[0] < first_take, "warmed before the first take");
+    worker.stop().await;
+}
