@@ -312,6 +312,14 @@ impl MemoryAdmission {
         }
     }
 
+    /// This process's standing memory on each device (the recycle rule watches it grow).
+    pub fn resident_by_device(&self) -> Vec<(usize, u64)> {
+        self.ledgers
+            .iter()
+            .map(|l| (l.device(), l.resident_here()))
+            .collect()
+    }
+
     /// Seconds until memory is expected to free up: the soonest expected end among running GPU
     /// jobs (their handler's typical duration minus their elapsed time), within the configured
     /// bounds. Without running jobs to wait for (others hold the memory), 10 s.

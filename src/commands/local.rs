@@ -183,7 +183,10 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
         };
         match run_worker(setup).await? {
             WorkerExit::Drained => break,
-            WorkerExit::Replaced if shutdown.is_cancelled() => break,
+            WorkerExit::Replaced | WorkerExit::Refreshed if shutdown.is_cancelled() => break,
+            WorkerExit::Refreshed => tracing::info!(
+                "worker {worker_id} asked for a fresh worker: starting one, as the platform would"
+            ),
             WorkerExit::Replaced => tracing::warn!(
                 "worker {worker_id} asked to be replaced: starting a fresh worker; the queue \
                  keeps its jobs and results"

@@ -62,6 +62,8 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
     };
     match run_worker(setup).await {
         Ok(WorkerExit::Drained) => 0,
+        // Asked for on purpose (`refresh_worker`, memory growth): the platform starts another.
+        Ok(WorkerExit::Refreshed) => 0,
         // Exit non-zero so the container is restarted if the platform did not replace it.
         Ok(WorkerExit::Replaced) => 1,
         Err(e) => fail(&endpoints, e.check, &e.reason).await,

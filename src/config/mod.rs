@@ -70,6 +70,12 @@ pub struct HandlerDefaults {
     /// After this many GPU out-of-memory failures in a row, the worker reports itself unhealthy,
     /// drains and asks to be replaced (`stopPod`) instead of failing every job.
     pub max_consecutive_ooms: u32,
+    /// Ask the platform for a fresh worker after every job (the SDK's `refresh_worker`): the
+    /// result carries `stopPod: true`, the worker drains and exits 0.
+    pub refresh_worker: bool,
+    /// Replace the worker the same way once its host memory (RSS) or its resident GPU memory
+    /// has grown past this factor of its level after warm-up (a leak); 0 turns it off.
+    pub recycle_memory_factor: f64,
     /// The document parser executable (`runpod-parse`) that extract and classify parse
     /// documents in; by default the one beside `runpod-worker`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,6 +94,8 @@ impl Default for HandlerDefaults {
             drain_grace_s: 60,
             intra_op_threads: 0,
             max_consecutive_ooms: 3,
+            refresh_worker: false,
+            recycle_memory_factor: 3.0,
             parser: None,
         }
     }

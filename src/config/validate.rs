@@ -42,6 +42,14 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         1,
         1000,
     )?;
+    let factor = h.recycle_memory_factor;
+    if !(factor == 0.0 || (1.5..=100.0).contains(&factor)) {
+        return Err(ConfigError::OutOfRange {
+            key: "handler.recycle_memory_factor".into(),
+            value: factor.to_string(),
+            limit: "0 (off) or from 1.5 to 100".into(),
+        });
+    }
     if h.gpu_memory_per_request.bytes() == 0 {
         return Err(ConfigError::OutOfRange {
             key: "handler.gpu_memory_per_request".into(),

@@ -220,6 +220,7 @@ async fn run(
                 if learned.replace_worker {
                     worker.ask_to_be_replaced(&result);
                 }
+                worker.refresh_if_due();
                 answer(&worker, &job.id, result, ctx.chunks_sent() > 0).await;
             }
         }
@@ -365,7 +366,8 @@ fn finish_cancelled(worker: &Worker, job_id: &str) {
 async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, streamed: bool) {
     // A worker that must be replaced says so with its last result, once it has drained: the
     // platform may stop it as soon as it reads `stopPod`.
-    let stop_pod = worker.lessons.device_tripped() && worker.board.begin_answer(job_id);
+    let leaving = worker.lessons.device_tripped() || worker.recycler.requested();
+    let stop_pod = leaving && worker.board.begin_answer(job_id);
     let limit = worker.config.queue.max_result_size.bytes();
     let (result, body) = sized_done_body(result, stop_pod, limit);
     match &result {

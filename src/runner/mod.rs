@@ -17,6 +17,7 @@ mod execute;
 pub mod fitness;
 mod heartbeat;
 mod job;
+mod recycle;
 mod start;
 mod stop;
 mod take;
@@ -89,6 +90,8 @@ pub struct Worker {
     pub(crate) stop_taking: CancellationToken,
     /// What `/health` and `/metrics` read.
     pub(crate) observed: Arc<Observed>,
+    /// Whether the worker should be replaced on purpose (`refresh_worker`, memory growth).
+    pub(crate) recycler: recycle::Recycler,
 }
 
 impl std::ops::Deref for Worker {
@@ -106,6 +109,8 @@ pub enum WorkerExit {
     Drained,
     /// Its GPU failed (repeated OOMs, a lost device): it drained and asked to be replaced.
     Replaced,
+    /// It asked for a fresh worker on purpose (`refresh_worker`, memory growth) and drained.
+    Refreshed,
 }
 
 impl Worker {
@@ -124,6 +129,23 @@ impl Worker {
         );
         self.phase.set(Phase::Unhealthy);
         self.stop_taking.cancel();
+    }
+
+    /// Asks for a fresh worker after a finished job when `refresh_worker` is set or memory has
+    /// grown past its factor: stops taking; the last result carries `stopPod`.
+    pub(crate) fn refresh_if_due(&self) {
+        let reason = if self.config.handler.refresh_worker {
+            Some("refresh_worker is set: a fresh worker after every job".to_owned())
+        } else {
+            self.recycler.grown(&self.memory)
+        };
+        let Some(reason) = reason else {
+            return;
+        };
+        if self.recycler.request(reason.clone()) {
+            tracing::warn!("{reason}: draining and asking for a fresh worker (stopPod)");
+            self.stop_taking.cancel();
+        }
     }
 }
 
@@ -283,6 +305,8 @@ impl StartedWorker {
         tracing::info!("all taken jobs answered; worker stopped");
         if replaced {
             WorkerExit::Replaced
+        } else if worker.recycler.requested() {
+            WorkerExit::Refreshed
         } else {
             WorkerExit::Drained
         }

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fitness::{self, Fitness};
+use super::recycle::Recycler;
 use super::{JobCounters, StartupError, Worker};
 use crate::admission::resident;
 use crate::admission::{AdaptiveRule, Lessons, Limits, MemoryAdmission};
@@ -144,6 +145,7 @@ pub(super) async fn build_worker(
     );
     let config_spool_dir = config.queue.spool_dir.clone();
     let max_consecutive_ooms = config.handler.max_consecutive_ooms;
+    let recycle_memory_factor = config.handler.recycle_memory_factor;
     let limits = Arc::new(limits);
     let (memory_for_lessons, limits_for_lessons) = (memory.clone(), limits.clone());
     let observed = Arc::new(Observed {
@@ -172,6 +174,7 @@ pub(super) async fn build_worker(
         tracker: TaskTracker::new(),
         spool: Spool::new(config_spool_dir),
         stop_taking: shutdown.child_token(),
+        recycler: Recycler::new(recycle_memory_factor, &observed.memory),
         observed,
     });
     Ok(worker)

@@ -146,6 +146,9 @@ pub fn test_config() -> Config {
         "runpod-worker-test-spool-{}",
         uuid::Uuid::new_v4().simple()
     ));
+    // Many workers share this test process, so its RSS grows with every other test's models:
+    // the recycle rule is off except where a test turns it on.
+    config.handler.recycle_memory_factor = 0.0;
     config
 }
 

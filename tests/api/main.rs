@@ -26,5 +26,6 @@ mod mock_rules;
 mod models;
 mod parser;
 mod process;
+mod refresh;
 mod resilience;
 mod shutdown;

@@ -1,0 +1,141 @@
+//! Replacing the worker on purpose: after each job when `[handler] refresh_worker` is set (the
+//! SDK's option), or when its memory has grown past `[handler] recycle_memory_factor` times its
+//! level after warm-up (a leak in a model or a library), before an out-of-memory kill does it
+//! mid-job. Either way the worker stops taking, its last result carries `stopPod: true`, it
+//! drains, and it exits 0.
+
+use std::sync::OnceLock;
+
+use crate::admission::MemoryAdmission;
+use crate::config::Size;
+
+/// Growth below this is never a leak worth a new worker (allocator slack, caches).
+const MIN_GROWTH: u64 = 256 * 1000 * 1000;
+
+/// The memory levels after warm-up, and whether (and why) a refresh was asked for.
+#[derive(Debug)]
+pub(crate) struct Recycler {
+    factor: f64,
+    rss_after_warm_up: Option<u64>,
+    resident_after_warm_up: Vec<(usize, u64)>,
+    requested: OnceLock<String>,
+}
+
+impl Recycler {
+    /// Notes the levels now (call it once the models are loaded and warm); `factor` 0 turns
+    /// the memory rule off.
+    pub(crate) fn new(factor: f64, memory: &MemoryAdmission) -> Self {
+        Self {
+            factor,
+            rss_after_warm_up: host_rss(),
+            resident_after_warm_up: memory.resident_by_device(),
+            requested: OnceLock::new(),
+        }
+    }
+
+    /// Why the worker should be replaced now that its memory has grown, if it should.
+    pub(crate) fn grown(&self, memory: &MemoryAdmission) -> Option<String> {
+        if self.factor <= 0.0 {
+            return None;
+        }
+        if let Some((before, now)) = self.rss_after_warm_up.zip(host_rss()) {
+            if self.past(before, now) {
+                return Some(self.reason("host memory (RSS)", before, now));
+            }
+        }
+        memory
+            .resident_by_device()
+            .into_iter()
+            .find_map(|(device, now)| {
+                let before = self
+                    .resident_after_warm_up
+                    .iter()
+                    .find(|(d, _)| *d == device)?
+                    .1;
+                self.past(before, now)
+                    .then(|| self.reason(&format!("resident memory on GPU {device}"), before, now))
+            })
+    }
+
+    fn past(&self, before: u64, now: u64) -> bool {
+        now.saturating_sub(before) >= MIN_GROWTH && now as f64 > before as f64 * self.factor
+    }
+
+    fn reason(&self, what: &str, before: u64, now: u64) -> String {
+        format!(
+            "{what} grew from {} after warm-up to {}, past recycle_memory_factor = {}",
+            Size::from_bytes(before).approx(),
+            Size::from_bytes(now).approx(),
+            self.factor
+        )
+    }
+
+    /// Records the first reason a refresh was asked for; `true` the first time.
+    pub(crate) fn request(&self, reason: String) -> bool {
+        self.requested.set(reason).is_ok()
+    }
+
+    /// Whether a refresh was asked for.
+    pub(crate) fn requested(&self) -> bool {
+        self.requested.get().is_some()
+    }
+}
+
+/// This process's resident set size (`VmRSS`), where `/proc` has it.
+pub(crate) fn host_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recycler(factor: f64, before: u64) -> Recycler {
+        Recycler {
+            factor,
+            rss_after_warm_up: Some(before),
+            resident_after_warm_up: Vec::new(),
+            requested: OnceLock::new(),
+        }
+    }
+
+    #[test]
+    fn growth_counts_only_past_the_factor_and_a_floor() {
+        let gb = 1_000_000_000;
+        let r = recycler(2.0, gb);
+        assert!(!r.past(gb, 2 * gb), "exactly the factor is still fine");
+        assert!(r.past(gb, 2 * gb + 1));
+        let small = recycler(2.0, 10_000_000);
+        assert!(
+            !small.past(10_000_000, 200_000_000),
+            "20× of a tiny process is not a leak worth a new worker"
+        );
+        assert!(small.past(10_000_000, 300_000_000));
+        let reason = r.reason("host memory (RSS)", gb, 3 * gb);
+        assert!(reason.contains("recycle_memory_factor = 2"), "{reason}");
+    }
+
+    #[test]
+    fn the_first_reason_is_kept() {
+        let r = recycler(0.0, 1);
+        assert!(!r.requested());
+        assert!(r.request("first".into()));
+        assert!(!r.request("second".into()));
+        assert!(r.requested());
+        assert_eq!(r.requested.get().unwrap(), "first");
+    }
+
+    #[test]
+    fn this_process_has_a_resident_set() {
+        assert!(host_rss().unwrap() > 1_000_000);
+    }
+}
