@@ -25,6 +25,10 @@ impl ChunkSink for PrintSink {
         println!("{}", serde_json::json!({ "stream": chunk }));
         Ok(())
     }
+
+    async fn progress(&self, _job_id: &str, update: Value) {
+        println!("{}", serde_json::json!({ "progress": update }));
+    }
 }
 
 /// Runs the job from `json`, else from `file`.

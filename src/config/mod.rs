@@ -76,6 +76,9 @@ pub struct HandlerDefaults {
     /// Replace the worker the same way once its host memory (RSS) or its resident GPU memory
     /// has grown past this factor of its level after warm-up (a leak); 0 turns it off.
     pub recycle_memory_factor: f64,
+    /// How often a long job (a large extraction) sends a progress update (`IN_PROGRESS`);
+    /// 0: never.
+    pub progress_interval_ms: u64,
     /// The document parser executable (`runpod-parse`) that extract and classify parse
     /// documents in; by default the one beside `runpod-worker`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,6 +99,7 @@ impl Default for HandlerDefaults {
             max_consecutive_ooms: 3,
             refresh_worker: false,
             recycle_memory_factor: 3.0,
+            progress_interval_ms: 2000,
             parser: None,
         }
     }

@@ -42,6 +42,12 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         1,
         1000,
     )?;
+    check(
+        "handler.progress_interval_ms",
+        h.progress_interval_ms,
+        0,
+        3_600_000,
+    )?;
     let factor = h.recycle_memory_factor;
     if !(factor == 0.0 || (1.5..=100.0).contains(&factor)) {
         return Err(ConfigError::OutOfRange {

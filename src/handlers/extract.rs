@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::document::{self, Document};
 use super::fetch::FetchPolicy;
 use super::parser::ParserPool;
+use super::stream_out::{pack, ProgressClock, STREAM_MESSAGE_LIMIT};
 use super::{Handler, JobContext, Prepared};
 use crate::model::{torch_error, Encoder, OnDevices};
 use crate::outcome::{ErrorType, JobError};
@@ -71,7 +72,26 @@ struct ExtractJob {
     chunk_tokens: usize,
     overlap: usize,
     embed: bool,
+    /// Stream each batch of chunks through job-stream as it is embedded.
+    stream: bool,
+    /// With `stream`: the final output still holds every chunk (the SDK's
+    /// `return_aggregate_stream`); without, only a summary.
+    aggregate: bool,
     document: Document,
+}
+
+/// Chunks embedded per model call (and per stream message batch).
+const EMBED_BATCH: usize = 32;
+
+/// `input.<key>`: true or false, `default` when absent.
+fn flag(ctx: &JobContext, key: &str, default: bool) -> Result<bool, JobError> {
+    match ctx.input.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(JobError::invalid_input(format!(
+            "input.{key} must be true or false"
+        ))),
+    }
 }
 
 /// Bytes a JSON number of an embedding takes at the least (a digit and a comma). With these,
@@ -98,17 +118,17 @@ impl Handler for ExtractHandler {
     async fn prepare(&self, ctx: &JobContext) -> Result<Prepared, JobError> {
         let chunk_tokens = option(ctx, "chunk_tokens", self.chunk_tokens, 254)?;
         let overlap = option(ctx, "overlap", self.overlap, chunk_tokens / 2)?;
-        let embed = match ctx.input.get("embed") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(JobError::invalid_input("input.embed must be true or false")),
-        };
+        let embed = flag(ctx, "embed", true)?;
+        let stream = flag(ctx, "stream", false)?;
+        let aggregate = flag(ctx, "return_aggregate_stream", false)?;
         let source = document::source_of(&ctx.input, false, &self.fetch).await?;
         let document = document::read(source, &self.parsers).await?;
         Ok(Prepared::new(ExtractJob {
             chunk_tokens,
             overlap,
             embed,
+            stream,
+            aggregate,
             document,
         }))
     }
@@ -118,69 +138,106 @@ impl Handler for ExtractHandler {
             chunk_tokens,
             overlap,
             embed,
+            stream,
+            aggregate,
             document: Document { text, pages },
         } = prepared.take()?;
         let encoder = self.encoder.for_device(ctx.device)?.clone();
-        let cancel = ctx.cancel.clone();
-        let max_output = ctx.max_output_bytes;
-        ctx.run_blocking(move || {
-            let cancelled = || JobError::internal("the job was cancelled");
-            let offsets = encoder
-                .token_offsets(&text, &cancel)
-                .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?
-                .ok_or_else(cancelled)?;
-            let ranges = chunk_ranges(&offsets, chunk_tokens, overlap, text.len());
-            // Refused before the embeddings and the JSON exist, when it cannot fit anyway.
-            let floor = output_floor(text.len(), &ranges, encoder.dims(), embed);
-            if floor > max_output {
-                return Err(JobError::new(
-                    ErrorType::OutputTooLarge,
-                    format!(
-                        "the result would take at least {floor} bytes ({} chunks of text and \
-                         embeddings), over the limit of {max_output} bytes; send a shorter \
-                         document, or set embed to false",
-                        ranges.len()
-                    ),
-                ));
+        let cancelled = || JobError::internal("the job was cancelled");
+        let (cancel, tokenizer) = (ctx.cancel.clone(), encoder.clone());
+        let (text, offsets) = ctx
+            .run_blocking(move || {
+                let offsets = tokenizer.token_offsets(&text, &cancel);
+                (text, offsets)
+            })
+            .await?;
+        let offsets = offsets
+            .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?
+            .ok_or_else(cancelled)?;
+        let ranges = chunk_ranges(&offsets, chunk_tokens, overlap, text.len());
+        let keep_all = !stream || aggregate;
+        // Refused before the embeddings and the JSON exist, when it cannot fit anyway.
+        let floor = output_floor(text.len(), &ranges, encoder.dims(), embed);
+        if keep_all && floor > ctx.max_output_bytes {
+            return Err(JobError::new(
+                ErrorType::OutputTooLarge,
+                format!(
+                    "the result would take at least {floor} bytes ({} chunks of text and \
+                     embeddings), over the limit of {} bytes; send a shorter document, set \
+                     embed to false, or stream the chunks (stream: true)",
+                    ranges.len(),
+                    ctx.max_output_bytes
+                ),
+            ));
+        }
+        let total = ranges.len();
+        let mut pending = ranges
+            .iter()
+            .map(|&(a, b)| text[a..b].to_owned())
+            .collect::<Vec<String>>()
+            .into_iter();
+        let mut chunks = Vec::with_capacity(if keep_all { total } else { 0 });
+        let mut clock = ProgressClock::start(ctx.progress_every);
+        let mut done = 0;
+        loop {
+            let batch: Vec<String> = pending.by_ref().take(EMBED_BATCH).collect();
+            if batch.is_empty() {
+                break;
             }
-            let chunk_texts: Vec<String> =
-                ranges.iter().map(|&(a, b)| text[a..b].to_owned()).collect();
-            let embeddings = if embed {
-                encoder
-                    .embed_until(&chunk_texts, &cancel)
-                    .map_err(|e| torch_error(&e, 10))?
-            } else {
-                Vec::new()
-            };
-            if cancel.is_cancelled() {
+            if ctx.cancel.is_cancelled() {
                 return Err(cancelled());
             }
-            let chunks: Vec<Value> = chunk_texts
+            let embeddings = if embed {
+                let embedding = encoder.clone();
+                let (texts, embeddings) = ctx
+                    .run_blocking(move || {
+                        let embeddings = embedding.embed(&batch);
+                        (batch, embeddings)
+                    })
+                    .await?;
+                let embeddings = embeddings.map_err(|e| torch_error(&e, 10))?;
+                texts
+                    .into_iter()
+                    .zip(embeddings.into_iter().map(Some))
+                    .collect()
+            } else {
+                batch
+                    .into_iter()
+                    .map(|text| (text, None))
+                    .collect::<Vec<_>>()
+            };
+            let mut values: Vec<Value> = embeddings
                 .into_iter()
-                .zip(
-                    embeddings
-                        .into_iter()
-                        .map(Some)
-                        .chain(std::iter::repeat(None)),
-                )
                 .enumerate()
-                .map(|(index, (text, embedding))| match embedding {
-                    Some(embedding) => {
-                        json!({ "index": index, "text": text, "embedding": embedding })
-                    }
-                    None => json!({ "index": index, "text": text }),
-                })
+                .map(|(i, (text, embedding))| chunk_value(done + i, text, embedding))
                 .collect();
-            Ok(json!({
-                "text": text,
-                "pages": pages,
-                "tokens": offsets.len(),
-                "chunks": chunks,
-                "model": encoder.name(),
-                "dims": encoder.dims(),
-            }))
-        })
-        .await?
+            done += values.len();
+            if stream {
+                let streamed = if keep_all {
+                    values.clone()
+                } else {
+                    std::mem::take(&mut values)
+                };
+                for message in pack("chunks", streamed, STREAM_MESSAGE_LIMIT) {
+                    ctx.stream(message).await?;
+                }
+            }
+            chunks.extend(values);
+            maybe_progress(&ctx, &mut clock, done, total).await;
+        }
+        let mut output = json!({
+            "pages": pages,
+            "tokens": offsets.len(),
+            "model": encoder.name(),
+            "dims": encoder.dims(),
+        });
+        if keep_all {
+            output["text"] = Value::String(text);
+            output["chunks"] = Value::Array(chunks);
+        } else {
+            output["chunks_streamed"] = json!(total);
+        }
+        Ok(output)
     }
 
     fn warm_up(&self) -> Result<(), String> {
@@ -188,6 +245,22 @@ impl Handler for ExtractHandler {
             .0
             .iter()
             .try_for_each(|encoder| encoder.warm_up())
+    }
+}
+
+/// One chunk of the output.
+fn chunk_value(index: usize, text: String, embedding: Option<Vec<f32>>) -> Value {
+    match embedding {
+        Some(embedding) => json!({ "index": index, "text": text, "embedding": embedding }),
+        None => json!({ "index": index, "text": text }),
+    }
+}
+
+/// A progress update (`chunks_done` of `chunks_total`) when one is due.
+async fn maybe_progress(ctx: &JobContext, clock: &mut ProgressClock, done: usize, total: usize) {
+    if clock.due() {
+        ctx.progress(json!({ "chunks_done": done, "chunks_total": total }))
+            .await;
     }
 }
 

@@ -9,6 +9,7 @@ pub mod fetch;
 mod models;
 pub mod parser;
 mod registry;
+mod stream_out;
 mod tensors;
 mod torchscript;
 
@@ -82,6 +83,12 @@ impl Prepared {
 pub trait ChunkSink: Send + Sync {
     /// Delivers one chunk, in order.
     async fn send(&self, job_id: &str, chunk: Value) -> Result<(), JobError>;
+
+    /// Delivers a progress update (`IN_PROGRESS` with a small output), best effort: a lost
+    /// update costs the client a stale figure, never the job. By default it goes nowhere.
+    async fn progress(&self, job_id: &str, update: Value) {
+        let _ = (job_id, update);
+    }
 }
 
 /// Everything a handler gets for one job.
@@ -100,6 +107,9 @@ pub struct JobContext {
     /// The largest output the job may return (`[queue] max_result_size`): handlers that can
     /// tell the size of their output before they build it refuse it early.
     pub max_output_bytes: u64,
+    /// How often a long job sends a progress update (`[handler] progress_interval_ms`);
+    /// `None`: never.
+    pub progress_every: Option<std::time::Duration>,
     sink: Arc<dyn ChunkSink>,
     chunks_sent: Arc<AtomicUsize>,
     threads: TaskTracker,
@@ -122,6 +132,7 @@ impl JobContext {
             simulated_gpu,
             device: None,
             max_output_bytes: u64::MAX,
+            progress_every: None,
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
             threads: TaskTracker::new(),
@@ -160,6 +171,13 @@ impl JobContext {
     pub async fn threads_finished(&self) {
         self.threads.close();
         self.threads.wait().await;
+    }
+
+    /// Sends a progress update. Awaited in the handler, so it always reaches the queue before
+    /// the job's final result (the SDK's fire-and-forget updates could land after it,
+    /// runpod-python #250).
+    pub async fn progress(&self, update: Value) {
+        self.sink.progress(&self.job_id, update).await;
     }
 
     /// Streams one chunk to the job's client (job-stream, `{"output": chunk}`).

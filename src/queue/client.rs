@@ -274,6 +274,26 @@ impl QueueClient {
         self.deliver(url, job_id, body.get().as_bytes()).await
     }
 
+    /// POSTs a progress update (`{"status": "IN_PROGRESS", "output": update}`) to job-done,
+    /// as the SDK's `progress_update` does. One attempt, briefly: the job waits for it, and the
+    /// next update says more anyway.
+    pub async fn post_progress(&self, job_id: &str, update: &Value) -> Result<(), QueueError> {
+        let url = self.endpoints.done_url(job_id, false);
+        let body = serde_json::json!({ "status": "IN_PROGRESS", "output": update });
+        let response = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, SDK_RESULT_CONTENT_TYPE)
+            .header("charset", "utf-8")
+            .header(REQUEST_ID, job_id)
+            .body(body.to_string())
+            .timeout(PROGRESS_TIMEOUT)
+            .send()
+            .await
+            .map_err(transport)?;
+        status_ok(response.status())
+    }
+
     /// POSTs one stream chunk (`{"output": chunk}`) to job-stream.
     pub async fn post_stream(&self, job_id: &str, chunk: &Value) -> Result<(), DeliveryError> {
         let url = self
@@ -339,6 +359,9 @@ impl QueueClient {
         }
     }
 }
+
+/// How long one progress update may take.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the official SDK labels its (JSON) result bodies with.
 const SDK_RESULT_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";

@@ -174,6 +174,10 @@ async fn run(
         simulated,
     );
     ctx.max_output_bytes = worker.config.queue.max_result_size.bytes();
+    ctx.progress_every = match worker.config.handler.progress_interval_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    };
     let stages = Stages {
         worker: &worker,
         entry,
@@ -477,5 +481,11 @@ impl ChunkSink for QueueSink {
             tracing::error!(job_id, "stream chunk could not be delivered: {e}");
             JobError::internal("a stream chunk could not be delivered to the queue")
         })
+    }
+
+    async fn progress(&self, job_id: &str, update: Value) {
+        if let Err(e) = self.0.post_progress(job_id, &update).await {
+            tracing::warn!(job_id, "a progress update could not be delivered: {e}");
+        }
     }
 }

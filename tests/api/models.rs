@@ -389,3 +389,78 @@ async fn an_output_that_cannot_fit_is_refused_before_anything_is_embedded() {
     );
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extract_streams_its_chunks_under_the_message_limit_with_progress_before_the_result() {
+    use runpod_worker::mock_queue::Route;
+    let mut config = model_config();
+    // Too small for the whole output: streaming is what lets a large extraction through.
+    config.queue.max_result_size = "100KB".parse().unwrap();
+    config.handler.progress_interval_ms = 1;
+    let worker = TestWorker::start(config, |h| h, 200).await;
+    let ep = crate::helpers::EP;
+    let text: String = (0..3_000).map(|i| format!("word{} ", i % 40)).collect();
+    worker.enqueue(
+        "streamed",
+        json!({"task": "extract", "stream": true, "chunk_tokens": 16, "overlap": 0,
+               "document": {"text": text}}),
+    );
+    let done = worker.done("streamed").await;
+    let output = &done.body["output"];
+    assert_eq!(done.is_stream.as_deref(), Some("true"));
+    assert!(
+        output.get("chunks").is_none() && output.get("text").is_none(),
+        "{output}"
+    );
+    let total = output["chunks_streamed"].as_u64().expect("a summary") as usize;
+    assert!(total > 100, "{output}");
+    let queue = worker.mock.endpoint(ep);
+    let mut indexes = Vec::new();
+    for record in queue.streams.iter().filter(|s| s.job_id == "streamed") {
+        let size = serde_json::to_vec(&record.body).unwrap().len();
+        assert!(size <= 1_000_000, "a stream message of {size} bytes");
+        for chunk in record.body["output"]["chunks"].as_array().unwrap() {
+            assert_eq!(chunk["embedding"].as_array().unwrap().len(), 384);
+            indexes.push(chunk["index"].as_u64().unwrap() as usize);
+        }
+    }
+    assert_eq!(
+        indexes,
+        (0..total).collect::<Vec<_>>(),
+        "every chunk, once, in order"
+    );
+    let progress: Vec<_> = queue
+        .progress
+        .iter()
+        .filter(|p| p.job_id == "streamed")
+        .collect();
+    assert!(!progress.is_empty(), "a long job reports progress");
+    let last = &progress.last().unwrap().body["output"];
+    assert_eq!(last["chunks_total"].as_u64(), Some(total as u64));
+    assert!(last["chunks_done"].as_u64().unwrap() <= total as u64);
+    assert_eq!(
+        worker.mock.requests(Route::Done),
+        progress.len() as u64 + 1,
+        "no progress update came after the result (none refused as late)"
+    );
+
+    // With the SDK's return_aggregate_stream, the final output holds what was streamed.
+    let small: String = (0..60).map(|i| format!("word{} ", i % 40)).collect();
+    worker.enqueue(
+        "aggregated",
+        json!({"task": "extract", "stream": true, "return_aggregate_stream": true,
+               "chunk_tokens": 16, "overlap": 0, "document": {"text": small}}),
+    );
+    let output = worker.done("aggregated").await.body["output"].clone();
+    let streamed: Vec<serde_json::Value> = worker
+        .mock
+        .endpoint(ep)
+        .streams
+        .into_iter()
+        .filter(|s| s.job_id == "aggregated")
+        .flat_map(|s| s.body["output"]["chunks"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(output["chunks"].as_array(), Some(&streamed), "{output}");
+    assert_eq!(output["text"], small.trim_end());
+    worker.stop().await;
+}
