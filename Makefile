@@ -47,6 +47,7 @@ test: lint
 	$(CARGO) test --locked --workspace -- --test-threads 2
 	$(PY) tests/interop/sdk_client.py target/debug/runpod-worker
 	$(PY) tests/interop/sdk_worker.py target/debug/runpod-worker
+	$(PY) tests/interop/openai_client.py target/debug/runpod-worker
 	$(PY) tests/interop/retry_example.py target/debug/runpod-worker
 	npm ci --prefix tests/interop/js --silent --no-audit --no-fund && node tests/interop/js/sdk_client.mjs target/debug/runpod-worker
 	target/debug/runpod-worker gpu-check --simulate 24GB

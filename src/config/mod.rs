@@ -79,6 +79,10 @@ pub struct HandlerDefaults {
     /// How often a long job (a large extraction) sends a progress update (`IN_PROGRESS`);
     /// 0: never.
     pub progress_interval_ms: u64,
+    /// The handler OpenAI-compatible requests go to (jobs with `openai_route`): an `extract`
+    /// handler; by default the first one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub openai_handler: Option<String>,
     /// The document parser executable (`runpod-parse`) that extract and classify parse
     /// documents in; by default the one beside `runpod-worker`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,6 +104,7 @@ impl Default for HandlerDefaults {
             refresh_worker: false,
             recycle_memory_factor: 3.0,
             progress_interval_ms: 2000,
+            openai_handler: None,
             parser: None,
         }
     }

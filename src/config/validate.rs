@@ -157,6 +157,16 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
             limit: "at least one [handlers.<name>] table is needed".into(),
         });
     }
+    if let Some(name) = &config.handler.openai_handler {
+        let kind = config.handlers.get(name).map(|h| h.kind(name));
+        if kind != Some("extract") {
+            return Err(ConfigError::OutOfRange {
+                key: "handler.openai_handler".into(),
+                value: format!("{name:?}"),
+                limit: "the name of an extract handler".into(),
+            });
+        }
+    }
     for (name, handler) in &config.handlers {
         let valid_name = !name.is_empty()
             && name

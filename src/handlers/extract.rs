@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::document::{self, Document};
 use super::fetch::FetchPolicy;
+use super::openai::{self, OpenAiRequest};
 use super::parser::ParserPool;
 use super::stream_out::{pack, ProgressClock, STREAM_MESSAGE_LIMIT};
 use super::{Handler, JobContext, Prepared};
@@ -67,7 +68,13 @@ fn option(ctx: &JobContext, key: &str, default: usize, max: usize) -> Result<usi
     }
 }
 
-/// What the prepare stage hands to the model work.
+/// What the prepare stage hands to the model work: a document, or an OpenAI request.
+enum ExtractWork {
+    Document(ExtractJob),
+    OpenAi(OpenAiRequest),
+}
+
+/// A document to extract.
 struct ExtractJob {
     chunk_tokens: usize,
     overlap: usize,
@@ -116,6 +123,13 @@ fn output_floor(text_len: usize, ranges: &[(usize, usize)], dims: usize, embed: 
 #[async_trait]
 impl Handler for ExtractHandler {
     async fn prepare(&self, ctx: &JobContext) -> Result<Prepared, JobError> {
+        if openai::is_openai(&ctx.input) {
+            // The tokenizer is the same on every device's copy.
+            let encoder = self.encoder.for_device(None)?;
+            return Ok(Prepared::new(ExtractWork::OpenAi(openai::parse(
+                &ctx.input, encoder,
+            )?)));
+        }
         let chunk_tokens = option(ctx, "chunk_tokens", self.chunk_tokens, 254)?;
         let overlap = option(ctx, "overlap", self.overlap, chunk_tokens / 2)?;
         let embed = flag(ctx, "embed", true)?;
@@ -123,17 +137,38 @@ impl Handler for ExtractHandler {
         let aggregate = flag(ctx, "return_aggregate_stream", false)?;
         let source = document::source_of(&ctx.input, false, &self.fetch).await?;
         let document = document::read(source, &self.parsers).await?;
-        Ok(Prepared::new(ExtractJob {
+        Ok(Prepared::new(ExtractWork::Document(ExtractJob {
             chunk_tokens,
             overlap,
             embed,
             stream,
             aggregate,
             document,
-        }))
+        })))
     }
 
     async fn run(&self, ctx: JobContext, prepared: Prepared) -> Result<Value, JobError> {
+        match prepared.take()? {
+            ExtractWork::Document(job) => self.extract(ctx, job).await,
+            ExtractWork::OpenAi(request) => {
+                let encoder = self.encoder.for_device(ctx.device)?.clone();
+                ctx.run_blocking(move || openai::answer(request, &encoder))
+                    .await?
+            }
+        }
+    }
+
+    fn warm_up(&self) -> Result<(), String> {
+        self.encoder
+            .0
+            .iter()
+            .try_for_each(|encoder| encoder.warm_up())
+    }
+}
+
+impl ExtractHandler {
+    /// A document cut into chunks, embedded, streamed or returned whole.
+    async fn extract(&self, ctx: JobContext, job: ExtractJob) -> Result<Value, JobError> {
         let ExtractJob {
             chunk_tokens,
             overlap,
@@ -141,7 +176,7 @@ impl Handler for ExtractHandler {
             stream,
             aggregate,
             document: Document { text, pages },
-        } = prepared.take()?;
+        } = job;
         let encoder = self.encoder.for_device(ctx.device)?.clone();
         let cancelled = || JobError::internal("the job was cancelled");
         let (cancel, tokenizer) = (ctx.cancel.clone(), encoder.clone());
@@ -238,13 +273,6 @@ impl Handler for ExtractHandler {
             output["chunks_streamed"] = json!(total);
         }
         Ok(output)
-    }
-
-    fn warm_up(&self) -> Result<(), String> {
-        self.encoder
-            .0
-            .iter()
-            .try_for_each(|encoder| encoder.warm_up())
     }
 }
 

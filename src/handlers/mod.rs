@@ -7,6 +7,7 @@ mod echo;
 mod extract;
 pub mod fetch;
 mod models;
+pub mod openai;
 pub mod parser;
 mod registry;
 mod stream_out;

@@ -66,6 +66,8 @@ pub struct Routed<'a> {
 #[derive(Clone, Default)]
 pub struct HandlerSet {
     entries: BTreeMap<String, HandlerEntry>,
+    /// The handler OpenAI requests (`openai_route`) go to, if any.
+    openai: Option<String>,
 }
 
 impl HandlerSet {
@@ -95,7 +97,14 @@ impl HandlerSet {
             };
             entries.insert(name.clone(), entry);
         }
-        Ok(Self { entries })
+        // `[handler] openai_handler` (checked to be an extract handler), else the first one.
+        let openai = config.handler.openai_handler.clone().or_else(|| {
+            entries
+                .values()
+                .find(|e| e.kind == "extract")
+                .map(|e| e.name.clone())
+        });
+        Ok(Self { entries, openai })
     }
 
     /// Replaces the implementation of handler `name` (tests and embedders).
@@ -124,6 +133,22 @@ impl HandlerSet {
                 kind_of(input)
             )));
         };
+        if super::openai::is_openai(input) {
+            // The platform's OpenAI route: routed by `openai_route`, whatever the task.
+            let entry = self
+                .openai
+                .as_ref()
+                .and_then(|name| self.entries.get(name))
+                .ok_or_else(|| {
+                    JobError::invalid_input(
+                        "this worker serves no OpenAI routes: it has no extract handler",
+                    )
+                })?;
+            return Ok(Routed {
+                entry,
+                input: input.clone(),
+            });
+        }
         let task = match input.get("task") {
             Some(Value::String(task)) => task,
             Some(other) => {

@@ -23,6 +23,8 @@ mod gate;
 mod health;
 mod jobs;
 mod leases;
+#[allow(clippy::result_large_err)]
+mod openai;
 pub mod policy;
 mod rate_limit;
 mod replies;
@@ -58,6 +60,7 @@ const BODY_LIMIT: usize = 32 * 1024 * 1024;
 pub fn router(state: Arc<MockState>) -> Router {
     worker_api::routes(&state)
         .merge(client_api::routes(&state))
+        .merge(openai::routes(&state))
         .fallback(|method: Method, uri: Uri| async move {
             replies::error(
                 StatusCode::NOT_FOUND,

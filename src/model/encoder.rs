@@ -148,6 +148,20 @@ impl Encoder {
         Ok(Some(offsets))
     }
 
+    /// The text of token ids of this model's vocabulary (special tokens left out); an id
+    /// outside it is an error.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        let vocab = self.chunk_tokenizer.get_vocab_size(true);
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(format!(
+                "token {bad} is not in the model's vocabulary of {vocab}"
+            ));
+        }
+        self.chunk_tokenizer
+            .decode(ids, true)
+            .map_err(|e| e.to_string())
+    }
+
     /// How many tokens the model sees of `text` (special tokens included), and how many the
     /// whole text has.
     pub fn token_counts(&self, text: &str) -> Result<(usize, usize), String> {
