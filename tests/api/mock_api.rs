@@ -234,9 +234,13 @@ async fn run_status_stream_cancel_retry_and_health_follow_the_documented_shapes(
     )
     .await;
     let long_id = long["id"].as_str().unwrap().to_owned();
-    mock.state()
+    // Held, and known to the worker's heartbeat: a ping already in flight when the queue handed
+    // the job out would not list it yet, and must not pass for the worker abandoning it.
+    let listed_at = mock
+        .state()
         .wait_for(WAIT, |i| {
-            i.endpoints.get(EP)?.holder_of(&long_id).map(|_| ())
+            let pings = &i.endpoints.get(EP)?.pings;
+            pings.iter().rposition(|p| p.job_ids.contains(&long_id))
         })
         .await
         .unwrap();
@@ -245,8 +249,9 @@ async fn run_status_stream_cancel_retry_and_health_follow_the_documented_shapes(
     let abandoned = mock
         .state()
         .wait_for(WAIT, |i| {
-            let last = i.endpoints.get(EP)?.pings.last()?;
-            (!last.job_ids.contains(&long_id)).then_some(())
+            let pings = &i.endpoints.get(EP)?.pings;
+            let last = pings.last()?;
+            (pings.len() > listed_at + 1 && !last.job_ids.contains(&long_id)).then_some(())
         })
         .await;
     assert!(
