@@ -243,3 +243,34 @@ async fn mock_stream_hold_is_bounded_and_unknown_jobs_are_not_held() {
         .unwrap();
     assert_eq!(status, 404, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_refuses_a_result_over_20mb_and_a_stream_chunk_over_1mb_with_400_as_the_platform_does()
+{
+    let (mock, base, id) = held_job(Duration::from_secs(1)).await;
+    let client = client_with_key();
+    let chunk = json!({"output": "x".repeat(1_000_001)});
+    let (status, _, body) = send(
+        client
+            .post(format!("{base}/job-stream/w/{id}"))
+            .json(&chunk),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("over the limit"),
+        "{body}"
+    );
+    let result = json!({"output": "x".repeat(20_000_001)});
+    let (status, _, body) =
+        send(client.post(format!("{base}/job-done/w/{id}")).json(&result)).await;
+    assert_eq!(status, 400, "not 413: {body}");
+    let (status, _, _) = send(
+        client
+            .post(format!("{base}/job-done/w/{id}"))
+            .json(&json!({"output": "small"})),
+    )
+    .await;
+    assert_eq!(status, 200, "a result within the limit is taken");
+    assert_eq!(mock.endpoint(EP).done.len(), 1);
+}
