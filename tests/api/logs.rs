@@ -32,10 +32,10 @@ fn echo_config(dir: &Path) -> PathBuf {
 fn lines_of(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        // Read to the end even when nobody listens any more: a child writing to a pipe nobody
+        // drains would block or die of SIGPIPE.
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
+            let _ = tx.send(line);
         }
     });
     rx
@@ -58,16 +58,20 @@ fn lines_until(lines: &mpsc::Receiver<String>, needle: &str) -> (Option<String>,
     (None, seen)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_in_a_webhook_url_is_redacted_in_the_log_line_that_names_it() {
-    let dir = tempfile::tempdir().unwrap();
+/// `local` with the echo config in `dir`, the default log level and `env` on top: the child,
+/// its stderr lines, and its base URL.
+fn start_local(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, mpsc::Receiver<String>, String) {
     let mut child = Command::new(BIN)
         .args(["local", "--port", "0", "--http-port", "0", "--config"])
-        .arg(echo_config(dir.path()))
+        .arg(echo_config(dir))
         .env("RUNPOD_AI_API_KEY", "test-key")
         .env_remove("RUNPOD_ENDPOINT_ID")
         .env_remove("RUNPOD_LOG_LEVEL")
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -79,6 +83,13 @@ async fn a_token_in_a_webhook_url_is_redacted_in_the_log_line_that_names_it() {
         .expect("local prints its address")
         .trim_start_matches("listening on ")
         .to_owned();
+    (child, stderr, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_a_webhook_url_is_redacted_in_the_log_line_that_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, stderr, base) = start_local(dir.path(), &[]);
     // Nothing listens on port 1: delivery fails and the queue logs the webhook's URL.
     let webhook = format!("http://hook:{SECRET}@127.0.0.1:1/hook?token={SECRET}&job=1");
     let submitted = client_with_key()
@@ -226,25 +237,7 @@ fn pdf_parser_warnings_stay_out_of_the_log_at_the_default_level_but_rust_log_sho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runpod_debug_level_is_read_as_the_sdks_older_name_for_the_log_level() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["local", "--port", "0", "--http-port", "0", "--config"])
-        .arg(echo_config(dir.path()))
-        .env("RUNPOD_AI_API_KEY", "test-key")
-        .env("RUNPOD_DEBUG_LEVEL", "DEBUG")
-        .env_remove("RUNPOD_ENDPOINT_ID")
-        .env_remove("RUNPOD_LOG_LEVEL")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = lines_of(child.stdout.take().unwrap());
-    let stderr = lines_of(child.stderr.take().unwrap());
-    let (listening, _) = lines_until(&stdout, "listening on ");
-    let base = listening
-        .expect("local prints its address")
-        .trim_start_matches("listening on ")
-        .to_owned();
+    let (mut child, stderr, base) = start_local(dir.path(), &[("RUNPOD_DEBUG_LEVEL", "DEBUG")]);
     let answer = client_with_key()
         .post(format!("{base}/v2/local/runsync"))
         .json(&json!({"input": {"task": "echo"}}))
