@@ -31,7 +31,13 @@ pub const MAX_MESSAGE_CHARS: usize = 4096;
 /// At ERROR level so that no log level disables it: a span prints nothing by itself.
 pub fn job_span(job_id: &str, batch_id: Option<&str>) -> Span {
     // The batch id comes from the job: bounded like an id before it reaches every line.
-    let batch_id: Option<String> = batch_id.map(|b| b.chars().take(MAX_BATCH_ID_CHARS).collect());
+    // Escaped: a newline in it must not forge a log line.
+    let batch_id: Option<String> = batch_id.map(|b| {
+        b.chars()
+            .take(MAX_BATCH_ID_CHARS)
+            .flat_map(char::escape_debug)
+            .collect()
+    });
     tracing::error_span!("job", job_id, batch_id)
 }
 

@@ -124,11 +124,14 @@ fn output_floor(text_len: usize, ranges: &[(usize, usize)], dims: usize, embed: 
 impl Handler for ExtractHandler {
     async fn prepare(&self, ctx: &JobContext) -> Result<Prepared, JobError> {
         if openai::is_openai(&ctx.input) {
-            // The tokenizer is the same on every device's copy.
-            let encoder = self.encoder.for_device(None)?;
-            return Ok(Prepared::new(ExtractWork::OpenAi(openai::parse(
-                &ctx.input, encoder,
-            )?)));
+            // Counting tokens of up to 2,048 inputs is CPU work: on a blocking thread. The
+            // tokenizer is the same on every device's copy.
+            let encoder = self.encoder.for_device(None)?.clone();
+            let input = ctx.input.clone();
+            let request = ctx
+                .run_blocking(move || openai::parse(&input, &encoder))
+                .await??;
+            return Ok(Prepared::new(ExtractWork::OpenAi(request)));
         }
         let chunk_tokens = option(ctx, "chunk_tokens", self.chunk_tokens, 254)?;
         let overlap = option(ctx, "overlap", self.overlap, chunk_tokens / 2)?;

@@ -283,9 +283,7 @@ impl QueueClient {
         let response = self
             .http
             .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, SDK_RESULT_CONTENT_TYPE)
-            .header("charset", "utf-8")
-            .header(REQUEST_ID, job_id)
+            .headers(sdk_result_headers(job_id))
             .body(body.to_string())
             .timeout(PROGRESS_TIMEOUT)
             .send()
@@ -319,9 +317,7 @@ impl QueueClient {
             let attempt = self
                 .http
                 .post(url)
-                .header(reqwest::header::CONTENT_TYPE, SDK_RESULT_CONTENT_TYPE)
-                .header("charset", "utf-8")
-                .header(REQUEST_ID, job_id)
+                .headers(sdk_result_headers(job_id))
                 .body(payload.clone())
                 .timeout(Duration::from_secs(60))
                 .send()
@@ -331,9 +327,11 @@ impl QueueClient {
                 Ok(r) if r.status() == StatusCode::NOT_FOUND => {
                     return Err(DeliveryError::Gone(job_id.to_owned()))
                 }
+                // 408 and 429 say "not now", not "never".
                 Ok(r)
                     if r.status().is_client_error()
-                        && r.status() != StatusCode::TOO_MANY_REQUESTS =>
+                        && r.status() != StatusCode::TOO_MANY_REQUESTS
+                        && r.status() != StatusCode::REQUEST_TIMEOUT =>
                 {
                     let status = r.status().as_u16();
                     return Err(DeliveryError::Rejected {
@@ -368,6 +366,21 @@ const SDK_RESULT_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
 
 /// The header that carries a result's job id.
 const REQUEST_ID: &str = "X-Request-ID";
+
+/// The SDK's headers on a result POST. An id that cannot be a header value (the worker
+/// still answers ids with control characters, by their URL) goes without `X-Request-ID`.
+fn sdk_result_headers(job_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        reqwest::header::CONTENT_TYPE,
+        HeaderValue::from_static(SDK_RESULT_CONTENT_TYPE),
+    );
+    headers.insert("charset", HeaderValue::from_static("utf-8"));
+    if let Ok(id) = HeaderValue::from_str(job_id) {
+        headers.insert(REQUEST_ID, id);
+    }
+    headers
+}
 
 /// How much of a refusal's body is kept for the log and the replacement result.
 const REFUSAL_REASON_CHARS: usize = 200;

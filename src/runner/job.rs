@@ -193,6 +193,10 @@ async fn run(
         reservation,
         model_time,
     } = stages.prepare_reserve_execute(&mut ctx, &mut bounds).await;
+    if matches!(ended, Ended::Ran(Execution::Finished(_))) {
+        // Before the slot is released: a freed slot must not start a take first.
+        worker.refresh_if_due();
+    }
 
     // Release: the handler's slot and the job's GPU memory go back as soon as its threads
     // have really returned (a timed-out or stopped model call may still be running), not
@@ -224,7 +228,6 @@ async fn run(
                 if learned.replace_worker {
                     worker.ask_to_be_replaced(&result);
                 }
-                worker.refresh_if_due();
                 answer(&worker, &job.id, result, ctx.chunks_sent() > 0).await;
             }
         }
@@ -371,6 +374,12 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
     // A worker that must be replaced says so with its last result, once it has drained: the
     // platform may stop it as soon as it reads `stopPod`.
     let leaving = worker.lessons.device_tripped() || worker.recycler.requested();
+    if leaving {
+        // A take already answering when the worker stopped taking still brings its jobs in:
+        // only once the take loop has ended is "the last result" really the last. Bounded,
+        // for a worker stepped batch by batch (tests), where no take loop runs.
+        let _ = tokio::time::timeout(TAKE_LOOP_END_WAIT, worker.take_loop_ended.cancelled()).await;
+    }
     let stop_pod = leaving && worker.board.begin_answer(job_id);
     let limit = worker.config.queue.max_result_size.bytes();
     let (result, body) = sized_done_body(result, stop_pod, limit);
@@ -413,35 +422,47 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
             let error: String = error.to_string().chars().take(200).collect();
             tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
         }
-        Err(error) => {
-            undelivered(worker, "spooled");
-            let spooled = SpooledResult {
-                job_id: job_id.to_owned(),
-                url: worker.client.endpoints().done_url(job_id, streamed),
-                body,
-            };
-            // A file write (maybe on a network volume): not on an async thread.
-            let spool = worker.spool.clone();
-            let saved = tokio::task::spawn_blocking(move || spool.save(&spooled))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-            match saved {
-                Ok(path) => tracing::error!(
-                    job_id,
-                    "result could not be delivered ({error}); spooled at {} for the next start",
-                    path.display()
-                ),
-                Err(e) => tracing::error!(
-                    job_id,
-                    "result could not be delivered ({error}) nor spooled ({e}): it is lost"
-                ),
-            }
-        }
+        Err(error) => spool(worker, job_id, body, streamed, &error).await,
     }
 }
 
+/// Keeps a result the queue would not take in time, to be re-sent at the next start.
+async fn spool(
+    worker: &Worker,
+    job_id: &str,
+    body: crate::outcome::DoneBody,
+    streamed: bool,
+    error: &DeliveryError,
+) {
+    undelivered(worker, "spooled");
+    let spooled = SpooledResult {
+        job_id: job_id.to_owned(),
+        url: worker.client.endpoints().done_url(job_id, streamed),
+        body,
+    };
+    // A file write (maybe on a network volume): not on an async thread.
+    let spool = worker.spool.clone();
+    let saved = tokio::task::spawn_blocking(move || spool.save(&spooled))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    match saved {
+        Ok(path) => tracing::error!(
+            job_id,
+            "result could not be delivered ({error}); spooled at {} for the next start",
+            path.display()
+        ),
+        Err(e) => tracing::error!(
+            job_id,
+            "result could not be delivered ({error}) nor spooled ({e}): it is lost"
+        ),
+    }
+}
+
+/// How long a leaving worker's result waits for the take loop to end (a take's body gets 3 s).
+const TAKE_LOOP_END_WAIT: Duration = Duration::from_secs(5);
+
 /// Posts a small error result in place of one the queue refused, once: if the queue refuses
-/// that too, the result is dropped (and counted).
+/// that too, the result is dropped (and counted); if it cannot be delivered, it is spooled.
 async fn post_replacement(
     worker: &Worker,
     job_id: &str,
@@ -458,10 +479,11 @@ async fn post_replacement(
     let body = done_body(&Err(replacement), stop_pod);
     match worker.client.post_done(job_id, &body, streamed).await {
         Ok(()) => undelivered(worker, "replaced"),
-        Err(error) => {
+        Err(error @ (DeliveryError::Gone(_) | DeliveryError::Rejected { .. })) => {
             undelivered(worker, "rejected");
             tracing::warn!(job_id = %shown_id(job_id), "result dropped: {error}");
         }
+        Err(error) => spool(worker, job_id, body, streamed, &error).await,
     }
 }
 

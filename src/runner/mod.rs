@@ -88,6 +88,8 @@ pub struct Worker {
     pub(crate) spool: Spool,
     /// Cancelled to stop taking: by the shutdown signal, or when the worker must be replaced.
     pub(crate) stop_taking: CancellationToken,
+    /// Cancelled once the take loop has returned: no job can arrive any more.
+    pub(crate) take_loop_ended: CancellationToken,
     /// What `/health` and `/metrics` read.
     pub(crate) observed: Arc<Observed>,
     /// Whether the worker should be replaced on purpose (`refresh_worker`, memory growth).
@@ -288,6 +290,7 @@ impl StartedWorker {
             stop_loop,
         } = self;
         take::run(worker.clone(), worker.stop_taking.clone()).await;
+        worker.take_loop_ended.cancel();
         drain::drain(&worker).await;
         let replaced = worker.lessons.device_tripped();
         if replaced {

@@ -71,12 +71,11 @@ pub(super) async fn build_worker(
     let mut passed = {
         let (fitness, probe) = (fitness.clone(), sampler.probe().clone());
         let spool_dir = config.queue.spool_dir.clone();
-        // statvfs on a network volume may stall: off the async threads.
-        tokio::task::spawn_blocking(move || {
+        // statvfs on a network volume may stall: off the async threads, and within the budget.
+        let checking = tokio::task::spawn_blocking(move || {
             fitness::check_host(&fitness, probe.as_ref(), &spool_dir)
-        })
-        .await
-        .unwrap_or_else(|e| Err(join_failed("system_checks", &e)))?
+        });
+        within_cold_start("system_checks", cold_start, checking).await?
     };
     let contexts = if access == GpuAccess::Cuda {
         let probe = sampler.probe().clone();
@@ -86,11 +85,9 @@ pub(super) async fn build_worker(
                 .unwrap_or_default();
         // After the contexts were measured (a context made here would hide their size).
         let fitness = fitness.clone();
-        passed.extend(
-            tokio::task::spawn_blocking(move || fitness::check_gpus(&fitness))
-                .await
-                .unwrap_or_else(|e| Err(join_failed("gpu_allocation", &e)))?,
-        );
+        // A wedged card hangs rather than failing: bounded like the rest of the cold start.
+        let checking = tokio::task::spawn_blocking(move || fitness::check_gpus(&fitness));
+        passed.extend(within_cold_start("gpu_allocation", cold_start, checking).await?);
         contexts
     } else {
         Default::default()
@@ -174,6 +171,7 @@ pub(super) async fn build_worker(
         tracker: TaskTracker::new(),
         spool: Spool::new(config_spool_dir),
         stop_taking: shutdown.child_token(),
+        take_loop_ended: CancellationToken::new(),
         recycler: Recycler::new(recycle_memory_factor, &observed.memory),
         observed,
     });
@@ -256,6 +254,25 @@ fn join_failed(check: &'static str, error: &tokio::task::JoinError) -> StartupEr
     StartupError {
         check,
         reason: format!("the check failed unexpectedly ({error})"),
+    }
+}
+
+/// Awaits a start-up check's thread until `cold_start`: one that hangs fails the start (the
+/// platform gets the unhealthy ping) instead of leaving the worker initializing for ever.
+async fn within_cold_start<T>(
+    check: &'static str,
+    cold_start: Instant,
+    checking: tokio::task::JoinHandle<Result<T, StartupError>>,
+) -> Result<T, StartupError> {
+    let budget = cold_start.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(budget, checking).await {
+        Err(_) => Err(StartupError {
+            check,
+            reason: "the check ran past the cold-start budget ([handler] timeout, or \
+                     RUNPOD_INIT_TIMEOUT when smaller)"
+                .to_owned(),
+        }),
+        Ok(joined) => joined.unwrap_or_else(|e| Err(join_failed(check, &e))),
     }
 }
 

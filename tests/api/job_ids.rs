@@ -60,6 +60,16 @@ async fn a_job_the_queue_sends_again_after_its_lease_ran_out_is_not_started_twic
     worker.enqueue("l1", json!({"task": "echo"}));
     gate.wait_started(1).await;
     wait_handed_out(&worker, 2).await;
+    // The second hand-out must reach the worker while the first copy still runs (a take
+    // answered after the result was delivered is another case).
+    let deadline = std::time::Instant::now() + WAIT;
+    while worker.health().await["jobs"]["duplicates"].as_u64() < Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the repeat never reached the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     gate.release(2);
     worker.done("l1").await;
     let health = worker.health().await;
@@ -92,6 +102,14 @@ async fn ids_that_cannot_go_in_a_url_never_reach_the_heartbeat_nor_the_spool() {
     worker.wait_held(&["ok"]).await;
     let done = worker.done("ok").await;
     assert_eq!(done.body["output"]["task"], "echo");
+    // Answered by its (encoded) URL, though it cannot be a header value.
+    let forged = worker
+        .mock
+        .wait_done(EP, "line\nINFO forged", WAIT)
+        .await
+        .expect("an id with a control character is still answered");
+    assert_eq!(forged.body["output"]["error_type"], "InvalidInput");
+    assert_eq!(forged.headers.request_id, None);
     let health = worker.health().await;
     let queue = worker.mock.endpoint(EP);
     worker.stop().await;
