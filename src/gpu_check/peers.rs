@@ -36,6 +36,10 @@ async fn start_worker(
         .arg(config_file)
         .envs(QueueEndpoints::env_for(base, ENDPOINT, name, KEY))
         .env("RUNPOD_PING_INTERVAL", "500")
+        // A check of memory admission, not of the host: the fitness checks (a disk nearly
+        // full, say) must not decide it; `gpu-check`'s own rows prove the GPU.
+        .env("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
+        .env("RUNPOD_SKIP_GPU_CHECK", "true")
         .env_remove("RUNPOD_ENDPOINT_ID")
         .env_remove(crate::config::CONFIG_ENV)
         .stdout(Stdio::piped())
