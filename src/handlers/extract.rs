@@ -15,7 +15,7 @@ use super::openai::{self, OpenAiRequest};
 use super::parser::ParserPool;
 use super::stream_out::{pack, ProgressClock, STREAM_MESSAGE_LIMIT};
 use super::{Handler, JobContext, Prepared};
-use crate::model::{torch_error, Encoder, OnDevices};
+use crate::model::{torch_error, Encoder, OnDevices, EMBED_BATCH};
 use crate::outcome::{ErrorType, JobError};
 
 /// The extraction handler.
@@ -86,9 +86,6 @@ struct ExtractJob {
     aggregate: bool,
     document: Document,
 }
-
-/// Chunks embedded per model call (and per stream message batch).
-const EMBED_BATCH: usize = 32;
 
 /// `input.<key>`: true or false, `default` when absent.
 fn flag(ctx: &JobContext, key: &str, default: bool) -> Result<bool, JobError> {

@@ -13,7 +13,7 @@ use super::{load_module, LoadError};
 /// Tokens per text the model is fed (all-MiniLM-L6-v2 was trained on 256).
 pub const MAX_MODEL_TOKENS: usize = 256;
 /// Texts per forward call.
-const BATCH: usize = 32;
+pub const EMBED_BATCH: usize = 32;
 
 /// Bytes of text tokenized at once (a cancellation is seen within one piece's time).
 const TOKENIZE_PIECE: usize = 64 * 1024;
@@ -208,24 +208,12 @@ impl Encoder {
     }
 
     /// Embeds `texts` (each truncated at [`MAX_MODEL_TOKENS`]), L2-normalised, in batches.
-    /// Blocking: call it from a blocking thread.
+    /// Blocking: call it from a blocking thread. Callers that must stop at a job's cancellation
+    /// embed a batch per call (see `extract`).
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, tch::TchError> {
-        self.embed_until(texts, &CancellationToken::new())
-    }
-
-    /// [`Encoder::embed`], checking `cancel` between batches: once it is set, the texts not
-    /// yet embedded are left out (the caller discards a cancelled job's output).
-    pub fn embed_until(
-        &self,
-        texts: &[String],
-        cancel: &CancellationToken,
-    ) -> Result<Vec<Vec<f32>>, tch::TchError> {
         let _no_grad = tch::no_grad_guard();
         let mut out = Vec::with_capacity(texts.len());
-        for batch in texts.chunks(BATCH) {
-            if cancel.is_cancelled() {
-                break;
-            }
+        for batch in texts.chunks(EMBED_BATCH) {
             let encodings = self
                 .model_tokenizer
                 .encode_batch(batch.to_vec(), true)

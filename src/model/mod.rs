@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tch::{CModule, Device};
 
-pub use encoder::{Encoder, MAX_MODEL_TOKENS};
+pub use encoder::{Encoder, EMBED_BATCH, MAX_MODEL_TOKENS};
 pub use errors::torch_error;
 
 /// Why a model could not be loaded (a start-up error).

@@ -311,13 +311,14 @@ impl QueueClient {
         );
         // Shared by every attempt without a copy.
         let payload = bytes::Bytes::copy_from_slice(body);
+        // The SDK's headers (rp_http.py): the platform is built for them. The job id rides on
+        // the result only, never on takes (the SDK's header leaks onto later takes).
+        let headers = sdk_result_headers(job_id);
         loop {
-            // The SDK's headers (rp_http.py): the platform is built for them. The job id rides
-            // on the result only, never on takes (the SDK's header leaks onto later takes).
             let attempt = self
                 .http
                 .post(url)
-                .headers(sdk_result_headers(job_id))
+                .headers(headers.clone())
                 .body(payload.clone())
                 .timeout(Duration::from_secs(60))
                 .send()

@@ -4,7 +4,8 @@
 //! mid-job. Either way the worker stops taking, its last result carries `stopPod: true`, it
 //! drains, and it exits 0.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::admission::MemoryAdmission;
 use crate::config::Size;
@@ -18,8 +19,14 @@ pub(crate) struct Recycler {
     factor: f64,
     rss_after_warm_up: Option<u64>,
     resident_after_warm_up: Vec<(usize, u64)>,
+    /// When the memory was last read: at most once per [`CHECK_EVERY`], off the hot path of
+    /// short jobs (a leak grows over many jobs, not within a second).
+    last_check: Mutex<Option<Instant>>,
     requested: OnceLock<String>,
 }
+
+/// How often the memory rule reads the process's memory.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl Recycler {
     /// Notes the levels now (call it once the models are loaded and warm); `factor` 0 turns
@@ -29,13 +36,14 @@ impl Recycler {
             factor,
             rss_after_warm_up: host_rss(),
             resident_after_warm_up: memory.resident_by_device(),
+            last_check: Mutex::new(None),
             requested: OnceLock::new(),
         }
     }
 
     /// Why the worker should be replaced now that its memory has grown, if it should.
     pub(crate) fn grown(&self, memory: &MemoryAdmission) -> Option<String> {
-        if self.factor <= 0.0 {
+        if self.factor <= 0.0 || !self.check_due() {
             return None;
         }
         if let Some((before, now)) = self.rss_after_warm_up.zip(host_rss()) {
@@ -55,6 +63,19 @@ impl Recycler {
                 self.past(before, now)
                     .then(|| self.reason(&format!("resident memory on GPU {device}"), before, now))
             })
+    }
+
+    /// Whether the memory may be read now; if so, the next read is a period away.
+    fn check_due(&self) -> bool {
+        let mut last = self
+            .last_check
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|at| at.elapsed() < CHECK_EVERY) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     fn past(&self, before: u64, now: u64) -> bool {
@@ -83,16 +104,7 @@ impl Recycler {
 
 /// This process's resident set size (`VmRSS`), where `/proc` has it.
 pub(crate) fn host_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
+    docparse::child::status_bytes("self", "VmRSS")
 }
 
 #[cfg(test)]
@@ -104,6 +116,7 @@ mod tests {
             factor,
             rss_after_warm_up: Some(before),
             resident_after_warm_up: Vec::new(),
+            last_check: Mutex::new(None),
             requested: OnceLock::new(),
         }
     }

@@ -48,17 +48,7 @@ impl Handler for Leaky {
 }
 
 fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib * 1024
+    docparse::child::status_bytes("self", "VmRSS").unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

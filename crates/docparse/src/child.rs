@@ -110,8 +110,17 @@ fn mapped_now() -> Option<u64> {
 /// The address space process `pid` (or `"self"`) maps now: `VmSize` from its
 /// `/proc/<pid>/status`, in bytes. The worker reads its children's with it too.
 pub fn mapped_bytes(pid: &str) -> Option<u64> {
+    status_bytes(pid, "VmSize")
+}
+
+/// A memory field (`VmSize`, `VmRSS`, ...) of process `pid` (or `"self"`) from its
+/// `/proc/<pid>/status`, in bytes.
+pub fn status_bytes(pid: &str, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
