@@ -12,7 +12,7 @@ export LIBTORCH_USE_PYTORCH := 1
 CARGO ?= cargo
 PORT ?= 8000
 
-.PHONY: run test build lint venv models clean bench gpu-check gpu-kit image-test
+.PHONY: run test build lint venv models clean bench gpu-check gpu-kit image-test chromium screenshot
 
 venv: $(VENV_STAMP)
 
@@ -43,7 +43,7 @@ lint: venv models
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
-test: lint
+test: lint chromium
 	$(CARGO) test --locked --workspace -- --test-threads 2
 	$(PY) tests/interop/sdk_client.py target/debug/runpod-worker
 	$(PY) tests/interop/sdk_worker.py target/debug/runpod-worker
@@ -51,6 +51,17 @@ test: lint
 	$(PY) tests/interop/retry_example.py target/debug/runpod-worker
 	npm ci --prefix tests/interop/js --silent --no-audit --no-fund && node tests/interop/js/sdk_client.mjs target/debug/runpod-worker
 	target/debug/runpod-worker gpu-check --simulate 24GB
+
+# The console's browser test drives Debian's chromium, headless: installed when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# The README's picture of the console under load (docs/console.png): a burst on a simulated
+# 24 GB GPU, in headless chromium.
+screenshot: venv models chromium
+	$(CARGO) test --locked --test api console::console_screenshot_under_load -- --ignored --exact
 
 # Proves the GPU paths on this machine's card (a table; exit 1 on a failure).
 gpu-check: build

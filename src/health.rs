@@ -1,6 +1,7 @@
 //! The worker's own HTTP endpoints: `/health` (the seed's JSON plus per-handler counts),
-//! `/ready` (models loaded, not draining) and `/metrics` (Prometheus). No key: they bind to
-//! loopback unless `[server] host` says otherwise.
+//! `/ready` (models loaded, not draining) and `/metrics` (Prometheus), and the read-only
+//! console at `/` (see [`crate::console`]). No key: they bind to loopback unless
+//! `[server] host` says otherwise.
 //!
 //! They read [`Observed`], the part of the worker's state the runner shares with them; this
 //! module knows nothing of the runner.
@@ -108,19 +109,27 @@ pub struct Observed {
     pub worker_id: String,
     /// `[gpu] adaptive`.
     pub adaptive: bool,
+    /// The latest jobs, for the console: ids, states, timings and error types only.
+    pub recent: crate::console::RecentJobs,
 }
 
 /// The worker, once it is built: empty while the models load.
 pub type WorkerSlot = Arc<std::sync::OnceLock<Arc<Observed>>>;
 
-/// The routes, for embedding and tests.
+/// The routes, for embedding and tests (a console whose history nothing samples).
 pub fn router(slot: WorkerSlot) -> Router {
+    router_with(slot, Arc::default())
+}
+
+/// The routes, and the read-only console at `/` with the charts from `history`.
+pub fn router_with(slot: WorkerSlot, history: Arc<crate::console::History>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/ping", get(ping))
         .route("/metrics", get(metrics))
-        .with_state(slot)
+        .with_state(slot.clone())
+        .merge(crate::console::worker_routes(slot, history))
 }
 
 /// A client that has not sent its request head within this is disconnected.
@@ -128,7 +137,13 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// Serves the routes on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, slot: WorkerSlot, stop: CancellationToken) {
-    let app = router(slot);
+    let history = Arc::new(crate::console::History::default());
+    tokio::spawn(crate::console::history::sample(
+        slot.clone(),
+        history.clone(),
+        stop.clone(),
+    ));
+    let app = router_with(slot, history);
     if let Err(e) = crate::http_server::serve_http1(listener, app, HEADER_READ_TIMEOUT, stop).await
     {
         tracing::error!("health server stopped: {e}");

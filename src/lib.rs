@@ -18,6 +18,7 @@
 //!   background tasks and the drain.
 //! - [`health`] and [`metrics`]: `/health`, `/ready`, `/metrics`, reading the `Observed` state
 //!   the runner shares (health knows nothing of the runner).
+//! - [`console`]: the live page at `/` of the worker's port (read-only) and of `local`.
 //! - [`gpu`]: what is known of the GPU (NVML, simulated, none), which NVML card is which CUDA
 //!   ordinal, and what libtorch's CUDA can do on this host.
 //! - [`model`]: the libtorch model runtime (TorchScript modules, the MiniLM encoder).
@@ -32,6 +33,7 @@ pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod console;
 pub mod gpu;
 pub mod gpu_check;
 pub mod handlers;

@@ -1,7 +1,8 @@
 //! `local`: the mock queue (endpoint id `local`) and a worker in one process, for trying the
 //! worker out and for developing handlers. `make run` starts it. The queue outlives its
 //! worker: a worker that must be replaced (repeated OOMs, a lost GPU) is followed by a fresh
-//! one, and the jobs and results stay where they were.
+//! one, and the jobs and results stay where they were. The queue's port also serves the
+//! console at `/` (see [`crate::console`]).
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::mock::JobRules;
 use crate::config::Config;
+use crate::console::{self, LocalConsole};
 use crate::mock_queue::{MockOptions, MockQueue};
 use crate::queue::QueueEndpoints;
 use crate::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
@@ -128,6 +130,8 @@ pub async fn local(args: LocalArgs) -> i32 {
 }
 
 fn print_banner(base: &str, health: &str, key: &str) {
+    // The console first: it is what a developer trying a handler opens.
+    println!("console: {base}/  (open it in a browser; it asks for the API key below)");
     println!("listening on {base}");
     println!("runpod-worker {} local endpoint", env!("CARGO_PKG_VERSION"));
     println!("  endpoint URL: {base}/v2/{LOCAL_ENDPOINT}");
@@ -156,9 +160,17 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
         .as_ref()
         .map(|k| k.expose().to_owned())
         .unwrap_or_default();
-    let mock = MockQueue::start(queue_listener, mock)
-        .await
-        .map_err(LocalError::Mock)?;
+    // The console on the queue's port reads the worker's `/health` from the worker's port.
+    let worker_base = worker_base(&http_listener).map_err(LocalError::HttpPort)?;
+    let mock = MockQueue::start_with(queue_listener, mock, |state| {
+        console::local_routes(LocalConsole::new(
+            state.clone(),
+            LOCAL_ENDPOINT,
+            &worker_base,
+        ))
+    })
+    .await
+    .map_err(LocalError::Mock)?;
     let http = SharedListener::new(http_listener).map_err(LocalError::HttpPort)?;
     for generation in 1u32.. {
         let worker_id = match generation {
@@ -195,6 +207,15 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
     }
     drop(mock);
     Ok(())
+}
+
+/// `http://IP:PORT` of the workers' HTTP socket, on loopback when it listens on every address.
+fn worker_base(listener: &TcpListener) -> std::io::Result<String> {
+    let mut addr = listener.local_addr()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Ok(format!("http://{addr}"))
 }
 
 /// The workers' HTTP socket, held open across workers: each worker serves on a handle to the

@@ -45,6 +45,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use client_api::{RUNSYNC_LIMIT, RUN_LIMIT};
+pub use health::endpoint_health;
 pub use jobs::{JobRecord, JobState};
 pub use rate_limit::{LimitedRoute, RateLimits};
 pub use state::{
@@ -84,9 +85,20 @@ pub async fn serve(
     state: Arc<MockState>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, stop, Router::new()).await
+}
+
+/// [`serve`], with `extra` routes beside the mock's (`local`'s console).
+pub async fn serve_with(
+    listener: TcpListener,
+    state: Arc<MockState>,
+    stop: CancellationToken,
+    extra: Router,
+) -> std::io::Result<()> {
     tokio::spawn(leases::run(state.clone(), stop.clone()));
     let header_read_timeout = state.options.header_read_timeout;
-    crate::http_server::serve_http1(listener, router(state), header_read_timeout, stop).await
+    let app = extra.merge(router(state));
+    crate::http_server::serve_http1(listener, app, header_read_timeout, stop).await
 }
 
 /// A running mock queue.
@@ -99,10 +111,21 @@ pub struct MockQueue {
 impl MockQueue {
     /// Serves on `listener` until dropped.
     pub async fn start(listener: TcpListener, options: MockOptions) -> std::io::Result<Self> {
+        Self::start_with(listener, options, |_| Router::new()).await
+    }
+
+    /// [`MockQueue::start`], with routes beside the mock's, made from its state (`local`'s
+    /// console reads the jobs and the workers there).
+    pub async fn start_with(
+        listener: TcpListener,
+        options: MockOptions,
+        extra: impl FnOnce(&Arc<MockState>) -> Router,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(MockState::new(options));
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, state.clone(), stop.clone()));
+        let extra = extra(&state);
+        tokio::spawn(serve_with(listener, state.clone(), stop.clone(), extra));
         Ok(Self { state, addr, stop })
     }
 

@@ -115,6 +115,7 @@ async fn run(
 ) {
     // On the heartbeat board until this task ends, however it ends.
     let stop = held.stop().clone();
+    worker.recent.taken(&job.id, &handler);
     // The local queue's bound covers the whole wait, from the take: for a global slot (jobs
     // the queue sent beyond what was asked), the handler's slot, then memory.
     let taken_at = Instant::now();
@@ -156,6 +157,7 @@ async fn run(
         }
     };
     let active = permit.active_at_start();
+    worker.recent.started(&job.id);
 
     // The job's time counts from here. The queue counts `policy.executionTimeout` from the
     // take: what is left of it, so our own `Timeout` arrives before the queue gives up.
@@ -364,6 +366,7 @@ fn interrupted() -> JobError {
 
 fn finish_cancelled(worker: &Worker, job_id: &str) {
     JobCounters::bump(&worker.counters.cancelled);
+    worker.recent.cancelled(job_id);
     tracing::info!(job_id, "job stopped by the queue; no result posted");
 }
 
@@ -383,6 +386,7 @@ async fn answer(worker: &Worker, job_id: &str, result: Result<Value, JobError>, 
     let stop_pod = leaving && worker.board.begin_answer(job_id);
     let limit = worker.config.queue.max_result_size.bytes();
     let (result, body) = sized_done_body(result, stop_pod, limit);
+    worker.recent.finished(job_id, &result);
     match &result {
         Ok(_) => JobCounters::bump(&worker.counters.completed),
         Err(e) => {

@@ -156,6 +156,7 @@ pub(super) async fn build_worker(
         metrics: Metrics::new(),
         worker_id: client.endpoints().worker_id.clone(),
         adaptive: config.gpu.adaptive,
+        recent: Default::default(),
     });
     let worker = Arc::new(Worker {
         config: Arc::new(config),

@@ -7,6 +7,7 @@ mod helpers;
 mod bad_input;
 mod bodies;
 mod chaos;
+mod console;
 mod faults;
 mod gpu_memory;
 mod gpu_truth;
