@@ -105,8 +105,18 @@ function drawGpus(gpus) {
         num("budget", "budget_gb", g.budget_gb), num("resident", "resident_gb", g.resident_gb),
         num("reserved", "reserved_gb", g.reserved_gb), num("others", "others_used_gb", g.others_used_gb),
         num("free", "free_gb", Math.round(free * 100) / 100), num("total", "total_gb", g.total_gb)),
-      chart(i, g.budget_gb || 0));
+      chart(i, g.budget_gb || 0),
+      el("div", { class: "muted small" }, chartSpan(i)));
   }));
+}
+
+/** What the chart of device `i` covers: "the last 42 s". */
+function chartSpan(i) {
+  const now = Date.now();
+  const first = history.find((s) => s.gpus[i] && now - s.t <= CHART_MS);
+  if (!first) return "the chart fills as the worker samples its memory (once a second)";
+  const s = Math.round((now - first.t) / 1000);
+  return "memory over the last " + (s < 120 ? s + " s" : Math.round(s / 60) + " min") + " (up to 5 min)";
 }
 
 /** A stacked area chart of device `i` over the kept history. */
@@ -119,7 +129,10 @@ function chart(i, budget) {
   const now = Date.now();
   const points = history.filter((s) => s.gpus[i] && now - s.t <= CHART_MS);
   if (points.length < 2 || budget <= 0) return svg;
-  const x = (t) => (w * (t - (now - CHART_MS))) / CHART_MS;
+  // The window grows to CHART_MS as history gathers, so a fresh worker's chart is not empty.
+  const start = points[0].t;
+  const span = Math.max(now - start, 1);
+  const x = (t) => (w * (t - start)) / span;
   const y = (v) => h - (h * Math.min(v, budget)) / budget;
   const layers = [
     ["resident", (p) => p.resident],
@@ -156,7 +169,7 @@ function drawHandlers(handlers) {
       el("td", { "data-field": "active-limit", "data-active": h.active, "data-limit": h.limit, "data-max-limit": h.max_limit },
         `${h.active} / ${limit}`, meter),
       el("td", { "data-field": "queued", "data-value": h.queued }, h.queued),
-      el("td", {}, f ? `${gb(f.learned_gb)} / ${gb(f.declared_gb)} (${f.samples} samples)` : "–"),
+      el("td", { title: f ? f.samples + " samples" : "" }, f ? `${f.learned_gb.toFixed(2)} / ${gb(f.declared_gb)} (${f.samples})` : "–"),
       el("td", {}, f ? gb(f.admitted_gb) : "–"),
       el("td", { "data-field": "typical" }, ms(h.typical_duration_ms)));
   }));

@@ -112,8 +112,8 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
     config
 }
 
-/// Headless Chromium with a fresh profile in `profile`.
-fn browser(profile: &Path) -> Browser {
+/// Headless Chromium with a fresh profile in `profile`, its window `size` pixels.
+fn browser(profile: &Path, size: (u32, u32)) -> Browser {
     let args: Vec<&OsStr> = [
         "--headless",
         "--no-sandbox",
@@ -127,7 +127,7 @@ fn browser(profile: &Path) -> Browser {
         path: Some(CHROMIUM.into()),
         headless: true,
         sandbox: false,
-        window_size: Some((1400, 1100)),
+        window_size: Some(size),
         user_data_dir: Some(profile.to_path_buf()),
         args,
         idle_browser_timeout: PAGE_WAIT * 4,
@@ -249,7 +249,7 @@ fn open_with_key(browser: &Browser, url: &str) -> std::sync::Arc<Tab> {
 fn the_console_submits_a_job_and_shows_what_health_says() {
     let dir = tempfile::tempdir().unwrap();
     let local = start_local(&write_config(dir.path(), ""));
-    let browser = browser(&dir.path().join("profile"));
+    let browser = browser(&dir.path().join("profile"), (1400, 1100));
     let tab = open_with_key(&browser, &local.console);
     assert_eq!(eval(&tab, "document.body.dataset.mode"), "local");
     assert_eq!(
@@ -452,7 +452,7 @@ fn console_screenshot_under_load() {
     );
     std::fs::write(&config, text).unwrap();
     let local = start_local(&config);
-    let browser = browser(&dir.path().join("profile"));
+    let browser = browser(&dir.path().join("profile"), (1400, 1300));
     let tab = open_with_key(&browser, &local.console);
     let run = format!("{}/v2/local/run", local.base);
 
