@@ -69,7 +69,7 @@ gpu-check: build
 
 # A directory to carry to a GPU host with torch==2.11.0 installed and run there, offline:
 # a stripped release binary, the fp16 MiniLM export, the allocating module, a config.
-#   cd gpu-kit && ./gpu-check.sh
+#   cd gpu-kit && ./gpu-check.sh && ./serve-check.sh
 GPU_KIT ?= gpu-kit
 gpu-kit: venv
 	$(CARGO) build --release --locked
@@ -77,7 +77,7 @@ gpu-kit: venv
 	cp target/release/runpod-worker target/release/runpod-parse $(GPU_KIT)/
 	strip $(GPU_KIT)/runpod-worker $(GPU_KIT)/runpod-parse
 	HF_HUB_OFFLINE=1 $(PY) handler/export_models.py --out $(GPU_KIT)/models --fp16
-	cp handler/gpu-kit/runpod.toml handler/gpu-kit/gpu-check.sh $(GPU_KIT)/
+	cp handler/gpu-kit/runpod.toml handler/gpu-kit/gpu-check.sh handler/gpu-kit/serve-check.sh $(GPU_KIT)/
 	@du -sh $(GPU_KIT) $(GPU_KIT)/* $(GPU_KIT)/models/*
 
 # Builds the image from the Dockerfile with podman (no Docker engine, no registry) and runs
@@ -85,9 +85,25 @@ gpu-kit: venv
 image-test: venv
 	tests/image/image-test.sh
 
+# infinity-emb (the embedding comparison) needs its own venv: its click<8.2 pin conflicts with runpod.
+INFINITY_VENV ?= .venv-infinity
+INFINITY_STAMP := $(INFINITY_VENV)/.installed-$(shell sha1sum bench/requirements-infinity.txt | cut -c1-12)
+
+$(INFINITY_STAMP): bench/requirements-infinity.txt
+	@test -x $(INFINITY_VENV)/bin/python || python3 -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install --quiet --upgrade pip
+	$(INFINITY_VENV)/bin/pip install --quiet -r bench/requirements-infinity.txt
+	@rm -f $(INFINITY_VENV)/.installed-*
+	@touch $@
+
+# Prints the admission, scheduling and model figures, then runs the worker against the official
+# SDK worker, the bare mock queue and infinity-emb, and rewrites BENCHMARKS.md and docs/bench.svg
+# (about 10 minutes on 2 cores). A failed infinity install is reported in BENCHMARKS.md.
 bench: build
 	./target/release/runpod-worker bench all
 	./target/release/runpod-worker bench models
+	-$(MAKE) --no-print-directory $(INFINITY_STAMP)
+	./target/release/runpod-worker bench compare --python $(PY) --infinity $(INFINITY_VENV)/bin/infinity_emb
 
 clean:
 	$(CARGO) clean

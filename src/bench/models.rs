@@ -26,7 +26,13 @@ impl ChunkSink for NoStream {
     }
 }
 
-fn document() -> String {
+/// The classify job's text and labels (the extract job's input is [`document`]).
+pub const CLASSIFY_TEXT: &str = "Preheat the oven to 180 degrees, whisk two eggs with sugar, fold in the flour and bake for 25 minutes.";
+/// The classify job's labels.
+pub const LABELS: [&str; 5] = ["invoice", "recipe", "poem", "contract", "resume"];
+
+/// A document of 60 sentences, the extract job's input.
+pub fn document() -> String {
     (0..60)
         .map(|i| {
             format!(
@@ -116,7 +122,7 @@ pub async fn run(models: &Path, python: &Path) -> Option<String> {
         .ok()?
         .ok()?;
     let extract = json!({"task": "extract", "document": {"text": document()}});
-    let classify = json!({"task": "classify", "text": "Preheat the oven to 180 degrees, whisk two eggs with sugar, fold in the flour and bake for 25 minutes.", "labels": ["invoice", "recipe", "poem", "contract", "resume"]});
+    let classify = json!({"task": "classify", "text": CLASSIFY_TEXT, "labels": LABELS});
     let mut report = String::from(
         "Models on the CPU: runpod-worker handlers vs the same TorchScript MiniLM from Python torch\n  \
          task      conc  ours p50 ms  python p50 ms  ours jobs/s  python jobs/s  throughput ratio\n",

@@ -18,9 +18,16 @@ pub use mock::{mock_queue, parse_fault, JobRules, MockQueueArgs};
 pub use serve::serve;
 pub use test_input::test_input;
 
-/// `bench`: prints the chosen benchmark reports.
-pub fn bench(which: &str) -> i32 {
+/// `bench`: prints the chosen benchmark reports (`compare` writes BENCHMARKS.md instead).
+pub fn bench(which: &str, compare: crate::bench::compare::CompareArgs) -> i32 {
     match which {
+        "compare" => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let runtime = tokio::runtime::Handle::current();
+            return tokio::task::block_in_place(|| {
+                runtime.block_on(crate::bench::compare::run(&compare, command))
+            });
+        }
         "admission" => print!("{}", crate::bench::admission::run()),
         "schedule" => print!("{}", crate::bench::schedule::run()),
         "models" => {
@@ -44,7 +51,7 @@ pub fn bench(which: &str) -> i32 {
             crate::bench::schedule::run()
         ),
         other => {
-            eprintln!("unknown benchmark {other:?}: admission, schedule, models or all");
+            eprintln!("unknown benchmark {other:?}: admission, schedule, models, compare or all");
             return 2;
         }
     }
