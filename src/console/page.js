@@ -44,6 +44,13 @@ let lastSample = 0;
 let selectedJob = null;
 let samples = {};
 let handlerNames = [];
+let pollTimer = null;
+
+/** The next refresh: one timer at most, however many refreshes were started. */
+function schedule() {
+  clearTimeout(pollTimer);
+  pollTimer = setTimeout(refresh, POLL_MS);
+}
 
 function key() { return sessionStorage.getItem(KEY_STORE) || ""; }
 
@@ -72,6 +79,7 @@ $("key-form").addEventListener("submit", (event) => {
   $("key-form").classList.add("hidden");
   $("main").classList.remove("hidden");
   samplesLoaded = false;
+  clearTimeout(pollTimer);
   refresh();
 });
 
@@ -353,12 +361,13 @@ async function refresh() {
       const refused = key() !== "";
       sessionStorage.removeItem(KEY_STORE);
       askForKey(refused ? "The key was refused." : "");
+      clearTimeout(pollTimer);
       return; // polling resumes once a key is given
     }
     $("status").textContent = "no connection";
     $("status").className = "pill down";
   }
-  setTimeout(refresh, POLL_MS);
+  schedule();
 }
 
 $("mode").textContent = LOCAL ? "local endpoint" : "worker (read-only)";
