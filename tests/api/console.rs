@@ -175,6 +175,11 @@ fn wait_fresh(tab: &Tab) {
 }
 
 fn get_json(url: &str, key: bool) -> Value {
+    get(url, key).1
+}
+
+/// A GET's status and JSON body, with the key or without.
+fn get(url: &str, key: bool) -> (u16, Value) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -184,7 +189,9 @@ fn get_json(url: &str, key: bool) -> Value {
         if key {
             request = request.bearer_auth(KEY);
         }
-        request.send().await.unwrap().json().await.unwrap()
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     })
 }
 
@@ -383,6 +390,33 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
     assert_eq!(page["workers"], 1, "{page}");
     assert_eq!(page["classified"], "COMPLETED", "{page}");
     screenshot(&tab, &target_dir().join("console-test/local.png"));
+
+    // The data behind the page needs the key; the worker's port has none, and no content.
+    for route in [
+        "jobs",
+        "queue",
+        "health",
+        "samples",
+        &format!("jobs/{echoed}"),
+    ] {
+        let url = format!("{}/console/api/{route}", local.base);
+        assert_eq!(get(&url, false).0, 401, "{url} without the key");
+    }
+    let (status, worker_jobs) = get(&format!("{}/console/api/jobs", local.worker), false);
+    assert_eq!(status, 200);
+    assert!(
+        worker_jobs["jobs"].as_array().unwrap().len() == 2
+            && !worker_jobs.to_string().contains("injected"),
+        "ids, states and timings only: {worker_jobs}"
+    );
+    assert_eq!(
+        get(
+            &format!("{}/console/api/jobs/{echoed}", local.worker),
+            false
+        )
+        .0,
+        404
+    );
 
     // The worker's own port: the same page, read-only, without job content or a key.
     let worker_tab = browser.new_tab().unwrap();
