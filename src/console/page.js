@@ -139,7 +139,7 @@ function chart(i, budget) {
   if (points.length < 2 || budget <= 0) return svg;
   // The window grows to CHART_MS as history gathers, so a fresh worker's chart is not empty.
   const start = points[0].t;
-  const span = Math.max(now - start, 1);
+  const span = Math.max(points[points.length - 1].t - start, 1);
   const x = (t) => (w * (t - start)) / span;
   const y = (v) => h - (h * Math.min(v, budget)) / budget;
   const layers = [

@@ -473,6 +473,8 @@ fn console_screenshot_under_load() {
         max_concurrency = 3
         device = "cuda"
         gpu_memory = "5GB"
+        # Booked as the worker's resident memory on the simulated GPU, so the bar shows it.
+        model_memory = "1.5GB"
         "#
     );
     let config = write_config(dir.path(), &extra);
