@@ -300,6 +300,28 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
     assert!(result["output"]["label"].is_string(), "{result}");
     let classified = result["id"].as_str().unwrap().to_owned();
 
+    // echo's sample streams three chunks: the form shows them beside the result.
+    eval(
+        &tab,
+        "(() => { const s = document.getElementById('submit-task'); s.value = 'echo'; \
+         s.dispatchEvent(new Event('change')); document.body.dataset.submit = ''; return true; })()",
+    );
+    tab.wait_for_element("#submit-button")
+        .unwrap()
+        .click()
+        .unwrap();
+    wait_until(
+        &tab,
+        "['COMPLETED', 'FAILED', 'error'].includes(document.body.dataset.submit)",
+        "the streaming job ends",
+    );
+    let chunks = eval(&tab, "document.getElementById('submit-chunks').textContent");
+    assert_eq!(
+        chunks.as_str().unwrap().lines().count(),
+        3,
+        "three streamed chunks: {chunks}"
+    );
+
     // Job content is shown as text, never as HTML.
     let hostile = "<img src=x onerror=\"document.title='pwned'\"><b id=injected>boom</b>";
     let submitted = post_json(
@@ -334,7 +356,7 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
     let deadline = Instant::now() + WAIT;
     let health = loop {
         let health = get_json(&format!("{}/health", local.worker), false);
-        if health["jobs"]["in_worker"] == 0 && health["jobs"]["completed"] == 2 {
+        if health["jobs"]["in_worker"] == 0 && health["jobs"]["completed"] == 3 {
             break health;
         }
         assert!(Instant::now() < deadline, "never idle: {health}");
@@ -405,7 +427,7 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
     let (status, worker_jobs) = get(&format!("{}/console/api/jobs", local.worker), false);
     assert_eq!(status, 200);
     assert!(
-        worker_jobs["jobs"].as_array().unwrap().len() == 2
+        worker_jobs["jobs"].as_array().unwrap().len() == 3
             && !worker_jobs.to_string().contains("injected"),
         "ids, states and timings only: {worker_jobs}"
     );
