@@ -22,13 +22,15 @@ ARG MODELS=volume
 # `make build` installs the pinned Python side (torch==2.11.0), exports the models and builds
 # the release binaries. Only libtorch and the wheel's CUDA libraries go on, side by side as in
 # the wheel (libtorch finds them by relative path), and the models when baked; the build
-# outputs are removed in the same step so the builder layer stays small.
-RUN make build \
+# outputs are removed in the same step so the builder layer stays small. The disk a build
+# needs at its peak is kept down too: pip keeps no cache of the 3 GB of wheels, and the
+# libraries are moved out of the venv, not copied.
+RUN PIP_NO_CACHE_DIR=1 make build \
     && mkdir -p /stage/bin /stage/site-packages/torch /stage/models \
     && cp target/release/runpod-worker target/release/runpod-parse /stage/bin/ \
     && strip /stage/bin/runpod-worker /stage/bin/runpod-parse \
-    && cp -a .venv/lib/python3*/site-packages/torch/lib /stage/site-packages/torch/ \
-    && cp -a .venv/lib/python3*/site-packages/nvidia /stage/site-packages/ \
+    && mv .venv/lib/python3*/site-packages/torch/lib /stage/site-packages/torch/ \
+    && mv .venv/lib/python3*/site-packages/nvidia /stage/site-packages/ \
     && if [ "${MODELS}" = baked ]; then cp -a handler/models/. /stage/models/; fi \
     && rm -rf target .venv /root/.cargo/registry /root/.cache
 
