@@ -67,6 +67,25 @@ async fn once(setup: &Setup, queue: &Queue, worker: Worker, rep: usize) -> Resul
     Ok([first, both, warm])
 }
 
+/// The floor under our cold start: `runpod-worker --version`, which does nothing but load the
+/// binary and its shared libraries (libtorch, and the CUDA libraries linked for GPU hosts).
+pub fn load_floor_ms(binary: &std::path::Path) -> Spread {
+    let runs: Vec<f64> = (0..REPS)
+        .filter_map(|_| {
+            let start = Instant::now();
+            let status = std::process::Command::new(binary)
+                .arg("--version")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .ok()?;
+            status
+                .success()
+                .then(|| start.elapsed().as_secs_f64() * 1000.0)
+        })
+        .collect();
+    Spread::of(&runs)
+}
+
 /// Both workers' cold starts (repetitions alternate between them).
 pub async fn run(setup: &Setup, queue: &Queue) -> Result<[ColdStart; 2]> {
     let mut samples = [vec![], vec![]];

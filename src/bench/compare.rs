@@ -123,6 +123,7 @@ async fn compare(args: &CompareArgs, command: String) -> Result<PathBuf> {
     }
     if wants("cold") {
         eprintln!("part 2: cold start");
+        results.load_floor_ms = Some(super::cold_start::load_floor_ms(&binary));
         match super::cold_start::run(&setup, &queue).await {
             Ok(cold) => results.cold = Some(cold),
             Err(e) => results.failures.push(format!("cold start: {e:#}")),

@@ -26,6 +26,8 @@ pub struct Results {
     pub ceiling: Vec<(usize, Spread)>,
     /// Cold starts: ours, the SDK's (part 2).
     pub cold: Option<[ColdStart; 2]>,
+    /// `runpod-worker --version`: loading the binary and its libraries, ms.
+    pub load_floor_ms: Option<Spread>,
     /// The embedding comparison (part 3).
     pub embeddings: Option<Embeddings>,
     /// Parts that failed, with why.
@@ -312,6 +314,13 @@ pub fn render(results: &Results) -> String {
                 s(&c.first_ms),
                 s(&c.both_ms),
                 s(&c.warm_ms)
+            );
+        }
+        if let Some(floor) = &results.load_floor_ms {
+            let _ = writeln!(
+                out,
+                "| `runpod-worker --version` (loading the binary and its libraries only) | {} | | |",
+                s(floor)
             );
         }
         let _ = writeln!(

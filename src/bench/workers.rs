@@ -24,6 +24,8 @@ use super::stats::{p50_p99, utilisation, Spread};
 pub const CONCURRENCY: [usize; 3] = [1, 4, 16];
 /// Repetitions of every measurement.
 pub const REPS: usize = 3;
+/// Longest one run may take: past it the worker has died or hung, and the part fails.
+const RUN_LIMIT: Duration = Duration::from_secs(180);
 
 /// One job kind of the stream.
 #[derive(Debug, Clone)]
@@ -51,19 +53,19 @@ pub fn kinds() -> Vec<JobKind> {
             name: "echo",
             input: json!({"task": "echo", "n": 1}),
             ours_per_slot: 50,
-            sdk_per_slot: 5,
+            sdk_per_slot: 3,
         },
         JobKind {
             name: "sleep 200 ms",
             input: json!({"task": "echo", "sleep_ms": 200}),
             ours_per_slot: 5,
-            sdk_per_slot: 5,
+            sdk_per_slot: 3,
         },
         JobKind {
             name: "classify",
             input: json!({"task": "classify", "text": super::models::CLASSIFY_TEXT, "labels": super::models::LABELS}),
             ours_per_slot: 5,
-            sdk_per_slot: 5,
+            sdk_per_slot: 3,
         },
         JobKind {
             name: "extract",
@@ -186,9 +188,11 @@ pub async fn run_all(queue: &Queue, endpoint: &str, input: &Value, jobs: usize) 
     Ok(())
 }
 
-/// Jobs of one latency run at `rate` jobs/s: about 4 s of them, at least 6, at most 60.
+/// Jobs of one latency run at `rate` jobs/s: about 2 s of them, at least 3, at most 40. The
+/// SDK worker saturates near 1 job/s at concurrency 1, so half its load is one job every 2 s:
+/// more jobs would cost minutes of the 15-minute budget per kind.
 pub fn latency_jobs(rate: f64) -> usize {
-    ((rate * 4.0).round() as usize).clamp(6, 60)
+    ((rate * 2.0).round() as usize).clamp(3, 40)
 }
 
 struct Running {
@@ -238,9 +242,10 @@ pub async fn run(setup: &Setup, queue: &Queue) -> Result<Vec<Row>> {
                 let jobs = per_slot * concurrency;
                 let (mut per_s, mut util, mut cpu) = (vec![], vec![], vec![]);
                 for _ in 0..REPS {
-                    let (p, u, c) =
-                        throughput_run(queue, endpoint, proc, &kind.input, jobs, concurrency)
-                            .await?;
+                    let run = throughput_run(queue, endpoint, proc, &kind.input, jobs, concurrency);
+                    let (p, u, c) = tokio::time::timeout(RUN_LIMIT, run)
+                        .await
+                        .map_err(|_| anyhow::anyhow!("{} stalled", worker.name()))??;
                     per_s.push(p);
                     util.push(u);
                     cpu.push(c);
@@ -265,7 +270,10 @@ pub async fn run(setup: &Setup, queue: &Queue) -> Result<Vec<Row>> {
                 let jobs = latency_jobs(rate);
                 let (mut p50, mut p99) = (vec![], vec![]);
                 for _ in 0..REPS {
-                    let (a, b) = latency_run(queue, endpoint, &kind.input, jobs, rate).await?;
+                    let run = latency_run(queue, endpoint, &kind.input, jobs, rate);
+                    let (a, b) = tokio::time::timeout(RUN_LIMIT, run)
+                        .await
+                        .map_err(|_| anyhow::anyhow!("a latency run stalled"))??;
                     p50.push(a);
                     p99.push(b);
                 }
