@@ -3,7 +3,7 @@
 //! would run each: one text per request, `concurrency` clients in a closed loop, texts/s and
 //! p50/p99; and a check that both return the same embeddings.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -280,7 +280,7 @@ pub async fn run(
     binary: &Path,
     infinity: &Path,
     model_dir: &Path,
-    scratch: &PathBuf,
+    scratch: &Path,
 ) -> Result<Embeddings> {
     let http = reqwest::Client::new();
     let (local, base) = start_local(binary)?;
