@@ -33,6 +33,9 @@ pub struct EmbedFigures {
 pub struct Embeddings {
     /// (concurrency, ours, infinity's) per level; infinity's is `None` when it did not run.
     pub rows: Vec<(usize, EmbedFigures, Option<EmbedFigures>)>,
+    /// Ours again with `intra_op_threads = 1` (the shipped file otherwise), per level: one
+    /// libtorch thread per job, so 4 slots no longer oversubscribe the cores.
+    pub one_thread: Vec<EmbedFigures>,
     /// The lowest cosine between the two servers' embeddings of the same texts.
     pub min_cosine: Option<f64>,
     /// Why infinity-emb did not run, if it did not.
@@ -165,10 +168,14 @@ async fn wait_ready(http: &reqwest::Client, url: &str, limit: Duration) -> Resul
     bail!("{url} not ready after {} s", limit.as_secs())
 }
 
-/// Starts `runpod-worker local` on free ports with its shipped config (runpod.toml).
-fn start_local(binary: &Path) -> Result<(Proc, String)> {
-    let mut child = Command::new(binary)
-        .args(["local", "--port", "0", "--http-port", "0"])
+/// Starts `runpod-worker local` on free ports with `config` (default: the shipped runpod.toml).
+fn start_local(binary: &Path, config: Option<&Path>) -> Result<(Proc, String)> {
+    let mut command = Command::new(binary);
+    command.args(["local", "--port", "0", "--http-port", "0"]);
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let mut child = command
         .env("RUNPOD_AI_API_KEY", KEY)
         .env("RUNPOD_LOG_LEVEL", "WARN")
         .env_remove("RUNPOD_ENDPOINT_ID")
@@ -274,6 +281,23 @@ async fn infinity_side(
     ))
 }
 
+/// `local` started and ready, with its OpenAI embeddings route as a [`Server`].
+async fn local_server(
+    binary: &Path,
+    config: Option<&Path>,
+    http: &reqwest::Client,
+) -> Result<(Proc, Server)> {
+    let (local, base) = start_local(binary, config)?;
+    let root = format!("{base}/v2/local/openai/v1");
+    wait_ready(http, &format!("{root}/models"), Duration::from_secs(60)).await?;
+    let server = Server {
+        http: http.clone(),
+        url: format!("{root}/embeddings"),
+        model: model_name(http, &format!("{root}/models")).await?,
+    };
+    Ok((local, server))
+}
+
 /// Runs the comparison. `infinity` is the `infinity_emb` script; `model_dir` the
 /// sentence-transformers directory of all-MiniLM-L6-v2.
 pub async fn run(
@@ -283,15 +307,23 @@ pub async fn run(
     scratch: &Path,
 ) -> Result<Embeddings> {
     let http = reqwest::Client::new();
-    let (local, base) = start_local(binary)?;
-    let root = format!("{base}/v2/local/openai/v1");
-    wait_ready(&http, &format!("{root}/models"), Duration::from_secs(60)).await?;
-    let ours = Server {
-        http: http.clone(),
-        url: format!("{root}/embeddings"),
-        model: model_name(&http, &format!("{root}/models")).await?,
-    };
     let mut result = Embeddings::default();
+    // The tail's cause, measured: the shipped file with one intra-op thread per job.
+    let shipped = std::fs::read_to_string("runpod.toml").unwrap_or_default();
+    if shipped.contains("\nintra_op_threads = 0 ") {
+        let config = scratch.join("runpod-one-thread.toml");
+        std::fs::write(
+            &config,
+            shipped.replace("\nintra_op_threads = 0 ", "\nintra_op_threads = 1 "),
+        )?;
+        let (local, ours) = local_server(binary, Some(&config), &http).await?;
+        for concurrency in CONCURRENCY {
+            eprintln!("  embeddings ours, intra_op_threads = 1, c={concurrency}");
+            result.one_thread.push(ours.measure(concurrency).await?);
+        }
+        drop(local);
+    }
+    let (local, ours) = local_server(binary, None, &http).await?;
     let mut our_rows = Vec::new();
     for concurrency in CONCURRENCY {
         eprintln!("  embeddings ours c={concurrency}");

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use super::ceiling::JOBS_PER_LOOP;
 use super::cold_start::ColdStart;
-use super::embeddings::{Embeddings, TEXTS_PER_CLIENT};
+use super::embeddings::{EmbedFigures, Embeddings, TEXTS_PER_CLIENT};
 use super::stats::{ratio, Spread};
 use super::workers::{Figures, Row, REPS};
 
@@ -372,6 +372,30 @@ pub fn render(results: &Results) -> String {
             );
         }
         out += "\n";
+        if !e.one_thread.is_empty() {
+            out += "The same `local` with `intra_op_threads = 1` (one libtorch thread per job instead of one per \
+                    core; the shipped runpod.toml otherwise), to test the cause of the tail (see below):\n\n\
+                    | conc | texts/s | vs shipped | vs infinity | p50 ms | p99 ms | p99 vs shipped | p99 vs infinity |\n\
+                    |---|---|---|---|---|---|---|---|\n";
+            for ((c, shipped, theirs), one) in e.rows.iter().zip(&e.one_thread) {
+                let vs = |t: &Option<EmbedFigures>, pick: fn(&EmbedFigures) -> f64| {
+                    t.as_ref()
+                        .map_or_else(|| "–".to_owned(), |t| times(ratio(pick(one), pick(t))))
+                };
+                let _ = writeln!(
+                    out,
+                    "| {c} | {} | {} | {} | {} | {} | {} | {} |",
+                    s(&one.texts_s),
+                    times(ratio(one.texts_s.median, shipped.texts_s.median)),
+                    vs(theirs, |f| f.texts_s.median),
+                    s(&one.p50_ms),
+                    s(&one.p99_ms),
+                    times(ratio(one.p99_ms.median, shipped.p99_ms.median)),
+                    vs(theirs, |f| f.p99_ms.median),
+                );
+            }
+            out += "\n";
+        }
     }
     out += &results.analysis;
     out
