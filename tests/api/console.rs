@@ -488,8 +488,7 @@ fn console_screenshot_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let load = dir.path().join("gpu-load");
     std::fs::write(&load, "3GB").unwrap();
-    let extra = format!(
-        r#"
+    let extra = r#"
         [handlers.render]
         kind = "echo"
         max_concurrency = 3
@@ -497,9 +496,8 @@ fn console_screenshot_under_load() {
         gpu_memory = "5GB"
         # Booked as the worker's resident memory on the simulated GPU, so the bar shows it.
         model_memory = "1.5GB"
-        "#
-    );
-    let config = write_config(dir.path(), &extra);
+        "#;
+    let config = write_config(dir.path(), extra);
     // The load file is a [gpu] key: add it there.
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "simulate = \"24GB\"",
