@@ -38,6 +38,17 @@ impl Drop for Local {
     }
 }
 
+/// Picks `task` in the submit form, which fills in its sample.
+fn pick_task(tab: &Tab, task: &str) {
+    eval(
+        tab,
+        &format!(
+            "(() => {{ const s = document.getElementById('submit-task'); s.value = '{task}'; \
+             s.dispatchEvent(new Event('change')); return true; }})()"
+        ),
+    );
+}
+
 /// Starts `local` on free ports with `config` and reads its banner.
 fn start_local(config: &Path) -> Local {
     let mut child = Command::new(BIN)
@@ -275,11 +286,7 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
         "!!document.querySelector('#submit-task option[value=classify]')",
         "classify offered",
     );
-    eval(
-        &tab,
-        "(() => { const s = document.getElementById('submit-task'); s.value = 'classify'; \
-         s.dispatchEvent(new Event('change')); return true; })()",
-    );
+    pick_task(&tab, "classify");
     let body = eval(&tab, "document.getElementById('submit-body').value");
     assert!(
         body.as_str().unwrap().contains(r#""task": "classify""#),
@@ -560,11 +567,7 @@ fn console_screenshot_under_load() {
         "document.getElementById('detail-output').textContent.includes('InsufficientGPUMemory')",
         "the retry signal's detail",
     );
-    eval(
-        &tab,
-        "(() => { const s = document.getElementById('submit-task'); s.value = 'classify'; \
-         s.dispatchEvent(new Event('change')); return true; })()",
-    );
+    pick_task(&tab, "classify");
     screenshot(&tab, &Path::new(ROOT).join("docs/console.png"));
     screenshot(&tab, &target_dir().join("console-test/under-load.png"));
 }
