@@ -172,7 +172,7 @@ pub struct CompareFlags {
     pub parts: Vec<String>,
 }
 
-impl From<CompareFlags> for crate::bench::compare::CompareArgs {
+impl From<CompareFlags> for bench::compare::CompareArgs {
     fn from(flags: CompareFlags) -> Self {
         Self {
             python: flags.python,

@@ -2,12 +2,13 @@
 
 use clap::Parser;
 use runpod_worker::cli::{Cli, Command};
-use runpod_worker::{commands, telemetry};
+use runpod_worker::commands;
+use worker::telemetry;
 
 fn main() {
     // Before any thread starts and before CUDA initialises: CUDA ordinals then follow the PCI
     // order NVML sees, so each card can be matched to its ordinal.
-    runpod_worker::gpu::identity::prepare_cuda_environment();
+    worker::gpu::identity::prepare_cuda_environment();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,10 +6,10 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::admission::resident;
-use crate::config::{validate_budget, Config, ConfigSource, DeviceChoice, Size};
-use crate::gpu::{self, GpuAccess};
-use crate::handlers::HandlerSet;
+use worker::admission::resident;
+use worker::config::{validate_budget, Config, ConfigSource, DeviceChoice, Size};
+use worker::gpu::{self, GpuAccess};
+use worker::handlers::HandlerSet;
 
 /// The GPU a plan is made for.
 pub struct PlannedGpu {
@@ -60,7 +60,7 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>, gpus: 
         ConfigSource::Defaults => "built-in defaults (no runpod.toml found)".to_owned(),
     };
     println!("config OK: {origin}");
-    match crate::torch_check::run() {
+    match worker::torch_check::run() {
         Ok(report) => println!(
             "libtorch {}: CUDA {} ({} device(s))",
             gpu::cuda_runtime::LIBTORCH_VERSION,
@@ -109,7 +109,7 @@ fn plan_gpu(
         ));
     }
     let resident = if access == GpuAccess::Simulated {
-        let declared = resident::declared(config);
+        let declared = config.declared_model_memory();
         resident::Estimate {
             bytes: declared,
             parts: vec![format!(

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use crate::config::{Config, Size};
 use crate::gpu_check::{self, hog, GpuCheckOptions};
+use worker::config::{Config, Size};
 
 /// The arguments of `gpu-check`.
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::config::{Config, ServerConfig};
+use worker::config::{Config, ServerConfig};
 
 /// How long the probe waits for an answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);

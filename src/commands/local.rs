@@ -10,12 +10,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::mock::JobRules;
-use crate::config::Config;
 use crate::console::{self, LocalConsole};
-use crate::mock_queue::{MockOptions, MockQueue};
-use crate::queue::QueueEndpoints;
-use crate::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
-use crate::secret::ApiKey;
+use mock_queue::{MockOptions, MockQueue};
+use runpod_protocol::ApiKey;
+use worker::config::Config;
+use worker::queue::QueueEndpoints;
+use worker::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
 
 /// The endpoint id `local` serves.
 pub const LOCAL_ENDPOINT: &str = "local";
@@ -118,7 +118,7 @@ pub async fn local(args: LocalArgs) -> i32 {
         mock: local_mock_options(&key, args.rules),
         queue_listener,
         http_listener,
-        shutdown: crate::shutdown::signal_token(),
+        shutdown: worker::shutdown::signal_token(),
     };
     match run_local(setup).await {
         Ok(()) => 0,
@@ -191,7 +191,8 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
             shutdown: shutdown.clone(),
             require_cuda: false,
             // A developer's machine is what it is: no fitness checks.
-            fitness: crate::runner::Fitness::skipped(),
+            fitness: worker::runner::Fitness::skipped(),
+            pages: Some(Box::new(crate::console::worker_console)),
         };
         match run_worker(setup).await? {
             WorkerExit::Drained => break,
@@ -238,7 +239,7 @@ impl SharedListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mock_queue::RateLimits;
+    use mock_queue::RateLimits;
 
     #[test]
     fn local_serves_only_its_endpoint_and_rate_limits_only_when_asked() {

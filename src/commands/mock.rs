@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::mock_queue::{serve, Fault, MockOptions, MockState, RateLimits, Route};
-use crate::secret::ApiKey;
+use mock_queue::{serve, Fault, MockOptions, MockState, RateLimits, Route};
+use runpod_protocol::ApiKey;
 
 /// The `mock-queue` settings.
 #[derive(Debug, Clone)]
@@ -140,7 +140,7 @@ pub async fn mock_queue(args: MockQueueArgs) -> i32 {
     if let Ok(addr) = listener.local_addr() {
         println!("listening on http://{addr}");
     }
-    let stop = crate::shutdown::signal_token();
+    let stop = worker::shutdown::signal_token();
     match serve(listener, state, stop).await {
         Ok(()) => 0,
         Err(e) => {

@@ -19,23 +19,23 @@ pub use serve::serve;
 pub use test_input::test_input;
 
 /// `bench`: prints the chosen benchmark reports (`compare` writes BENCHMARKS.md instead).
-pub fn bench(which: &str, compare: crate::bench::compare::CompareArgs) -> i32 {
+pub fn bench(which: &str, compare: bench::compare::CompareArgs) -> i32 {
     match which {
         "compare" => {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             let runtime = tokio::runtime::Handle::current();
             return tokio::task::block_in_place(|| {
-                runtime.block_on(crate::bench::compare::run(&compare, command))
+                runtime.block_on(bench::compare::run(&compare, command))
             });
         }
-        "admission" => print!("{}", crate::bench::admission::run()),
-        "schedule" => print!("{}", crate::bench::schedule::run()),
+        "admission" => print!("{}", bench::admission::run()),
+        "schedule" => print!("{}", bench::schedule::run()),
         "models" => {
             let models = std::path::Path::new("handler/models");
             let python = std::path::Path::new(".venv/bin/python");
             let runtime = tokio::runtime::Handle::current();
             let report = tokio::task::block_in_place(|| {
-                runtime.block_on(crate::bench::models::run(models, python))
+                runtime.block_on(bench::models::run(models, python))
             });
             match report {
                 Some(report) => print!("{report}"),
@@ -45,11 +45,7 @@ pub fn bench(which: &str, compare: crate::bench::compare::CompareArgs) -> i32 {
                 }
             }
         }
-        "all" => print!(
-            "{}\n{}",
-            crate::bench::admission::run(),
-            crate::bench::schedule::run()
-        ),
+        "all" => print!("{}\n{}", bench::admission::run(), bench::schedule::run()),
         other => {
             eprintln!("unknown benchmark {other:?}: admission, schedule, models, compare or all");
             return 2;

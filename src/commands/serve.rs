@@ -4,9 +4,9 @@ use std::path::Path;
 
 use tokio::net::TcpListener;
 
-use crate::config::Config;
-use crate::queue::{QueueClient, QueueEndpoints};
-use crate::runner::{run_worker, Fitness, WorkerExit, WorkerSetup};
+use worker::config::Config;
+use worker::queue::{QueueClient, QueueEndpoints};
+use worker::runner::{run_worker, Fitness, WorkerExit, WorkerSetup};
 
 /// Runs the worker until SIGTERM/SIGINT and the drain. Exit code 0 after a clean drain; 1 on a
 /// start-up failure, after the SDK's unhealthy ping.
@@ -23,8 +23,8 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
         Err(e) => return fail(&endpoints, "config", &e.to_string()).await,
     };
     match source {
-        crate::config::ConfigSource::File(path) => tracing::info!("config: {}", path.display()),
-        crate::config::ConfigSource::Defaults => {
+        worker::config::ConfigSource::File(path) => tracing::info!("config: {}", path.display()),
+        worker::config::ConfigSource::Defaults => {
             tracing::info!("no runpod.toml found: using the built-in defaults")
         }
     }
@@ -56,9 +56,10 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
         handlers: None,
         gpu: None,
         http_listener: listener,
-        shutdown: crate::shutdown::signal_token(),
+        shutdown: worker::shutdown::signal_token(),
         require_cuda: true,
         fitness,
+        pages: Some(Box::new(crate::console::worker_console)),
     };
     match run_worker(setup).await {
         Ok(WorkerExit::Drained) => 0,
@@ -73,7 +74,7 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
 /// Logs a start-up failure, sends the SDK's unhealthy ping, and gives exit code 1.
 async fn fail(endpoints: &QueueEndpoints, check: &str, reason: &str) -> i32 {
     tracing::error!("cannot start: {reason}");
-    let config = crate::config::QueueConfig::default();
+    let config = worker::config::QueueConfig::default();
     if let Ok(client) = QueueClient::new(endpoints.clone(), config) {
         if let Err(e) = client.report_unhealthy(check, reason).await {
             tracing::warn!("could not report the failure to the queue: {e}");

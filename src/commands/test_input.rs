@@ -8,13 +8,13 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::gpu;
-use crate::handlers::{ChunkSink, HandlerSet, JobContext};
-use crate::outcome::{done_body, sized_done_body, JobError};
-use crate::queue::protocol::{check_job_text, parse_job, JobLimits};
-use crate::runner::{execute, Bounds, Deadline, Execution};
+use runpod_protocol::job::{check_job_text, parse_job, JobLimits};
 use std::time::Duration;
+use worker::config::Config;
+use worker::gpu;
+use worker::handlers::{ChunkSink, HandlerSet, JobContext};
+use worker::outcome::{done_body, sized_done_body, JobError};
+use worker::runner::{execute, Bounds, Deadline, Execution};
 
 /// Stream chunks are printed as they come, one JSON line each.
 struct PrintSink;

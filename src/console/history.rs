@@ -9,7 +9,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{health_report, WorkerSlot};
+use worker::health::health_report;
+use worker::observed::WorkerSlot;
 
 /// How often a sample is taken.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);

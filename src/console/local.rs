@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
 use super::{page, Mode, Since};
-use crate::mock_queue::{endpoint_health, EndpointQueue, JobRecord, MockState};
+use mock_queue::{endpoint_health, EndpointQueue, JobRecord, MockState};
 
 /// Jobs listed, newest first.
 const JOBS_LISTED: usize = 50;
@@ -303,9 +303,9 @@ async fn samples() -> Json<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mock_queue::MockOptions;
-    use crate::secret::ApiKey;
     use axum::body::Body;
+    use mock_queue::MockOptions;
+    use runpod_protocol::ApiKey;
     use tower::ServiceExt;
 
     fn console() -> LocalConsole {
@@ -370,7 +370,7 @@ mod tests {
                 Duration::from_secs(60),
             );
             let record = queue.jobs.get_mut("a").unwrap();
-            record.state = crate::mock_queue::JobState::Failed;
+            record.state = mock_queue::JobState::Failed;
             record.output = Some(json!({"error_type": "InsufficientGPUMemory", "retry_after": 4}));
         });
         let app = local_routes(console);

@@ -14,7 +14,6 @@
 
 pub mod history;
 mod local;
-pub mod recent;
 
 use std::sync::Arc;
 
@@ -25,12 +24,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 pub use history::History;
 pub use local::{local_routes, LocalConsole};
-pub use recent::RecentJobs;
 
-use crate::health::WorkerSlot;
+use worker::observed::WorkerSlot;
 
 const PAGE: &str = include_str!("page.html");
 const SCRIPT: &str = include_str!("page.js");
@@ -97,6 +96,14 @@ fn assets<S: Clone + Send + Sync + 'static>() -> Router<S> {
 struct Since {
     #[serde(default)]
     since: u64,
+}
+
+/// The console on the worker's port, with its history sampled until `stop`: what `serve` and
+/// `local` pass the worker as the pages beside `/health` (`worker::runner::PortPages`).
+pub fn worker_console(slot: WorkerSlot, stop: CancellationToken) -> Router {
+    let history = Arc::new(History::default());
+    tokio::spawn(history::sample(slot.clone(), history.clone(), stop));
+    worker_routes(slot, history)
 }
 
 /// The console on the worker's port: `/`, its assets, `/console/api/history` and

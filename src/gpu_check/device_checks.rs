@@ -5,8 +5,8 @@ use serde_json::{json, Value};
 
 use super::harness::{self, Answer, Harness};
 use super::{gib, Ctx, Table, Verdict};
-use crate::config::{Config, DeviceChoice, HandlerConfig};
-use crate::gpu::{self, cuda_runtime};
+use worker::config::{Config, DeviceChoice, HandlerConfig};
+use worker::gpu::{self, cuda_runtime};
 
 /// Labels and texts whose label is obvious.
 pub(super) const LABELS: [&str; 5] = ["invoice", "recipe", "poem", "contract", "resume"];

@@ -8,11 +8,11 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::mock_queue::{MockOptions, MockQueue};
-use crate::queue::QueueEndpoints;
-use crate::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
-use crate::secret::ApiKey;
+use mock_queue::{MockOptions, MockQueue};
+use runpod_protocol::ApiKey;
+use worker::config::Config;
+use worker::queue::QueueEndpoints;
+use worker::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
 
 /// The endpoint id the checks use.
 pub(super) const ENDPOINT: &str = "gpu-check";
@@ -89,7 +89,8 @@ impl Harness {
             shutdown: shutdown.clone(),
             require_cuda: false,
             // A developer's machine is what it is: no fitness checks.
-            fitness: crate::runner::Fitness::skipped(),
+            fitness: worker::runner::Fitness::skipped(),
+            pages: None,
         };
         let harness = Self {
             mock,

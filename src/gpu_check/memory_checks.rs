@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::harness::{self, Answer, Harness};
 use super::{gib, hog, Ctx, Table, Verdict};
-use crate::config::{Config, DeviceChoice, HandlerConfig, Size};
+use worker::config::{Config, DeviceChoice, HandlerConfig, Size};
 
 /// Jobs that must fit the budget at once in the burst.
 const N: u64 = 4;
@@ -323,7 +323,7 @@ async fn learned(ctx: &Ctx, worker: &Harness, per_job: u64, table: &mut Table) {
     let peak = if ctx.simulated {
         "reported peak".to_owned()
     } else {
-        crate::gpu::allocator::stats(ctx.device.index).map_or_else(
+        worker::gpu::allocator::stats(ctx.device.index).map_or_else(
             || "allocator unreadable".to_owned(),
             |s| {
                 format!(

@@ -17,8 +17,8 @@ mod speed;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::config::{Config, Size};
-use crate::gpu::{self, DeviceReading, GpuAccess};
+use worker::config::{Config, Size};
+use worker::gpu::{self, DeviceReading, GpuAccess};
 
 /// What `gpu-check` runs with.
 #[derive(Debug, Clone)]

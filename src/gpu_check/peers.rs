@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::harness::{self, ENDPOINT, KEY};
 use super::memory_checks::{alloc_config, alloc_job};
 use super::{gib, Ctx, Table, Verdict};
-use crate::admission::HostLedger;
-use crate::gpu;
-use crate::queue::QueueEndpoints;
+use worker::admission::HostLedger;
+use worker::gpu;
+use worker::queue::QueueEndpoints;
 
 /// Jobs each worker may run at once: together they would want more than fits.
 const PER_WORKER: u32 = 4;
@@ -41,7 +41,7 @@ async fn start_worker(
         .env("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
         .env("RUNPOD_SKIP_GPU_CHECK", "true")
         .env_remove("RUNPOD_ENDPOINT_ID")
-        .env_remove(crate::config::CONFIG_ENV)
+        .env_remove(worker::config::CONFIG_ENV)
         .stdout(Stdio::piped())
         .stderr(stderr)
         .kill_on_drop(true)
@@ -86,7 +86,7 @@ async fn watch(
     let probe = if simulated {
         None
     } else {
-        gpu::detect(&crate::config::GpuConfig::default()).ok()
+        gpu::detect(&worker::config::GpuConfig::default()).ok()
     };
     let (mut booked, mut used) = (0u64, 0u64);
     loop {
@@ -130,7 +130,7 @@ async fn two_workers(ctx: &Ctx) -> Result<(String, bool), String> {
     std::fs::write(&config_file, text).map_err(|e| e.to_string())?;
     let ledger = HostLedger::open(&dir.path().join("ledger"), &ctx.device.uuid)
         .map_err(|e| format!("cannot open the host ledger: {e}"))?;
-    crate::gpu::allocator::empty_cache();
+    worker::gpu::allocator::empty_cache();
     let baseline = if ctx.simulated {
         0
     } else {

@@ -7,9 +7,9 @@ use serde_json::{json, Value};
 
 use super::device_checks::{model_config, LABELS};
 use super::{Ctx, Table, Verdict};
-use crate::bench::models::{measure, Speed};
-use crate::config::DeviceChoice;
-use crate::handlers::HandlerSet;
+use bench::models::{measure, Speed};
+use worker::config::DeviceChoice;
+use worker::handlers::HandlerSet;
 
 /// The Python baseline, embedded so that the GPU kit needs no source tree.
 const PYTHON_BASELINE: &str = include_str!("../../handler/bench_python.py");

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use runpod_worker::mock_queue::{JobState, MockOptions};
+use mock_queue::{JobState, MockOptions};
 
 use crate::helpers::{spawn_mock_with, test_config, test_mock_options, TestWorker, EP};
 

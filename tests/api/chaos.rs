@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use runpod_worker::mock_queue::{Fault, JobState, MockOptions, Route};
+use mock_queue::{Fault, JobState, MockOptions, Route};
 use serde_json::json;
 
 use crate::helpers::{spawn_mock_with, test_mock_options, worker_command, EP};
@@ -42,7 +42,7 @@ async fn chaos_every_job_completes_exactly_once_despite_faults_and_a_killed_work
         );
     }
 
-    let completed = |i: &runpod_worker::mock_queue::Inner| {
+    let completed = |i: &mock_queue::Inner| {
         let queue = i.endpoints.get(EP)?;
         Some(
             queue
@@ -125,7 +125,7 @@ async fn chaos_every_job_completes_exactly_once_despite_faults_and_a_killed_work
     assert_eq!(exit.code(), Some(0));
 }
 
-fn completed_count(queue: &runpod_worker::mock_queue::EndpointQueue) -> usize {
+fn completed_count(queue: &mock_queue::EndpointQueue) -> usize {
     queue
         .jobs
         .values()

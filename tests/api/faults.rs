@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use runpod_worker::mock_queue::{Fault, Route};
+use mock_queue::{Fault, Route};
 use serde_json::json;
 
 use crate::helpers::{test_config, TestWorker};

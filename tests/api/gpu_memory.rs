@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
 use serde_json::{json, Value};
+use worker::config::{Config, DeviceChoice, HandlerConfig};
 
 use crate::helpers::{spawn_mock, test_config, worker_command, GateHandler, TestWorker, EP, WAIT};
 
@@ -322,7 +322,7 @@ async fn two_worker_processes_on_one_gpu_never_exceed_its_budget_together() {
     // One file per card, named by its UUID.
     let ledger = dir.path().join("runpod-worker-GPU-simulated-0.ledger.json");
     let mut most = 0u64;
-    let finished = |m: &runpod_worker::mock_queue::MockQueue| m.endpoint(EP).done.len() == JOBS;
+    let finished = |m: &mock_queue::MockQueue| m.endpoint(EP).done.len() == JOBS;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !finished(&mock) && std::time::Instant::now() < deadline {
         if let Ok(text) = std::fs::read_to_string(&ledger) {
@@ -417,7 +417,7 @@ async fn a_document_is_fetched_before_its_gpu_memory_is_reserved() {
 async fn a_reservation_of_all_gives_each_job_the_whole_budget_one_at_a_time() {
     let mut config = seed_config(2);
     let classify = config.handlers.get_mut("classify").unwrap();
-    classify.gpu_memory = Some(runpod_worker::config::WHOLE_BUDGET);
+    classify.gpu_memory = Some(worker::config::WHOLE_BUDGET);
     classify.model_memory = Some("2GB".parse().unwrap());
     let gate = GateHandler::new();
     let worker = TestWorker::start(config, |h| h.with_handler("classify", gate.clone()), 200).await;

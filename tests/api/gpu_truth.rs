@@ -5,11 +5,11 @@
 use std::process::Command;
 use std::sync::Arc;
 
-use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
-use runpod_worker::gpu::cuda_runtime::{CudaVersion, DriverInfo, TorchCuda};
-use runpod_worker::gpu::{DeviceReading, GpuProbe};
-use runpod_worker::handlers::HandlerSet;
 use serde_json::json;
+use worker::config::{Config, DeviceChoice, HandlerConfig};
+use worker::gpu::cuda_runtime::{CudaVersion, DriverInfo, TorchCuda};
+use worker::gpu::{DeviceReading, GpuProbe};
+use worker::handlers::HandlerSet;
 
 use crate::helpers::{spawn_mock, test_config, GateHandler, TestWorker, BIN};
 
@@ -206,7 +206,7 @@ fn check_config_plans_the_models_memory_and_refuses_models_that_leave_no_room() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jobs_gpu_memory_goes_back_before_its_result_is_delivered() {
-    use runpod_worker::mock_queue::{Fault, Route};
+    use mock_queue::{Fault, Route};
     // Room for one 20 GB job on a 24 GB card; results are refused (503) and retried for a
     // while: the next job must not wait for the first one's delivery.
     let mut config = classify_config(None);

@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
-use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
-use runpod_worker::handlers::HandlerSet;
 use serde_json::{json, Value};
 use tch::{CModule, Device, Kind, Tensor};
+use worker::config::{Config, DeviceChoice, HandlerConfig};
+use worker::handlers::HandlerSet;
 
 use crate::helpers::{test_config, TestWorker};
 

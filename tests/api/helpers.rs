@@ -6,16 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use runpod_worker::config::Config;
-use runpod_worker::handlers::{Handler, HandlerSet, JobContext, Prepared};
-use runpod_worker::mock_queue::{MockOptions, MockQueue};
-use runpod_worker::outcome::JobError;
-use runpod_worker::queue::QueueEndpoints;
-use runpod_worker::runner::{run_worker, Fitness, StartupError, WorkerExit, WorkerSetup};
+use mock_queue::{MockOptions, MockQueue};
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
+use worker::config::Config;
+use worker::handlers::{Handler, HandlerSet, JobContext, Prepared};
+use worker::outcome::JobError;
+use worker::queue::QueueEndpoints;
+use worker::runner::{run_worker, Fitness, StartupError, WorkerExit, WorkerSetup};
 
 pub const EP: &str = "ep";
 pub const WORKER: &str = "w1";
@@ -39,7 +39,7 @@ pub fn spawn_mock_with_lease(long_poll: Duration, lease_timeout: Duration) -> Ar
 /// under the platform's minimums accepted (tests use short deadlines).
 pub fn test_mock_options() -> MockOptions {
     MockOptions {
-        api_key: Some(runpod_worker::secret::ApiKey::new("test-key")),
+        api_key: Some(runpod_protocol::ApiKey::new("test-key")),
         webhook_retry_delay: Duration::from_millis(200),
         strict_policy_minimums: false,
         ..MockOptions::default()
@@ -107,6 +107,7 @@ pub async fn setup_against(base: &str, worker: &str, shutdown: &CancellationToke
         shutdown: shutdown.clone(),
         require_cuda: true,
         fitness: Fitness::skipped(),
+        pages: Some(Box::new(runpod_worker::console::worker_console)),
     }
 }
 
@@ -188,7 +189,7 @@ impl TestWorker {
         mock: Arc<MockQueue>,
         config: Config,
         handlers: Option<HandlerSet>,
-        gpu: Option<Arc<dyn runpod_worker::gpu::GpuProbe>>,
+        gpu: Option<Arc<dyn worker::gpu::GpuProbe>>,
         require_cuda: bool,
         ping_ms: u64,
     ) -> Self {
@@ -206,6 +207,7 @@ impl TestWorker {
             shutdown: shutdown.clone(),
             require_cuda,
             fitness: Fitness::skipped(),
+            pages: Some(Box::new(runpod_worker::console::worker_console)),
         };
         let handle = tokio::spawn(run_worker(setup));
         // Until it is ready, /health describes a worker that is starting: wait for `/ready`
@@ -230,7 +232,7 @@ impl TestWorker {
         self.mock.enqueue(EP, json!({ "id": id, "input": input }));
     }
 
-    pub async fn done(&self, id: &str) -> runpod_worker::mock_queue::DoneRecord {
+    pub async fn done(&self, id: &str) -> mock_queue::DoneRecord {
         self.mock
             .wait_done(EP, id, WAIT)
             .await

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use runpod_worker::mock_queue::Route;
+use mock_queue::Route;
 use serde_json::json;
 
 use crate::helpers::{test_config, TestWorker, EP, WAIT, WORKER};
@@ -160,8 +160,13 @@ async fn while_the_models_load_health_answers_and_ready_says_starting() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
-    let slot = runpod_worker::health::WorkerSlot::default();
-    let server = tokio::spawn(runpod_worker::health::serve(listener, slot, stop.clone()));
+    let slot = worker::observed::WorkerSlot::default();
+    let server = tokio::spawn(worker::health::serve(
+        listener,
+        slot,
+        axum::Router::new(),
+        stop.clone(),
+    ));
 
     let ready = reqwest::get(format!("{base}/ready")).await.unwrap();
     assert_eq!(ready.status(), 503);
@@ -188,7 +193,7 @@ async fn while_the_models_load_health_answers_and_ready_says_starting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_can_step_the_worker_one_batch_at_a_time() {
-    use runpod_worker::runner::{start_worker, WorkerExit};
+    use worker::runner::{start_worker, WorkerExit};
 
     let mock = crate::helpers::spawn_mock(std::time::Duration::from_secs(1));
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -258,12 +263,12 @@ async fn ping_answers_as_a_load_balancer_expects_ready_then_draining() {
 struct Warmed(std::sync::Mutex<Vec<std::time::Instant>>);
 
 #[async_trait::async_trait]
-impl runpod_worker::handlers::Handler for Warmed {
+impl worker::handlers::Handler for Warmed {
     async fn run(
         &self,
-        _ctx: runpod_worker::handlers::JobContext,
-        _prepared: runpod_worker::handlers::Prepared,
-    ) -> Result<serde_json::Value, runpod_worker::outcome::JobError> {
+        _ctx: worker::handlers::JobContext,
+        _prepared: worker::handlers::Prepared,
+    ) -> Result<serde_json::Value, worker::outcome::JobError> {
         Ok(json!({"warmed": self.0.lock().unwrap().len()}))
     }
 

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
 use serde_json::json;
+use worker::config::{Config, DeviceChoice, HandlerConfig};
 
 use crate::helpers::{test_config, GateHandler, TestWorker, EP};
 
@@ -152,7 +152,7 @@ async fn a_run_body_of_exactly_the_limit_is_accepted_by_the_mock_and_runs_on_a_w
     let envelope = json!({"input": {"task": "echo", "pad": ""}})
         .to_string()
         .len();
-    let limit = runpod_worker::mock_queue::RUN_LIMIT;
+    let limit = runpod_protocol::limits::MAX_RUN_BODY;
     let body = json!({"input": {"task": "echo", "pad": "x".repeat(limit - envelope)}}).to_string();
     assert_eq!(body.len(), limit);
     let base = format!("{}/v2/{EP}", worker.mock.base_url());

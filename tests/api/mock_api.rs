@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use runpod_worker::mock_queue::{MockOptions, RUNSYNC_LIMIT, RUN_LIMIT};
+use mock_queue::MockOptions;
+use runpod_protocol::limits::{MAX_RUNSYNC_BODY, MAX_RUN_BODY};
 use serde_json::{json, Value};
 
 use crate::helpers::{
@@ -85,7 +86,7 @@ async fn bad_requests_get_clear_http_errors_and_the_mock_keeps_serving() {
     let (status, _) = post(&client, format!("{base}/run"), json!({"input": [1]})).await;
     assert_eq!(status, 400);
 
-    let big = "x".repeat(RUN_LIMIT);
+    let big = "x".repeat(MAX_RUN_BODY);
     let (status, body) = post(
         &client,
         format!("{base}/run"),
@@ -93,7 +94,7 @@ async fn bad_requests_get_clear_http_errors_and_the_mock_keeps_serving() {
     )
     .await;
     assert_eq!(status, 413, "{body}");
-    let bigger = "x".repeat(RUNSYNC_LIMIT);
+    let bigger = "x".repeat(MAX_RUNSYNC_BODY);
     let (status, _) = post(
         &client,
         format!("{base}/runsync"),

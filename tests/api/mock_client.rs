@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use runpod_worker::mock_queue::Route;
+use mock_queue::Route;
 use serde_json::{json, Value};
 
 use crate::helpers::{client_with_key, spawn_mock_with, test_mock_options, EP};

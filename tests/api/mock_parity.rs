@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runpod_worker::mock_queue::{MockOptions, MockQueue, RateLimits, Route};
+use mock_queue::{MockOptions, MockQueue, RateLimits, Route};
 use serde_json::{json, Value};
 
 use crate::helpers::{client_with_key, spawn_mock_with, test_mock_options, EP, WAIT};

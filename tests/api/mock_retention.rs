@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use runpod_worker::mock_queue::MockOptions;
+use mock_queue::MockOptions;
 use serde_json::{json, Value};
 
 use crate::helpers::{

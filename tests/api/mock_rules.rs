@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use runpod_worker::mock_queue::MockOptions;
+use mock_queue::MockOptions;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -17,7 +17,7 @@ async fn post(client: &reqwest::Client, url: &str, body: Value) -> (u16, Value) 
 }
 
 /// A mock with the platform's minimums, as `local` and `mock-queue` run by default.
-fn strict_mock() -> std::sync::Arc<runpod_worker::mock_queue::MockQueue> {
+fn strict_mock() -> std::sync::Arc<mock_queue::MockQueue> {
     spawn_mock_with(MockOptions {
         strict_policy_minimums: true,
         ..test_mock_options()

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use axum::routing::get;
-use runpod_worker::config::{Config, DeviceChoice, HandlerConfig};
-use runpod_worker::model::Encoder;
 use serde_json::json;
+use worker::config::{Config, DeviceChoice, HandlerConfig};
+use worker::model::Encoder;
 
 use crate::helpers::{test_config, TestWorker};
 
@@ -392,7 +392,7 @@ async fn an_output_that_cannot_fit_is_refused_before_anything_is_embedded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extract_streams_its_chunks_under_the_message_limit_with_progress_before_the_result() {
-    use runpod_worker::mock_queue::Route;
+    use mock_queue::Route;
     let mut config = model_config();
     // Too small for the whole output: streaming is what lets a large extraction through.
     config.queue.max_result_size = "100KB".parse().unwrap();

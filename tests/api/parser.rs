@@ -6,9 +6,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use docparse::wire::{Encoding, Kind, Limits};
-use runpod_worker::config::Size;
-use runpod_worker::handlers::{ParseLimits, ParserPool};
-use runpod_worker::outcome::ErrorType;
+use worker::config::Size;
+use worker::handlers::{ParseLimits, ParserPool};
+use worker::outcome::ErrorType;
 
 use crate::helpers::PARSER;
 

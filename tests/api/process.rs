@@ -349,7 +349,7 @@ async fn the_health_probe_exits_0_on_a_ready_worker_and_1_otherwise() {
 }
 
 /// The unhealthy ping the worker `worker` sent, as `(check, reason)`.
-fn unhealthy_ping(mock: &runpod_worker::mock_queue::MockQueue, worker: &str) -> (String, String) {
+fn unhealthy_ping(mock: &mock_queue::MockQueue, worker: &str) -> (String, String) {
     let ping = mock
         .endpoint(EP)
         .pings

@@ -3,10 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use runpod_worker::handlers::{Handler, JobContext, Prepared};
-use runpod_worker::outcome::JobError;
-use runpod_worker::runner::WorkerExit;
 use serde_json::{json, Value};
+use worker::handlers::{Handler, JobContext, Prepared};
+use worker::outcome::JobError;
+use worker::runner::WorkerExit;
 
 use crate::helpers::{test_config, TestWorker, EP};
 

@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use runpod_worker::handlers::{Handler, JobContext, Prepared};
-use runpod_worker::mock_queue::{Fault, Route};
-use runpod_worker::outcome::JobError;
-use runpod_worker::runner::WorkerExit;
+use mock_queue::{Fault, Route};
 use serde_json::{json, Value};
+use worker::handlers::{Handler, JobContext, Prepared};
+use worker::outcome::JobError;
+use worker::runner::WorkerExit;
 
 use crate::helpers::{spawn_mock, test_config, TestWorker, EP, WAIT};
 

@@ -7,11 +7,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runpod_worker::config::{DeviceChoice, HandlerConfig};
-use runpod_worker::runner::run_worker;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use worker::config::{DeviceChoice, HandlerConfig};
+use worker::runner::run_worker;
 
 use crate::helpers::{spawn_mock, test_config, worker_command, GateHandler, TestWorker, EP, WAIT};
 

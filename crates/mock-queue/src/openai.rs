@@ -1,0 +1,154 @@
+//! `/v2/{endpoint}/openai/v1/*`: the platform's OpenAI-compatible route. A request becomes a
+//! job whose input carries `openai_route` (the path after `/openai`) and `openai_input` (the
+//! body), waited for as `/runsync` waits, and answered in OpenAI's shape: the job's output with
+//! 200, or a failed job as OpenAI's error object, the retry signal as a 429 with `Retry-After`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::jobs::JobState;
+use super::state::{MockState, Route};
+use super::submit::{submit, Via};
+use runpod_protocol::limits::MAX_RUNSYNC_BODY;
+
+/// How long a request waits for its job (`/runsync`'s default).
+const WAIT: Duration = Duration::from_secs(90);
+
+/// The OpenAI routes, behind the gate (the API key, as the platform asks for it).
+pub(super) fn routes(state: &Arc<MockState>) -> Router<Arc<MockState>> {
+    Router::new()
+        .route("/v2/{endpoint}/openai/{*path}", get(forward).post(forward))
+        .route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Route::Client),
+            super::gate::check,
+        ))
+}
+
+/// OpenAI's error object, with `status`.
+fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
+    let body = json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn forward(
+    State(state): State<Arc<MockState>>,
+    Path((endpoint, path)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let openai_input: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(input) => input,
+            Err(_) => {
+                return openai_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "invalid_json",
+                    "We could not parse the JSON body of your request.",
+                )
+            }
+        }
+    };
+    let job = json!({
+        "input": { "openai_route": format!("/{path}"), "openai_input": openai_input }
+    });
+    let job = serde_json::to_vec(&job).unwrap_or_default();
+    let id = match submit(&state, &endpoint, &job, MAX_RUNSYNC_BODY, Via::RunSync) {
+        Ok(id) => id,
+        Err(refused) => return refused.into_response(),
+    };
+    let ended = state
+        .wait_for(WAIT, |inner| {
+            let record = inner.endpoints.get(&endpoint)?.jobs.get(&id)?;
+            record
+                .state
+                .is_final()
+                .then(|| (record.state, record.output.clone()))
+        })
+        .await;
+    match ended {
+        Some((JobState::Completed, output)) => {
+            (StatusCode::OK, Json(output.unwrap_or(Value::Null))).into_response()
+        }
+        Some((JobState::Failed, output)) => failed(&output.unwrap_or(Value::Null)),
+        Some((other, _)) => openai_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            other.as_str(),
+            &format!("the request's job ended {}", other.as_str()),
+        ),
+        None => openai_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "timeout",
+            "the request's job did not end in time",
+        ),
+    }
+}
+
+/// A failed job's error result (`error_type`, `error`, `retry_after`) in OpenAI's terms.
+fn failed(output: &Value) -> Response {
+    let message = output["error"].as_str().unwrap_or("the job failed");
+    let error_type = output["error_type"].as_str().unwrap_or("Internal");
+    match error_type {
+        "InvalidInput" => openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            error_type,
+            message,
+        ),
+        "InsufficientGPUMemory" => {
+            let after = output["retry_after"].as_u64().unwrap_or(1).to_string();
+            let mut response = openai_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                error_type,
+                message,
+            );
+            if let Ok(value) = after.parse() {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+        _ => openai_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            error_type,
+            message,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_retry_signal_becomes_a_429_with_retry_after() {
+        let response = failed(&json!({
+            "success": false, "error": "GPU memory exhausted, retry shortly",
+            "error_type": "InsufficientGPUMemory", "retry_after": 10
+        }));
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "10");
+        let invalid = failed(&json!({"error": "bad", "error_type": "InvalidInput"}));
+        assert_eq!(invalid.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(invalid.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["message"], "bad");
+    }
+}

@@ -1,0 +1,317 @@
+//! The mock queue's state: per-endpoint jobs with their leases, and what the workers did,
+//! recorded for tests.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{watch, Notify};
+
+use super::jobs::JobRecord;
+use super::options::MockOptions;
+use super::rate_limit::RateLimiter;
+
+/// A route group (for fault injection and request counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Route {
+    /// `GET job-take` and `GET job-take-batch`.
+    Take,
+    /// `GET job-stop`.
+    Stop,
+    /// `POST job-done`.
+    Done,
+    /// `POST job-stream`.
+    Stream,
+    /// `GET ping`.
+    Ping,
+    /// The client API (`/run`, `/runsync`, `/status`, `/stream`, `/cancel`, ...).
+    Client,
+}
+
+impl Route {
+    /// Parses the names `--fault` uses: job-take, job-stop, job-done, job-stream, ping, client.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "job-take" | "take" => Self::Take,
+            "job-stop" | "stop" => Self::Stop,
+            "job-done" | "done" => Self::Done,
+            "job-stream" | "stream" => Self::Stream,
+            "ping" => Self::Ping,
+            "client" => Self::Client,
+            _ => return None,
+        })
+    }
+}
+
+/// A failure injected on a route: answer `status` to a fraction `rate` of its requests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fault {
+    /// The status to answer.
+    pub status: u16,
+    /// The fraction of requests that get it (0.0–1.0).
+    pub rate: f64,
+}
+
+/// One job-take request as the mock saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TakeRecord {
+    /// The worker id in the path.
+    pub worker: String,
+    /// `batch_size` for job-take-batch, `None` for job-take.
+    pub batch_size: Option<usize>,
+    /// The `job_in_progress` query parameter.
+    pub job_in_progress: Option<String>,
+    /// How many jobs it returned.
+    pub returned: usize,
+}
+
+/// One job-done POST that was accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoneRecord {
+    /// The job id in the path.
+    pub job_id: String,
+    /// The worker id in the path.
+    pub worker: String,
+    /// The `isStream` query parameter.
+    pub is_stream: Option<String>,
+    /// The body, parsed as JSON whatever its content type.
+    pub body: Value,
+    /// The `X-Request-ID` and `Content-Type` headers.
+    pub headers: ResultHeaders,
+}
+
+/// The headers of a result POST that the SDK sets (runpod-protocol.md §2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResultHeaders {
+    /// `X-Request-ID`: the SDK's job id.
+    pub request_id: Option<String>,
+    /// `Content-Type`: the SDK labels its JSON `application/x-www-form-urlencoded`.
+    pub content_type: Option<String>,
+}
+
+impl ResultHeaders {
+    /// Reads them from a request's headers.
+    pub fn of(headers: &axum::http::HeaderMap) -> Self {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            request_id: text("x-request-id"),
+            content_type: text("content-type"),
+        }
+    }
+}
+
+/// One job-stream POST that was accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamRecord {
+    /// The job id in the path.
+    pub job_id: String,
+    /// The body (`{"output": chunk}`).
+    pub body: Value,
+    /// The `X-Request-ID` and `Content-Type` headers.
+    pub headers: ResultHeaders,
+}
+
+/// One ping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PingRecord {
+    /// The worker id in the path.
+    pub worker: String,
+    /// The `job_id` list (empty when absent).
+    pub job_ids: Vec<String>,
+    /// Every query parameter.
+    pub query: BTreeMap<String, String>,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+/// One endpoint's jobs and records.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointQueue {
+    /// Job objects waiting to be taken, in order.
+    pub pending: VecDeque<Value>,
+    /// Every known job by id (queued, held or ended).
+    pub jobs: HashMap<String, JobRecord>,
+    /// Final job-done bodies, in arrival order.
+    pub done: Vec<DoneRecord>,
+    /// Progress updates (`"status": "IN_PROGRESS"` bodies).
+    pub progress: Vec<DoneRecord>,
+    /// Stream chunks, in arrival order.
+    pub streams: Vec<StreamRecord>,
+    /// Pings, in arrival order.
+    pub pings: Vec<PingRecord>,
+    /// Takes, in arrival order.
+    pub takes: Vec<TakeRecord>,
+    /// Worker id → job ids it should stop.
+    pub stops: HashMap<String, Vec<String>>,
+    /// Jobs that went back to the queue after their lease expired.
+    pub retried: u64,
+    /// Each worker's latest ping (what `/health` counts), kept whether or not the history is;
+    /// forgotten a lease after it arrived.
+    pub workers: HashMap<String, PingRecord>,
+}
+
+impl EndpointQueue {
+    /// The worker holding `job_id`, if any.
+    pub fn holder_of(&self, job_id: &str) -> Option<&str> {
+        self.jobs.get(job_id)?.holder.as_deref()
+    }
+
+    /// Jobs held by workers now.
+    pub fn held(&self) -> usize {
+        self.jobs.values().filter(|j| j.holder.is_some()).count()
+    }
+
+    /// Queues a job object; jobs with a string id get a record (status, lease), kept for
+    /// `retention` once they end.
+    pub fn push(&mut self, raw: Value, retention: Duration) {
+        if let Some(id) = raw.get("id").and_then(Value::as_str) {
+            self.jobs
+                .insert(id.to_owned(), JobRecord::new(raw.clone(), retention));
+        }
+        self.pending.push_back(raw);
+    }
+
+    /// Whether nothing is kept for this endpoint: no job, no worker, no stop signal and no
+    /// history (so a long-running mock can forget it).
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+            && self.jobs.is_empty()
+            && self.workers.is_empty()
+            && self.stops.is_empty()
+            && self.done.is_empty()
+            && self.progress.is_empty()
+            && self.streams.is_empty()
+            && self.pings.is_empty()
+            && self.takes.is_empty()
+    }
+
+    /// Asks `worker` to stop `job_id`.
+    pub fn stop(&mut self, worker: &str, job_id: &str) {
+        self.stops
+            .entry(worker.to_owned())
+            .or_default()
+            .push(job_id.to_owned());
+    }
+
+    /// Removes a queued job from `pending`.
+    pub fn unqueue(&mut self, job_id: &str) -> bool {
+        let before = self.pending.len();
+        self.pending
+            .retain(|raw| raw.get("id").and_then(Value::as_str) != Some(job_id));
+        self.pending.len() != before
+    }
+}
+
+/// Everything behind the lock.
+#[derive(Debug, Default)]
+pub struct Inner {
+    /// Endpoint id → its queue.
+    pub endpoints: HashMap<String, EndpointQueue>,
+    /// Injected faults.
+    pub faults: HashMap<Route, Fault>,
+    /// Requests seen per route (including refused and faulted ones).
+    pub requests: HashMap<Route, u64>,
+    /// When the first [`REQUEST_TIMES_KEPT`] requests of each route arrived (tests measure
+    /// request pacing from them instead of counting over a fixed sleep).
+    pub request_times: HashMap<Route, Vec<std::time::Instant>>,
+}
+
+/// Arrival times kept per route.
+pub(super) const REQUEST_TIMES_KEPT: usize = 1000;
+
+impl Inner {
+    /// The queue of `endpoint`, created on first use.
+    pub fn endpoint(&mut self, endpoint: &str) -> &mut EndpointQueue {
+        self.endpoints.entry(endpoint.to_owned()).or_default()
+    }
+}
+
+/// The shared state of a mock queue server.
+#[derive(Debug)]
+pub struct MockState {
+    inner: Mutex<Inner>,
+    /// Woken when a job is queued.
+    pub(super) job_arrived: Notify,
+    /// Woken when a stop signal is queued.
+    pub(super) stop_arrived: Notify,
+    /// Bumped on every change, so tests can await a condition instead of sleeping.
+    changed: watch::Sender<u64>,
+    /// How the mock behaves.
+    pub options: MockOptions,
+    /// Counts client requests against `options.rate_limits`, when set.
+    rate_limiter: Option<RateLimiter>,
+    /// For webhooks.
+    pub(super) http: reqwest::Client,
+}
+
+impl MockState {
+    /// Empty state.
+    pub fn new(options: MockOptions) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            job_arrived: Notify::new(),
+            stop_arrived: Notify::new(),
+            changed: watch::channel(0).0,
+            rate_limiter: options.rate_limits.map(RateLimiter::new),
+            options,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Reads or changes the state; every call counts as a change for [`MockState::wait_for`].
+    pub fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let value = f(&mut self.lock());
+        self.changed.send_modify(|n| *n += 1);
+        value
+    }
+
+    /// Reads the state without signalling a change.
+    pub fn read<T>(&self, f: impl FnOnce(&Inner) -> T) -> T {
+        f(&self.lock())
+    }
+
+    /// The rate limiter, where limits are on.
+    pub(super) fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.rate_limiter.as_ref()
+    }
+
+    /// Wakes long-polls after jobs were queued or stop signals added.
+    pub fn wake(&self) {
+        self.job_arrived.notify_waiters();
+        self.stop_arrived.notify_waiters();
+    }
+
+    /// Waits until `f` returns `Some`, re-checking after every change, at most `timeout`.
+    pub async fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        f: impl Fn(&Inner) -> Option<T>,
+    ) -> Option<T> {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Mark the current version seen before checking, so a change made between the
+            // check and the wait still wakes us.
+            changes.borrow_and_update();
+            if let Some(value) = self.read(&f) {
+                return Some(value);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,15 @@
+//! The RunPod job API as both sides see it: the job object a take returns and how a take's
+//! body is read ([`job`]), the rules for job ids, the queue's URLs built from the SDK's
+//! environment ([`endpoints`]), the API key ([`ApiKey`]) and the platform's limits
+//! ([`limits`]).
+//!
+//! No runtime, no HTTP client, no model code: the worker and the mock queue both build on it.
+
+mod api_key;
+pub mod endpoints;
+pub mod job;
+pub mod limits;
+
+pub use api_key::ApiKey;
+pub use endpoints::{EndpointsError, QueueEndpoints};
+pub use job::{BadJob, Job};

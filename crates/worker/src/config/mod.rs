@@ -1,0 +1,539 @@
+//! `runpod.toml`: the typed configuration tree, its built-in defaults, loading and validation.
+//!
+//! The seed's `[handler]` keys keep their names and meaning; `[gpu]`, `[server]`, `[queue]` and one
+//! `[handlers.<name>]` table per handler are ours. Unknown keys are refused with their name, and
+//! every number is checked against a stated limit in [`validate`].
+
+mod error;
+mod kind_keys;
+mod reference;
+mod size;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use runpod_protocol::limits;
+use serde::{Deserialize, Serialize};
+
+pub use error::ConfigError;
+pub use size::{Size, SizeError, MAX_SIZE, WHOLE_BUDGET};
+pub use validate::validate_budget;
+
+/// Environment variable that names the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "RUNPOD_WORKER_CONFIG";
+/// Overrides `[server] host`.
+pub const HOST_ENV: &str = "RUNPOD_WORKER_HOST";
+/// Overrides `[server] port`.
+pub const PORT_ENV: &str = "RUNPOD_WORKER_PORT";
+/// The file looked for in the working directory when neither `--config` nor the variable is set.
+pub const DEFAULT_CONFIG_FILE: &str = "runpod.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The seed's worker-wide keys.
+    pub handler: HandlerDefaults,
+    /// GPU selection, headroom and the simulated GPU.
+    pub gpu: GpuConfig,
+    /// The worker's own HTTP server (`/health`, `/ready`, `/metrics`).
+    pub server: ServerConfig,
+    /// How the worker talks to the job queue.
+    pub queue: QueueConfig,
+    /// One entry per handler, keyed by the `input.task` that selects it.
+    pub handlers: BTreeMap<String, HandlerConfig>,
+}
+
+/// `[handler]`: the seed's keys, worker-wide.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerDefaults {
+    /// Jobs in the worker at once (running or waiting for their handler), across all handlers.
+    pub max_concurrency: u32,
+    /// Cold start budget in seconds: loading every handler must finish within it.
+    pub timeout: u64,
+    /// Per-job limit in seconds, counted from the moment the job starts running.
+    pub execution_timeout: u64,
+    /// GPU memory reserved per job for handlers on a GPU that do not declare their own
+    /// (`"all"`: a device's whole budget for jobs).
+    #[serde(with = "reservation")]
+    pub gpu_memory_per_request: Size,
+    /// How long a taken job may wait for its handler before it gets the retry signal.
+    pub local_queue_max_wait_s: u64,
+    /// Where models are found (the network volume in deployment).
+    pub model_dir: PathBuf,
+    /// SIGTERM: how long in-flight jobs may run on before they are answered `Interrupted`.
+    pub drain_grace_s: u64,
+    /// libtorch intra-op threads (0: libtorch's default, one per core).
+    pub intra_op_threads: usize,
+    /// After this many GPU out-of-memory failures in a row, the worker reports itself unhealthy,
+    /// drains and asks to be replaced (`stopPod`) instead of failing every job.
+    pub max_consecutive_ooms: u32,
+    /// Ask the platform for a fresh worker after every job (the SDK's `refresh_worker`): the
+    /// result carries `stopPod: true`, the worker drains and exits 0.
+    pub refresh_worker: bool,
+    /// Replace the worker the same way once its host memory (RSS) or its resident GPU memory
+    /// has grown past this factor of its level after warm-up (a leak); 0 turns it off.
+    pub recycle_memory_factor: f64,
+    /// How often a long job (a large extraction) sends a progress update (`IN_PROGRESS`);
+    /// 0: never.
+    pub progress_interval_ms: u64,
+    /// The handler OpenAI-compatible requests go to (jobs with `openai_route`): an `extract`
+    /// handler; by default the first one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub openai_handler: Option<String>,
+    /// The document parser executable (`runpod-parse`) that extract and classify parse
+    /// documents in; by default the one beside `runpod-worker`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parser: Option<PathBuf>,
+}
+
+impl Default for HandlerDefaults {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 4,
+            timeout: 300,
+            execution_timeout: 120,
+            gpu_memory_per_request: Size::gb(6),
+            local_queue_max_wait_s: 30,
+            model_dir: PathBuf::from("handler/models"),
+            drain_grace_s: 60,
+            intra_op_threads: 0,
+            max_consecutive_ooms: 3,
+            refresh_worker: false,
+            recycle_memory_factor: 3.0,
+            progress_interval_ms: 2000,
+            openai_handler: None,
+            parser: None,
+        }
+    }
+}
+
+/// `[gpu]`: which GPU is used and how much of it may be promised to jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Memory kept free on every device for the CUDA context and fragmentation.
+    pub headroom: Size,
+    /// Pretend to have a GPU of this size (CUDA handlers then run on the CPU but are accounted
+    /// as GPU jobs). Empty means: use the real GPU, if any.
+    #[serde(with = "optional_size")]
+    pub simulate: Option<Size>,
+    /// With `simulate`: how many simulated devices.
+    pub simulate_devices: usize,
+    /// With `simulate`: a file holding the memory used by others, as a size string per device
+    /// (comma-separated), re-read live.
+    pub external_load_file: Option<PathBuf>,
+    /// Admit against learned footprints and adapt handler limits to OOMs.
+    pub adaptive: bool,
+    /// How often GPU memory is measured (off the job path).
+    pub sample_interval_ms: u64,
+    /// A file-locked ledger shared by every worker process on this machine lives here (e.g.
+    /// `/dev/shm`), so two processes never admit the same free memory. Empty: per process.
+    pub host_ledger_dir: Option<PathBuf>,
+    /// Bounds of the computed `retry_after`, seconds.
+    pub retry_after_min_s: u64,
+    /// Upper bound of the computed `retry_after`, seconds.
+    pub retry_after_max_s: u64,
+    /// Learned footprint = this percentile of recent peaks ...
+    pub footprint_percentile: f64,
+    /// ... plus this fraction.
+    pub footprint_margin: f64,
+    /// Peaks needed before the learned footprint is used.
+    pub footprint_min_samples: usize,
+    /// Successes in a row before an adapted limit grows by one.
+    pub grow_after_successes: u32,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            headroom: Size::from_bytes(1 << 30),
+            simulate: None,
+            simulate_devices: 1,
+            external_load_file: None,
+            adaptive: false,
+            sample_interval_ms: 200,
+            host_ledger_dir: None,
+            retry_after_min_s: 1,
+            retry_after_max_s: 60,
+            footprint_percentile: 95.0,
+            footprint_margin: 0.1,
+            footprint_min_samples: 5,
+            grow_after_successes: 5,
+        }
+    }
+}
+
+/// `[server]`: where `/health`, `/ready` and `/metrics` are served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Bind address; `0.0.0.0` on the platform, loopback by default.
+    pub host: String,
+    /// Port; 0 picks a free one (printed as `listening on http://HOST:PORT`).
+    pub port: u16,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 8080,
+        }
+    }
+}
+
+/// `[queue]`: pacing of the job-take loop and the result delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Pause after an empty take that came back in under a second (a queue that does not long-poll).
+    pub empty_poll_floor_ms: u64,
+    /// First wait after a failed request; doubled per failure, with jitter.
+    pub backoff_initial_ms: u64,
+    /// Ceiling of that wait.
+    pub backoff_max_ms: u64,
+    /// Wait after a 429.
+    pub rate_limited_wait_s: u64,
+    /// Client-side limit on one long-poll (the SDK uses 90 s).
+    pub long_poll_timeout_s: u64,
+    /// Total time spent retrying one job-done or job-stream POST.
+    pub delivery_retry_s: u64,
+    /// Largest job accepted from the queue; larger ones get an `InvalidInput` result.
+    pub max_job_size: Size,
+    /// Largest result posted; larger ones become an `OutputTooLarge` error result (the
+    /// platform would refuse them with 413 and the result would be lost).
+    pub max_result_size: Size,
+    /// Where results that could not be delivered are kept, to be re-sent at the next start
+    /// (the network volume in deployment).
+    pub spool_dir: PathBuf,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            empty_poll_floor_ms: 200,
+            backoff_initial_ms: 250,
+            backoff_max_ms: 30_000,
+            rate_limited_wait_s: 5,
+            long_poll_timeout_s: 90,
+            delivery_retry_s: 30,
+            max_job_size: Size::from_bytes(limits::MAX_RUNSYNC_BODY as u64),
+            max_result_size: Size::from_bytes(limits::MAX_RESULT_BODY as u64),
+            spool_dir: PathBuf::from("spool"),
+        }
+    }
+}
+
+/// Where a handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// Always the CPU; reserves no GPU memory.
+    Cpu,
+    /// The GPU when there is one (real or simulated), otherwise the CPU with a warning.
+    Cuda,
+}
+
+/// `[handlers.<name>]`: one handler, selected by `input.task == <name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// What implements it: `echo`, `extract`, `classify` or `torchscript`. Defaults to the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Jobs of this handler running at once.
+    pub max_concurrency: u32,
+    /// Where it runs.
+    pub device: DeviceChoice,
+    /// GPU memory one job needs; defaults to `[handler].gpu_memory_per_request` on a GPU.
+    /// `"all"` is a device's whole budget for jobs (one job at a time per GPU).
+    #[serde(
+        default,
+        with = "optional_reservation",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub gpu_memory: Option<Size>,
+    /// The GPU memory its models hold for good (weights), booked as resident memory on a
+    /// simulated GPU and used by `check-config` to plan for a GPU it is not running on. On a
+    /// real GPU the resident memory is measured instead.
+    #[serde(
+        default,
+        with = "optional_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub model_memory: Option<Size>,
+    /// classify (logits mode) and torchscript: the TorchScript file, in `[handler].model_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// classify: the labels used when a job gives none (and the logits model's labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    /// classify: softmax temperature over cosine similarities (default 0.05).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// extract: tokens per chunk (default 200, at most 254).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_tokens: Option<usize>,
+    /// extract: tokens shared by consecutive chunks (default 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<usize>,
+    /// extract, classify: fetch URLs that resolve to private, loopback or link-local addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_private_urls: Option<bool>,
+    /// extract, classify: largest document accepted (bytes after decoding; default 20MB).
+    #[serde(
+        default,
+        with = "optional_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_document_size: Option<Size>,
+    /// extract, classify: time limit for fetching a URL (default 20 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_timeout_s: Option<u64>,
+    /// extract, classify: memory a document's parser process may use (default 1GB).
+    #[serde(
+        default,
+        with = "optional_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_parse_memory: Option<Size>,
+    /// extract, classify: CPU seconds one document's parsing may take (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parse_cpu_s: Option<u64>,
+    /// extract, classify: most characters of text a document may yield (default 5,000,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_text_chars: Option<usize>,
+    /// extract, classify: most pages a PDF may have (default 2,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pages: Option<usize>,
+    /// torchscript: the names of the model's inputs, in the order `forward` takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Vec<String>>,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            max_concurrency: 1,
+            device: DeviceChoice::Cpu,
+            gpu_memory: None,
+            model_memory: None,
+            model: None,
+            labels: None,
+            temperature: None,
+            chunk_tokens: None,
+            overlap: None,
+            allow_private_urls: None,
+            max_document_size: None,
+            url_timeout_s: None,
+            max_parse_memory: None,
+            max_parse_cpu_s: None,
+            max_text_chars: None,
+            max_pages: None,
+            inputs: None,
+        }
+    }
+}
+
+/// `max_parse_memory`'s default.
+pub const DEFAULT_PARSE_MEMORY: Size = Size::gb(1);
+/// `max_parse_cpu_s`'s default.
+pub const DEFAULT_PARSE_CPU_S: u64 = 30;
+/// `max_text_chars`'s default.
+pub const DEFAULT_TEXT_CHARS: usize = 5_000_000;
+/// `max_pages`'s default.
+pub const DEFAULT_PAGES: usize = 2_000;
+/// `max_document_size`'s default, in bytes.
+pub const DEFAULT_DOCUMENT_SIZE: u64 = 20_000_000;
+
+impl HandlerConfig {
+    /// The implementation kind (`kind`, or the table's name).
+    pub fn kind<'a>(&'a self, name: &'a str) -> &'a str {
+        self.kind.as_deref().unwrap_or(name)
+    }
+
+    /// The memory one job reserves when the handler runs on `on_gpu`.
+    pub fn reservation(&self, defaults: &HandlerDefaults, on_gpu: bool) -> Size {
+        if on_gpu && self.device == DeviceChoice::Cuda {
+            self.gpu_memory.unwrap_or(defaults.gpu_memory_per_request)
+        } else {
+            Size::default()
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let handler = |max_concurrency, device| HandlerConfig {
+            max_concurrency,
+            device,
+            ..HandlerConfig::default()
+        };
+        Self {
+            handler: HandlerDefaults::default(),
+            gpu: GpuConfig::default(),
+            server: ServerConfig::default(),
+            queue: QueueConfig::default(),
+            handlers: BTreeMap::from([
+                ("classify".to_owned(), handler(1, DeviceChoice::Cuda)),
+                ("echo".to_owned(), handler(4, DeviceChoice::Cpu)),
+                ("extract".to_owned(), handler(4, DeviceChoice::Cpu)),
+            ]),
+        }
+    }
+}
+
+/// Where the configuration came from, for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// Read from this file.
+    File(PathBuf),
+    /// No file: the built-in defaults.
+    Defaults,
+}
+
+impl Config {
+    /// The resident memory the configuration declares for each GPU: the sum of `model_memory`
+    /// over the handlers on `device = "cuda"` (models are loaded on every GPU). Handlers that
+    /// share a model (extract and classify share MiniLM) should declare it on one of them.
+    pub fn declared_model_memory(&self) -> u64 {
+        self.handlers
+            .values()
+            .filter(|h| h.device == DeviceChoice::Cuda)
+            .filter_map(|h| h.model_memory)
+            .map(|s| s.bytes())
+            .sum()
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads `path`, else `$RUNPOD_WORKER_CONFIG`, else `./runpod.toml`, else the defaults.
+    /// A file that was named explicitly must exist.
+    pub fn load(path: Option<&Path>) -> Result<(Self, ConfigSource), ConfigError> {
+        let env_path = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let explicit = path.map(Path::to_path_buf).or(env_path);
+        let path = match explicit {
+            Some(p) => p,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => PathBuf::from(DEFAULT_CONFIG_FILE),
+            None => {
+                let config = Self::default().with_env_overrides(|name| std::env::var(name).ok())?;
+                return Ok((config, ConfigSource::Defaults));
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let config = Self::from_toml(&text).map_err(|e| e.in_file(&path))?;
+        let config = config.with_env_overrides(|name| std::env::var(name).ok())?;
+        Ok((config, ConfigSource::File(path)))
+    }
+
+    /// `[server]` overridden by [`HOST_ENV`] and [`PORT_ENV`] where `var` has them: an image
+    /// bakes its config, and an endpoint's environment adjusts where the worker listens.
+    pub fn with_env_overrides(
+        mut self,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        if let Some(host) = var(HOST_ENV) {
+            self.server.host = host;
+        }
+        if let Some(port) = var(PORT_ENV) {
+            self.server.port = port.trim().parse().map_err(|_| ConfigError::OutOfRange {
+                key: PORT_ENV.into(),
+                value: port.clone(),
+                limit: "a port number from 0 to 65535".into(),
+            })?;
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks every value against its limit.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate::validate(self)
+    }
+
+    /// `[handler].execution_timeout` as a duration.
+    pub fn execution_timeout(&self) -> Duration {
+        Duration::from_secs(self.handler.execution_timeout)
+    }
+
+    /// `[handler].local_queue_max_wait_s` as a duration.
+    pub fn local_queue_max_wait(&self) -> Duration {
+        Duration::from_secs(self.handler.local_queue_max_wait_s)
+    }
+}
+
+/// Serde glue for a reservation: a size, or `"all"` ([`WHOLE_BUDGET`]).
+mod reservation {
+    use super::{Size, WHOLE_BUDGET};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Size, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub(super) fn parse(text: &str) -> Result<Size, super::SizeError> {
+        if text.trim().eq_ignore_ascii_case("all") {
+            return Ok(WHOLE_BUDGET);
+        }
+        text.parse()
+    }
+}
+
+/// Serde glue for an optional reservation (empty: not set).
+mod optional_reservation {
+    use super::Size;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<Size>, s: S) -> Result<S::Ok, S::Error> {
+        super::optional_size::serialize(v, s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        super::reservation::parse(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde glue for `Option<Size>` where an empty string also means "not set".
+mod optional_size {
+    use super::Size;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<Size>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(size) => s.collect_str(size),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(serde::de::Error::custom)
+    }
+}
