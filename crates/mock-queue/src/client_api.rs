@@ -1,4 +1,4 @@
-//! The client-facing routes of the mock queue (runpod-protocol.md §2): `/run`,
+//! The client-facing routes of the mock queue (docs/runpod-protocol.md §2): `/run`,
 //! `/runsync?wait=`, `/status`, `/status-sync?wait=` (the JavaScript client's), `/stream`
 //! (each chunk delivered once, held until there is one), `/cancel`, `/retry`, `/purge-queue` and
 //! `/health`, with the documented bodies and statuses, and the documented rate limits where

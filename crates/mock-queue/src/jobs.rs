@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// Where a job is in its life (runpod-protocol.md §2.4).
+/// Where a job is in its life (docs/runpod-protocol.md §2.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
     /// Waiting to be taken.

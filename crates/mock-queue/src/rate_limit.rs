@@ -1,5 +1,5 @@
 //! Per-route rate limits on the client API, as the platform documents them per endpoint
-//! (runpod-protocol.md §2.1): `/run` 1,000, `/runsync` 2,000, `/cancel` 100 and `/purge-queue`
+//! (docs/runpod-protocol.md §2.1): `/run` 1,000, `/runsync` 2,000, `/cancel` 100 and `/purge-queue`
 //! 2 requests per 10 s. A request over its limit gets 429, a JSON error body and a
 //! `Retry-After` header in whole seconds, so a client's 429 handling can be tried against the
 //! mock before it meets the platform. Off by default (`MockOptions::rate_limits` is `None`):

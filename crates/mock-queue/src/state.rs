@@ -81,7 +81,7 @@ pub struct DoneRecord {
     pub headers: ResultHeaders,
 }
 
-/// The headers of a result POST that the SDK sets (runpod-protocol.md §2).
+/// The headers of a result POST that the SDK sets (docs/runpod-protocol.md §1.4).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResultHeaders {
     /// `X-Request-ID`: the SDK's job id.

@@ -1,4 +1,4 @@
-//! The worker-facing routes of the mock queue (runpod-protocol.md §6.2): long-poll take and
+//! The worker-facing routes of the mock queue (docs/runpod-protocol.md §6.2): long-poll take and
 //! batch take, job-done (the body parsed as JSON whatever its content type), job-stream, ping
 //! and the job-stop long-poll.
 

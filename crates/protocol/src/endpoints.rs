@@ -1,5 +1,5 @@
 //! The queue URLs, built from the `RUNPOD_*` environment exactly as the official SDK does
-//! (runpod-protocol.md §1.2–1.3).
+//! (docs/runpod-protocol.md §1.2–1.3).
 //!
 //! `$ID` is the worker id in `RUNPOD_WEBHOOK_GET_JOB` and the job id in the output and stream
 //! templates; `$RUNPOD_POD_ID` is replaced by the worker id in the output, stream and ping

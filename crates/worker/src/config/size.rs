@@ -1,6 +1,6 @@
 //! Memory sizes as `runpod.toml` writes them: strings with a unit (`"6GB"`, `"512MiB"`).
 //!
-//! `GB`/`MB` are decimal (10^9, 10^6) and `GiB`/`MiB` binary, as DESIGN.md decides; parsing is
+//! `GB`/`MB` are decimal (10^9, 10^6) and `GiB`/`MiB` binary (docs/configuration.md); parsing is
 //! the `bytesize` crate's, with one rule added: a bare number is refused, because "6" could mean
 //! bytes or gigabytes and a reservation off by 10^9 is the kind of mistake that costs an OOM.
 
