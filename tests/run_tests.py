@@ -33,7 +33,8 @@ def test_binaries(cargo_args):
         if not message["profile"]["test"]:
             continue
         target = message["target"]
-        name = f"{os.path.basename(os.path.dirname(message['manifest_path']))}::{target['name']}"
+        kind = "lib" if target["kind"] == ["lib"] else target["kind"][0]
+        name = f"{target['name']} ({kind})"
         binaries.append((name, message["executable"], os.path.dirname(message["manifest_path"])))
     return binaries
 

@@ -12,7 +12,7 @@ use runpod_protocol::job::{check_job_text, parse_job, JobLimits};
 use std::time::Duration;
 use worker::config::Config;
 use worker::gpu;
-use worker::handlers::{ChunkSink, HandlerSet, JobContext};
+use worker::handlers::{ChunkSink, HandlerSet, JobContext, JobSettings};
 use worker::outcome::{done_body, sized_done_body, JobError};
 use worker::runner::{execute, Bounds, Deadline, Execution};
 
@@ -109,14 +109,9 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
         Ok(job) => match handlers.route(&job.input) {
             Err(e) => Err(e),
             Ok(routed) => {
-                let mut ctx = JobContext::new(
-                    job.id.clone(),
-                    routed.input,
-                    Arc::new(PrintSink),
-                    CancellationToken::new(),
-                    probe.is_simulated(),
-                );
-                ctx.max_output_bytes = config.queue.max_result_size.bytes();
+                let settings = JobSettings::from_config(&config, probe.is_simulated());
+                let ctx =
+                    JobContext::new(job.id.clone(), routed.input, Arc::new(PrintSink), settings);
                 let deadline = Deadline::of(
                     config.execution_timeout(),
                     job.policy_execution_timeout(),

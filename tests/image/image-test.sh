@@ -37,7 +37,7 @@ step "podman $(podman --version | awk '{print $3}') ready"
 # double the disk this needs.
 podman rmi -f "$TAG" >/dev/null 2>&1 || true
 podman image prune -f >/dev/null
-# Disk at the build's peak, measured from empty storage (README, development): the two bases,
+# Disk at the build's peak, measured from empty storage (docs/development.md): the two bases,
 # the builder's layer and the image's, each holding the 3.7 GB of libtorch and CUDA libraries,
 # and while a layer is committed, podman's temporary copies of it (up to 7.7 GB). Those go to
 # memory (/dev/shm) when it has room, which keeps the disk used from 24.7 GB down to 17.9.

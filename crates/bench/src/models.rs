@@ -8,10 +8,9 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use worker::config::Config;
-use worker::handlers::{ChunkSink, HandlerSet, JobContext};
+use worker::handlers::{ChunkSink, HandlerSet, JobContext, JobSettings};
 use worker::outcome::JobError;
 
 /// Jobs per concurrency level.
@@ -74,8 +73,7 @@ pub async fn measure(
                 "bench".into(),
                 map,
                 Arc::new(NoStream),
-                CancellationToken::new(),
-                false,
+                JobSettings::unbounded(),
             );
             ctx.device = device;
             let start = Instant::now();

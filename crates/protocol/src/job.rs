@@ -125,7 +125,7 @@ pub struct JobLimits {
 impl Default for JobLimits {
     fn default() -> Self {
         Self {
-            max_bytes: 20 * 1_000_000,
+            max_bytes: crate::limits::MAX_RUNSYNC_BODY,
             max_depth: 64,
         }
     }

@@ -1,9 +1,6 @@
 //! Prometheus metrics: counters updated on the job path, gauges read at scrape time.
 
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use serde_json::Value;
-
-use crate::outcome::JobError;
 
 /// The worker's metrics registry.
 pub struct Metrics {
@@ -115,20 +112,6 @@ impl Metrics {
             ),
             registry: r,
         }
-    }
-
-    /// Counts a finished job.
-    pub fn job_finished(&self, handler: &str, result: &Result<Value, JobError>) {
-        let outcome = match result {
-            Ok(_) => "completed",
-            Err(e) => {
-                self.errors
-                    .with_label_values(&[e.error_type.as_str()])
-                    .inc();
-                "failed"
-            }
-        };
-        self.jobs.with_label_values(&[handler, outcome]).inc();
     }
 
     /// The Prometheus text exposition (set the gauges first).

@@ -1,6 +1,8 @@
-//! The admit stage of a job's life: a global slot, then its handler's slot, then GPU memory,
-//! in that one order, within the local queue's bound, with one cancel arm for everything that
-//! can end the wait (the queue stopping the job, the drain's grace running out).
+//! Admission's one owner, one per worker: how many jobs to take, the admit stage of a job's
+//! life (a global slot, then its handler's slot, then GPU memory, in that one order, within the
+//! local queue's bound, with one cancel arm for everything that can end the wait: the queue
+//! stopping the job, the drain's grace running out), the retry signal of a job that ran out of
+//! GPU memory, and the probe of a job's real peak.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,8 +46,15 @@ pub struct RetrySignal {
     pub error: JobError,
 }
 
-/// Admits jobs against the worker's limits and GPU memory.
-#[derive(Clone)]
+/// Measures a real GPU job's peak from libtorch's allocator. The allocator's counters are per
+/// device, so a job's peak is only its own when it ran alone there: measured then, skipped
+/// otherwise (its footprint is learned from the jobs that did).
+pub struct PeakProbe {
+    device: usize,
+    baseline: u64,
+}
+
+/// Admits jobs against the worker's limits and GPU memory: one per worker.
 pub struct Admitter {
     limits: Arc<Limits>,
     memory: Arc<MemoryAdmission>,
@@ -55,6 +64,52 @@ impl Admitter {
     /// An admitter over these limits and this memory.
     pub fn new(limits: Arc<Limits>, memory: Arc<MemoryAdmission>) -> Self {
         Self { limits, memory }
+    }
+
+    /// How many jobs could start now: free slots, global and per handler, where their memory
+    /// fits (what the take loop asks the queue for).
+    pub fn takeable(&self) -> usize {
+        self.limits
+            .takeable_with(|handler, slots| self.memory.startable(handler, slots))
+    }
+
+    /// Gives a job that ran out of GPU memory the retry signal's `retry_after`: when memory
+    /// should free up, as for an admission refusal.
+    pub fn oom_retry_signal(&self, result: &mut Result<serde_json::Value, JobError>) {
+        if let Err(error) = result {
+            if error.is_out_of_memory() {
+                error.retry_after = Some(self.memory.retry_after());
+            }
+        }
+    }
+
+    /// Starts measuring a job's peak, where it can be its own (a real GPU, alone there).
+    pub fn peak_probe(
+        &self,
+        reservation: Option<&Reservation>,
+        simulated: bool,
+    ) -> Option<PeakProbe> {
+        let device = reservation?.device();
+        if simulated || !self.alone_on(device) {
+            return None;
+        }
+        let baseline = crate::gpu::allocator::stats(device)?.allocated;
+        crate::gpu::allocator::reset_peak(device).then_some(PeakProbe { device, baseline })
+    }
+
+    /// The job's peak, if it still ran alone when it ended.
+    pub fn peak(&self, probe: PeakProbe) -> Option<u64> {
+        let stats = crate::gpu::allocator::stats(probe.device)?;
+        self.alone_on(probe.device)
+            .then(|| stats.peak_allocated.saturating_sub(probe.baseline))
+    }
+
+    fn alone_on(&self, device: usize) -> bool {
+        self.memory
+            .ledgers()
+            .iter()
+            .find(|l| l.device() == device)
+            .is_some_and(|l| l.entries().len() == 1)
     }
 
     /// Waits for a global slot and `entry`'s slot, for at most `max_wait` from `taken_at` (the

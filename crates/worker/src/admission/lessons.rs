@@ -9,16 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{AdaptiveRule, DeviceHealth, Limits, MemoryAdmission, Reservation};
+use super::{AdaptiveRule, DeviceHealth, Limits, MemoryAdmission};
 use crate::outcome::JobError;
-
-/// Measures a real GPU job's peak from libtorch's allocator. The allocator's counters are per
-/// device, so a job's peak is only its own when it ran alone there: measured then, skipped
-/// otherwise (its footprint is learned from the jobs that did).
-pub struct PeakProbe {
-    device: usize,
-    baseline: u64,
-}
 
 /// A handler's limit, moved by a lesson.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,35 +56,6 @@ impl Lessons {
             adaptive,
             device_health: DeviceHealth::new(max_consecutive_ooms),
         }
-    }
-
-    /// Starts measuring a job's peak, where it can be its own (a real GPU, alone there).
-    pub fn peak_probe(
-        &self,
-        reservation: Option<&Reservation>,
-        simulated: bool,
-    ) -> Option<PeakProbe> {
-        let device = reservation?.device();
-        if simulated || !self.alone_on(device) {
-            return None;
-        }
-        let baseline = crate::gpu::allocator::stats(device)?.allocated;
-        crate::gpu::allocator::reset_peak(device).then_some(PeakProbe { device, baseline })
-    }
-
-    /// The job's peak, if it still ran alone when it ended.
-    pub fn peak(&self, probe: PeakProbe) -> Option<u64> {
-        let stats = crate::gpu::allocator::stats(probe.device)?;
-        self.alone_on(probe.device)
-            .then(|| stats.peak_allocated.saturating_sub(probe.baseline))
-    }
-
-    fn alone_on(&self, device: usize) -> bool {
-        self.memory
-            .ledgers()
-            .iter()
-            .find(|l| l.device() == device)
-            .is_some_and(|l| l.entries().len() == 1)
     }
 
     /// Learns from a finished job of `handler` that took `took` and peaked at `peak`.

@@ -17,11 +17,11 @@ mod limits;
 mod memory;
 pub mod resident;
 
-pub use admitter::{Admitted, Admitter, Refusal, RetrySignal};
+pub use admitter::{Admitted, Admitter, PeakProbe, Refusal, RetrySignal};
 pub use device_health::DeviceHealth;
 pub use host_ledger::{HostLedger, HostTotals, HostView};
 pub use learning::{AdaptiveRule, DurationStats, Footprint};
 pub use ledger::{Ledger, LedgerEntry, Reservation};
-pub use lessons::{Learned, Lessons, LimitChange, PeakProbe};
+pub use lessons::{Learned, Lessons, LimitChange};
 pub use limits::{GlobalSlot, HandlerPermit, HandlerSnapshot, Limits, QueuedTicket};
 pub use memory::{MemoryAdmission, Shortage};

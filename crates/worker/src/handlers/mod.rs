@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Config;
 use crate::outcome::JobError;
 
 pub use classify::{Classifier, ClassifyHandler, ClassifyMode};
@@ -117,23 +118,56 @@ pub struct JobContext {
     gpu_peak: Arc<AtomicU64>,
 }
 
+/// What every job's context takes from the worker's configuration: read once, so each place
+/// that runs a job (the runner, `test-input`, the benchmarks) builds the same context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobSettings {
+    /// `[queue] max_result_size`.
+    pub max_output_bytes: u64,
+    /// `[handler] progress_interval_ms`; `None` when 0.
+    pub progress_every: Option<std::time::Duration>,
+    /// Whether the GPU is simulated (`[gpu] simulate`).
+    pub simulated_gpu: bool,
+}
+
+impl JobSettings {
+    /// The settings `config` gives, on a simulated GPU or not.
+    pub fn from_config(config: &Config, simulated_gpu: bool) -> Self {
+        let progress_ms = config.handler.progress_interval_ms;
+        Self {
+            max_output_bytes: config.queue.max_result_size.bytes(),
+            progress_every: (progress_ms > 0)
+                .then(|| std::time::Duration::from_millis(progress_ms)),
+            simulated_gpu,
+        }
+    }
+
+    /// No output limit and no progress updates, on a real GPU (the benchmarks).
+    pub fn unbounded() -> Self {
+        Self {
+            max_output_bytes: u64::MAX,
+            progress_every: None,
+            simulated_gpu: false,
+        }
+    }
+}
+
 impl JobContext {
-    /// A context whose chunks go to `sink`.
+    /// The context of one job, whose chunks go to `sink`: the only way one is made.
     pub fn new(
         job_id: String,
         input: Map<String, Value>,
         sink: Arc<dyn ChunkSink>,
-        cancel: CancellationToken,
-        simulated_gpu: bool,
+        settings: JobSettings,
     ) -> Self {
         Self {
             job_id,
             input,
-            cancel,
-            simulated_gpu,
+            cancel: CancellationToken::new(),
+            simulated_gpu: settings.simulated_gpu,
             device: None,
-            max_output_bytes: u64::MAX,
-            progress_every: None,
+            max_output_bytes: settings.max_output_bytes,
+            progress_every: settings.progress_every,
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
             threads: TaskTracker::new(),

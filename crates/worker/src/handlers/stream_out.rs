@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// The platform's limit on one job-stream body, less the `{"output": ...}` around a message.
-pub(super) const STREAM_MESSAGE_LIMIT: usize = 1_000_000 - 64;
+pub(super) const STREAM_MESSAGE_LIMIT: usize = runpod_protocol::limits::MAX_STREAM_CHUNK - 64;
 
 /// Packs `items` into messages `{"<key>": [..]}` of at most `limit` bytes of JSON each, in
 /// order. An item too large for a message alone has its `text` cut to fit, marked

@@ -7,11 +7,14 @@ pub mod recent;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use crate::admission::{Limits, MemoryAdmission};
 use crate::gpu::sampler::GpuSampler;
 use crate::gpu::GpuAccess;
 use crate::handlers::HandlerSet;
 use crate::metrics::Metrics;
+use crate::outcome::JobError;
 
 pub use recent::{RecentJobs, RecentState};
 
@@ -70,11 +73,70 @@ pub struct JobCounters {
     pub duplicates: AtomicU64,
 }
 
-impl JobCounters {
-    /// Adds one to `counter`.
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Something that happened to a job. [`Observed::record`] is the one place it is counted: the
+/// counters `/health` shows, the Prometheus metrics and the console's recent-jobs log all hear
+/// of it from there, so a new outcome is added in one match, not at every call site.
+#[derive(Debug, Clone, Copy)]
+pub enum JobEvent<'a> {
+    /// A take brought an item (a valid job or not).
+    Taken,
+    /// An item without an id: nobody can be answered for it.
+    Unanswerable,
+    /// An id already in hand (a repeated id, or a job sent again while it ran): not started
+    /// twice.
+    Duplicate,
+    /// Routed to `handler`; waiting for its slots.
+    Queued {
+        /// The job.
+        job_id: &'a str,
+        /// Its handler.
+        handler: &'a str,
+    },
+    /// Holding its slots: running.
+    Started {
+        /// The job.
+        job_id: &'a str,
+    },
+    /// Its GPU memory reserved too: the model work starts.
+    Admitted {
+        /// Its handler.
+        handler: &'a str,
+    },
+    /// Answered with `result`, as posted (after the size check).
+    Answered {
+        /// The job.
+        job_id: &'a str,
+        /// Its handler, once routed (a job refused before routing has none).
+        handler: Option<&'a str>,
+        /// The output or the error result.
+        result: &'a Result<Value, JobError>,
+    },
+    /// Answered with the retry signal, for `reason` (`local_wait`, `ledger`,
+    /// `measured_memory`).
+    RetrySignal {
+        /// The metrics label.
+        reason: &'a str,
+    },
+    /// Stopped through the stop channel: nothing is posted.
+    Cancelled {
+        /// The job.
+        job_id: &'a str,
+    },
+    /// Ran out of GPU memory.
+    OutOfMemory {
+        /// Its handler.
+        handler: &'a str,
+    },
+    /// A result the queue did not take, and what became of it (`gone`, `replaced`,
+    /// `rejected`, `dropped`, `spooled`).
+    Undelivered {
+        /// The metrics label.
+        fate: &'a str,
+    },
 }
 
 /// What `/health`, `/ready` and `/metrics` read of a running worker. The runner owns and updates
@@ -106,3 +168,59 @@ pub struct Observed {
 
 /// The worker, once it is built: empty while the models load.
 pub type WorkerSlot = Arc<std::sync::OnceLock<Arc<Observed>>>;
+
+impl Observed {
+    /// Records `event` in every sink that counts it.
+    pub fn record(&self, event: JobEvent<'_>) {
+        let counters = &self.counters;
+        let metrics = &self.metrics;
+        match event {
+            JobEvent::Taken => bump(&counters.taken),
+            JobEvent::Unanswerable => bump(&counters.unanswerable),
+            JobEvent::Duplicate => bump(&counters.duplicates),
+            JobEvent::Queued { job_id, handler } => self.recent.taken(job_id, handler),
+            JobEvent::Started { job_id } => self.recent.started(job_id),
+            JobEvent::Admitted { handler } => {
+                metrics.admissions.with_label_values(&[handler]).inc();
+            }
+            JobEvent::Answered {
+                job_id,
+                handler,
+                result,
+            } => {
+                self.recent.finished(job_id, result);
+                let outcome = match result {
+                    Ok(_) => {
+                        bump(&counters.completed);
+                        "completed"
+                    }
+                    Err(error) => {
+                        bump(&counters.failed);
+                        metrics
+                            .errors
+                            .with_label_values(&[error.error_type.as_str()])
+                            .inc();
+                        "failed"
+                    }
+                };
+                if let Some(handler) = handler {
+                    metrics.jobs.with_label_values(&[handler, outcome]).inc();
+                }
+            }
+            JobEvent::RetrySignal { reason } => {
+                metrics.retry_signals.with_label_values(&[reason]).inc();
+            }
+            JobEvent::Cancelled { job_id } => {
+                bump(&counters.cancelled);
+                self.recent.cancelled(job_id);
+            }
+            JobEvent::OutOfMemory { handler } => {
+                metrics.ooms.with_label_values(&[handler]).inc();
+            }
+            JobEvent::Undelivered { fate } => {
+                bump(&counters.undelivered);
+                metrics.undelivered.with_label_values(&[fate]).inc();
+            }
+        }
+    }
+}

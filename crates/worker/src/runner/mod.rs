@@ -12,6 +12,7 @@
 
 mod background;
 mod board;
+mod delivery;
 mod drain;
 mod execute;
 pub mod fitness;
@@ -29,10 +30,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::Lessons;
+use crate::admission::{Admitter, Lessons};
 use crate::config::Config;
 use crate::gpu::GpuProbe;
 use crate::handlers::HandlerSet;
+use crate::handlers::JobSettings;
 use crate::health;
 use crate::observed::{Observed, Phase, WorkerSlot};
 use crate::queue::{QueueClient, QueueEndpoints, Spool};
@@ -88,8 +90,12 @@ pub struct Worker {
     pub(crate) client: QueueClient,
     /// Cancelled when the drain's grace period is over: running jobs answer `Interrupted`.
     pub(crate) interrupt: CancellationToken,
+    /// How many jobs to take, each job's slots and memory, the OOM retry signal, peaks.
+    pub(crate) admitter: Admitter,
     /// What finished jobs teach admission, and whether the device is still fit.
     pub(crate) lessons: Lessons,
+    /// What each job's context takes from the configuration.
+    pub(crate) job_settings: JobSettings,
     pub(crate) tracker: TaskTracker,
     pub(crate) spool: Spool,
     /// Cancelled to stop taking: by the shutdown signal, or when the worker must be replaced.

@@ -11,11 +11,11 @@ use super::fitness::{self, Fitness};
 use super::recycle::Recycler;
 use super::{JobCounters, StartupError, Worker};
 use crate::admission::resident;
-use crate::admission::{AdaptiveRule, Lessons, Limits, MemoryAdmission};
+use crate::admission::{AdaptiveRule, Admitter, Lessons, Limits, MemoryAdmission};
 use crate::config::{validate_budget, Config, Size};
 use crate::gpu::sampler::GpuSampler;
 use crate::gpu::{self, GpuAccess, GpuProbe};
-use crate::handlers::HandlerSet;
+use crate::handlers::{HandlerSet, JobSettings};
 use crate::metrics::Metrics;
 use crate::observed::{Observed, PhaseCell};
 use crate::queue::{QueueClient, Spool};
@@ -145,6 +145,8 @@ pub(super) async fn build_worker(
     let recycle_memory_factor = config.handler.recycle_memory_factor;
     let limits = Arc::new(limits);
     let (memory_for_lessons, limits_for_lessons) = (memory.clone(), limits.clone());
+    let admitter = Admitter::new(limits.clone(), memory.clone());
+    let job_settings = JobSettings::from_config(&config, sampler.probe().is_simulated());
     let observed = Arc::new(Observed {
         phase: PhaseCell::default(),
         handlers,
@@ -163,6 +165,8 @@ pub(super) async fn build_worker(
         board: Arc::default(),
         client,
         interrupt: CancellationToken::new(),
+        admitter,
+        job_settings,
         lessons: Lessons::new(
             memory_for_lessons,
             limits_for_lessons,

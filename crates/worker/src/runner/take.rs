@@ -33,9 +33,7 @@ pub(super) async fn take_once(
 ) -> Step {
     let queue = &worker.config.queue;
     let wanted = loop {
-        let wanted = worker
-            .limits
-            .takeable_with(|handler, slots| worker.memory.startable(handler, slots));
+        let wanted = worker.admitter.takeable();
         if wanted > 0 {
             break wanted;
         }
