@@ -98,10 +98,11 @@ fn plan_gpu(
             count: gpus,
         }));
     }
-    let probe = gpu::detect(&config.gpu).map_err(|e| format!("serve would not start: {e}"))?;
-    let devices = probe.read();
-    let access = GpuAccess::check(probe.as_ref(), &devices)
-        .map_err(|e| format!("serve would not start: {e}"))?;
+    let gpu::FoundGpu {
+        probe: _,
+        devices,
+        access,
+    } = gpu::find(&config.gpu).map_err(|e| format!("serve would not start: {e}"))?;
     if let GpuAccess::Broken(why) = &access {
         return Err(format!(
             "serve would not start: {why} (local and test-input run the CUDA handlers on the \

@@ -74,11 +74,7 @@ pub async fn test_input(file: &Path, json: Option<&str>, config_path: Option<&Pa
         map.entry("id")
             .or_insert_with(|| Value::String("local_test".into()));
     }
-    let access = gpu::detect(&config.gpu).and_then(|probe| {
-        let access = gpu::GpuAccess::check(probe.as_ref(), &probe.read())?;
-        Ok((probe, access))
-    });
-    let (probe, access) = match access {
+    let gpu::FoundGpu { probe, access, .. } = match gpu::find(&config.gpu) {
         Ok(found) => found,
         Err(e) => {
             eprintln!("{e}");

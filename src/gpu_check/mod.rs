@@ -155,22 +155,23 @@ pub async fn run(options: GpuCheckOptions) -> i32 {
 
 /// Finds the card and checks that libtorch can use it; `None` (and a failed row) otherwise.
 fn prepare(base: Config, python: Option<PathBuf>, table: &mut Table) -> Option<Ctx> {
-    let probe = match gpu::detect(&base.gpu) {
-        Ok(probe) => probe,
+    let gpu::FoundGpu {
+        probe,
+        devices,
+        access,
+    } = match gpu::find(&base.gpu) {
+        Ok(found) => found,
         Err(e) => {
             table.add("GPU found and mapped", e.to_string(), Verdict::Fail);
             return None;
         }
     };
-    let devices = probe.read();
-    let access = GpuAccess::check(probe.as_ref(), &devices);
     let problem = match &access {
-        Ok(GpuAccess::Cuda | GpuAccess::Simulated) => None,
-        Ok(GpuAccess::None) => Some(
+        GpuAccess::Cuda | GpuAccess::Simulated => None,
+        GpuAccess::None => Some(
             "no GPU: NVML sees none (use --simulate 24GB to check the simulated paths)".to_owned(),
         ),
-        Ok(GpuAccess::Broken(why)) => Some(why.clone()),
-        Err(e) => Some(e.to_string()),
+        GpuAccess::Broken(why) => Some(why.clone()),
     };
     let device = devices.first().cloned();
     match (problem, device) {

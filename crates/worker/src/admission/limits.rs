@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::handlers::{HandlerId, HandlerSet};
+
 /// One handler's slots and counters.
 #[derive(Debug)]
 struct HandlerSlots {
@@ -46,7 +48,8 @@ pub struct HandlerSnapshot {
 pub struct Limits {
     global: Arc<Semaphore>,
     global_limit: usize,
-    handlers: BTreeMap<String, HandlerSlots>,
+    /// Per handler, in [`HandlerId`] order.
+    handlers: Vec<(String, HandlerSlots)>,
     /// Signalled whenever a slot is released, so the take loop can ask for more work.
     freed: Arc<Notify>,
 }
@@ -56,7 +59,17 @@ fn lock(slots: &HandlerSlots) -> MutexGuard<'_, SlotState> {
 }
 
 impl Limits {
-    /// Limits for `global_limit` jobs in the worker and the given per-handler limits.
+    /// Limits for `global_limit` jobs in the worker and each handler's, in the set's order, so
+    /// that a handler's [`HandlerId`] is its place here too.
+    pub fn for_handlers(global_limit: usize, handlers: &HandlerSet) -> Self {
+        Self::new(
+            global_limit,
+            handlers.entries().map(|e| (e.name.clone(), e.limit)),
+        )
+    }
+
+    /// Limits for `global_limit` jobs in the worker and the given per-handler limits; the
+    /// `n`-th is `HandlerId` `n` (see [`Limits::id`]).
     pub fn new(global_limit: usize, handlers: impl IntoIterator<Item = (String, usize)>) -> Self {
         let handlers = handlers
             .into_iter()
@@ -82,9 +95,26 @@ impl Limits {
         }
     }
 
+    /// The id of the handler called `name`, if it has limits here.
+    pub fn id(&self, name: &str) -> Option<HandlerId> {
+        let index = self.handlers.iter().position(|(n, _)| n == name)?;
+        Some(HandlerId::at(index))
+    }
+
+    fn slots(&self, name: &str) -> Option<&HandlerSlots> {
+        self.handlers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+    }
+
+    fn slots_of(&self, id: HandlerId) -> &HandlerSlots {
+        &self.handlers[id.index()].1
+    }
+
     /// Free slots of `handler` minus the jobs already waiting for them.
     pub fn startable(&self, handler: &str) -> usize {
-        self.handlers.get(handler).map_or(0, |h| {
+        self.slots(handler).map_or(0, |h| {
             let s = lock(h);
             s.limit.saturating_sub(s.active).saturating_sub(s.queued)
         })
@@ -97,8 +127,8 @@ impl Limits {
     pub fn takeable_with(&self, startable: impl Fn(&str, usize) -> usize) -> usize {
         let best = self
             .handlers
-            .keys()
-            .map(|name| startable(name, self.startable(name)))
+            .iter()
+            .map(|(name, _)| startable(name, self.startable(name)))
             .max()
             .unwrap_or(0);
         self.global.available_permits().min(best)
@@ -143,20 +173,19 @@ impl Limits {
         }
     }
 
-    /// Marks a taken job as waiting for `handler`; `None` for an unknown handler.
-    pub fn enqueue(self: &Arc<Self>, handler: &str) -> Option<QueuedTicket> {
-        let slots = self.handlers.get(handler)?;
-        lock(slots).queued += 1;
-        Some(QueuedTicket {
+    /// Marks a taken job as waiting for `handler`.
+    pub fn enqueue(self: &Arc<Self>, handler: HandlerId) -> QueuedTicket {
+        lock(self.slots_of(handler)).queued += 1;
+        QueuedTicket {
             limits: self.clone(),
-            handler: handler.to_owned(),
+            handler,
             taken: false,
-        })
+        }
     }
 
     /// Waits for a slot of the ticket's handler (first come, first served).
     pub async fn acquire(self: &Arc<Self>, mut ticket: QueuedTicket) -> HandlerPermit {
-        let slots = &self.handlers[&ticket.handler];
+        let slots = self.slots_of(ticket.handler);
         let permit = slots
             .semaphore
             .clone()
@@ -169,7 +198,7 @@ impl Limits {
         ticket.taken = true;
         HandlerPermit {
             limits: self.clone(),
-            handler: ticket.handler.clone(),
+            handler: ticket.handler,
             active: s.active,
             permit: Some(permit),
         }
@@ -177,7 +206,7 @@ impl Limits {
 
     /// Sets `handler`'s current limit, clamped to `1..=configured`; returns the new limit.
     pub fn set_limit(&self, handler: &str, limit: usize) -> usize {
-        let Some(slots) = self.handlers.get(handler) else {
+        let Some(slots) = self.slots(handler) else {
             return 0;
         };
         let limit = limit.clamp(1, slots.max_limit);
@@ -205,7 +234,7 @@ impl Limits {
 
     /// Counters of one handler.
     pub fn handler(&self, name: &str) -> Option<HandlerSnapshot> {
-        self.handlers.get(name).map(|h| {
+        self.slots(name).map(|h| {
             let s = *lock(h);
             HandlerSnapshot {
                 active: s.active,
@@ -219,8 +248,8 @@ impl Limits {
     /// Counters of every handler.
     pub fn snapshot(&self) -> BTreeMap<String, HandlerSnapshot> {
         self.handlers
-            .keys()
-            .filter_map(|name| Some((name.clone(), self.handler(name)?)))
+            .iter()
+            .filter_map(|(name, _)| Some((name.clone(), self.handler(name)?)))
             .collect()
     }
 
@@ -232,8 +261,8 @@ impl Limits {
         )
     }
 
-    fn release(&self, handler: &str, permit: OwnedSemaphorePermit) {
-        let slots = &self.handlers[handler];
+    fn release(&self, handler: HandlerId, permit: OwnedSemaphorePermit) {
+        let slots = self.slots_of(handler);
         {
             let mut s = lock(slots);
             s.active -= 1;
@@ -269,14 +298,14 @@ impl Drop for GlobalSlot {
 #[derive(Debug)]
 pub struct QueuedTicket {
     limits: Arc<Limits>,
-    handler: String,
+    handler: HandlerId,
     taken: bool,
 }
 
 impl Drop for QueuedTicket {
     fn drop(&mut self) {
         if !self.taken {
-            lock(&self.limits.handlers[&self.handler]).queued -= 1;
+            lock(self.limits.slots_of(self.handler)).queued -= 1;
         }
     }
 }
@@ -285,7 +314,7 @@ impl Drop for QueuedTicket {
 #[derive(Debug)]
 pub struct HandlerPermit {
     limits: Arc<Limits>,
-    handler: String,
+    handler: HandlerId,
     active: usize,
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -300,7 +329,7 @@ impl HandlerPermit {
 impl Drop for HandlerPermit {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            self.limits.release(&self.handler, permit);
+            self.limits.release(self.handler, permit);
         }
     }
 }
@@ -336,20 +365,28 @@ mod tests {
             8,
             [("extract".to_owned(), 4), ("classify".to_owned(), 1)],
         ));
-        let tickets: Vec<_> = (0..4).map(|_| limits.enqueue("extract").unwrap()).collect();
+        let tickets: Vec<_> = (0..4)
+            .map(|_| limits.enqueue(limits.id("extract").unwrap()))
+            .collect();
         assert_eq!(limits.takeable(), 1, "only classify could still start");
-        let _running = limits.acquire(limits.enqueue("classify").unwrap()).await;
+        let _running = limits
+            .acquire(limits.enqueue(limits.id("classify").unwrap()))
+            .await;
         assert_eq!(limits.takeable(), 0);
         drop(tickets);
         assert_eq!(limits.takeable(), 4);
-        assert!(limits.enqueue("nope").is_none());
+        assert!(limits.id("nope").is_none());
     }
 
     #[tokio::test]
     async fn permits_track_active_jobs_and_release_on_drop() {
         let limits = limits();
-        let a = limits.acquire(limits.enqueue("extract").unwrap()).await;
-        let b = limits.acquire(limits.enqueue("extract").unwrap()).await;
+        let a = limits
+            .acquire(limits.enqueue(limits.id("extract").unwrap()))
+            .await;
+        let b = limits
+            .acquire(limits.enqueue(limits.id("extract").unwrap()))
+            .await;
         assert_eq!((a.active_at_start(), b.active_at_start()), (1, 2));
         let snapshot = limits.snapshot()["extract"];
         assert_eq!(
@@ -368,7 +405,7 @@ mod tests {
     async fn a_lowered_limit_holds_new_jobs_until_running_ones_finish_and_raising_it_wakes_them() {
         let limits = limits();
         let mut running: Vec<_> = futures::future::join_all(
-            (0..3).map(|_| limits.acquire(limits.enqueue("extract").unwrap())),
+            (0..3).map(|_| limits.acquire(limits.enqueue(limits.id("extract").unwrap()))),
         )
         .await;
         assert_eq!(limits.set_limit("extract", 2), 2);
@@ -381,7 +418,11 @@ mod tests {
         limits.set_limit("extract", 2);
         let waiting = tokio::spawn({
             let limits = limits.clone();
-            async move { limits.acquire(limits.enqueue("extract").unwrap()).await }
+            async move {
+                limits
+                    .acquire(limits.enqueue(limits.id("extract").unwrap()))
+                    .await
+            }
         });
         let _still_running = running.pop();
         // 3 running, limit 2: the first that ends pays the debt, the second lets the waiter in.
@@ -397,16 +438,27 @@ mod tests {
     #[tokio::test]
     async fn a_limit_lowered_below_the_running_jobs_is_paid_as_they_end_and_raising_it_repays() {
         let limits = Arc::new(Limits::new(8, [("gpu".to_owned(), 2)]));
-        let first = limits.acquire(limits.enqueue("gpu").unwrap()).await;
-        let second = limits.acquire(limits.enqueue("gpu").unwrap()).await;
+        let first = limits
+            .acquire(limits.enqueue(limits.id("gpu").unwrap()))
+            .await;
+        let second = limits
+            .acquire(limits.enqueue(limits.id("gpu").unwrap()))
+            .await;
         assert_eq!(limits.set_limit("gpu", 1), 1, "both keep running");
         let waiting = tokio::spawn({
             let limits = limits.clone();
-            async move { limits.acquire(limits.enqueue("gpu").unwrap()).await }
+            async move {
+                limits
+                    .acquire(limits.enqueue(limits.id("gpu").unwrap()))
+                    .await
+            }
         });
         drop(first);
         // The freed slot paid the debt: one runs, the limit is one, the waiter still waits.
-        assert_eq!(limits.handlers["gpu"].semaphore.available_permits(), 0);
+        assert_eq!(
+            limits.slots("gpu").unwrap().semaphore.available_permits(),
+            0
+        );
         assert_eq!(limits.handler("gpu").unwrap().active, 1);
         drop(second);
         let third = tokio::time::timeout(Duration::from_secs(1), waiting)
@@ -417,7 +469,7 @@ mod tests {
         assert_eq!(limits.set_limit("gpu", 2), 2);
         let fourth = tokio::time::timeout(
             Duration::from_secs(1),
-            limits.acquire(limits.enqueue("gpu").unwrap()),
+            limits.acquire(limits.enqueue(limits.id("gpu").unwrap())),
         )
         .await
         .unwrap();
@@ -428,9 +480,13 @@ mod tests {
         assert_eq!(limits.set_limit("gpu", 2), 2);
         let fifth = tokio::spawn({
             let limits = limits.clone();
-            async move { limits.acquire(limits.enqueue("gpu").unwrap()).await }
+            async move {
+                limits
+                    .acquire(limits.enqueue(limits.id("gpu").unwrap()))
+                    .await
+            }
         });
-        let free = |limits: &Limits| limits.handlers["gpu"].semaphore.available_permits();
+        let free = |limits: &Limits| limits.slots("gpu").unwrap().semaphore.available_permits();
         assert_eq!(free(&limits), 0, "two running, limit two: nothing free");
         drop(third);
         let fifth = tokio::time::timeout(Duration::from_secs(1), fifth)
@@ -444,8 +500,12 @@ mod tests {
             2,
             "as many permits as the limit, none lost or added"
         );
-        let a = limits.acquire(limits.enqueue("gpu").unwrap()).await;
-        let b = limits.acquire(limits.enqueue("gpu").unwrap()).await;
+        let a = limits
+            .acquire(limits.enqueue(limits.id("gpu").unwrap()))
+            .await;
+        let b = limits
+            .acquire(limits.enqueue(limits.id("gpu").unwrap()))
+            .await;
         assert_eq!(
             (a.active_at_start(), b.active_at_start()),
             (1, 2),

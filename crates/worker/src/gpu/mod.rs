@@ -289,6 +289,35 @@ pub fn detect(config: &GpuConfig) -> Result<Arc<dyn GpuProbe>, MappingError> {
     })
 }
 
+/// A GPU found and checked: the probe, the devices it read, and what libtorch can do with
+/// them. The one way `serve`, `local`, `test-input`, `check-config` and `gpu-check` find theirs.
+pub struct FoundGpu {
+    /// The probe, for sampling from now on.
+    pub probe: Arc<dyn GpuProbe>,
+    /// The devices as first read.
+    pub devices: Vec<DeviceReading>,
+    /// What libtorch can do with them.
+    pub access: GpuAccess,
+}
+
+impl FoundGpu {
+    /// Reads `probe`'s devices and checks them against libtorch.
+    pub fn check(probe: Arc<dyn GpuProbe>) -> Result<Self, MappingError> {
+        let devices = probe.read();
+        let access = GpuAccess::check(probe.as_ref(), &devices)?;
+        Ok(Self {
+            probe,
+            devices,
+            access,
+        })
+    }
+}
+
+/// The GPU `config` asks for ([`detect`]), checked ([`FoundGpu::check`]).
+pub fn find(config: &GpuConfig) -> Result<FoundGpu, MappingError> {
+    FoundGpu::check(detect(config)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

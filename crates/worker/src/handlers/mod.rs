@@ -30,7 +30,7 @@ pub use classify::{Classifier, ClassifyHandler, ClassifyMode};
 pub use echo::EchoHandler;
 pub use extract::{chunk_ranges, ExtractHandler};
 pub use parser::{ParseLimits, ParserPool};
-pub use registry::{HandlerEntry, HandlerSet, Routed};
+pub use registry::{HandlerEntry, HandlerId, HandlerSet, Routed};
 pub use torchscript::TorchScriptHandler;
 
 /// One kind of work, in two stages: [`Handler::prepare`] does what needs no GPU memory (check

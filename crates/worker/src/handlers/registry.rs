@@ -1,6 +1,5 @@
 //! The handlers of this worker, built from `[handlers.<name>]`, and routing by `input.task`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -12,9 +11,28 @@ use crate::model::LoadError;
 use crate::outcome::JobError;
 use runpod_protocol::job::kind_of;
 
+/// A handler's identity in its [`HandlerSet`] (and in the `Limits` built from it): made only
+/// by the set, so a job routed to a handler always finds it, with no lookup that could fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HandlerId(usize);
+
+impl HandlerId {
+    /// The `index`-th handler, in name order (the set's and the limits' order).
+    pub(crate) fn at(index: usize) -> Self {
+        Self(index)
+    }
+
+    /// Its position, in name order.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// One configured handler.
 #[derive(Clone)]
 pub struct HandlerEntry {
+    /// Its identity in the set.
+    pub id: HandlerId,
     /// The table name, which is the `input.task` that selects it.
     pub name: String,
     /// The implementation kind.
@@ -62,10 +80,10 @@ pub struct Routed<'a> {
     pub input: Map<String, Value>,
 }
 
-/// All handlers, by name.
+/// All handlers, in name order; a handler's [`HandlerId`] is its place in it.
 #[derive(Clone, Default)]
 pub struct HandlerSet {
-    entries: BTreeMap<String, HandlerEntry>,
+    entries: Vec<HandlerEntry>,
     /// The handler OpenAI requests (`openai_route`) go to, if any.
     openai: Option<String>,
 }
@@ -78,7 +96,8 @@ impl HandlerSet {
         crate::model::set_threads(config.handler.intra_op_threads);
         let mut loader =
             ModelLoader::new(&config.handler.model_dir, config.handler.parser.as_deref());
-        let mut entries = BTreeMap::new();
+        let mut entries = Vec::new();
+        // `config.handlers` is a BTreeMap: name order.
         for (name, table) in &config.handlers {
             let kind = table.kind(name).to_owned();
             let wants_gpu = table.device == DeviceChoice::Cuda;
@@ -87,6 +106,7 @@ impl HandlerSet {
             let devices = crate::model::devices_for(on_gpu && !simulated);
             let handler = loader.handler(&kind, table, &devices)?;
             let entry = HandlerEntry {
+                id: HandlerId(entries.len()),
                 name: name.clone(),
                 kind,
                 handler: Ok(handler),
@@ -95,12 +115,12 @@ impl HandlerSet {
                 gpu_fallback: wants_gpu && !gpu_present,
                 reservation: table.reservation(&config.handler, gpu_present),
             };
-            entries.insert(name.clone(), entry);
+            entries.push(entry);
         }
         // `[handler] openai_handler` (checked to be an extract handler), else the first one.
         let openai = config.handler.openai_handler.clone().or_else(|| {
             entries
-                .values()
+                .iter()
                 .find(|e| e.kind == "extract")
                 .map(|e| e.name.clone())
         });
@@ -109,7 +129,7 @@ impl HandlerSet {
 
     /// Replaces the implementation of handler `name` (tests and embedders).
     pub fn with_handler(mut self, name: &str, handler: Arc<dyn Handler>) -> Self {
-        if let Some(entry) = self.entries.get_mut(name) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.name == name) {
             entry.handler = Ok(handler);
         }
         self
@@ -117,12 +137,18 @@ impl HandlerSet {
 
     /// Every handler.
     pub fn entries(&self) -> impl Iterator<Item = &HandlerEntry> {
-        self.entries.values()
+        self.entries.iter()
     }
 
     /// One handler by name.
     pub fn get(&self, name: &str) -> Option<&HandlerEntry> {
-        self.entries.get(name)
+        let found = self.entries.binary_search_by(|e| e.name.as_str().cmp(name));
+        found.ok().map(|index| &self.entries[index])
+    }
+
+    /// The handler a job was routed to.
+    pub fn entry(&self, id: HandlerId) -> &HandlerEntry {
+        &self.entries[id.0]
     }
 
     /// Finds the handler for a job's input (`input.task`), or says why there is none.
@@ -138,7 +164,7 @@ impl HandlerSet {
             let entry = self
                 .openai
                 .as_ref()
-                .and_then(|name| self.entries.get(name))
+                .and_then(|name| self.get(name))
                 .ok_or_else(|| {
                     JobError::invalid_input(
                         "this worker serves no OpenAI routes: it has no extract handler",
@@ -164,7 +190,7 @@ impl HandlerSet {
                 )))
             }
         };
-        let entry = self.entries.get(task).ok_or_else(|| {
+        let entry = self.get(task).ok_or_else(|| {
             let shown: String = task.chars().take(64).collect();
             JobError::invalid_input(format!(
                 "unknown task {shown:?}: this worker serves {}",
@@ -179,8 +205,8 @@ impl HandlerSet {
 
     fn names(&self) -> String {
         self.entries
-            .keys()
-            .map(String::as_str)
+            .iter()
+            .map(|e| e.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -226,6 +252,7 @@ mod tests {
     #[test]
     fn start_lines_follow_the_seed() {
         let entry = |kind: &str, on_gpu: bool, limit: usize| HandlerEntry {
+            id: HandlerId(0),
             name: kind.into(),
             kind: kind.into(),
             handler: Err(String::new()),

@@ -18,7 +18,7 @@ use crate::admission::{
     Admitted, Admitter, GlobalSlot, Learned, LimitChange, QueuedTicket, Refusal, Reservation,
     RetrySignal,
 };
-use crate::handlers::{HandlerEntry, JobContext};
+use crate::handlers::{HandlerEntry, HandlerId, JobContext};
 use crate::observed::JobEvent;
 use crate::outcome::{ErrorType, JobError};
 use crate::queue::{BadJob, Job};
@@ -97,7 +97,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
     let routed = worker
         .handlers
         .route(&job.input)
-        .map(|r| (r.entry.name.clone(), r.input));
+        .map(|r| (r.entry.id, r.input));
     let worker_ref = worker.clone();
     Some(match routed {
         Err(error) => worker.tracker.spawn(async move {
@@ -105,10 +105,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
             answer(&worker_ref, &job.id, None, Err(error), false).await;
         }),
         Ok((handler, input)) => {
-            let ticket = worker
-                .limits
-                .enqueue(&handler)
-                .expect("every routed handler has limits");
+            let ticket = worker.limits.enqueue(handler);
             let batch_id = job.raw.get("batchId").and_then(Value::as_str);
             let span = job_span(&job.id, batch_id);
             worker
@@ -121,7 +118,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
 async fn run(
     worker: Arc<Worker>,
     job: Job,
-    handler: String,
+    handler: HandlerId,
     input: Map<String, Value>,
     ticket: QueuedTicket,
     slot: Option<GlobalSlot>,
@@ -129,18 +126,16 @@ async fn run(
 ) {
     // On the heartbeat board until this task ends, however it ends.
     let stop = held.stop().clone();
+    let entry = worker.handlers.entry(handler);
+    let handler = entry.name.as_str();
     worker.record(JobEvent::Queued {
         job_id: &job.id,
-        handler: &handler,
+        handler,
     });
     // The local queue's bound covers the whole wait, from the take: for a global slot (jobs
     // the queue sent beyond what was asked), the handler's slot, then memory.
     let taken_at = Instant::now();
     let max_wait = worker.config.local_queue_max_wait();
-    let entry = worker
-        .handlers
-        .get(&handler)
-        .expect("routed to a known handler");
     let admitter = &worker.admitter;
 
     // Admit: the slots.
@@ -165,11 +160,11 @@ async fn run(
             return;
         }
         Err(Refusal::Interrupted) => {
-            answer(&worker, &job.id, Some(&handler), Err(interrupted()), false).await;
+            answer(&worker, &job.id, Some(handler), Err(interrupted()), false).await;
             return;
         }
         Err(Refusal::Retry(signal)) => {
-            answer_retry(&worker, &job.id, &handler, signal).await;
+            answer_retry(&worker, &job.id, handler, signal).await;
             return;
         }
     };
@@ -218,19 +213,19 @@ async fn run(
     // Report: learning, then deliver or spool.
     let report = async {
         match ended {
-            Ended::Refused(signal) => answer_retry(&worker, &job.id, &handler, signal).await,
+            Ended::Refused(signal) => answer_retry(&worker, &job.id, handler, signal).await,
             Ended::Ran(Execution::Cancelled) => finish_cancelled(&worker, &job.id),
             Ended::Ran(Execution::Finished(mut result)) => {
                 worker.admitter.oom_retry_signal(&mut result);
                 let learned = worker
                     .lessons
-                    .learn(&handler, &result, model_time, ctx.gpu_peak());
-                report_lesson(&worker, &handler, learned);
+                    .learn(handler, &result, model_time, ctx.gpu_peak());
+                report_lesson(&worker, handler, learned);
                 if learned.replace_worker {
                     worker.ask_to_be_replaced(&result);
                 }
                 let streamed = ctx.chunks_sent() > 0;
-                answer(&worker, &job.id, Some(&handler), result, streamed).await;
+                answer(&worker, &job.id, Some(handler), result, streamed).await;
             }
         }
     };

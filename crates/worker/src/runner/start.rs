@@ -38,13 +38,16 @@ pub(super) async fn build_worker(
         check: "gpu_mapping",
         reason: e.to_string(),
     };
-    let probe = match gpu {
-        Some(probe) => probe,
-        None => gpu::detect(&config.gpu).map_err(mapping_error)?,
+    let found = match gpu {
+        Some(probe) => gpu::FoundGpu::check(probe),
+        None => gpu::find(&config.gpu),
     };
+    let gpu::FoundGpu {
+        probe,
+        devices,
+        access,
+    } = found.map_err(mapping_error)?;
     let sampler = GpuSampler::new(probe);
-    let devices = sampler.latest().devices.clone();
-    let access = GpuAccess::check(sampler.probe().as_ref(), &devices).map_err(mapping_error)?;
     if let GpuAccess::Broken(why) = &access {
         if require_cuda {
             return Err(StartupError {
@@ -136,10 +139,7 @@ pub(super) async fn build_worker(
     } else {
         Default::default()
     };
-    let limits = Limits::new(
-        config.handler.max_concurrency as usize,
-        handlers.entries().map(|e| (e.name.clone(), e.limit)),
-    );
+    let limits = Limits::for_handlers(config.handler.max_concurrency as usize, &handlers);
     let config_spool_dir = config.queue.spool_dir.clone();
     let max_consecutive_ooms = config.handler.max_consecutive_ooms;
     let recycle_memory_factor = config.handler.recycle_memory_factor;
