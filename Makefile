@@ -52,13 +52,14 @@ lint: venv models
 # Every Rust test (each binary in its package's directory, as cargo runs them), then the
 # official SDKs and clients against the binary; the 10 slowest Rust tests are printed at the end.
 test: lint chromium
-	$(LINTED) $(PY) tests/run_tests.py --slowest 10 --test-threads 2 -- --locked --workspace
+	$(LINTED) $(PY) tests/run_tests.py --slowest 10 --test-threads 2 --times target/test-times.txt -- --locked --workspace
 	$(PY) tests/interop/sdk_client.py target/debug/runpod-worker
 	$(PY) tests/interop/sdk_worker.py target/debug/runpod-worker
 	$(PY) tests/interop/openai_client.py target/debug/runpod-worker
 	$(PY) tests/interop/retry_example.py target/debug/runpod-worker
 	npm ci --prefix tests/interop/js --silent --no-audit --no-fund && node tests/interop/js/sdk_client.mjs target/debug/runpod-worker
 	target/debug/runpod-worker gpu-check --simulate 24GB
+	@cat target/test-times.txt
 
 # The console's browser test drives Debian's chromium, headless: installed when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -7,7 +7,8 @@ So the binaries are built by cargo (`--no-run`, which prints where they are), th
 one by one, each in its package's directory as cargo runs them, with that variable set for the
 test process only (the build never sees it). Doc tests are run by cargo afterwards.
 
-Usage: run_tests.py [--slowest N] [--test-threads N] -- CARGO_TEST_ARGS...
+Usage: run_tests.py [--slowest N] [--test-threads N] [--times FILE] -- CARGO_TEST_ARGS...
+The slowest tests are also written to FILE, for `make test` to print once everything has run.
 Exit status: 0 when every test passed, 1 otherwise.
 """
 
@@ -74,6 +75,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--slowest", type=int, default=10)
     parser.add_argument("--test-threads", type=int, default=2)
+    parser.add_argument("--times", help="also write the slowest tests to this file")
     parser.add_argument("cargo_args", nargs="*")
     args = parser.parse_args()
 
@@ -84,9 +86,12 @@ def main():
     if doc.returncode != 0:
         failures.append(("doc tests", "cargo test --doc failed"))
 
-    print(f"\nslowest {args.slowest} of {len(times)} tests:")
-    for seconds, test in sorted(times, reverse=True)[: args.slowest]:
-        print(f"  {seconds:7.2f}s  {test}")
+    slowest = [f"slowest {args.slowest} of {len(times)} Rust tests:"]
+    slowest += [f"  {seconds:7.2f}s  {test}" for seconds, test in sorted(times, reverse=True)[: args.slowest]]
+    print("\n" + "\n".join(slowest))
+    if args.times:
+        with open(args.times, "w", encoding="utf-8") as out:
+            out.write("\n".join(slowest) + "\n")
     for test, output in failures:
         print(f"\nFAILED {test}\n{output}")
     if failures:

@@ -1,5 +1,7 @@
-//! Wire types of the worker API, shared by the client and the mock: the job object a take
-//! returns, and how a take's body is read.
+//! Wire types of the worker API: the job object a take returns, how the worker reads a take's
+//! body, and the rules a job id must meet. The mock queue writes its take bodies itself and
+//! keeps its own request parsing, so that it checks the worker independently; what both sides
+//! share is in [`crate::limits`] and [`crate::ApiKey`].
 
 use std::collections::HashMap;
 use std::time::Duration;
