@@ -5,16 +5,15 @@
 //! writes the README's picture of the console under load.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::{Browser, LaunchOptions, Tab};
 use serde_json::{json, Value};
 
-use crate::helpers::{BIN, WAIT};
+use crate::helpers::WAIT;
+use crate::local_process::LocalProcess;
 
 const KEY: &str = "console-test-key";
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -22,21 +21,6 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// Page loads, model work and a burst all fit in this.
 const PAGE_WAIT: Duration = Duration::from_secs(60);
-
-/// `local` as a process, killed when dropped (a failed test leaves nothing behind).
-struct Local {
-    child: Child,
-    console: String,
-    base: String,
-    worker: String,
-}
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Picks `task` in the submit form, which fills in its sample.
 fn pick_task(tab: &Tab, task: &str) {
@@ -49,47 +33,15 @@ fn pick_task(tab: &Tab, task: &str) {
     );
 }
 
-/// Starts `local` on free ports with `config` and reads its banner.
-fn start_local(config: &Path) -> Local {
-    let mut child = Command::new(BIN)
-        .args(["local", "--port", "0", "--http-port", "0", "--config"])
-        .arg(config)
-        .env("RUNPOD_AI_API_KEY", KEY)
-        .env_remove("RUNPOD_ENDPOINT_ID")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (mut console, mut base, mut worker, mut first) = (None, None, None, None);
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        first.get_or_insert_with(|| line.clone());
-        let line = line.trim();
-        if let Some(rest) = line.strip_prefix("console:") {
-            console = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if let Some(url) = line.strip_prefix("listening on ") {
-            base = Some(url.to_owned());
-        }
-        if let Some(url) = line.strip_prefix("worker:") {
-            worker = url.trim().strip_suffix("/health").map(str::to_owned);
-        }
-        if line.starts_with("curl ") {
-            break;
-        }
-    }
-    let first = first.expect("local printed its banner");
+/// Starts `local` on free ports with `config`; its banner gives the console's URL first.
+fn start_local(config: &Path) -> LocalProcess {
+    let local = LocalProcess::start(config, KEY, &[]);
     assert!(
-        first.starts_with("console: http://"),
-        "the console URL comes first: {first}"
+        local.first_line.starts_with("console: http://"),
+        "the console URL comes first: {}",
+        local.first_line
     );
-    Local {
-        child,
-        console: console.expect("console URL"),
-        base: base.expect("queue URL"),
-        worker: worker.expect("worker URL"),
-    }
+    local
 }
 
 /// A config: a simulated 24 GB GPU, classify on it, echo on the CPU, quick polls.
@@ -362,7 +314,7 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
     // Once the worker is idle, the page shows what /health and the queue's /health say.
     let deadline = Instant::now() + WAIT;
     let health = loop {
-        let health = get_json(&format!("{}/health", local.worker), false);
+        let health = get_json(&format!("{}/health", local.worker()), false);
         if health["jobs"]["in_worker"] == 0 && health["jobs"]["completed"] == 3 {
             break health;
         }
@@ -431,7 +383,7 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
         let url = format!("{}/console/api/{route}", local.base);
         assert_eq!(get(&url, false).0, 401, "{url} without the key");
     }
-    let (status, worker_jobs) = get(&format!("{}/console/api/jobs", local.worker), false);
+    let (status, worker_jobs) = get(&format!("{}/console/api/jobs", local.worker()), false);
     assert_eq!(status, 200);
     assert!(
         worker_jobs["jobs"].as_array().unwrap().len() == 3
@@ -440,7 +392,7 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
     );
     assert_eq!(
         get(
-            &format!("{}/console/api/jobs/{echoed}", local.worker),
+            &format!("{}/console/api/jobs/{echoed}", local.worker()),
             false
         )
         .0,
@@ -451,7 +403,7 @@ fn the_console_submits_a_job_and_shows_what_health_says() {
     let worker_tab = browser.new_tab().unwrap();
     worker_tab.set_default_timeout(PAGE_WAIT);
     worker_tab
-        .navigate_to(&format!("{}/", local.worker))
+        .navigate_to(&format!("{}/", local.worker()))
         .unwrap()
         .wait_until_navigated()
         .unwrap();

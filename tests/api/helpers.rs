@@ -73,7 +73,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_runpod-worker");
 /// The document parser's child process.
 pub const PARSER: &str = env!("CARGO_BIN_EXE_runpod-parse");
 
-/// The real binary as a `serve` worker against the mock at `base`.
+/// `runpod.toml` with only echo: a worker process that starts without loading a model.
+pub const ECHO_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/echo.toml");
+
+/// The real binary as a `serve` worker against the mock at `base`, with echo only
+/// ([`ECHO_CONFIG`]; set `RUNPOD_WORKER_CONFIG` for another config).
 pub fn worker_command(base: &str, worker: &str) -> Command {
     let mut command = Command::new(BIN);
     command
@@ -84,10 +88,7 @@ pub fn worker_command(base: &str, worker: &str) -> Command {
         .env("RUNPOD_PING_INTERVAL", "200")
         // The SDK's switch, as its own tests use it: the test machine's disk is not the point.
         .env("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
-        .env(
-            "RUNPOD_WORKER_CONFIG",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"),
-        )
+        .env("RUNPOD_WORKER_CONFIG", ECHO_CONFIG)
         .envs(QueueEndpoints::env_for(base, EP, worker, "test-key"))
         .stdout(Stdio::null());
     command

@@ -2,94 +2,28 @@
 //! queue's), and no document parser's warnings (with the build's source paths) at the default
 //! level.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::Instant;
 
 use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
 use base64::Engine as _;
 use serde_json::json;
 
-use crate::helpers::{client_with_key, worker_command, BIN, EP, WAIT};
+use crate::helpers::{client_with_key, worker_command, BIN, ECHO_CONFIG, EP};
+use crate::local_process::{lines_of, lines_until, LocalProcess};
 
 const SECRET: &str = "s3cr3t-queue-token";
 
-/// A config with only `echo`, so the binary starts without loading models.
-fn echo_config(dir: &Path) -> PathBuf {
-    let config = dir.join("runpod.toml");
-    std::fs::write(
-        &config,
-        "[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
-    )
-    .unwrap();
-    config
-}
-
-/// Reads `stream` line by line on a thread, sending each line; ends with the stream.
-fn lines_of(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // Read to the end even when nobody listens any more: a child writing to a pipe nobody
-        // drains would block or die of SIGPIPE.
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-/// Receives lines until one contains `needle` (or `WAIT` passes); returns every line seen.
-fn lines_until(lines: &mpsc::Receiver<String>, needle: &str) -> (Option<String>, String) {
-    let deadline = Instant::now() + WAIT;
-    let mut seen = String::new();
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let Ok(line) = lines.recv_timeout(left) else {
-            break;
-        };
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains(needle) {
-            return (Some(line), seen);
-        }
-    }
-    (None, seen)
-}
-
-/// `local` with the echo config in `dir`, the default log level and `env` on top: the child,
-/// its stderr lines, and its base URL.
-fn start_local(
-    dir: &Path,
-    env: &[(&str, &str)],
-) -> (std::process::Child, mpsc::Receiver<String>, String) {
-    let mut child = Command::new(BIN)
-        .args(["local", "--port", "0", "--http-port", "0", "--config"])
-        .arg(echo_config(dir))
-        .env("RUNPOD_AI_API_KEY", "test-key")
-        .env_remove("RUNPOD_ENDPOINT_ID")
-        .env_remove("RUNPOD_LOG_LEVEL")
-        .env_remove("RUST_LOG")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = lines_of(child.stdout.take().unwrap());
-    let stderr = lines_of(child.stderr.take().unwrap());
-    let (listening, _) = lines_until(&stdout, "listening on ");
-    let base = listening
-        .expect("local prints its address")
-        .trim_start_matches("listening on ")
-        .to_owned();
-    (child, stderr, base)
+/// `local` with echo only, the default log level and `env` on top.
+fn start_local(env: &[(&str, &str)]) -> LocalProcess {
+    LocalProcess::start(Path::new(ECHO_CONFIG), "test-key", env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_in_a_webhook_url_is_redacted_in_the_log_line_that_names_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, stderr, base) = start_local(dir.path(), &[]);
+    let local = start_local(&[]);
+    let base = &local.base;
     // Nothing listens on port 1: delivery fails and the queue logs the webhook's URL.
     let webhook = format!("http://hook:{SECRET}@127.0.0.1:1/hook?token={SECRET}&job=1");
     let submitted = client_with_key()
@@ -99,11 +33,8 @@ async fn a_token_in_a_webhook_url_is_redacted_in_the_log_line_that_names_it() {
         .await
         .unwrap();
     assert!(submitted.status().is_success());
-    let (line, seen) = tokio::task::spawn_blocking(move || lines_until(&stderr, "webhook"))
-        .await
-        .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    let (line, seen) = tokio::task::block_in_place(|| lines_until(&local.stderr, "webhook"));
+    drop(local);
     let line = line.unwrap_or_else(|| panic!("the failed webhook is logged: {seen}"));
     assert!(
         line.contains("http://REDACTED@127.0.0.1:1/hook?token=REDACTED&job=1"),
@@ -139,9 +70,7 @@ async fn broken_stop_queue() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_in_a_queue_url_never_reaches_a_log_line() {
     let base = broken_stop_queue().await;
-    let dir = tempfile::tempdir().unwrap();
     let mut child = worker_command(&base, "w")
-        .env("RUNPOD_WORKER_CONFIG", echo_config(dir.path()))
         .env(
             "RUNPOD_WEBHOOK_GET_JOB",
             format!("{base}/v2/{EP}/job-take/$ID?gpu=x&token={SECRET}"),
@@ -236,8 +165,8 @@ fn pdf_parser_warnings_stay_out_of_the_log_at_the_default_level_but_rust_log_sho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runpod_debug_level_is_read_as_the_sdks_older_name_for_the_log_level() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, stderr, base) = start_local(dir.path(), &[("RUNPOD_DEBUG_LEVEL", "DEBUG")]);
+    let local = start_local(&[("RUNPOD_DEBUG_LEVEL", "DEBUG")]);
+    let base = &local.base;
     let answer = client_with_key()
         .post(format!("{base}/v2/local/runsync"))
         .json(&json!({"input": {"task": "echo"}}))
@@ -246,11 +175,8 @@ async fn runpod_debug_level_is_read_as_the_sdks_older_name_for_the_log_level() {
         .unwrap();
     assert!(answer.status().is_success());
     let (line, seen) =
-        tokio::task::spawn_blocking(move || lines_until(&stderr, "result delivered"))
-            .await
-            .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+        tokio::task::block_in_place(|| lines_until(&local.stderr, "result delivered"));
+    drop(local);
     let line = line.unwrap_or_else(|| panic!("debug lines are on: {seen}"));
     assert!(
         line.starts_with("[RunPod] DEBUG: result delivered | job_id="),

@@ -3,6 +3,7 @@
 
 #![allow(unreachable_pub)] // test helpers are `pub` for the sibling modules, not for export
 mod helpers;
+mod local_process;
 
 mod bad_input;
 mod bodies;

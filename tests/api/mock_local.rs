@@ -1,48 +1,14 @@
 //! `local` as a user runs it: its queue outlives a worker that must be replaced, and it serves
 //! only its own endpoint.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout};
 
-use crate::helpers::{BIN, WAIT};
+use crate::helpers::WAIT;
+use crate::local_process::LocalProcess;
 
 const KEY: &str = "local-test-key";
-
-/// `local` on free ports with `config` (killed if the test fails); returns the process, its
-/// stdout (kept open) and the queue and worker URLs from its banner.
-async fn start_local(config: &std::path::Path) -> (Child, BufReader<ChildStdout>, String, String) {
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["local", "--port", "0", "--http-port", "0", "--config"])
-        .arg(config)
-        .env("RUNPOD_AI_API_KEY", KEY)
-        .env_remove("RUNPOD_ENDPOINT_ID")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let (mut base, mut health) = (None, None);
-    let mut line = String::new();
-    while base.is_none() || health.is_none() {
-        line.clear();
-        let read = tokio::time::timeout(WAIT, stdout.read_line(&mut line)).await;
-        assert!(
-            read.expect("banner in time").unwrap() > 0,
-            "banner ended early"
-        );
-        if let Some(url) = line.trim().strip_prefix("listening on ") {
-            base = Some(url.to_owned());
-        }
-        if let Some(url) = line.trim().strip_prefix("worker:") {
-            health = Some(url.trim().to_owned());
-        }
-    }
-    (child, stdout, base.unwrap(), health.unwrap())
-}
 
 async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
     let response = request.send().await.unwrap();
@@ -75,7 +41,8 @@ async fn local_replaces_a_worker_that_must_be_replaced_and_its_queue_lives_on() 
         ),
     )
     .unwrap();
-    let (mut child, _stdout, base, health) = start_local(&config).await;
+    let local = LocalProcess::start(&config, KEY, &[]);
+    let (base, health) = (local.base.clone(), local.worker_health.clone());
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {KEY}").parse().unwrap());
     let client = reqwest::Client::builder()
@@ -130,14 +97,16 @@ async fn local_replaces_a_worker_that_must_be_replaced_and_its_queue_lives_on() 
         "the fresh worker serves /health at the printed address"
     );
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().unwrap().to_string()])
-        .status()
-        .unwrap();
+    let pid = local.pid().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());
-    let code = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("local exits after SIGTERM")
-        .unwrap();
+    let mut child = local.into_child();
+    let exited =
+        tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || child.wait())).await;
+    let Ok(code) = exited else {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!("local did not exit within {WAIT:?} of SIGTERM");
+    };
+    let code = code.unwrap().unwrap();
     assert_eq!(code.code(), Some(0), "drained and exited cleanly");
 }

@@ -2,7 +2,6 @@
 //! answered, a second signal ends the drain at once, and a take answer that stalls in its body
 //! does not hold the worker up.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use worker::config::{DeviceChoice, HandlerConfig};
 use worker::runner::run_worker;
 
 use crate::helpers::{spawn_mock, test_config, worker_command, GateHandler, TestWorker, EP, WAIT};
+use crate::local_process::{lines_of, listening_address};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_waiting_for_their_handler_when_the_grace_ends_are_answered_interrupted() {
@@ -56,13 +56,7 @@ async fn a_second_sigterm_ends_the_drain_at_once_and_answers_the_job_interrupted
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines, seen) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
+    let seen = lines_of(child.stderr.take().unwrap());
     mock.enqueue(
         EP,
         json!({"id": "long", "input": {"task": "echo", "sleep_ms": 600000}}),
@@ -180,14 +174,8 @@ async fn sigterm_while_the_models_load_exits_at_once() {
         .spawn()
         .unwrap();
     // The HTTP server is up before the models load; /ready says so.
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let base = listening_address(&stdout);
     let ready = reqwest::get(format!("{base}/ready")).await.unwrap();
     assert_eq!(ready.status(), 503);
     assert_eq!(ready.text().await.unwrap(), "starting");

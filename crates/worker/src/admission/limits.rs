@@ -59,8 +59,8 @@ fn lock(slots: &HandlerSlots) -> MutexGuard<'_, SlotState> {
 }
 
 impl Limits {
-    /// Limits for `global_limit` jobs in the worker and each handler's, in the set's order, so
-    /// that a handler's [`HandlerId`] is its place here too.
+    /// Limits for `global_limit` jobs in the worker and each of `handlers`' own: both in name
+    /// order, so a handler's [`HandlerId`] is its place here too.
     pub fn for_handlers(global_limit: usize, handlers: &HandlerSet) -> Self {
         Self::new(
             global_limit,
@@ -68,10 +68,12 @@ impl Limits {
         )
     }
 
-    /// Limits for `global_limit` jobs in the worker and the given per-handler limits; the
-    /// `n`-th is `HandlerId` `n` (see [`Limits::id`]).
+    /// Limits for `global_limit` jobs in the worker and the given per-handler limits, kept in
+    /// name order (a repeated name keeps its last limit), the order in which a [`HandlerSet`]
+    /// numbers its handlers.
     pub fn new(global_limit: usize, handlers: impl IntoIterator<Item = (String, usize)>) -> Self {
-        let handlers = handlers
+        let by_name: BTreeMap<String, usize> = handlers.into_iter().collect();
+        let handlers = by_name
             .into_iter()
             .map(|(name, limit)| {
                 let slots = HandlerSlots {
@@ -95,8 +97,10 @@ impl Limits {
         }
     }
 
-    /// The id of the handler called `name`, if it has limits here.
-    pub fn id(&self, name: &str) -> Option<HandlerId> {
+    /// The id of the handler called `name`, if it has limits here (tests: the job path gets
+    /// its ids from the `HandlerSet`).
+    #[cfg(test)]
+    pub(crate) fn id(&self, name: &str) -> Option<HandlerId> {
         let index = self.handlers.iter().position(|(n, _)| n == name)?;
         Some(HandlerId::at(index))
     }

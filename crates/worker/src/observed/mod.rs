@@ -106,12 +106,14 @@ pub enum JobEvent<'a> {
         /// Its handler.
         handler: &'a str,
     },
-    /// Answered with `result`, as posted (after the size check).
+    /// Answered with `result`, as posted (after the size check): every answer counts in
+    /// `/health`'s counters and, when an error, in `error_results_total`.
     Answered {
         /// The job.
         job_id: &'a str,
-        /// Its handler, once routed (a job refused before routing has none).
-        handler: Option<&'a str>,
+        /// Its handler, when the handler ran it (`jobs_total` counts only those: a job refused
+        /// before routing, given the retry signal or interrupted before it ran has none).
+        ran_by: Option<&'a str>,
         /// The output or the error result.
         result: &'a Result<Value, JobError>,
     },
@@ -185,7 +187,7 @@ impl Observed {
             }
             JobEvent::Answered {
                 job_id,
-                handler,
+                ran_by,
                 result,
             } => {
                 self.recent.finished(job_id, result);
@@ -203,7 +205,7 @@ impl Observed {
                         "failed"
                     }
                 };
-                if let Some(handler) = handler {
+                if let Some(handler) = ran_by {
                     metrics.jobs.with_label_values(&[handler, outcome]).inc();
                 }
             }

@@ -21,7 +21,7 @@ use runpod_protocol::job::{id_problem, shown_id};
 pub(super) async fn answer(
     worker: &Worker,
     job_id: &str,
-    handler: Option<&str>,
+    ran_by: Option<&str>,
     result: Result<Value, JobError>,
     streamed: bool,
 ) {
@@ -39,7 +39,7 @@ pub(super) async fn answer(
     let (result, body) = sized_done_body(result, stop_pod, limit);
     worker.record(JobEvent::Answered {
         job_id,
-        handler,
+        ran_by,
         result: &result,
     });
     if let Err(e) = &result {

@@ -160,11 +160,11 @@ async fn run(
             return;
         }
         Err(Refusal::Interrupted) => {
-            answer(&worker, &job.id, Some(handler), Err(interrupted()), false).await;
+            answer(&worker, &job.id, None, Err(interrupted()), false).await;
             return;
         }
         Err(Refusal::Retry(signal)) => {
-            answer_retry(&worker, &job.id, handler, signal).await;
+            answer_retry(&worker, &job.id, signal).await;
             return;
         }
     };
@@ -213,7 +213,7 @@ async fn run(
     // Report: learning, then deliver or spool.
     let report = async {
         match ended {
-            Ended::Refused(signal) => answer_retry(&worker, &job.id, handler, signal).await,
+            Ended::Refused(signal) => answer_retry(&worker, &job.id, signal).await,
             Ended::Ran(Execution::Cancelled) => finish_cancelled(&worker, &job.id),
             Ended::Ran(Execution::Finished(mut result)) => {
                 worker.admitter.oom_retry_signal(&mut result);
@@ -325,12 +325,12 @@ impl Stages<'_> {
     }
 }
 
-/// Answers a job with the retry signal, counted by its reason.
-async fn answer_retry(worker: &Worker, job_id: &str, handler: &str, signal: RetrySignal) {
+/// Answers a job with the retry signal, counted by its reason (not as a job its handler ran).
+async fn answer_retry(worker: &Worker, job_id: &str, signal: RetrySignal) {
     worker.record(JobEvent::RetrySignal {
         reason: signal.reason,
     });
-    answer(worker, job_id, Some(handler), Err(signal.error), false).await;
+    answer(worker, job_id, None, Err(signal.error), false).await;
 }
 
 /// Counts and logs what a finished job taught admission.

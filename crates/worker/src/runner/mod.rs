@@ -39,7 +39,6 @@ use crate::health;
 use crate::observed::{Observed, Phase, WorkerSlot};
 use crate::queue::{QueueClient, QueueEndpoints, Spool};
 
-pub use crate::observed::JobCounters;
 pub use board::{HeldJob, JobBoard};
 pub use execute::{execute, prepare, run, Bounds, Deadline, Execution, LimitSource};
 pub use fitness::Fitness;

@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use super::fitness::{self, Fitness};
 use super::recycle::Recycler;
-use super::{JobCounters, StartupError, Worker};
+use super::{StartupError, Worker};
 use crate::admission::resident;
 use crate::admission::{AdaptiveRule, Admitter, Lessons, Limits, MemoryAdmission};
 use crate::config::{validate_budget, Config, Size};
@@ -17,7 +17,7 @@ use crate::gpu::sampler::GpuSampler;
 use crate::gpu::{self, GpuAccess, GpuProbe};
 use crate::handlers::{HandlerSet, JobSettings};
 use crate::metrics::Metrics;
-use crate::observed::{Observed, PhaseCell};
+use crate::observed::{JobCounters, Observed, PhaseCell};
 use crate::queue::{QueueClient, Spool};
 
 /// Everything a worker needs before it can take jobs: the GPU probe and what libtorch can do
