@@ -122,7 +122,9 @@ async function main() {
   } finally {
     proc.kill("SIGTERM");
   }
-  const code = await Promise.race([exited, sleep(30000).then(() => "timeout")]);
+  // The timer must not keep Node alive once local has exited (it did, for its full 30 s).
+  const timeout = new Promise((r) => setTimeout(() => r("timeout"), 30000).unref());
+  const code = await Promise.race([exited, timeout]);
   assert.equal(code, 0, `local exited ${code} after SIGTERM`);
 }
 
