@@ -86,6 +86,8 @@ pub async fn local(args: LocalArgs) -> i32 {
     }
     let key = std::env::var("RUNPOD_AI_API_KEY")
         .ok()
+        // Spaces around a key cannot reach the queue in a header: the key is what is inside.
+        .map(|k| k.trim().to_owned())
         .filter(|k| !k.is_empty())
         .unwrap_or_else(|| format!("local-{}", uuid::Uuid::new_v4().simple()));
     let port = args.port;

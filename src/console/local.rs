@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -14,7 +15,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::{page, Mode, Since};
+use super::{page, since_of, Mode, Since};
 use mock_queue::{endpoint_health, EndpointQueue, JobRecord, MockState};
 
 /// Jobs listed, newest first.
@@ -130,13 +131,12 @@ async fn worker_health(State(console): State<Arc<LocalConsole>>) -> Response {
 
 async fn worker_history(
     State(console): State<Arc<LocalConsole>>,
-    Query(since): Query<Since>,
+    since: Result<Query<Since>, QueryRejection>,
 ) -> Response {
-    from_worker(
-        &console,
-        &format!("/console/api/history?since={}", since.since),
-    )
-    .await
+    match since_of(since) {
+        Ok(since) => from_worker(&console, &format!("/console/api/history?since={since}")).await,
+        Err(refused) => refused.into_response(),
+    }
 }
 
 /// Reads the endpoint's queue (an empty one before anything was submitted).

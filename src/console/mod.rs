@@ -17,8 +17,9 @@ mod local;
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -119,9 +120,33 @@ pub fn worker_routes(slot: WorkerSlot, history: Arc<History>) -> Router {
 
 async fn worker_history(
     State((_, history)): State<(WorkerSlot, Arc<History>)>,
-    Query(since): Query<Since>,
-) -> Json<serde_json::Value> {
-    Json(json!({ "samples": history.since(since.since) }))
+    since: Result<Query<Since>, QueryRejection>,
+) -> Response {
+    match since_of(since) {
+        Ok(since) => Json(json!({ "samples": history.since(since) })).into_response(),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// A `?since=` that is not a number of milliseconds: answered with a JSON 400 that names it
+/// (axum's own refusal is plain text).
+struct BadSince(String);
+
+impl IntoResponse for BadSince {
+    fn into_response(self) -> Response {
+        let message = format!(
+            "since must be milliseconds since the Unix epoch ({})",
+            self.0
+        );
+        (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
+    }
+}
+
+/// `?since=` as read, or why it cannot be.
+fn since_of(query: Result<Query<Since>, QueryRejection>) -> Result<u64, BadSince> {
+    query
+        .map(|Query(since)| since.since)
+        .map_err(|e| BadSince(e.body_text()))
 }
 
 async fn worker_jobs(State((slot, _)): State<(WorkerSlot, Arc<History>)>) -> Response {

@@ -19,6 +19,7 @@ mod job_ids;
 mod lifecycle;
 mod limits;
 mod logs;
+mod loose_ends;
 mod mock_api;
 mod mock_client;
 mod mock_local;

@@ -76,7 +76,41 @@ pub fn router(state: Arc<MockState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(body_limit_in_json))
         .with_state(state)
+}
+
+/// Bodies over [`BODY_LIMIT`] get the mock's JSON error, as every other refusal does: refused
+/// from their `Content-Length` before the body is read (so a client that sent
+/// `Expect: 100-continue` is never told to go on), or, for a body without a length, once the
+/// limit is crossed (axum's own 413 is plain text).
+async fn body_limit_in_json(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        replies::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than the mock's limit of {BODY_LIMIT} bytes"),
+        )
+    };
+    if declared.is_some_and(|length| length > BODY_LIMIT as u64) {
+        return too_large();
+    }
+    let response = next.run(request).await;
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        return too_large();
+    }
+    response
 }
 
 /// Serves the mock on `listener` (routes plus the lease, deadline and retention checks)

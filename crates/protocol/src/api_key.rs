@@ -8,9 +8,11 @@ use std::fmt;
 pub struct ApiKey(String);
 
 impl ApiKey {
-    /// Wraps a key.
+    /// Wraps a key, without the spaces around it (a header value cannot carry them, so a key
+    /// set as `' key '` would otherwise match no request).
     pub fn new(key: impl Into<String>) -> Self {
-        Self(key.into())
+        let key = key.into();
+        Self(key.trim().to_owned())
     }
 
     /// The key itself, for the `Authorization` header and the start-up banner of `local`.
@@ -27,7 +29,11 @@ impl ApiKey {
     /// `Bearer KEY` (the SDK client).
     pub fn matches_header(&self, header: &str) -> bool {
         let header = header.trim();
-        let presented = header.strip_prefix("Bearer ").unwrap_or(header).trim();
+        // The scheme's name is case-insensitive (RFC 9110 §11.1): `bearer KEY` is `Bearer KEY`.
+        let presented = match header.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+            _ => header,
+        };
         !self.0.is_empty() && presented == self.0
     }
 }
@@ -62,5 +68,22 @@ mod tests {
         assert!(!key.matches_header("Bearer k2"));
         assert!(!key.matches_header(""));
         assert!(!ApiKey::default().matches_header(""));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let key = ApiKey::new("k1");
+        for header in ["bearer k1", "BEARER k1", "Bearer  k1 "] {
+            assert!(key.matches_header(header), "{header}");
+        }
+        assert!(!key.matches_header("Basic k1"));
+    }
+
+    #[test]
+    fn spaces_around_a_key_are_not_part_of_it() {
+        let key = ApiKey::new(" spaced key ");
+        assert_eq!(key.expose(), "spaced key");
+        assert!(key.matches_header("Bearer spaced key"));
+        assert!(key.matches_header("spaced key"));
     }
 }

@@ -14,6 +14,9 @@ use crate::ApiKey;
 pub const DEFAULT_PING_INTERVAL_MS: u64 = 10_000;
 /// Shortest heartbeat interval honoured.
 pub const MIN_PING_INTERVAL_MS: u64 = 100;
+/// Longest heartbeat interval accepted: the platform's leases run out long before an hour
+/// without a ping, so a larger value is a mistake, not a setting.
+pub const MAX_PING_INTERVAL_MS: u64 = 3_600_000;
 
 /// Why the environment does not describe a queue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,8 +28,11 @@ pub enum EndpointsError {
          process), or `runpod-worker test-input` to run one job from handler/test_input.json"
     )]
     NoJobQueue,
-    /// `RUNPOD_PING_INTERVAL` is not a number of milliseconds.
-    #[error("RUNPOD_PING_INTERVAL must be a number of milliseconds, got {0:?}")]
+    /// `RUNPOD_PING_INTERVAL` is not a number of milliseconds up to an hour.
+    #[error(
+        "RUNPOD_PING_INTERVAL must be a number of milliseconds, at most {MAX_PING_INTERVAL_MS} \
+         (an hour), got {0:?}"
+    )]
     BadPingInterval(String),
     /// The take URL is not an http(s) URL: every take would fail, forever.
     #[error("RUNPOD_WEBHOOK_GET_JOB must be an http:// or https:// URL, got {0:?}")]
@@ -73,7 +79,9 @@ impl QueueEndpoints {
             Some(text) => text
                 .trim()
                 .parse::<u64>()
-                .map_err(|_| EndpointsError::BadPingInterval(text.clone()))?,
+                .ok()
+                .filter(|ms| *ms <= MAX_PING_INTERVAL_MS)
+                .ok_or_else(|| EndpointsError::BadPingInterval(text.clone()))?,
         };
         if ping_interval_ms < MIN_PING_INTERVAL_MS {
             tracing::warn!(
@@ -345,6 +353,16 @@ mod tests {
             ("RUNPOD_PING_INTERVAL", "10s"),
         ]));
         assert!(matches!(bad, Err(EndpointsError::BadPingInterval(_))));
+        for too_long in ["18446744073709551615", "3600001"] {
+            let refused = QueueEndpoints::from_vars(vars(&[
+                ("RUNPOD_WEBHOOK_GET_JOB", "http://q/job-take/$ID?"),
+                ("RUNPOD_PING_INTERVAL", too_long),
+            ]));
+            assert!(
+                matches!(refused, Err(EndpointsError::BadPingInterval(_))),
+                "{too_long}"
+            );
+        }
     }
 
     #[test]

@@ -397,6 +397,26 @@ pub enum ConfigSource {
     Defaults,
 }
 
+/// The largest config file read: a real one is a few kB; `--config /dev/zero` or a wrong path
+/// to a large file must not be read without end.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1_000_000;
+
+/// Reads a config file of at most [`MAX_CONFIG_FILE_BYTES`] as UTF-8.
+fn read_config_file(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE_BYTES {
+        return Err(format!(
+            "larger than {MAX_CONFIG_FILE_BYTES} bytes: not a config file"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())
+}
+
 impl Config {
     /// The resident memory the configuration declares for each GPU: the sum of `model_memory`
     /// over the handlers on `device = "cuda"` (models are loaded on every GPU). Handlers that
@@ -430,9 +450,9 @@ impl Config {
                 return Ok((config, ConfigSource::Defaults));
             }
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+        let text = read_config_file(&path).map_err(|reason| ConfigError::Read {
             path: path.clone(),
-            reason: e.to_string(),
+            reason,
         })?;
         let config = Self::from_toml(&text).map_err(|e| e.in_file(&path))?;
         let config = config.with_env_overrides(|name| std::env::var(name).ok())?;

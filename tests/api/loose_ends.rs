@@ -1,0 +1,145 @@
+//! What a careful operator or a hostile client met at the edges of the real binary: a key set
+//! with spaces around it, the bearer scheme in lower case, a heartbeat interval of 2^64 ms, and
+//! a config "file" that never ends.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{spawn_mock, worker_command, BIN, ECHO_CONFIG};
+use crate::local_process::LocalProcess;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_spaces_around_it_is_the_key_inside_and_bearer_is_case_insensitive() {
+    let local = LocalProcess::start(Path::new(ECHO_CONFIG), " spaced key ", &[]);
+    let runsync = format!("{}/v2/local/runsync", local.base);
+    let client = reqwest::Client::new();
+    for header in [
+        "Bearer spaced key",
+        "bearer spaced key",
+        "BEARER spaced key",
+    ] {
+        let answer = client
+            .post(&runsync)
+            .header("authorization", header)
+            .json(&json!({"input": {"task": "echo", "word": "in"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{header}");
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(body["output"]["word"], "in", "{header}: {body}");
+    }
+    let wrong = client
+        .post(&runsync)
+        .header("authorization", "Bearer spaced")
+        .json(&json!({"input": {"task": "echo"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_interval_past_an_hour_is_refused_at_start_naming_the_variable() {
+    let mock = spawn_mock(Duration::from_secs(2));
+    let out = worker_command(&mock.base_url(), "ping-overflow")
+        .env("RUNPOD_PING_INTERVAL", "18446744073709551615")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("RUNPOD_PING_INTERVAL must be a number of milliseconds, at most"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_config_reads_a_bounded_file_and_says_so() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "/dev/zero"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        // It read 5.5 GB in 15 s before; now it stops at the bound and says why.
+        format!("{stdout}{stderr}").contains("larger than 1000000 bytes"),
+        "{stdout}{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_since_on_the_console_is_a_json_400() {
+    let local = LocalProcess::start(Path::new(ECHO_CONFIG), "test-key", &[]);
+    for since in ["yesterday", "-1", "1e3"] {
+        let answer = reqwest::get(format!(
+            "{}/console/api/history?since={since}",
+            local.worker()
+        ))
+        .await
+        .unwrap();
+        assert_eq!(answer.status(), 400, "{since}");
+        let body: serde_json::Value = answer.json().await.expect("a JSON body");
+        assert!(
+            body["error"].as_str().unwrap().starts_with("since must be"),
+            "{body}"
+        );
+    }
+    let fine = reqwest::get(format!("{}/console/api/history?since=0", local.worker()))
+        .await
+        .unwrap();
+    assert_eq!(fine.status(), 200);
+}
+
+/// Sends a request head (no body) on a fresh connection to `base`; the response's status
+/// line and its body, read by hand: the server answers before any body is sent, which an HTTP
+/// client would report as a broken request.
+async fn answer_to_head(base: &str, head: String) -> (String, String) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).await.unwrap();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).await.unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_a_json_413_before_it_is_sent_and_no_100_continue() {
+    let mock = spawn_mock(Duration::from_secs(2));
+    for expect in ["", "expect: 100-continue\r\n"] {
+        let head = format!(
+            "POST /v2/ep/run HTTP/1.1\r\nhost: x\r\nauthorization: Bearer test-key\r\n\
+             content-type: application/json\r\ncontent-length: 40000000\r\n{expect}\r\n"
+        );
+        // Refused from its length, never told to go on, in the mock's JSON shape.
+        let (status, body) = answer_to_head(&mock.base_url(), head).await;
+        assert!(status.starts_with("HTTP/1.1 413"), "{expect:?}: {status:?}");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        assert!(
+            body["error"].as_str().unwrap().contains("larger than"),
+            "{body}"
+        );
+    }
+}
