@@ -143,3 +143,84 @@ async fn an_oversized_body_gets_a_json_413_before_it_is_sent_and_no_100_continue
         );
     }
 }
+
+#[test]
+fn runpod_tomls_example_works_once_its_table_is_uncommented() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml")).unwrap();
+    // The table, as a user would uncomment it: every line from `# [handlers.example]` to the
+    // end of its comment block loses its "# ".
+    let mut lines: Vec<String> = shipped.lines().map(str::to_owned).collect();
+    let start = lines
+        .iter()
+        .position(|l| l == "# [handlers.example]")
+        .expect("runpod.toml carries the example table");
+    for line in lines[start..].iter_mut() {
+        match line.strip_prefix("# ") {
+            Some(setting) => *line = setting.to_owned(),
+            None => break,
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    std::fs::write(&config, lines.join("\n")).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&["check-config"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("example"),
+        "the example handler is planned: {text}"
+    );
+    let (code, text) = run(&[
+        "test-input",
+        "--file",
+        "handler/test_inputs/example_torchscript.json",
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+}
+
+#[test]
+fn a_parser_that_does_not_answer_as_the_parser_is_a_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
+    for parser in ["/bin/true", "/bin/cat"] {
+        std::fs::write(
+            &config,
+            format!(
+                "[handler]\nmodel_dir = {models:?}\nparser = {parser:?}\n\
+                 [handlers.extract]\nmax_concurrency = 1\ndevice = \"cpu\"\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(1), "{parser}: {text}");
+        assert!(
+            text.contains(&format!("the document parser {parser} is not working")),
+            "{parser}: {text}"
+        );
+    }
+}

@@ -27,6 +27,8 @@ pub(super) struct ModelLoader {
     encoders: HashMap<String, Arc<Encoder>>,
     /// `[handler] parser`, if set.
     parser: Option<PathBuf>,
+    /// The parser, once found and its handshake answered.
+    checked_parser: Option<PathBuf>,
 }
 
 fn device_key(device: Device) -> String {
@@ -39,12 +41,25 @@ impl ModelLoader {
             dir: dir.to_path_buf(),
             encoders: HashMap::new(),
             parser: parser.map(Path::to_path_buf),
+            checked_parser: None,
         }
     }
 
     /// The document parser executable (a start-up error when it is missing).
-    fn parser(&self) -> Result<PathBuf, LoadError> {
-        parser::locate(self.parser.as_deref()).map_err(LoadError::NoParser)
+    /// The document parser, found and checked to answer as the parser does (once per load).
+    fn parser(&mut self) -> Result<PathBuf, LoadError> {
+        if let Some(checked) = &self.checked_parser {
+            return Ok(checked.clone());
+        }
+        let exe = parser::locate(self.parser.as_deref()).map_err(LoadError::NoParser)?;
+        parser::handshake(&exe).map_err(|why| {
+            LoadError::NoParser(format!(
+                "the document parser {} is not working: {why}",
+                exe.display()
+            ))
+        })?;
+        self.checked_parser = Some(exe.clone());
+        Ok(exe)
     }
 
     fn encoder(&mut self, device: Device) -> Result<Arc<Encoder>, LoadError> {

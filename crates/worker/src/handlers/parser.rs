@@ -79,6 +79,60 @@ pub fn locate(configured: Option<&Path>) -> Result<PathBuf, String> {
         })
 }
 
+/// What the start-up handshake asks the parser to read.
+const HANDSHAKE_TEXT: &str = "runpod-parse handshake";
+/// How long the parser has to answer the handshake (it answers in milliseconds).
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+/// The memory limit the handshake's child runs under.
+const HANDSHAKE_MEMORY: u64 = 1 << 30;
+
+/// Checks that `exe` is the document parser: a short text document goes in over the parser's
+/// protocol and the same text must come back. A wrong `[handler] parser` (another program, a
+/// broken build) is then a start-up error that names it, not the first document job's
+/// `Internal` error.
+pub fn handshake(exe: &Path) -> Result<(), String> {
+    let mut child = std::process::Command::new(exe)
+        .arg(docparse::child::MAX_MEMORY_ARG)
+        .arg(HANDSHAKE_MEMORY.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env_clear()
+        .spawn()
+        .map_err(|e| format!("it cannot be started ({e})"))?;
+    let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err("it has no pipes".to_owned());
+    };
+    let (answered, answer) = std::sync::mpsc::channel();
+    // On a thread of its own: a program that never answers must not hold the start-up.
+    std::thread::spawn(move || {
+        let request = Request {
+            kind: Kind::Text,
+            encoding: Encoding::Identity,
+            limits: Limits {
+                max_text_chars: HANDSHAKE_TEXT.len(),
+                max_pages: 1,
+                max_decoded_bytes: HANDSHAKE_TEXT.len(),
+            },
+        };
+        let reply = wire::write(&mut stdin, &request, HANDSHAKE_TEXT.as_bytes()).and_then(|()| {
+            drop(stdin);
+            wire::read::<Reply>(&mut stdout, HANDSHAKE_TEXT.len() as u64 * 4)
+        });
+        let _ = answered.send(reply);
+    });
+    let reply = answer.recv_timeout(HANDSHAKE_WAIT);
+    let _ = child.kill();
+    let _ = child.wait();
+    match reply {
+        Ok(Ok(Some((Reply::Parsed { .. }, text)))) if text == HANDSHAKE_TEXT.as_bytes() => Ok(()),
+        Ok(Ok(Some(_))) => Err("it did not give back the text it was sent".to_owned()),
+        Ok(Ok(None)) => Err("it exited without answering".to_owned()),
+        Ok(Err(e)) => Err(format!("it does not speak the parser's protocol ({e})")),
+        Err(_) => Err(format!("it did not answer within {HANDSHAKE_WAIT:?}")),
+    }
+}
+
 /// Warm parser children for one handler.
 pub struct ParserPool {
     exe: PathBuf,
