@@ -10,6 +10,7 @@ use worker::admission::resident;
 use worker::config::{validate_budget, Config, ConfigSource, DeviceChoice, Size};
 use worker::gpu::{self, GpuAccess};
 use worker::handlers::HandlerSet;
+use worker::queue::Spool;
 
 /// The GPU a plan is made for.
 pub struct PlannedGpu {
@@ -44,6 +45,10 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>, gpus: 
             eprintln!("{e}");
             return 1;
         }
+    }
+    if let Err(e) = Spool::new(config.queue.spool_dir.clone()).check_writable() {
+        eprintln!("serve would not start: {e}");
+        return 1;
     }
     if gpu_memory.is_none() {
         // What `serve` does next: load every handler's models (a missing file, a TorchScript

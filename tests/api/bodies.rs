@@ -106,12 +106,7 @@ async fn a_result_the_queue_refuses_is_replaced_by_an_error_that_says_why() {
     // Counted once the queue's answer to the replacement is back, which can be a moment after
     // the mock recorded it.
     let replaced = r#"runpod_worker_undelivered_results_total{fate="replaced"} 1"#;
-    let deadline = std::time::Instant::now() + crate::helpers::WAIT;
-    let mut metrics = worker.metrics().await;
-    while !metrics.contains(replaced) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        metrics = worker.metrics().await;
-    }
+    let metrics = worker.metrics_once(|m| m.contains(replaced)).await;
     assert!(metrics.contains(replaced), "{metrics}");
     worker.stop().await;
 }

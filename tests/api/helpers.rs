@@ -286,6 +286,18 @@ impl TestWorker {
             .unwrap()
     }
 
+    /// `/metrics` once `counted` holds of it, or as it is after [`WAIT`]: counters bumped
+    /// after the queue's answer (a result's fate) land a moment after the mock saw the post.
+    pub async fn metrics_once(&self, counted: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut metrics = self.metrics().await;
+        while !counted(&metrics) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            metrics = self.metrics().await;
+        }
+        metrics
+    }
+
     /// Drains and waits for the worker to return.
     pub async fn stop(self) -> WorkerExit {
         self.shutdown.cancel();

@@ -58,11 +58,10 @@ async fn an_undeliverable_result_is_spooled_and_delivered_at_the_next_start() {
         })
         .await;
     assert_eq!(spooled, Some(1), "the result was spooled");
-    let metrics = first.metrics().await;
-    assert!(
-        metrics.contains("runpod_worker_undelivered_results_total{fate=\"spooled\"} 1"),
-        "{metrics}"
-    );
+    // Counted once the file is in place (a moment after it appears).
+    let counted = r#"runpod_worker_undelivered_results_total{fate="spooled"} 1"#;
+    let metrics = first.metrics_once(|m| m.contains(counted)).await;
+    assert!(metrics.contains(counted), "{metrics}");
     first.stop().await;
 
     mock.set_fault(Route::Done, None);
@@ -249,4 +248,64 @@ async fn results_waiting_for_delivery_hold_their_global_slot_so_the_take_loop_wa
     worker.done("first").await;
     worker.done("second").await;
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_neither_delivered_nor_spooled_is_counted_lost_not_spooled() {
+    let mock = spawn_mock(Duration::from_secs(1));
+    let mut config = test_config();
+    config.queue.delivery_retry_s = 1;
+    let spool = config.queue.spool_dir.clone();
+    mock.set_fault(
+        Route::Done,
+        Some(Fault {
+            status: 503,
+            rate: 1.0,
+        }),
+    );
+    let worker = TestWorker::start_on(mock.clone(), config, |h| h, 1000).await;
+    // The spool was fine at start; now a file stands where its directory was.
+    std::fs::remove_dir_all(&spool).unwrap();
+    std::fs::write(&spool, b"not a directory").unwrap();
+    worker.enqueue("doomed", json!({"task": "echo"}));
+    let lost = r#"runpod_worker_undelivered_results_total{fate="lost"} 1"#;
+    let metrics = worker.metrics_once(|m| m.contains(lost)).await;
+    assert!(metrics.contains(lost), "{metrics}");
+    assert!(!metrics.contains(r#"fate="spooled""#), "{metrics}");
+    worker.stop().await;
+    std::fs::remove_file(&spool).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_that_can_never_be_written_is_refused_at_start_and_by_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let spool = file.join("spool");
+    let config = dir.path().join("runpod.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[queue]\nspool_dir = {:?}\n[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
+            spool.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::helpers::BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot hold results"), "{stderr}");
+
+    let mock = spawn_mock(Duration::from_secs(1));
+    let out = crate::helpers::worker_command(&mock.base_url(), "no-spool")
+        .env("RUNPOD_WORKER_CONFIG", &config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("spool_dir"), "{stderr}");
 }

@@ -134,7 +134,7 @@ pub enum JobEvent<'a> {
         handler: &'a str,
     },
     /// A result the queue did not take, and what became of it (`gone`, `replaced`,
-    /// `rejected`, `dropped`, `spooled`).
+    /// `rejected`, `dropped`, `spooled`, `lost`: neither delivered nor spooled).
     Undelivered {
         /// The metrics label.
         fate: &'a str,

@@ -55,9 +55,32 @@ impl Spool {
         let temporary = self
             .dir
             .join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&temporary, serde_json::to_vec(result)?)?;
-        std::fs::rename(&temporary, &path)?;
+        let written = serde_json::to_vec(result)
+            .map_err(std::io::Error::from)
+            .and_then(|bytes| std::fs::write(&temporary, bytes))
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        if let Err(e) = written {
+            // A full disk leaves a partial (often empty) temporary file behind: not kept.
+            let _ = std::fs::remove_file(&temporary);
+            return Err(e);
+        }
         Ok(path)
+    }
+
+    /// Checks that results can be kept here: the directory exists or can be made, and a file
+    /// can be written in it and removed. A spool that can never be written would lose every
+    /// result the queue does not take, so it is refused at start (and by `check-config`).
+    pub fn check_writable(&self) -> Result<(), String> {
+        let refused = |e: std::io::Error| {
+            format!("spool_dir {} cannot hold results: {e}", self.dir.display())
+        };
+        std::fs::create_dir_all(&self.dir).map_err(refused)?;
+        let probe = self.dir.join(format!(
+            ".write-check-{}.tmp",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&probe, b"ok").map_err(refused)?;
+        std::fs::remove_file(&probe).map_err(refused)
     }
 
     /// Every spooled result, oldest name first. Unreadable files are reported, not deleted.

@@ -89,7 +89,6 @@ async fn spool(
     streamed: bool,
     error: &DeliveryError,
 ) {
-    undelivered(worker, "spooled");
     let spooled = SpooledResult {
         job_id: job_id.to_owned(),
         url: worker.client.endpoints().done_url(job_id, streamed),
@@ -100,16 +99,23 @@ async fn spool(
     let saved = tokio::task::spawn_blocking(move || spool.save(&spooled))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    // Counted as what became of it, once that is known.
     match saved {
-        Ok(path) => tracing::error!(
-            job_id,
-            "result could not be delivered ({error}); spooled at {} for the next start",
-            path.display()
-        ),
-        Err(e) => tracing::error!(
-            job_id,
-            "result could not be delivered ({error}) nor spooled ({e}): it is lost"
-        ),
+        Ok(path) => {
+            undelivered(worker, "spooled");
+            tracing::error!(
+                job_id,
+                "result could not be delivered ({error}); spooled at {} for the next start",
+                path.display()
+            );
+        }
+        Err(e) => {
+            undelivered(worker, "lost");
+            tracing::error!(
+                job_id,
+                "result could not be delivered ({error}) nor spooled ({e}): it is lost"
+            );
+        }
     }
 }
 

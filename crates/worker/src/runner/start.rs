@@ -71,6 +71,12 @@ pub(super) async fn build_worker(
             },
         )?;
     }
+    Spool::new(config.queue.spool_dir.clone())
+        .check_writable()
+        .map_err(|reason| StartupError {
+            check: "spool",
+            reason,
+        })?;
     let mut passed = {
         let (fitness, probe) = (fitness.clone(), sampler.probe().clone());
         let spool_dir = config.queue.spool_dir.clone();
