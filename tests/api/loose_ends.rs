@@ -224,3 +224,81 @@ fn a_parser_that_does_not_answer_as_the_parser_is_a_start_up_error() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_route_answers_as_openai_does() {
+    let config = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"));
+    let local = LocalProcess::start(config, "test-key", &[]);
+    let openai = format!("{}/v2/local/openai/v1", local.base);
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        client
+            .post(format!("{openai}{path}"))
+            .header("authorization", "Bearer test-key")
+            .json(&body)
+            .send()
+    };
+    let embed = |input: serde_json::Value| {
+        post(
+            "/embeddings",
+            json!({"model": "all-MiniLM-L6-v2", "input": input}),
+        )
+    };
+    let answer = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        (status, response.json::<serde_json::Value>().await.unwrap())
+    };
+
+    // Token arrays are embedded as the ids they are, not decoded and tokenized again (80 copies
+    // of id 1 were refused as "322 tokens"), and `usage` counts what was sent.
+    let (status, body) = answer(embed(json!([vec![1; 80]])).await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], 80, "{body}");
+    let (status, body) = answer(embed(json!([101, 102, 0, 0])).await.unwrap()).await;
+    assert_eq!(
+        (status, &body["usage"]["prompt_tokens"]),
+        (200, &json!(4)),
+        "{body}"
+    );
+    // `usage` leaves out the model's [CLS] and [SEP], as OpenAI's count has none.
+    let (status, body) = answer(embed(json!("hello world")).await.unwrap()).await;
+    assert_eq!(
+        (status, &body["usage"]["prompt_tokens"]),
+        (200, &json!(2)),
+        "{body}"
+    );
+
+    // Each empty input names what is empty.
+    for (input, says) in [
+        (json!([]), "input cannot be an empty array"),
+        (json!([[]]), "input cannot contain an empty token array"),
+        (json!(["a", ""]), "input cannot contain an empty string"),
+    ] {
+        let (status, body) = answer(embed(input.clone()).await.unwrap()).await;
+        assert_eq!(status, 400, "{input}: {body}");
+        assert_eq!(body["error"]["message"], says, "{input}");
+    }
+
+    // A request is capped at 300,000 tokens, all inputs together, before any is embedded.
+    let many = vec![vec![1000; 147]; 2048];
+    let (status, body) = answer(embed(json!(many)).await.unwrap()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Requested 301056 tokens, max 300000 tokens per request"),
+        "{body}"
+    );
+
+    // A route this worker does not serve is OpenAI's 404.
+    let (status, body) = answer(post("/chat/completions", json!({})).await.unwrap()).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Invalid URL (/v1/chat/completions)"),
+        "{body}"
+    );
+}

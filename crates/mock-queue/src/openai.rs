@@ -1,7 +1,9 @@
 //! `/v2/{endpoint}/openai/v1/*`: the platform's OpenAI-compatible route. A request becomes a
 //! job whose input carries `openai_route` (the path after `/openai`) and `openai_input` (the
 //! body), waited for as `/runsync` waits, and answered in OpenAI's shape: the job's output with
-//! 200, or a failed job as OpenAI's error object, the retry signal as a 429 with `Retry-After`.
+//! 200, or a failed job as OpenAI's error object, the retry signal as a 429 with `Retry-After`,
+//! a route the worker does not serve (its error says `Invalid URL (...)`, as OpenAI's does) as
+//! a 404.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,6 +104,13 @@ fn failed(output: &Value) -> Response {
     let message = output["error"].as_str().unwrap_or("the job failed");
     let error_type = output["error_type"].as_str().unwrap_or("Internal");
     match error_type {
+        // A route the worker does not serve: OpenAI answers those 404, with this wording.
+        "InvalidInput" if message.starts_with("Invalid URL (") => openai_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            error_type,
+            message,
+        ),
         "InvalidInput" => openai_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",

@@ -14,6 +14,17 @@ use crate::outcome::JobError;
 
 /// Most inputs one request may embed (OpenAI's limit).
 const MAX_INPUTS: usize = 2048;
+/// Most tokens one request may embed, all inputs together (OpenAI's limit).
+const MAX_REQUEST_TOKENS: usize = 300_000;
+
+/// One input of an embeddings request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmbeddingInput {
+    /// A text, tokenized as any text is.
+    Text(String),
+    /// This model's token ids, embedded as they are (not decoded and tokenized again).
+    Tokens(Vec<u32>),
+}
 
 /// Whether a job's input is an OpenAI request.
 pub fn is_openai(input: &Map<String, Value>) -> bool {
@@ -25,12 +36,12 @@ pub fn is_openai(input: &Map<String, Value>) -> bool {
 pub enum OpenAiRequest {
     /// `POST /v1/embeddings`.
     Embeddings {
-        /// The texts (token arrays decoded).
-        texts: Vec<String>,
+        /// The inputs, in order.
+        inputs: Vec<EmbeddingInput>,
         /// `encoding_format: "base64"`: little-endian f32 bytes, base64 (the `openai` client's
         /// default).
         base64: bool,
-        /// Tokens across the texts, special tokens included (`usage`).
+        /// Tokens across the inputs, special tokens left out, as OpenAI counts them (`usage`).
         prompt_tokens: usize,
     },
     /// `GET /v1/models`.
@@ -96,20 +107,32 @@ fn embeddings(body: Option<&Value>, encoder: &Encoder) -> Result<OpenAiRequest, 
             )));
         }
     }
-    let texts = texts_of(body.get("input"), encoder)?;
+    let inputs = inputs_of(body.get("input"), encoder)?;
     let mut prompt_tokens = 0;
-    for text in &texts {
-        let (_, total) = encoder.token_counts(text).map_err(invalid)?;
-        if total > MAX_MODEL_TOKENS {
+    for input in &inputs {
+        // What the model sees has its `[CLS]` and `[SEP]` too; `usage` leaves them out.
+        let (content, seen) = match input {
+            EmbeddingInput::Text(text) => {
+                let (_, seen) = encoder.token_counts(text).map_err(invalid)?;
+                (encoder.content_tokens(text).map_err(invalid)?, seen)
+            }
+            EmbeddingInput::Tokens(ids) => (ids.len(), ids.len() + 2),
+        };
+        if seen > MAX_MODEL_TOKENS {
             return Err(invalid(format!(
                 "This model's maximum context length is {MAX_MODEL_TOKENS} tokens, however you \
-                 requested {total} tokens ({total} in your prompt). Please reduce your prompt."
+                 requested {seen} tokens ({seen} in your prompt). Please reduce your prompt."
             )));
         }
-        prompt_tokens += total;
+        prompt_tokens += content;
+    }
+    if prompt_tokens > MAX_REQUEST_TOKENS {
+        return Err(invalid(format!(
+            "Requested {prompt_tokens} tokens, max {MAX_REQUEST_TOKENS} tokens per request"
+        )));
     }
     Ok(OpenAiRequest::Embeddings {
-        texts,
+        inputs,
         base64,
         prompt_tokens,
     })
@@ -120,45 +143,57 @@ fn names_the_model(model: &str, name: &str) -> bool {
     model == name || model.rsplit('/').next() == Some(name)
 }
 
-/// `input`: a string, a list of strings, a token array or a list of token arrays.
-fn texts_of(input: Option<&Value>, encoder: &Encoder) -> Result<Vec<String>, JobError> {
+/// `input`: a string, a list of strings, a token array or a list of token arrays. Each names
+/// its own problem: an empty list, an empty string, an empty token array.
+fn inputs_of(input: Option<&Value>, encoder: &Encoder) -> Result<Vec<EmbeddingInput>, JobError> {
     let shape = "input must be a string, an array of strings, an array of tokens or an array \
                  of token arrays";
-    let texts = match input {
-        Some(Value::String(text)) => vec![text.clone()],
+    let inputs = match input {
+        Some(Value::String(text)) => vec![text_input(text)?],
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(invalid("input cannot be an empty array"))
+        }
         Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
-            vec![tokens_text(items, encoder)?]
+            vec![tokens_input(items, encoder)?]
         }
         Some(Value::Array(items)) => items
             .iter()
             .map(|item| match item {
-                Value::String(text) => Ok(text.clone()),
-                Value::Array(tokens) => tokens_text(tokens, encoder),
+                Value::String(text) => text_input(text),
+                Value::Array(tokens) => tokens_input(tokens, encoder),
                 _ => Err(invalid(shape)),
             })
             .collect::<Result<_, _>>()?,
         _ => return Err(invalid(shape)),
     };
-    if texts.is_empty() || texts.len() > MAX_INPUTS {
+    if inputs.len() > MAX_INPUTS {
         return Err(invalid(format!(
             "input must hold from 1 to {MAX_INPUTS} items, not {}",
-            texts.len()
+            inputs.len()
         )));
     }
-    if texts.iter().any(String::is_empty) {
-        return Err(invalid("input cannot contain an empty string"));
-    }
-    Ok(texts)
+    Ok(inputs)
 }
 
-/// Token ids of this model's vocabulary, as text (then embedded as any text is).
-fn tokens_text(tokens: &[Value], encoder: &Encoder) -> Result<String, JobError> {
+fn text_input(text: &str) -> Result<EmbeddingInput, JobError> {
+    if text.is_empty() {
+        return Err(invalid("input cannot contain an empty string"));
+    }
+    Ok(EmbeddingInput::Text(text.to_owned()))
+}
+
+/// Token ids of this model's vocabulary, kept as ids.
+fn tokens_input(tokens: &[Value], encoder: &Encoder) -> Result<EmbeddingInput, JobError> {
+    if tokens.is_empty() {
+        return Err(invalid("input cannot contain an empty token array"));
+    }
     let ids = tokens
         .iter()
         .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
         .collect::<Option<Vec<u32>>>()
         .ok_or_else(|| invalid("a token array holds whole numbers only"))?;
-    encoder.decode(&ids).map_err(invalid)
+    encoder.check_ids(&ids).map_err(invalid)?;
+    Ok(EmbeddingInput::Tokens(ids))
 }
 
 /// Answers the request (blocking: it runs the model).
@@ -174,11 +209,11 @@ pub fn answer(request: OpenAiRequest, encoder: &Encoder) -> Result<Value, JobErr
             }],
         })),
         OpenAiRequest::Embeddings {
-            texts,
+            inputs,
             base64,
             prompt_tokens,
         } => {
-            let embeddings = encoder.embed(&texts).map_err(|e| torch_error(&e, 10))?;
+            let embeddings = embed_in_order(&inputs, encoder).map_err(|e| torch_error(&e, 10))?;
             let data: Vec<Value> = embeddings
                 .into_iter()
                 .enumerate()
@@ -201,6 +236,30 @@ pub fn answer(request: OpenAiRequest, encoder: &Encoder) -> Result<Value, JobErr
             }))
         }
     }
+}
+
+/// The inputs' embeddings, in the inputs' order: the texts in one call, the token arrays in
+/// another.
+fn embed_in_order(
+    inputs: &[EmbeddingInput],
+    encoder: &Encoder,
+) -> Result<Vec<Vec<f32>>, tch::TchError> {
+    let (mut texts, mut rows) = (Vec::new(), Vec::new());
+    for input in inputs {
+        match input {
+            EmbeddingInput::Text(text) => texts.push(text.clone()),
+            EmbeddingInput::Tokens(ids) => rows.push(ids.clone()),
+        }
+    }
+    let mut texts = encoder.embed(&texts)?.into_iter();
+    let mut rows = encoder.embed_ids(&rows)?.into_iter();
+    Ok(inputs
+        .iter()
+        .filter_map(|input| match input {
+            EmbeddingInput::Text(_) => texts.next(),
+            EmbeddingInput::Tokens(_) => rows.next(),
+        })
+        .collect())
 }
 
 #[cfg(test)]

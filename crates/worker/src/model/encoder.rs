@@ -148,20 +148,6 @@ impl Encoder {
         Ok(Some(offsets))
     }
 
-    /// The text of token ids of this model's vocabulary (special tokens left out); an id
-    /// outside it is an error.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        let vocab = self.chunk_tokenizer.get_vocab_size(true);
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(format!(
-                "token {bad} is not in the model's vocabulary of {vocab}"
-            ));
-        }
-        self.chunk_tokenizer
-            .decode(ids, true)
-            .map_err(|e| e.to_string())
-    }
-
     /// How many tokens the model sees of `text` (special tokens included), and how many the
     /// whole text has.
     pub fn token_counts(&self, text: &str) -> Result<(usize, usize), String> {
@@ -207,6 +193,88 @@ impl Encoder {
         Ok(())
     }
 
+    /// How many tokens of this model `text` is, special tokens left out (what OpenAI's
+    /// `usage` counts).
+    pub fn content_tokens(&self, text: &str) -> Result<usize, String> {
+        Ok(self
+            .chunk_tokenizer
+            .encode(text, false)
+            .map_err(|e| e.to_string())?
+            .len())
+    }
+
+    /// Whether every id is one of this model's tokens; the first that is not, as an error.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), String> {
+        let vocab = self.chunk_tokenizer.get_vocab_size(true);
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(bad) => Err(format!(
+                "token {bad} is not in the model's vocabulary of {vocab}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Embeds rows of this model's token ids (OpenAI's token-array input) as they are, each
+    /// between the model's `[CLS]` and `[SEP]` as a text's tokens are, L2-normalised as
+    /// [`Encoder::embed`]'s. Rows must fit the model with those two (checked by the caller).
+    /// Blocking.
+    pub fn embed_ids(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, tch::TchError> {
+        let special = |token: &str| {
+            self.model_tokenizer.token_to_id(token).ok_or_else(|| {
+                tch::TchError::Convert(format!("the tokenizer has no {token} token"))
+            })
+        };
+        let (cls, sep) = (special("[CLS]")?, special("[SEP]")?);
+        let pad = self.model_tokenizer.token_to_id("[PAD]").unwrap_or(0);
+        let _no_grad = tch::no_grad_guard();
+        let mut out = Vec::with_capacity(rows.len());
+        for batch in rows.chunks(EMBED_BATCH) {
+            let width = batch.iter().map(Vec::len).max().unwrap_or(0) + 2;
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            for row in batch {
+                let tokens = std::iter::once(cls)
+                    .chain(row.iter().copied())
+                    .chain(std::iter::once(sep));
+                let padding = width - row.len() - 2;
+                ids.extend(
+                    tokens
+                        .chain(std::iter::repeat_n(pad, padding))
+                        .map(i64::from),
+                );
+                mask.extend(
+                    std::iter::repeat_n(1i64, row.len() + 2).chain(std::iter::repeat_n(0, padding)),
+                );
+            }
+            out.extend(self.forward(ids, mask, batch.len(), width)?);
+        }
+        Ok(out)
+    }
+
+    /// The model on `rows` rows of `width` ids and their attention mask: one embedding a row.
+    fn forward(
+        &self,
+        ids: Vec<i64>,
+        mask: Vec<i64>,
+        rows: usize,
+        width: usize,
+    ) -> Result<Vec<Vec<f32>>, tch::TchError> {
+        let shape = [rows as i64, width as i64];
+        let ids = Tensor::f_from_slice(&ids)?
+            .f_view(shape)?
+            .f_to_device(self.device)?;
+        let mask = Tensor::f_from_slice(&mask)?
+            .f_view(shape)?
+            .f_to_device(self.device)?;
+        let embeddings = self
+            .module
+            .forward_ts(&[ids, mask])?
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Float)?;
+        let flat = Vec::<f32>::try_from(embeddings.f_flatten(0, -1)?)?;
+        let dims = flat.len() / rows.max(1);
+        Ok(flat.chunks(dims.max(1)).map(<[f32]>::to_vec).collect())
+    }
+
     /// Embeds `texts` (each truncated at [`MAX_MODEL_TOKENS`]), L2-normalised, in batches.
     /// Blocking: call it from a blocking thread. Callers that must stop at a job's cancellation
     /// embed a batch per call (see `extract`).
@@ -218,8 +286,8 @@ impl Encoder {
                 .model_tokenizer
                 .encode_batch(batch.to_vec(), true)
                 .map_err(|e| tch::TchError::Convert(format!("tokenizer: {e}")))?;
-            let rows = encodings.len() as i64;
-            let width = encodings.first().map_or(0, |e| e.len()) as i64;
+            let rows = encodings.len();
+            let width = encodings.first().map_or(0, |e| e.len());
             let ids: Vec<i64> = encodings
                 .iter()
                 .flat_map(|e| e.get_ids().iter().map(|&i| i64::from(i)))
@@ -228,20 +296,7 @@ impl Encoder {
                 .iter()
                 .flat_map(|e| e.get_attention_mask().iter().map(|&m| i64::from(m)))
                 .collect();
-            let ids = Tensor::f_from_slice(&ids)?
-                .f_view([rows, width])?
-                .f_to_device(self.device)?;
-            let mask = Tensor::f_from_slice(&mask)?
-                .f_view([rows, width])?
-                .f_to_device(self.device)?;
-            let embeddings = self
-                .module
-                .forward_ts(&[ids, mask])?
-                .f_to_device(Device::Cpu)?
-                .f_to_kind(Kind::Float)?;
-            let flat = Vec::<f32>::try_from(embeddings.f_flatten(0, -1)?)?;
-            let dims = flat.len() / batch.len().max(1);
-            out.extend(flat.chunks(dims.max(1)).map(<[f32]>::to_vec));
+            out.extend(self.forward(ids, mask, rows, width)?);
         }
         Ok(out)
     }
