@@ -133,12 +133,26 @@ impl Ctx {
     }
 }
 
+/// The first line: which GPU the checks run on, and why.
+fn checked_gpu(flag: Option<Size>, config: Option<Size>) -> String {
+    match (flag, config) {
+        (Some(size), _) => format!("gpu-check on a simulated {size} GPU (--simulate)"),
+        (None, Some(size)) => {
+            format!("gpu-check on a simulated {size} GPU (the config's [gpu] simulate)")
+        }
+        (None, None) => "gpu-check on this machine's GPU".to_owned(),
+    }
+}
+
 /// Runs every check and prints the table; the exit code is 1 if any check failed.
 pub async fn run(options: GpuCheckOptions) -> i32 {
     let started = Instant::now();
     let mut table = Table::default();
     let mut base = harness::quick(options.config);
-    base.gpu.simulate = options.simulate;
+    // `--simulate` first, else the config's `[gpu] simulate`, as `serve` reads it.
+    let from_config = base.gpu.simulate;
+    base.gpu.simulate = options.simulate.or(from_config);
+    println!("{}", checked_gpu(options.simulate, from_config));
     base.gpu.simulate_devices = 1;
     base.gpu.host_ledger_dir = None;
     println!("| {:<30} | {:<8} | figure |", "check", "result");

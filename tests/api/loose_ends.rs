@@ -302,3 +302,38 @@ async fn the_openai_route_answers_as_openai_does() {
         "{body}"
     );
 }
+
+#[test]
+fn gpu_check_uses_the_configs_simulated_gpu_and_says_so_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
+    std::fs::write(
+        &config,
+        format!(
+            "[handler]\nmodel_dir = {models:?}\n[gpu]\nsimulate = \"24GB\"\n\
+             [handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["gpu-check", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = crate::local_process::lines_of(child.stdout.take().unwrap());
+    // The first row after the header: the device check, which said "no GPU" before.
+    let (row, seen) = crate::local_process::lines_until(&stdout, "| NVML = libtorch devices");
+    let _ = child.kill();
+    let _ = child.wait();
+    let first = seen.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("gpu-check on a simulated 24") && first.contains("[gpu] simulate"),
+        "{seen}"
+    );
+    let row = row.unwrap_or_else(|| panic!("no device row: {seen}"));
+    assert!(!row.contains("FAIL"), "{seen}");
+    assert!(!seen.contains("no GPU: NVML sees none"), "{seen}");
+}
