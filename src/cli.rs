@@ -205,6 +205,11 @@ pub struct JobRuleFlags {
     /// Retry-After.
     #[arg(long)]
     pub rate_limit: bool,
+    /// Call webhooks on private, loopback and link-local addresses (a webhook server on this
+    /// machine, for a local test). Refused by default, as the platform's queue would never
+    /// reach them and a submitted job must not make the queue call this machine's services.
+    #[arg(long)]
+    pub allow_private_webhooks: bool,
 }
 
 impl From<JobRuleFlags> for crate::commands::JobRules {
@@ -214,6 +219,7 @@ impl From<JobRuleFlags> for crate::commands::JobRules {
             runsync_retention_s: flags.runsync_retention,
             relax_policy_minimums: flags.relax_policy_minimums,
             rate_limit: flags.rate_limit,
+            allow_private_webhooks: flags.allow_private_webhooks,
         }
     }
 }
@@ -242,6 +248,7 @@ mod tests {
                 runsync_retention_s: 5,
                 relax_policy_minimums: true,
                 rate_limit: false,
+                allow_private_webhooks: false,
             }
         );
         let cli = Cli::try_parse_from([

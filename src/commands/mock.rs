@@ -54,6 +54,8 @@ pub struct JobRules {
     pub relax_policy_minimums: bool,
     /// Apply the platform's per-route rate limits (429 with `Retry-After` beyond them).
     pub rate_limit: bool,
+    /// Call webhooks on private, loopback and link-local addresses.
+    pub allow_private_webhooks: bool,
 }
 
 impl Default for JobRules {
@@ -65,6 +67,7 @@ impl Default for JobRules {
             runsync_retention_s: 60,
             relax_policy_minimums: false,
             rate_limit: false,
+            allow_private_webhooks: false,
         }
     }
 }
@@ -78,6 +81,7 @@ impl JobRules {
             runsync_retention: Duration::from_secs(self.runsync_retention_s),
             strict_policy_minimums: !self.relax_policy_minimums,
             rate_limits: self.rate_limit.then_some(RateLimits::PLATFORM),
+            allow_private_webhooks: self.allow_private_webhooks,
             record_history: false,
             ..options
         }
@@ -219,12 +223,14 @@ mod tests {
                 runsync_retention_s: 2,
                 relax_policy_minimums: true,
                 rate_limit: false,
+                allow_private_webhooks: true,
             },
         };
         let options = args.options(None);
         assert_eq!(options.run_retention, Duration::from_secs(120));
         assert_eq!(options.runsync_retention, Duration::from_secs(2));
         assert!(!options.strict_policy_minimums);
+        assert!(options.allow_private_webhooks);
         assert!(
             !options.record_history,
             "a long-running server keeps no history"

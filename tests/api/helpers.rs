@@ -35,13 +35,16 @@ pub fn spawn_mock_with_lease(long_poll: Duration, lease_timeout: Duration) -> Ar
     })
 }
 
-/// Options for test mocks: the key `test-key`, quick webhook retries, and `policy` durations
-/// under the platform's minimums accepted (tests use short deadlines).
+/// Options for test mocks: the key `test-key`, quick webhook retries, webhooks to this
+/// machine, and `policy` durations under the platform's minimums accepted (tests use short
+/// deadlines).
 pub fn test_mock_options() -> MockOptions {
     MockOptions {
         api_key: Some(runpod_protocol::ApiKey::new("test-key")),
         webhook_retry_delay: Duration::from_millis(200),
         strict_policy_minimums: false,
+        // The tests' webhook servers are on 127.0.0.1.
+        allow_private_webhooks: true,
         ..MockOptions::default()
     }
 }

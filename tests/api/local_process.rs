@@ -71,9 +71,15 @@ impl LocalProcess {
     /// Starts `local` with `config`, the API key `key` and `env` on top of a clean
     /// environment for the worker's own variables, and reads its banner up to the `curl` line.
     pub fn start(config: &Path, key: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(config, key, env, &[])
+    }
+
+    /// [`LocalProcess::start`], with `args` after `local`'s own.
+    pub fn start_with(config: &Path, key: &str, env: &[(&str, &str)], args: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args(["local", "--port", "0", "--http-port", "0", "--config"])
             .arg(config)
+            .args(args)
             .env("RUNPOD_AI_API_KEY", key)
             .env_remove("RUNPOD_ENDPOINT_ID")
             .env_remove("RUNPOD_LOG_LEVEL")

@@ -192,3 +192,105 @@ async fn a_connection_that_stalls_in_its_headers_is_closed_after_the_timeout() {
         .unwrap();
     assert_eq!(answer.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_this_machine_or_its_network_are_refused_unless_allowed() {
+    let mock = spawn_mock_with(MockOptions {
+        allow_private_webhooks: false,
+        ..test_mock_options()
+    });
+    let client = client_with_key();
+    let run = format!("{}/v2/{EP}/run", mock.base_url());
+    for webhook in [
+        "http://127.0.0.1:9/hook",
+        "http://[::1]/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.7/hook",
+        "http://localhost:8080/hook",
+    ] {
+        let (status, answer) = post(&client, &run, json!({"input": {}, "webhook": webhook})).await;
+        assert_eq!(
+            (status, answer["field"].as_str()),
+            (400, Some("webhook")),
+            "{webhook}: {answer}"
+        );
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("--allow-private-webhooks"),
+            "{answer}"
+        );
+    }
+    let body = json!({"input": {}, "webhook": "https://example.com/hook"});
+    assert_eq!(post(&client, &run, body).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhooks_redirect_is_not_followed_with_the_jobs_body() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    // Where a redirect would send the body, and the webhook that points there.
+    let stolen = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let elsewhere = format!("http://{}/stolen", listener.local_addr().unwrap());
+    let counter = stolen.clone();
+    let app = axum::Router::new().route(
+        "/stolen",
+        axum::routing::post(move || async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (hits, hit) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let webhook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (counter, notify) = (hits.clone(), hit.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            notify.notify_one();
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, elsewhere)],
+            )
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mock = spawn_mock_with(MockOptions {
+        long_poll: Duration::from_secs(1),
+        timeout_grace: Duration::ZERO,
+        ..test_mock_options()
+    });
+    let client = client_with_key();
+    let base = format!("{}/v2/{EP}", mock.base_url());
+    let body = json!({"input": {}, "policy": {"executionTimeout": 200}, "webhook": webhook});
+    assert_eq!(post(&client, &format!("{base}/run"), body).await.0, 200);
+    // Taken and never answered: timed out, and the webhook is called with the final status.
+    let taken = client
+        .get(format!("{base}/job-take/slow?job_in_progress=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status(), 200);
+    // Three attempts (a redirect is not a success); had one been followed, its body would have
+    // reached `elsewhere` before the next attempt.
+    tokio::time::timeout(WAIT, async {
+        while hits.load(Ordering::SeqCst) < 3 {
+            hit.notified().await;
+        }
+    })
+    .await
+    .expect("three webhook attempts");
+    assert_eq!(
+        stolen.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+}

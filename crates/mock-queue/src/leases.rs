@@ -122,8 +122,37 @@ fn forget(queue: &mut EndpointQueue, options: &super::options::MockOptions, now:
         .retain(|_, ping| now.saturating_duration_since(ping.at) < options.lease_timeout);
 }
 
+/// Whether the webhook's host resolves to an internal address (a name that was not one as
+/// written, at submission).
+async fn resolves_internal(url: &str) -> bool {
+    let Ok(url) = url::Url::parse(url) else {
+        return true;
+    };
+    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+        return true;
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addresses) => addresses
+            .into_iter()
+            .any(|a| runpod_protocol::address::is_internal(a.ip())),
+        // Unresolvable: the POST would fail anyway.
+        Err(_) => false,
+    }
+}
+
 /// POSTs the final `/status` body to the job's webhook: three attempts in all.
 pub(super) async fn deliver_webhook(state: Arc<MockState>, url: String, body: Value) {
+    if !state.options.allow_private_webhooks && resolves_internal(&url).await {
+        tracing::warn!(
+            "webhook {url} not called: its host {}",
+            super::policy::PRIVATE_WEBHOOK
+        );
+        return;
+    }
     for attempt in 1..=3 {
         let sent = state
             .http

@@ -51,6 +51,10 @@ pub struct MockOptions {
     /// (429 with `Retry-After` beyond them; see [`RateLimits`] for the window). `None`, the
     /// default, admits everything, so tests and local use are never throttled by accident.
     pub rate_limits: Option<RateLimits>,
+    /// Call webhooks on private, loopback and link-local addresses (refused by default, as
+    /// a job's input URLs are: a submitted job must not make the queue call the machine's own
+    /// services). `local` and `mock-queue` turn it on with `--allow-private-webhooks`.
+    pub allow_private_webhooks: bool,
     /// The longest a `/stream` request is held waiting for a chunk or the job's end. The
     /// JavaScript client polls `/stream` in a loop without a pause; holding the request keeps
     /// it from spinning, and the bound keeps a client's request timeout from firing first.
@@ -75,6 +79,7 @@ impl Default for MockOptions {
             max_result_size: runpod_protocol::limits::MAX_RESULT_BODY,
             max_stream_chunk: runpod_protocol::limits::MAX_STREAM_CHUNK,
             rate_limits: None,
+            allow_private_webhooks: false,
             stream_hold: STREAM_HOLD,
         }
     }

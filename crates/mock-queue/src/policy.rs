@@ -82,7 +82,7 @@ fn check_ms(field: &str, value: &Value, min: u64, strict_minimums: bool) -> Resu
 }
 
 /// Checks a submitted `webhook`: an absolute http or https URL with a host.
-pub fn check_webhook(webhook: &Value) -> Result<(), FieldError> {
+pub fn check_webhook(webhook: &Value, allow_private: bool) -> Result<(), FieldError> {
     let problem = "must be an absolute http:// or https:// URL, like https://example.com/hook";
     let Some(text) = webhook.as_str() else {
         return Err(FieldError::new("webhook", problem));
@@ -93,17 +93,41 @@ pub fn check_webhook(webhook: &Value) -> Result<(), FieldError> {
             format!("is longer than {MAX_WEBHOOK_LEN} characters"),
         ));
     }
-    match url::Url::parse(text) {
+    let url = match url::Url::parse(text) {
         Ok(url)
             if matches!(url.scheme(), "http" | "https")
                 && url.host_str().is_some_and(|h| !h.is_empty()) =>
         {
-            Ok(())
+            url
         }
-        _ => Err(FieldError::new(
-            "webhook",
-            format!("{problem}; got {text:?}"),
-        )),
+        _ => {
+            return Err(FieldError::new(
+                "webhook",
+                format!("{problem}; got {text:?}"),
+            ))
+        }
+    };
+    if !allow_private && names_an_internal_host(&url) {
+        return Err(FieldError::new("webhook", PRIVATE_WEBHOOK));
+    }
+    Ok(())
+}
+
+/// Why a webhook to this machine or its network is refused.
+pub const PRIVATE_WEBHOOK: &str = "is a private, loopback or link-local address, which the \
+    queue does not call (start the mock with --allow-private-webhooks to call one)";
+
+/// Whether `url`'s host is an internal address as written (an IP, or `localhost`). A name
+/// that resolves to one is caught when the webhook is delivered.
+fn names_an_internal_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => runpod_protocol::address::is_internal(ip.into()),
+        Some(url::Host::Ipv6(ip)) => runpod_protocol::address::is_internal(ip.into()),
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+        None => false,
     }
 }
 
@@ -172,20 +196,25 @@ mod tests {
     #[test]
     fn webhooks_must_be_absolute_http_urls() {
         assert_eq!(
-            check_webhook(&json!("https://example.com/hook?x=1")),
+            check_webhook(&json!("https://example.com/hook?x=1"), false),
             Ok(())
         );
-        assert_eq!(check_webhook(&json!("http://127.0.0.1:9/h")), Ok(()));
+        assert_eq!(check_webhook(&json!("http://127.0.0.1:9/h"), true), Ok(()));
+        assert!(check_webhook(&json!("http://127.0.0.1:9/h"), false).is_err());
         for bad in [
             json!("x"),
             json!("ftp://example.com/"),
             json!("http://"),
             json!(7),
         ] {
-            assert_eq!(check_webhook(&bad).unwrap_err().field, "webhook", "{bad}");
+            assert_eq!(
+                check_webhook(&bad, true).unwrap_err().field,
+                "webhook",
+                "{bad}"
+            );
         }
         let long = format!("https://example.com/{}", "a".repeat(MAX_WEBHOOK_LEN));
-        assert!(check_webhook(&json!(long)).is_err());
+        assert!(check_webhook(&json!(long), true).is_err());
     }
 
     #[test]

@@ -260,7 +260,12 @@ impl MockState {
             changed: watch::channel(0).0,
             rate_limiter: options.rate_limits.map(RateLimiter::new),
             options,
-            http: reqwest::Client::new(),
+            // A webhook's redirect is not followed: a 307 would re-POST the job's result to
+            // wherever the webhook's server points.
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
         }
     }
 

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
+use super::options::MockOptions;
 use super::policy::{self, FieldError};
 use super::state::MockState;
 
@@ -80,7 +81,7 @@ pub(super) fn submit(
         Ok(_) => return Err(SubmitError::NotObject),
         Err(e) => return Err(SubmitError::NotJson(e)),
     };
-    check(&submitted, state.options.strict_policy_minimums)?;
+    check(&submitted, &state.options)?;
     // Only the documented top-level keys reach the worker; others are discarded, as documented.
     let mut job = Map::new();
     for key in ["input", "webhook", "policy", "s3Config"] {
@@ -99,17 +100,17 @@ pub(super) fn submit(
 }
 
 /// The checks on the submitted fields, in the order a client would fix them.
-fn check(submitted: &Map<String, Value>, strict_minimums: bool) -> Result<(), SubmitError> {
+fn check(submitted: &Map<String, Value>, options: &MockOptions) -> Result<(), SubmitError> {
     match submitted.get("input") {
         Some(Value::Object(_)) => {}
         Some(_) => return Err(SubmitError::InputNotObject),
         None => return Err(SubmitError::NoInput),
     }
     if let Some(policy) = submitted.get("policy") {
-        policy::check_policy(policy, strict_minimums)?;
+        policy::check_policy(policy, options.strict_policy_minimums)?;
     }
     if let Some(webhook) = submitted.get("webhook") {
-        policy::check_webhook(webhook)?;
+        policy::check_webhook(webhook, options.allow_private_webhooks)?;
     }
     Ok(())
 }
