@@ -15,7 +15,7 @@ use mock_queue::{MockOptions, MockQueue};
 use runpod_protocol::ApiKey;
 use worker::config::Config;
 use worker::queue::QueueEndpoints;
-use worker::runner::{run_worker, StartupError, WorkerExit, WorkerSetup};
+use worker::runner::{start_worker, StartupError, WorkerExit, WorkerSetup};
 
 /// The endpoint id `local` serves.
 pub const LOCAL_ENDPOINT: &str = "local";
@@ -47,6 +47,9 @@ pub struct LocalSetup {
     pub http_listener: TcpListener,
     /// Cancelled to drain the worker and stop.
     pub shutdown: CancellationToken,
+    /// Called once, when the first worker is ready to take jobs (`local` prints its banner
+    /// then, so every address it names already answers).
+    pub on_ready: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Why `local` stopped before its shutdown signal.
@@ -114,13 +117,14 @@ pub async fn local(args: LocalArgs) -> i32 {
         .local_addr()
         .map(|a| format!("http://{a}/health"))
         .unwrap_or_default();
-    print_banner(&base, &health, &key);
+    let banner_key = key.clone();
     let setup = LocalSetup {
         config,
         mock: local_mock_options(&key, args.rules),
         queue_listener,
         http_listener,
         shutdown: worker::shutdown::signal_token(),
+        on_ready: Some(Box::new(move || print_banner(&base, &health, &banner_key))),
     };
     match run_local(setup).await {
         Ok(()) => 0,
@@ -156,6 +160,7 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
         queue_listener,
         http_listener,
         shutdown,
+        mut on_ready,
     } = setup;
     let key = mock
         .api_key
@@ -196,7 +201,13 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
             fitness: worker::runner::Fitness::skipped(),
             pages: Some(Box::new(crate::console::worker_console)),
         };
-        match run_worker(setup).await? {
+        let Some(started) = start_worker(setup).await? else {
+            break;
+        };
+        if let Some(ready) = on_ready.take() {
+            ready();
+        }
+        match started.run().await {
             WorkerExit::Drained => break,
             WorkerExit::Replaced | WorkerExit::Refreshed if shutdown.is_cancelled() => break,
             WorkerExit::Refreshed => tracing::info!(

@@ -161,9 +161,15 @@ fn runpod_tomls_example_works_once_its_table_is_uncommented() {
             None => break,
         }
     }
+    // Written elsewhere: its relative model_dir now names the repository's, by its full path.
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
+    let text = lines.join("\n").replace(
+        "model_dir = \"handler/models\"",
+        &format!("model_dir = {models:?}"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("runpod.toml");
-    std::fs::write(&config, lines.join("\n")).unwrap();
+    std::fs::write(&config, text).unwrap();
     let run = |args: &[&str]| {
         let out = Command::new(BIN)
             .args(args)
@@ -336,4 +342,39 @@ fn gpu_check_uses_the_configs_simulated_gpu_and_says_so_first() {
     let row = row.unwrap_or_else(|| panic!("no device row: {seen}"));
     assert!(!row.contains("FAIL"), "{seen}");
     assert!(!seen.contains("no GPU: NVML sees none"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_started_elsewhere_finds_its_models_and_announces_itself_once_ready() {
+    // Another working directory, the repository's config by its absolute path: its
+    // `model_dir = "handler/models"` is the config's directory's, not the working directory's.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["local", "--port", "0", "--http-port", "0", "--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/runpod.toml"))
+        .current_dir(elsewhere.path())
+        .env("RUNPOD_AI_API_KEY", "test-key")
+        .env_remove("RUNPOD_ENDPOINT_ID")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = crate::local_process::lines_of(child.stdout.take().unwrap());
+    let stderr = crate::local_process::lines_of(child.stderr.take().unwrap());
+    let (curl, banner) = crate::local_process::lines_until(&stdout, "curl ");
+    let worker = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("worker:"))
+        .map(|url| url.trim().trim_end_matches("/health").to_owned());
+    // The banner comes once the worker is ready: every address it names already answers.
+    let ready = match &worker {
+        Some(worker) => reqwest::get(format!("{worker}/ready")).await.ok(),
+        None => None,
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let log: Vec<String> = stderr.try_iter().collect();
+    assert!(curl.is_some(), "no banner: {banner}\n{}", log.join("\n"));
+    let ready = ready.expect("the worker's port answers");
+    assert_eq!(ready.status(), 200, "announced before it was ready");
 }

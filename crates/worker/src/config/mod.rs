@@ -455,8 +455,43 @@ impl Config {
             reason,
         })?;
         let config = Self::from_toml(&text).map_err(|e| e.in_file(&path))?;
+        let config = config.relative_to(&text, path.parent().unwrap_or(Path::new("")));
         let config = config.with_env_overrides(|name| std::env::var(name).ok())?;
         Ok((config, ConfigSource::File(path)))
+    }
+
+    /// Relative paths the file `text` names resolved against `dir`, the file's directory: a
+    /// config means the same files whatever directory the worker starts in. Paths left to
+    /// their defaults stay relative to the working directory.
+    fn relative_to(mut self, text: &str, dir: &Path) -> Self {
+        let Ok(table) = text.parse::<toml::Table>() else {
+            return self;
+        };
+        let written = |section: &str, key: &str| {
+            table
+                .get(section)
+                .and_then(|s| s.get(key))
+                .and_then(toml::Value::as_str)
+                .map(Path::new)
+                .filter(|p| p.is_relative())
+                .map(|p| dir.join(p))
+        };
+        if let Some(path) = written("handler", "model_dir") {
+            self.handler.model_dir = path;
+        }
+        if let Some(path) = written("handler", "parser") {
+            self.handler.parser = Some(path);
+        }
+        if let Some(path) = written("queue", "spool_dir") {
+            self.queue.spool_dir = path;
+        }
+        if let Some(path) = written("gpu", "external_load_file") {
+            self.gpu.external_load_file = Some(path);
+        }
+        if let Some(path) = written("gpu", "host_ledger_dir") {
+            self.gpu.host_ledger_dir = Some(path);
+        }
+        self
     }
 
     /// `[server]` overridden by [`HOST_ENV`] and [`PORT_ENV`] where `var` has them: an image

@@ -22,6 +22,10 @@ struct Held {
 const CROSSED_MEMORY: Duration = Duration::from_secs(120);
 /// Most such ids remembered.
 const CROSSED_MAX: usize = 4096;
+/// How long a stop signal for a job this worker does not hold yet is remembered: the job may
+/// be in a take's answer still on its way (the queue marks it IN_PROGRESS when it answers the
+/// take, so a client can cancel it before the worker has read that answer).
+const EARLY_STOP_MEMORY: Duration = Duration::from_secs(15);
 
 /// Why a job was not registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +41,19 @@ struct Board {
     jobs: BTreeMap<String, Held>,
     /// Jobs re-sent while they ran whose results were delivered, and when.
     crossed: VecDeque<(String, Instant)>,
+    /// Stop signals for jobs not (yet) held, and when they came.
+    stopped_early: VecDeque<(String, Instant)>,
+}
+
+/// Forgets what is older than `memory` or beyond `max` entries, oldest first.
+fn forget_old(entries: &mut VecDeque<(String, Instant)>, now: Instant, memory: Duration) {
+    while entries.len() >= CROSSED_MAX
+        || entries
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) > memory)
+    {
+        entries.pop_front();
+    }
 }
 
 /// In-flight jobs, keyed by id, and the re-sent ones answered moments ago.
@@ -66,6 +83,12 @@ impl JobBoard {
             return Err(AlreadyHere::Answered);
         }
         let token = CancellationToken::new();
+        forget_old(&mut board.stopped_early, now, EARLY_STOP_MEMORY);
+        if let Some(at) = board.stopped_early.iter().position(|(id, _)| id == job_id) {
+            // The queue stopped it before its take's answer was read: it never runs.
+            board.stopped_early.remove(at);
+            token.cancel();
+        }
         let held = Held {
             stop: token.clone(),
             answering: false,
@@ -87,14 +110,7 @@ impl JobBoard {
             return;
         }
         let now = Instant::now();
-        while board.crossed.len() >= CROSSED_MAX
-            || board
-                .crossed
-                .front()
-                .is_some_and(|(_, at)| now.duration_since(*at) > CROSSED_MEMORY)
-        {
-            board.crossed.pop_front();
-        }
+        forget_old(&mut board.crossed, now, CROSSED_MEMORY);
         board.crossed.push_back((job_id.to_owned(), now));
     }
 
@@ -103,15 +119,18 @@ impl JobBoard {
         self.lock().jobs.remove(job_id);
     }
 
-    /// Stops a held job; `false` if this worker does not hold it.
+    /// Stops a held job; `false` if this worker does not hold it, in which case the signal is
+    /// remembered a moment, in case the job is in a take's answer still on its way.
     pub fn cancel(&self, job_id: &str) -> bool {
-        match self.lock().jobs.get(job_id) {
-            Some(held) => {
-                held.stop.cancel();
-                true
-            }
-            None => false,
+        let mut board = self.lock();
+        if let Some(held) = board.jobs.get(job_id) {
+            held.stop.cancel();
+            return true;
         }
+        let now = Instant::now();
+        forget_old(&mut board.stopped_early, now, EARLY_STOP_MEMORY);
+        board.stopped_early.push_back((job_id.to_owned(), now));
+        false
     }
 
     /// Marks `job_id` as being answered; `true` when every job in hand is now being answered,
@@ -173,6 +192,21 @@ impl Drop for HeldJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_that_arrives_before_its_job_stops_the_job_when_it_arrives() {
+        let board = Arc::new(JobBoard::default());
+        assert!(!board.cancel("early"), "not held yet");
+        let held = board.register("early").unwrap();
+        assert!(
+            held.stop().is_cancelled(),
+            "stopped on arrival: it never runs"
+        );
+        drop(held);
+        // Remembered once: the same id sent again later runs.
+        assert!(!board.register("early").unwrap().stop().is_cancelled());
+        assert!(!board.register("other").unwrap().stop().is_cancelled());
+    }
 
     #[test]
     fn a_held_job_leaves_the_board_when_its_guard_drops_and_an_id_in_hand_is_refused() {
