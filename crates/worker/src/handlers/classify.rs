@@ -229,6 +229,7 @@ impl Classifier {
                 softmax(&logits)
             }
         };
+        crate::model::finite(&probabilities, "scores")?;
         let best = probabilities
             .iter()
             .enumerate()

@@ -231,6 +231,9 @@ impl ExtractHandler {
                     })
                     .await?;
                 let embeddings = embeddings.map_err(|e| torch_error(&e, 10))?;
+                for embedding in &embeddings {
+                    crate::model::finite(embedding, "embeddings")?;
+                }
                 texts
                     .into_iter()
                     .zip(embeddings.into_iter().map(Some))

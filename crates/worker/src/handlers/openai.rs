@@ -214,6 +214,9 @@ pub fn answer(request: OpenAiRequest, encoder: &Encoder) -> Result<Value, JobErr
             prompt_tokens,
         } => {
             let embeddings = embed_in_order(&inputs, encoder).map_err(|e| torch_error(&e, 10))?;
+            for embedding in &embeddings {
+                crate::model::finite(embedding, "embeddings")?;
+            }
             let data: Vec<Value> = embeddings
                 .into_iter()
                 .enumerate()

@@ -3,6 +3,22 @@
 
 use crate::outcome::{ErrorType, JobError};
 
+/// `values` when every one is a finite number; else the `ModelError` that says the model's
+/// `what` holds NaN or infinities. JSON has no such numbers (serde would write `null`), and a
+/// score or an embedding that is not a number is the model failing, not a result.
+pub fn finite<T: Copy + Into<f64>>(values: &[T], what: &str) -> Result<(), JobError> {
+    match values.iter().find(|v| !(**v).into().is_finite()) {
+        None => Ok(()),
+        Some(bad) => Err(JobError::new(
+            crate::outcome::ErrorType::ModelError,
+            format!(
+                "the model's {what} hold {} where numbers belong: its output is not usable",
+                (*bad).into()
+            ),
+        )),
+    }
+}
+
 /// Maps a libtorch error to what the job's submitter sees: a CUDA out-of-memory is the retry
 /// signal, a broken CUDA context a device failure (the worker gets replaced), anything else a
 /// `ModelError`.
@@ -39,6 +55,21 @@ fn first_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_numbers_from_a_model_are_a_named_model_error() {
+        assert!(finite(&[0.5f32, -1.0], "embeddings").is_ok());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let error = finite(&[0.5f32, bad], "embeddings").unwrap_err();
+            assert_eq!(error.error_type, crate::outcome::ErrorType::ModelError);
+            assert!(
+                error.message.contains("embeddings hold"),
+                "{}",
+                error.message
+            );
+        }
+        assert!(finite(&[f64::NAN], "scores").is_err());
+    }
 
     #[test]
     fn cuda_oom_becomes_the_retry_signal_and_nothing_of_libtorch_leaks() {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tch::{CModule, Device};
 
 pub use encoder::{Encoder, EMBED_BATCH, MAX_MODEL_TOKENS};
-pub use errors::torch_error;
+pub use errors::{finite, torch_error};
 
 /// Why a model could not be loaded (a start-up error).
 #[derive(Debug, thiserror::Error)]
