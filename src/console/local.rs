@@ -251,13 +251,19 @@ fn shown(value: Option<&Value>) -> (Option<String>, bool, usize) {
 
 async fn job(State(console): State<Arc<LocalConsole>>, Path(id): Path<String>) -> Response {
     let now = Instant::now();
+    // Only copies are made under the queue's lock; the pretty-printing (seconds for a 10 MB
+    // output) happens after it is released, so the queue's own routes never wait for it.
     let found = with_queue(&console, |queue| {
         let record = queue.jobs.get(&id)?;
         // A failed job's output is the error object; its `error` string says the same.
-        let output = record.output.as_ref().or(record.error.as_ref());
-        let (input, input_truncated, input_chars) = shown(record.raw.get("input"));
-        let (output, output_truncated, output_chars) = shown(output);
-        let mut body = row(&id, record, now);
+        let output = record.output.as_ref().or(record.error.as_ref()).cloned();
+        let input = record.raw.get("input").cloned();
+        Some((row(&id, record, now), input, output))
+    });
+    // Off the async threads too: a large output takes a while to print.
+    let detail = |(mut body, input, output): (Value, Option<Value>, Option<Value>)| {
+        let (input, input_truncated, input_chars) = shown(input.as_ref());
+        let (output, output_truncated, output_chars) = shown(output.as_ref());
         let extra = json!({
             "input": input,
             "input_truncated": input_truncated,
@@ -270,8 +276,14 @@ async fn job(State(console): State<Arc<LocalConsole>>, Path(id): Path<String>) -
         if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
             body.extend(extra);
         }
-        Some(body)
-    });
+        body
+    };
+    let found = match found {
+        Some(parts) => tokio::task::spawn_blocking(move || detail(parts))
+            .await
+            .ok(),
+        None => None,
+    };
     match found {
         Some(body) => Json(body).into_response(),
         None => {
