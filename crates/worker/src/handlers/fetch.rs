@@ -81,12 +81,25 @@ pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError>
         .redirect(reqwest::redirect::Policy::none())
         // A proxy would resolve the host itself and undo the checks above.
         .no_proxy()
-        .timeout(policy.timeout)
+        // A backstop behind the deadline below, which names the cause.
+        .timeout(policy.timeout + Duration::from_secs(1))
         .resolve_to_addrs(&lookup, &addresses)
         .user_agent(concat!("runpod-worker/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|_| JobError::internal("cannot build an HTTP client"))?;
-    let mut response = client.get(parsed.clone()).send().await.map_err(|e| {
+    // One deadline for the whole document, its headers and every byte of its body: a server
+    // that trickles its body is named as slow, not as an unreadable body.
+    let deadline = tokio::time::Instant::now() + policy.timeout;
+    let too_slow = || {
+        invalid(format!(
+            "the URL did not send its document within {} s (url_timeout_s)",
+            policy.timeout.as_secs()
+        ))
+    };
+    let sent = tokio::time::timeout_at(deadline, client.get(parsed.clone()).send())
+        .await
+        .map_err(|_| too_slow())?;
+    let mut response = sent.map_err(|e| {
         if e.is_timeout() {
             invalid(format!(
                 "the URL did not answer within {} s",
@@ -143,12 +156,23 @@ pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError>
         }
     };
     let mut bytes = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| {
-        invalid(format!(
-            "the URL's body could not be read ({})",
-            e.without_url()
-        ))
-    })? {
+    loop {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .map_err(|_| too_slow())?
+            .map_err(|e| {
+                if e.is_timeout() {
+                    too_slow()
+                } else {
+                    invalid(format!(
+                        "the URL's body could not be read ({})",
+                        e.without_url()
+                    ))
+                }
+            })?;
+        let Some(chunk) = chunk else {
+            break;
+        };
         if bytes.len() + chunk.len() > policy.max_bytes {
             return Err(too_large());
         }
@@ -190,6 +214,41 @@ mod tests {
         for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
             assert!(!is_internal(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_trickles_past_the_timeout_is_named_slow() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/doc", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 1000\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            // Two bytes every 300 ms: well within any per-read timeout, never done in time.
+            for _ in 0..500 {
+                if socket.write_all(b"ab").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        let policy = FetchPolicy {
+            allow_private: true,
+            max_bytes: 10_000,
+            timeout: Duration::from_secs(1),
+        };
+        let error = fetch(&url, &policy).await.unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("did not send its document within 1 s (url_timeout_s)"),
+            "{}",
+            error.message
+        );
     }
 
     #[tokio::test]
