@@ -413,3 +413,40 @@ fn a_models_nan_fails_the_job_by_name_and_never_becomes_null() {
         "{done}"
     );
 }
+
+#[test]
+fn an_output_that_cannot_fit_is_refused_after_the_first_batch_not_after_all_the_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
+    std::fs::write(
+        &config,
+        format!(
+            "[handler]\nmodel_dir = {models:?}\n[queue]\nmax_result_size = \"500KB\"\n\
+             [handlers.extract]\nmax_concurrency = 1\ndevice = \"cpu\"\n"
+        ),
+    )
+    .unwrap();
+    // About 190 chunks of 16 tokens: their embeddings take some 800 kB of JSON, while the
+    // floor before embedding (2 bytes a number) is some 150 kB, under the limit.
+    let words: Vec<String> = (0..3000).map(|i| format!("word{}", i % 97)).collect();
+    let job = json!({"input": {"task": "extract", "chunk_tokens": 16, "overlap": 0,
+                               "document": {"text": words.join(" ")}}});
+    let out = Command::new(BIN)
+        .args(["test-input", "--config"])
+        .arg(&config)
+        .args(["--json", &job.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let done: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(done["output"]["error_type"], "OutputTooLarge", "{done}");
+    assert!(
+        done["output"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("projected from the first 32"),
+        "refused after one batch of 32: {done}"
+    );
+}

@@ -106,6 +106,43 @@ const CHUNK_OVERHEAD: u64 = 22;
 /// ... and around its numbers: `"embedding":[],`.
 const EMBEDDING_OVERHEAD: u64 = 15;
 
+/// Refuses, after the first batch, an output whose embeddings will not fit: each takes about
+/// as many bytes as the first batch's smallest did (10 to 13 a number, not the floor's 2), so
+/// a document of many chunks fails now, not after all of its embeddings were computed.
+fn projected_fits(
+    first: &[(String, Option<Vec<f32>>)],
+    ranges: &[(usize, usize)],
+    text_len: usize,
+    limit: u64,
+) -> Result<(), JobError> {
+    let Some(per_embedding) = first
+        .iter()
+        .filter_map(|(_, embedding)| embedding.as_ref())
+        .filter_map(|embedding| serde_json::to_vec(embedding).ok())
+        .map(|json| json.len() as u64 + EMBEDDING_OVERHEAD)
+        .min()
+    else {
+        return Ok(());
+    };
+    let chunk_texts: u64 = ranges.iter().map(|(a, b)| (b - a) as u64).sum();
+    let projected =
+        text_len as u64 + chunk_texts + ranges.len() as u64 * (CHUNK_OVERHEAD + per_embedding);
+    if projected <= limit {
+        return Ok(());
+    }
+    Err(JobError::new(
+        ErrorType::OutputTooLarge,
+        format!(
+            "the result would take about {projected} bytes ({} chunks, each embedding about \
+             {per_embedding} bytes of JSON, projected from the first {}), over the limit of \
+             {limit} bytes; send a shorter document, larger chunks, embed: false, or stream \
+             the chunks (stream: true)",
+            ranges.len(),
+            first.len()
+        ),
+    ))
+}
+
 /// The least the output can take, from what is known before it is built.
 fn output_floor(text_len: usize, ranges: &[(usize, usize)], dims: usize, embed: bool) -> u64 {
     let chunk_texts: u64 = ranges.iter().map(|(a, b)| (b - a) as u64).sum();
@@ -244,6 +281,9 @@ impl ExtractHandler {
                     .map(|text| (text, None))
                     .collect::<Vec<_>>()
             };
+            if keep_all && embed && done == 0 {
+                projected_fits(&embeddings, &ranges, text.len(), ctx.max_output_bytes)?;
+            }
             let mut values: Vec<Value> = embeddings
                 .into_iter()
                 .enumerate()
