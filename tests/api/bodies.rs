@@ -108,5 +108,16 @@ async fn a_result_the_queue_refuses_is_replaced_by_an_error_that_says_why() {
     let replaced = r#"runpod_worker_undelivered_results_total{fate="replaced"} 1"#;
     let metrics = worker.metrics_once(|m| m.contains(replaced)).await;
     assert!(metrics.contains(replaced), "{metrics}");
+    // The refused output counts as what it became: a failed job, with its error type.
+    let health = worker.health().await;
+    assert_eq!(
+        (&health["jobs"]["completed"], &health["jobs"]["failed"]),
+        (&json!(1), &json!(1)),
+        "{health}"
+    );
+    assert!(
+        metrics.contains(r#"runpod_worker_error_results_total{error_type="OutputTooLarge"} 1"#),
+        "{metrics}"
+    );
     worker.stop().await;
 }

@@ -117,6 +117,16 @@ pub enum JobEvent<'a> {
         /// The output or the error result.
         result: &'a Result<Value, JobError>,
     },
+    /// The queue refused the answer recorded for the job, and `by` goes in its place: the job
+    /// counts as what it became.
+    Replaced {
+        /// The job.
+        job_id: &'a str,
+        /// The refused answer was an output (counted `completed` until now).
+        was_output: bool,
+        /// The error result posted instead.
+        by: &'a JobError,
+    },
     /// Answered with the retry signal, for `reason` (`local_wait`, `ledger`,
     /// `measured_memory`).
     RetrySignal {
@@ -208,6 +218,21 @@ impl Observed {
                 if let Some(handler) = ran_by {
                     metrics.jobs.with_label_values(&[handler, outcome]).inc();
                 }
+            }
+            JobEvent::Replaced {
+                job_id,
+                was_output,
+                by,
+            } => {
+                if was_output {
+                    counters.completed.fetch_sub(1, Ordering::Relaxed);
+                    bump(&counters.failed);
+                }
+                metrics
+                    .errors
+                    .with_label_values(&[by.error_type.as_str()])
+                    .inc();
+                self.recent.finished(job_id, &Err(by.clone()));
             }
             JobEvent::RetrySignal { reason } => {
                 metrics.retry_signals.with_label_values(&[reason]).inc();

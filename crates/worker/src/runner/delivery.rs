@@ -68,6 +68,12 @@ pub(super) async fn answer(
         Err(DeliveryError::Rejected { status, reason }) => {
             let size = body.get().len() as u64;
             let replacement = refused_result(status, &reason, size);
+            // Counted as what it became: an error result, not the output the queue refused.
+            worker.record(JobEvent::Replaced {
+                job_id,
+                was_output: result.is_ok(),
+                by: &replacement,
+            });
             post_replacement(worker, job_id, replacement, stop_pod, streamed).await;
         }
         Err(error) if id_problem(job_id).is_some() => {
