@@ -309,7 +309,8 @@ max_text_chars = 20000000
             "URL that stalls mid-body",
             json!({"task": "extract", "document": {"url": format!("{server}/stall")}}),
             None,
-            "could not be read",
+            // Named as what it is: the server was too slow, not the body unreadable.
+            "did not send its document within 3 s (url_timeout_s)",
         ),
         (
             "15 MB of text, embedded, 5 s deadline",
