@@ -132,7 +132,11 @@ in_image runpod-worker gpu-check --simulate 24GB >"$CACHE/gpu-check.log" 2>&1 \
     || { cat "$CACHE/gpu-check.log"; fail "gpu-check --simulate 24GB"; }
 step "gpu-check on a simulated GPU: $(tail -1 "$CACHE/gpu-check.log")"
 
-in_image env RUNPOD_AI_API_KEY=image-key RUNPOD_WORKER_PORT=0 runpod-worker local --port 0 \
+# `exec`: the background job is the worker itself (chroot and env exec too), so the kill below
+# and cleanup's reach it. A subshell running `in_image` would be killed instead, and the worker
+# inside the image left running after the test (it was, every run).
+(exec chroot --userspec="$user" "$mount" /usr/bin/env -i "${image_env[@]}" HOME=/home/runpod \
+    RUNPOD_AI_API_KEY=image-key RUNPOD_WORKER_PORT=0 runpod-worker local --port 0) \
     >"$CACHE/local.log" 2>&1 &
 local_pid=$!
 for _ in $(seq 300); do
@@ -148,4 +152,17 @@ answer=$(curl -s -m 60 -X POST "$base/v2/local/runsync" -H 'Authorization: Beare
 echo "$answer" | grep -q '"status":"COMPLETED"' || fail "local round trip: $answer"
 echo "$answer" | grep -q '"label":"recipe"' || fail "local round trip: $answer"
 step "local round trip from outside the image: COMPLETED, label recipe"
+
+# SIGTERM drains and ends the worker itself: nothing of the image stays running.
+kill -TERM "$local_pid"
+for _ in $(seq 150); do
+    kill -0 "$local_pid" 2>/dev/null || break
+    sleep 0.2
+done
+kill -0 "$local_pid" 2>/dev/null && fail "local still runs 30 s after SIGTERM (pid $local_pid)"
+wait "$local_pid" || fail "local exited $? after SIGTERM"
+leftover=$(pgrep -u "${user%%:*}" -f "runpod-worker local" || true)
+[ -z "$leftover" ] || fail "a runpod-worker local of the image's user is still running: $leftover"
+local_pid=
+step "local stopped on SIGTERM, nothing left running"
 echo "image-test: OK ($TAG, $((size / 1000000)) MB)"
