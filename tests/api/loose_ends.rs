@@ -11,6 +11,37 @@ use serde_json::json;
 use crate::helpers::{spawn_mock, worker_command, BIN, ECHO_CONFIG};
 use crate::local_process::LocalProcess;
 
+/// A config in `dir` naming the repository's models: `handler` keys beside `model_dir`, then
+/// `rest` (the handler tables).
+fn config_with_models(dir: &Path, handler: &str, rest: &str) -> std::path::PathBuf {
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
+    let config = dir.join("runpod.toml");
+    std::fs::write(
+        &config,
+        format!("[handler]\nmodel_dir = {models:?}\n{handler}{rest}"),
+    )
+    .unwrap();
+    config
+}
+
+/// `test-input` with `config` on `job`: its exit code and the job-done body it printed last.
+fn test_input(config: &Path, job: &serde_json::Value) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(BIN)
+        .args(["test-input", "--config"])
+        .arg(config)
+        .args(["--json", &job.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("null"),
+        "no null in what it printed: {stdout}"
+    );
+    let done = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    (out.status.code(), done)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_with_spaces_around_it_is_the_key_inside_and_bearer_is_case_insensitive() {
     let local = LocalProcess::start(Path::new(ECHO_CONFIG), " spaced key ", &[]);
@@ -202,17 +233,12 @@ fn runpod_tomls_example_works_once_its_table_is_uncommented() {
 #[test]
 fn a_parser_that_does_not_answer_as_the_parser_is_a_start_up_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("runpod.toml");
-    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
     for parser in ["/bin/true", "/bin/cat"] {
-        std::fs::write(
-            &config,
-            format!(
-                "[handler]\nmodel_dir = {models:?}\nparser = {parser:?}\n\
-                 [handlers.extract]\nmax_concurrency = 1\ndevice = \"cpu\"\n"
-            ),
-        )
-        .unwrap();
+        let config = config_with_models(
+            dir.path(),
+            &format!("parser = {parser:?}\n"),
+            "[handlers.extract]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
+        );
         let out = Command::new(BIN)
             .args(["check-config", "--config"])
             .arg(&config)
@@ -312,16 +338,11 @@ async fn the_openai_route_answers_as_openai_does() {
 #[test]
 fn gpu_check_uses_the_configs_simulated_gpu_and_says_so_first() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("runpod.toml");
-    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
-    std::fs::write(
-        &config,
-        format!(
-            "[handler]\nmodel_dir = {models:?}\n[gpu]\nsimulate = \"24GB\"\n\
-             [handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n"
-        ),
-    )
-    .unwrap();
+    let config = config_with_models(
+        dir.path(),
+        "",
+        "[gpu]\nsimulate = \"24GB\"\n[handlers.echo]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
+    );
     let mut child = Command::new(BIN)
         .args(["gpu-check", "--config"])
         .arg(&config)
@@ -382,28 +403,15 @@ async fn local_started_elsewhere_finds_its_models_and_announces_itself_once_read
 #[test]
 fn a_models_nan_fails_the_job_by_name_and_never_becomes_null() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("runpod.toml");
-    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
-    std::fs::write(
-        &config,
-        format!(
-            "[handler]\nmodel_dir = {models:?}\n\
-             [handlers.classify]\nmax_concurrency = 1\ndevice = \"cpu\"\n\
-             model = \"nan_logits.pt\"\nlabels = [\"spam\", \"ham\"]\n"
-        ),
-    )
-    .unwrap();
+    let config = config_with_models(
+        dir.path(),
+        "",
+        "[handlers.classify]\nmax_concurrency = 1\ndevice = \"cpu\"\n\
+         model = \"nan_logits.pt\"\nlabels = [\"spam\", \"ham\"]\n",
+    );
     let job = json!({"input": {"task": "classify", "text": "win a prize now"}});
-    let out = Command::new(BIN)
-        .args(["test-input", "--config"])
-        .arg(&config)
-        .args(["--json", &job.to_string()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "an error result: {stdout}");
-    assert!(!stdout.contains("null"), "no null score: {stdout}");
-    let done: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let (code, done) = test_input(&config, &job);
+    assert_eq!(code, Some(1), "an error result: {done}");
     assert_eq!(done["output"]["error_type"], "ModelError", "{done}");
     assert!(
         done["output"]["error"]
@@ -417,30 +425,19 @@ fn a_models_nan_fails_the_job_by_name_and_never_becomes_null() {
 #[test]
 fn an_output_that_cannot_fit_is_refused_after_the_first_batch_not_after_all_the_work() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("runpod.toml");
-    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/handler/models");
-    std::fs::write(
-        &config,
-        format!(
-            "[handler]\nmodel_dir = {models:?}\n[queue]\nmax_result_size = \"500KB\"\n\
-             [handlers.extract]\nmax_concurrency = 1\ndevice = \"cpu\"\n"
-        ),
-    )
-    .unwrap();
+    let config = config_with_models(
+        dir.path(),
+        "",
+        "[queue]\nmax_result_size = \"500KB\"\n\
+         [handlers.extract]\nmax_concurrency = 1\ndevice = \"cpu\"\n",
+    );
     // About 190 chunks of 16 tokens: their embeddings take some 800 kB of JSON, while the
     // floor before embedding (2 bytes a number) is some 150 kB, under the limit.
     let words: Vec<String> = (0..3000).map(|i| format!("word{}", i % 97)).collect();
     let job = json!({"input": {"task": "extract", "chunk_tokens": 16, "overlap": 0,
                                "document": {"text": words.join(" ")}}});
-    let out = Command::new(BIN)
-        .args(["test-input", "--config"])
-        .arg(&config)
-        .args(["--json", &job.to_string()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    let done: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let (code, done) = test_input(&config, &job);
+    assert_eq!(code, Some(1), "{done}");
     assert_eq!(done["output"]["error_type"], "OutputTooLarge", "{done}");
     assert!(
         done["output"]["error"]

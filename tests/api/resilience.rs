@@ -33,12 +33,12 @@ async fn a_result_over_the_size_limit_becomes_output_too_large_instead_of_being_
     worker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undeliverable_result_is_spooled_and_delivered_at_the_next_start() {
+/// A mock whose job-done always answers 503, and a config that gives up delivering after 1 s:
+/// every result goes to the spool (at `config.queue.spool_dir`).
+fn queue_that_takes_no_result() -> (Arc<mock_queue::MockQueue>, worker::config::Config) {
     let mock = spawn_mock(Duration::from_secs(1));
     let mut config = test_config();
     config.queue.delivery_retry_s = 1;
-    let spool = config.queue.spool_dir.clone();
     mock.set_fault(
         Route::Done,
         Some(Fault {
@@ -46,6 +46,13 @@ async fn an_undeliverable_result_is_spooled_and_delivered_at_the_next_start() {
             rate: 1.0,
         }),
     );
+    (mock, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_result_is_spooled_and_delivered_at_the_next_start() {
+    let (mock, config) = queue_that_takes_no_result();
+    let spool = config.queue.spool_dir.clone();
     let first = TestWorker::start_on(mock.clone(), config.clone(), |h| h, 1000).await;
     first.enqueue("kept", json!({"task": "echo", "n": 7}));
     let spooled = mock
@@ -252,17 +259,8 @@ async fn results_waiting_for_delivery_hold_their_global_slot_so_the_take_loop_wa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_neither_delivered_nor_spooled_is_counted_lost_not_spooled() {
-    let mock = spawn_mock(Duration::from_secs(1));
-    let mut config = test_config();
-    config.queue.delivery_retry_s = 1;
+    let (mock, config) = queue_that_takes_no_result();
     let spool = config.queue.spool_dir.clone();
-    mock.set_fault(
-        Route::Done,
-        Some(Fault {
-            status: 503,
-            rate: 1.0,
-        }),
-    );
     let worker = TestWorker::start_on(mock.clone(), config, |h| h, 1000).await;
     // The spool was fine at start; now a file stands where its directory was.
     std::fs::remove_dir_all(&spool).unwrap();
