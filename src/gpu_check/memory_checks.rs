@@ -178,10 +178,21 @@ async fn burst(ctx: &Ctx, worker: &Harness, per_job: u64, resident: u64, table: 
     );
     let budget_gib = ctx.budget() as f64 / (1u64 << 30) as f64;
     let what = if ctx.simulated { "booked" } else { "NVML used" };
+    // How far the figure can miss: the worker reads NVML at its sampling interval, so a peak
+    // shorter than that may fall between two readings (each job here holds its memory for
+    // 300 ms, well over the interval).
+    let precision = if ctx.simulated {
+        String::new()
+    } else {
+        format!(
+            "; NVML read every {} ms: a peak shorter than that can be missed",
+            ctx.base.gpu.sample_interval_ms
+        )
+    };
     table.add(
         "burst: memory used of budget",
         format!(
-            "peak {what} {:.2} of {budget_gib:.2} GiB budget: {:.0}% (target 90%)",
+            "peak {what} {:.2} of {budget_gib:.2} GiB budget: {:.0}% (target 90%){precision}",
             peaks.used_gib,
             100.0 * peaks.used_gib / budget_gib.max(f64::MIN_POSITIVE)
         ),
