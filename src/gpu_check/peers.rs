@@ -21,13 +21,14 @@ const PER_WORKER: u32 = 4;
 /// Jobs submitted.
 const JOBS: usize = 16;
 
-/// Starts one `serve` worker with `config_file`, and waits until it says where it listens.
+/// Starts one `serve` worker with `config_file`, and waits until it is ready: the process and
+/// the base URL of its port.
 async fn start_worker(
     base: &str,
     config_file: &Path,
     log: &Path,
     name: &str,
-) -> Result<Child, String> {
+) -> Result<(Child, String), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let stderr = std::fs::File::create(log).map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
@@ -53,7 +54,8 @@ async fn start_worker(
     match listening {
         Ok(Ok(Some(line))) if line.starts_with("listening on ") => {
             // It listens before its models load: wait until it takes jobs.
-            let url = format!("{}/ready", line.trim_start_matches("listening on ").trim());
+            let port = line.trim_start_matches("listening on ").trim().to_owned();
+            let url = format!("{port}/ready");
             let client = reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -61,7 +63,7 @@ async fn start_worker(
             for _ in 0..3000 {
                 let ready = client.get(&url).send().await;
                 if ready.is_ok_and(|r| r.status().is_success()) {
-                    return Ok(child);
+                    return Ok((child, port));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -73,6 +75,19 @@ async fn start_worker(
             Err(format!("worker {name} did not start: {}", tail.join(" / ")))
         }
     }
+}
+
+/// The sum of the counter `name` (all its labels) on a worker's `/metrics`; 0 when it cannot be
+/// read (the row then says only what the answers show).
+async fn counter(port: &str, name: &str) -> u64 {
+    let Ok(response) = reqwest::get(format!("{port}/metrics")).await else {
+        return 0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// The highest total the host-wide ledger held, and NVML's highest use, while `stop` is not
@@ -145,7 +160,7 @@ async fn two_workers(ctx: &Ctx) -> Result<(String, bool), String> {
         start_worker(&base, &config_file, &log_a, "peer-a"),
         start_worker(&base, &config_file, &log_b, "peer-b"),
     );
-    let (mut a, mut b) = (a?, b?);
+    let ((mut a, port_a), (mut b, port_b)) = (a?, b?);
     let job_bytes = per_job.saturating_sub(128_000_000);
     let ids: Vec<String> = (0..JOBS).map(|i| format!("peer-{i}")).collect();
     mock.enqueue_all(
@@ -166,15 +181,19 @@ async fn two_workers(ctx: &Ctx) -> Result<(String, bool), String> {
         answers,
         watch(&ledger, ctx.device.index, ctx.simulated, stop.clone())
     );
+    // The answers cannot tell a CUDA OOM from an admission refusal (both are the retry
+    // signal); the workers' own counters can.
+    let mut ooms = 0;
+    let mut refusals = 0;
+    for port in [&port_a, &port_b] {
+        ooms += counter(port, "runpod_worker_ooms_total").await;
+        refusals += counter(port, "runpod_worker_retry_signals_total").await;
+    }
     let _ = a.kill().await;
     let _ = b.kill().await;
     let done = mock.endpoint(ENDPOINT).done;
     let by_a = done.iter().filter(|d| d.worker == "peer-a").count();
     let ok = answers.iter().filter(|r| r.is_ok()).count();
-    let ooms = answers
-        .iter()
-        .filter(|r| harness::kind_of(r) == "InsufficientGPUMemory")
-        .count();
     let first_failure = answers
         .iter()
         .find_map(|a| a.as_ref().err())
@@ -191,7 +210,7 @@ async fn two_workers(ctx: &Ctx) -> Result<(String, bool), String> {
     let both_worked = by_a > 0 && by_a < done.len();
     Ok((
         format!(
-            "jobs of {} on 2x{PER_WORKER} slots: {ok}/{JOBS} ok ({by_a} by one, {} by the other), {ooms} OOM; ledger peak {} of {} budget{nvml}{first_failure}",
+            "jobs of {} on 2x{PER_WORKER} slots: {ok}/{JOBS} ok ({by_a} by one, {} by the other), {ooms} OOM, {refusals} retry signal(s); ledger peak {} of {} budget{nvml}{first_failure}",
             gib(per_job),
             done.len() - by_a,
             gib(booked),
