@@ -45,17 +45,7 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
     };
     if let Some(problem) = id_problem(&id) {
         tracing::warn!(job_id = %shown_id(&id), "{problem}: answering it without holding it");
-        let worker = worker.clone();
-        return Some(worker.tracker.clone().spawn(async move {
-            answer(
-                &worker,
-                &id,
-                None,
-                Err(JobError::invalid_input(problem)),
-                false,
-            )
-            .await;
-        }));
+        return Some(refuse(worker, id, JobError::invalid_input(problem), ()));
     }
     let held = match worker.board.register(&id) {
         Ok(held) => held,
@@ -80,38 +70,39 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
     let job = match item {
         Ok(job) => job,
         Err(BadJob { problem, .. }) => {
-            let worker = worker.clone();
-            return Some(worker.tracker.clone().spawn(async move {
-                let (_slot, _held) = (slot, held);
-                answer(
-                    &worker,
-                    &id,
-                    None,
-                    Err(JobError::invalid_input(problem)),
-                    false,
-                )
-                .await;
-            }));
+            let error = JobError::invalid_input(problem);
+            return Some(refuse(worker, id, error, (slot, held)));
         }
     };
     let routed = worker
         .handlers
         .route(&job.input)
         .map(|r| (r.entry.id, r.input));
-    let worker_ref = worker.clone();
     Some(match routed {
-        Err(error) => worker.tracker.spawn(async move {
-            let (_slot, _held) = (slot, held);
-            answer(&worker_ref, &job.id, None, Err(error), false).await;
-        }),
+        Err(error) => refuse(worker, job.id, error, (slot, held)),
         Ok((handler, input)) => {
             let ticket = worker.limits.enqueue(handler);
             let batch_id = job.raw.get("batchId").and_then(Value::as_str);
             let span = job_span(&job.id, batch_id);
-            worker
-                .tracker
-                .spawn(run(worker_ref, job, handler, input, ticket, slot, held).instrument(span))
+            let run = run(worker.clone(), job, handler, input, ticket, slot, held);
+            worker.tracker.spawn(run.instrument(span))
         }
+    })
+}
+
+/// Answers a job refused before it could run (its id, its shape, its task) with `error`,
+/// holding `guards` (its global slot and its place on the board, where it has them) until the
+/// answer is posted.
+fn refuse<G: Send + 'static>(
+    worker: &Arc<Worker>,
+    id: String,
+    error: JobError,
+    guards: G,
+) -> JoinHandle<()> {
+    let worker = worker.clone();
+    worker.tracker.clone().spawn(async move {
+        let _guards = guards;
+        answer(&worker, &id, None, Err(error), false).await;
     })
 }
 
