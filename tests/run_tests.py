@@ -41,7 +41,9 @@ def test_binaries(cargo_args):
 
 
 def run_binary(name, executable, cwd, threads, times, failures):
-    """Runs one binary's tests, printing a line per test; records times and failures."""
+    """Runs one binary's tests, printing them as libtest's own output does (`running N tests`,
+    `test NAME ... ok <TIME>`, `test result: ...`), so that whatever reads `cargo test` output
+    (a person, CI) reads this too; records times and failures."""
     env = dict(os.environ, RUSTC_BOOTSTRAP="1")
     command = [executable, "--test-threads", str(threads),
                "-Z", "unstable-options", "--format", "json", "--report-time"]
@@ -54,6 +56,9 @@ def run_binary(name, executable, cwd, threads, times, failures):
         except json.JSONDecodeError:
             print(line, end="")
             continue
+        if event.get("type") == "suite" and event.get("event") == "started":
+            print(f"\n     Running {name}\n\nrunning {event.get('test_count', 0)} tests", flush=True)
+            continue
         if event.get("type") != "test" or event.get("event") == "started":
             continue
         outcome = event["event"]
@@ -61,12 +66,15 @@ def run_binary(name, executable, cwd, threads, times, failures):
         seconds = float(event.get("exec_time", 0.0))
         if outcome != "ignored":
             times.append((seconds, f"{name} {event['name']}"))
-        print(f"{outcome:>7} {seconds:7.2f}s  {name} {event['name']}", flush=True)
+        shown = "FAILED" if outcome == "failed" else outcome
+        print(f"test {event['name']} ... {shown} <{seconds:.3f}s>", flush=True)
         if outcome == "failed":
             failures.append((f"{name} {event['name']}", event.get("stdout", "")))
     status = process.wait()
-    print(f"== {name}: {counts['ok']} passed, {counts['failed']} failed, "
-          f"{counts['ignored']} ignored in {time.monotonic() - started:.1f} s", flush=True)
+    result = "ok" if status == 0 and counts["failed"] == 0 else "FAILED"
+    print(f"\ntest result: {result}. {counts['ok']} passed; {counts['failed']} failed; "
+          f"{counts['ignored']} ignored; 0 measured; 0 filtered out; "
+          f"finished in {time.monotonic() - started:.2f}s", flush=True)
     if status != 0 and counts["failed"] == 0:
         failures.append((name, f"the test binary exited with status {status}"))
 
