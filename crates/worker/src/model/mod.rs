@@ -3,6 +3,7 @@
 //! mapping of libtorch failures to job errors. Every call here blocks: handlers run them through
 //! `JobContext::run_blocking`, with `no_grad` taken inside the thread.
 
+mod batcher;
 mod encoder;
 mod errors;
 
@@ -11,6 +12,9 @@ use std::sync::Arc;
 
 use tch::{CModule, Device};
 
+pub use batcher::{
+    BatchAttachment, BatchLimits, BatchMemory, BatchMetrics, BatchModel, BatchReport, Batcher, Ticket,
+};
 pub use encoder::{Encoder, EMBED_BATCH, MAX_MODEL_TOKENS};
 pub use errors::{finite, torch_error};
 
