@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use axum::routing::get;
 use serde_json::json;
 use worker::config::{Config, DeviceChoice, HandlerConfig};
-use worker::model::Encoder;
+use worker::model::{BatchLimits, Encoder, Ticket};
 
 use crate::helpers::{test_config, TestWorker};
 
@@ -60,6 +60,113 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
     dot / (na * nb)
 }
 
+/// The encoder on the CPU, its batcher bounded by `max_rows` and waiting `delay_us` for rows.
+fn cpu_encoder(max_rows: usize, delay_us: u64) -> Encoder {
+    let limits = BatchLimits {
+        max_rows,
+        max_tokens: 16_384,
+        max_delay: std::time::Duration::from_micros(delay_us),
+    };
+    Encoder::load(&models_dir(), tch::Device::Cpu, limits).expect("make models has run")
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
+}
+
+/// Many jobs embed at once through one batcher: each text of very different length gets what
+/// it gets alone (cosine ≥ 0.9999, the embeddings are unit vectors), and the nearest of the
+/// texts' lone embeddings is its own, so no job received a row computed from another's input.
+#[test]
+fn batched_embeddings_equal_each_text_alone_and_no_job_gets_another_jobs_row() {
+    let texts: Vec<String> = (0..24)
+        .map(|i| {
+            let topic = [
+                "invoices",
+                "recipes",
+                "poems",
+                "contracts",
+                "weather",
+                "football",
+            ][i % 6];
+            format!("Document {i} is about {topic}. ")
+                + &"More words about it follow. ".repeat(i * i / 3)
+        })
+        .collect();
+    let alone = cpu_encoder(1, 0);
+    let reference: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| {
+            alone
+                .embed(std::slice::from_ref(t), &Ticket::unbounded())
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    assert!(alone.batcher().report().mean_rows <= 1.0);
+
+    let batched = std::sync::Arc::new(cpu_encoder(64, 20_000));
+    let jobs: Vec<_> = texts
+        .iter()
+        .cloned()
+        .map(|text| {
+            let encoder = batched.clone();
+            std::thread::spawn(move || {
+                encoder
+                    .embed(&[text], &Ticket::unbounded())
+                    .unwrap()
+                    .remove(0)
+            })
+        })
+        .collect();
+    let ours: Vec<Vec<f32>> = jobs.into_iter().map(|j| j.join().unwrap()).collect();
+    let report = batched.batcher().report();
+    assert!(report.mean_rows > 1.0, "the jobs shared passes: {report:?}");
+    for (i, embedding) in ours.iter().enumerate() {
+        let own = dot(embedding, &reference[i]);
+        assert!(
+            own >= 0.9999,
+            "text {i}: cosine {own} with its lone embedding"
+        );
+        let nearest = (0..texts.len())
+            .max_by(|&a, &b| {
+                dot(embedding, &reference[a]).total_cmp(&dot(embedding, &reference[b]))
+            })
+            .unwrap();
+        assert_eq!(nearest, i, "text {i} got a row nearest to text {nearest}'s");
+    }
+}
+
+/// Padding is exact: a short text in one pass with a 250-token one gets what it gets alone.
+#[test]
+fn a_short_text_padded_beside_a_long_one_embeds_as_it_does_alone() {
+    use worker::model::BatchModel;
+    let encoder = cpu_encoder(64, 0);
+    let short = encoder
+        .ids(&["A short note.".to_owned()])
+        .unwrap()
+        .remove(0);
+    let long = encoder
+        .ids(&["A much longer text, repeated. ".repeat(60)])
+        .unwrap()
+        .remove(0);
+    assert!(long.len() > 200 && short.len() < 10);
+    let module = tch::CModule::load(models_dir().join("minilm.pt")).unwrap();
+    let padded = worker::model::PaddedModule::new(
+        std::sync::Arc::new(module),
+        tch::Device::Cpu,
+        encoder.pad(),
+    );
+    let together = padded.forward(&[&short, &long]).unwrap();
+    let short_alone = padded.forward(&[&short]).unwrap();
+    let long_alone = padded.forward(&[&long]).unwrap();
+    assert!(dot(&together[0], &short_alone[0]) >= 0.9999);
+    assert!(dot(&together[1], &long_alone[0]) >= 0.9999);
+}
+
 #[test]
 fn embeddings_match_the_python_reference() {
     let long =
@@ -71,8 +178,8 @@ fn embeddings_match_the_python_reference() {
         long,
         "   \n\t  ".to_owned(),
     ];
-    let encoder = Encoder::load(&models_dir(), tch::Device::Cpu).expect("make models has run");
-    let ours = encoder.embed(&texts).unwrap();
+    let encoder = cpu_encoder(64, 0);
+    let ours = encoder.embed(&texts, &Ticket::unbounded()).unwrap();
 
     let python = Path::new(ROOT).join(".venv/bin/python");
     let mut child = Command::new(python)

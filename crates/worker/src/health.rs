@@ -167,6 +167,7 @@ pub fn health_report(worker: &Observed) -> (StatusCode, Value) {
                 "max_limit": counts.max_limit,
                 "queued": counts.queued,
                 "available": entry.handler.is_ok(),
+                "batched": entry.batched,
                 "footprint": footprint,
                 "typical_duration_ms": worker.memory.typical_duration(&entry.name).map(|d| d.as_millis() as u64),
             }),
@@ -202,6 +203,21 @@ pub fn health_report(worker: &Observed) -> (StatusCode, Value) {
             })
         })
         .collect();
+    let batching: Vec<Value> = worker
+        .handlers
+        .batchers()
+        .iter()
+        .map(|used| {
+            let mut report = json!(used.batcher.report());
+            let names: Vec<&str> = used
+                .handlers
+                .iter()
+                .map(|id| worker.handlers.entry(*id).name.as_str())
+                .collect();
+            report["handlers"] = json!(names);
+            report
+        })
+        .collect();
     let first = devices.first();
     let counters = &worker.counters;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -229,6 +245,7 @@ pub fn health_report(worker: &Observed) -> (StatusCode, Value) {
             "duplicates": load(&counters.duplicates),
         },
         "handlers": handlers,
+        "batching": batching,
         "gpus": gpus,
         "warnings": warnings,
     });

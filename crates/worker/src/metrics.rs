@@ -23,6 +23,8 @@ pub struct Metrics {
     pub undelivered: IntCounterVec,
     /// Per-handler gauges (`active`, `limit`, `max_limit`, `queued`, `footprint_bytes`).
     pub handler: IntGaugeVec,
+    /// The batchers' histograms and counters.
+    pub batches: crate::model::BatchMetrics,
     /// Per-device memory gauges, bytes (`total`, `free`, `budget`, `resident`, `reserved`,
     /// `others_used`, `allocated`, `allocator_reserved`).
     pub gpu: IntGaugeVec,
@@ -110,6 +112,7 @@ impl Metrics {
                 "GPU memory, by device and kind",
                 &["device", "kind"],
             ),
+            batches: crate::model::BatchMetrics::register(&r),
             registry: r,
         }
     }

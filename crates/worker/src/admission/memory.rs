@@ -48,6 +48,9 @@ pub struct MemoryAdmission {
     pub(super) ledgers: Vec<Arc<Ledger>>,
     pub(super) sampler: Arc<GpuSampler>,
     footprints: BTreeMap<String, Footprint>,
+    /// GPU handlers whose model work runs on batchers: their jobs reserve nothing (each batch
+    /// books its own memory, see [`super::batch_memory`]).
+    batched: std::collections::BTreeSet<String>,
     durations: BTreeMap<String, DurationStats>,
     released: Arc<Notify>,
     config: GpuConfig,
@@ -88,9 +91,14 @@ impl MemoryAdmission {
                 ))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
+        let batched = handlers
+            .entries()
+            .filter(|e| e.on_gpu && e.batched)
+            .map(|e| e.name.clone())
+            .collect();
         let footprints = handlers
             .entries()
-            .filter(|e| e.on_gpu)
+            .filter(|e| e.on_gpu && !e.batched)
             .map(|e| {
                 let footprint = Footprint::new(
                     e.reservation.bytes(),
@@ -109,6 +117,7 @@ impl MemoryAdmission {
             ledgers,
             sampler,
             footprints,
+            batched,
             durations,
             released,
             config: config.clone(),
@@ -128,8 +137,12 @@ impl MemoryAdmission {
     }
 
     /// Bytes one job of `handler` needs now: the learned footprint with `adaptive`, else the
-    /// declared one; `None` for CPU handlers.
+    /// declared one; 0 for a batched GPU handler (its job is admitted to a device, its batches
+    /// book the memory); `None` for CPU handlers.
     pub fn need(&self, handler: &str) -> Option<u64> {
+        if self.batched.contains(handler) {
+            return Some(0);
+        }
         let footprint = self.footprints.get(handler)?;
         Some(self.resolve(if self.config.adaptive {
             footprint.estimate()

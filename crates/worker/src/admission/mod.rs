@@ -7,6 +7,7 @@
 //! cannot wait on each other.
 
 mod admitter;
+mod batch_memory;
 mod booking;
 mod device_health;
 mod host_ledger;
@@ -18,6 +19,7 @@ mod memory;
 pub mod resident;
 
 pub use admitter::{Admitted, Admitter, PeakProbe, Refusal, RetrySignal};
+pub use batch_memory::attach_batchers;
 pub use device_health::DeviceHealth;
 pub use host_ledger::{HostLedger, HostTotals, HostView};
 pub use learning::{AdaptiveRule, DurationStats, Footprint};

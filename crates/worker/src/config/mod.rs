@@ -42,6 +42,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// How the worker talks to the job queue.
     pub queue: QueueConfig,
+    /// How forward passes of the MiniLM models are batched across jobs.
+    pub batching: BatchingConfig,
     /// One entry per handler, keyed by the `input.task` that selects it.
     pub handlers: BTreeMap<String, HandlerConfig>,
 }
@@ -108,6 +110,50 @@ impl Default for HandlerDefaults {
             openai_handler: None,
             parser: None,
         }
+    }
+}
+
+/// `[batching]`: one batcher per loaded model and device runs every forward pass of the
+/// MiniLM encoder (classify, extract, the OpenAI embeddings route) and of a classify logits
+/// model, with the rows of every job waiting for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// Rows (texts, chunks, labels) in one forward pass; 1 turns batching across rows off.
+    pub max_batch_rows: usize,
+    /// Padded tokens (rows x the longest row) in one forward pass. Unset: 16384 on a GPU (where
+    /// a pass costs about the same up to there), 2048 on the CPU (where cost follows padded
+    /// tokens and larger passes measured no faster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<usize>,
+    /// How long a pass that is not full waits for more rows, microseconds (0: it runs as soon
+    /// as the model is free; rows that arrive meanwhile form the next one).
+    pub max_batch_delay_us: u64,
+}
+
+/// `max_batch_tokens` on a GPU when unset.
+pub const GPU_BATCH_TOKENS: usize = 16_384;
+/// `max_batch_tokens` on the CPU when unset.
+pub const CPU_BATCH_TOKENS: usize = 2_048;
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_rows: 64,
+            max_batch_tokens: None,
+            max_batch_delay_us: 0,
+        }
+    }
+}
+
+impl BatchingConfig {
+    /// The padded-token limit for a model computing on a GPU or on the CPU.
+    pub fn tokens_for(&self, on_cuda: bool) -> usize {
+        self.max_batch_tokens.unwrap_or(if on_cuda {
+            GPU_BATCH_TOKENS
+        } else {
+            CPU_BATCH_TOKENS
+        })
     }
 }
 
@@ -379,6 +425,7 @@ impl Default for Config {
             gpu: GpuConfig::default(),
             server: ServerConfig::default(),
             queue: QueueConfig::default(),
+            batching: BatchingConfig::default(),
             handlers: BTreeMap::from([
                 ("classify".to_owned(), handler(1, DeviceChoice::Cuda)),
                 ("echo".to_owned(), handler(4, DeviceChoice::Cpu)),

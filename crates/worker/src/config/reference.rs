@@ -19,6 +19,7 @@ mod tests {
         config.gpu.simulate = Some(Size::gb(24));
         config.gpu.external_load_file = Some(PathBuf::from("load"));
         config.gpu.host_ledger_dir = Some(PathBuf::from("/dev/shm"));
+        config.batching.max_batch_tokens = Some(8192);
         let size = Some(Size::gb(1));
         let table = HandlerConfig {
             kind: Some("classify".into()),

@@ -64,6 +64,18 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         });
     }
 
+    let b = &config.batching;
+    check("batching.max_batch_rows", b.max_batch_rows as u64, 1, 4096)?;
+    if let Some(tokens) = b.max_batch_tokens {
+        check("batching.max_batch_tokens", tokens as u64, 16, 4_194_304)?;
+    }
+    check(
+        "batching.max_batch_delay_us",
+        b.max_batch_delay_us,
+        0,
+        1_000_000,
+    )?;
+
     let q = &config.queue;
     check(
         "queue.empty_poll_floor_ms",

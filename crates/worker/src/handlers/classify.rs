@@ -9,13 +9,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
-use tch::{CModule, Kind};
 
 use super::document;
 use super::fetch::FetchPolicy;
 use super::parser::ParserPool;
 use super::{Handler, JobContext, Prepared};
-use crate::model::{torch_error, Encoder, OnDevices};
+use crate::model::{Batcher, Encoder, OnDevices, Ticket};
 use crate::outcome::JobError;
 
 /// Most labels in one job.
@@ -27,6 +26,9 @@ const CACHE_LIMIT: usize = 10_000;
 /// A job's `temperature` range: the one `handlers.<name>.temperature` is checked against.
 const TEMPERATURES: std::ops::RangeInclusive<f64> = 0.001..=100.0;
 
+/// A label's embedding, shared with the cache.
+type LabelEmbedding = Arc<Vec<f32>>;
+
 /// How labels are phrased for the encoder.
 fn label_sentence(label: &str) -> String {
     format!("This text is a {label}.")
@@ -36,8 +38,9 @@ fn label_sentence(label: &str) -> String {
 pub enum ClassifyMode {
     /// Cosine similarity between text and label embeddings.
     ZeroShot,
-    /// A TorchScript model `(input_ids, attention_mask) -> logits [1, labels]`.
-    Logits(OnDevices<Arc<CModule>>),
+    /// A TorchScript model `(input_ids, attention_mask) -> logits [rows, labels]`, on each
+    /// device's batcher.
+    Logits(OnDevices<Batcher>),
 }
 
 /// The classification handler (the classifier, shared with its blocking threads).
@@ -129,11 +132,15 @@ fn softmax(values: &[f64]) -> Vec<f64> {
 }
 
 impl Classifier {
-    fn label_embeddings(
+    /// The text's embedding and the labels', from one call to the encoder's batcher: the
+    /// labels not in the cache go with the text, as rows of the same job.
+    fn text_and_label_embeddings(
         &self,
         encoder: &Encoder,
+        text: &str,
         labels: &[String],
-    ) -> Result<Vec<Arc<Vec<f32>>>, JobError> {
+        ticket: &Ticket,
+    ) -> Result<(Vec<f32>, Vec<LabelEmbedding>), JobError> {
         let mut known: HashMap<String, Arc<Vec<f32>>> = {
             let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
             labels
@@ -146,9 +153,14 @@ impl Classifier {
             .filter(|l| !known.contains_key(*l))
             .cloned()
             .collect();
+        let texts: Vec<String> = std::iter::once(text.to_owned())
+            .chain(missing.iter().map(|l| label_sentence(l)))
+            .collect();
+        let mut embedded = encoder.embed(&texts, ticket)?.into_iter();
+        let text_embedding = embedded
+            .next()
+            .ok_or_else(|| JobError::internal("no embedding"))?;
         if !missing.is_empty() {
-            let sentences: Vec<String> = missing.iter().map(|l| label_sentence(l)).collect();
-            let embedded = encoder.embed(&sentences).map_err(|e| torch_error(&e, 10))?;
             let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
             if cache.len() + missing.len() > CACHE_LIMIT {
                 cache.clear();
@@ -160,7 +172,7 @@ impl Classifier {
                 known.insert(label, embedding);
             }
         }
-        labels
+        let label_embeddings = labels
             .iter()
             .map(|l| {
                 known
@@ -168,17 +180,23 @@ impl Classifier {
                     .cloned()
                     .ok_or_else(|| JobError::internal("label embedding missing"))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((text_embedding, label_embeddings))
     }
 
-    fn logits(module: &CModule, encoder: &Encoder, text: &str) -> Result<Vec<f64>, tch::TchError> {
-        let _no_grad = tch::no_grad_guard();
-        let (ids, mask) = encoder.model_inputs(text)?;
-        let logits = module
-            .forward_ts(&[ids, mask])?
-            .f_to_device(tch::Device::Cpu)?
-            .f_to_kind(Kind::Double)?;
-        Vec::<f64>::try_from(logits.f_flatten(0, -1)?)
+    /// The logits model's scores for `text`, through its batcher.
+    fn logits(
+        batcher: &Batcher,
+        encoder: &Encoder,
+        text: &str,
+        ticket: &Ticket,
+    ) -> Result<Vec<f64>, JobError> {
+        let ids = encoder.ids(&[text.to_owned()])?;
+        let row = batcher
+            .run(ids, ticket)?
+            .pop()
+            .ok_or_else(|| JobError::internal("no logits"))?;
+        Ok(row.into_iter().map(f64::from).collect())
     }
 
     fn classify(
@@ -187,6 +205,7 @@ impl Classifier {
         labels: &[String],
         temperature: f64,
         device: Option<usize>,
+        ticket: &Ticket,
     ) -> Result<Value, JobError> {
         let encoder = self.encoder.for_device(device)?;
         let (used, total) = encoder
@@ -194,18 +213,13 @@ impl Classifier {
             .map_err(|_| JobError::invalid_input("the text could not be tokenized"))?;
         let probabilities = match &self.mode {
             ClassifyMode::ZeroShot => {
-                let text_embedding = encoder
-                    .embed(&[text.to_owned()])
-                    .map_err(|e| torch_error(&e, 10))?;
-                let text_embedding = text_embedding
-                    .first()
-                    .ok_or_else(|| JobError::internal("no embedding"))?;
-                let label_embeddings = self.label_embeddings(encoder, labels)?;
+                let (text_embedding, label_embeddings) =
+                    self.text_and_label_embeddings(encoder, text, labels, ticket)?;
                 let cosines: Vec<f64> = label_embeddings
                     .iter()
                     .map(|l| {
                         l.iter()
-                            .zip(text_embedding)
+                            .zip(&text_embedding)
                             .map(|(a, b)| f64::from(*a) * f64::from(*b))
                             .sum::<f64>()
                             / temperature
@@ -213,9 +227,8 @@ impl Classifier {
                     .collect();
                 softmax(&cosines)
             }
-            ClassifyMode::Logits(modules) => {
-                let logits = Self::logits(modules.for_device(device)?, encoder, text)
-                    .map_err(|e| torch_error(&e, 10))?;
+            ClassifyMode::Logits(batchers) => {
+                let logits = Self::logits(batchers.for_device(device)?, encoder, text, ticket)?;
                 if logits.len() != labels.len() {
                     return Err(JobError::new(
                         crate::outcome::ErrorType::ModelError,
@@ -296,23 +309,33 @@ impl Handler for ClassifyHandler {
             text,
         } = prepared.take()?;
         let classifier = self.0.clone();
-        let device = ctx.device;
-        ctx.run_blocking(move || classifier.classify(&text, &labels, temperature, device))
+        let (device, ticket) = (ctx.device, ctx.ticket());
+        ctx.run_blocking(move || classifier.classify(&text, &labels, temperature, device, &ticket))
             .await?
+    }
+
+    fn batchers(&self) -> Vec<Batcher> {
+        let classifier = &self.0;
+        let mut batchers: Vec<Batcher> = classifier
+            .encoder
+            .0
+            .iter()
+            .map(|e| e.batcher().clone())
+            .collect();
+        if let ClassifyMode::Logits(logits) = &classifier.mode {
+            batchers.extend(logits.0.iter().cloned());
+        }
+        batchers
     }
 
     fn warm_up(&self) -> Result<(), String> {
         let classifier = &self.0;
         for (device, encoder) in classifier.encoder.0.iter().enumerate() {
             encoder.warm_up()?;
-            if let ClassifyMode::Logits(modules) = &classifier.mode {
-                let module = modules.0.get(device).ok_or("no logits model copy")?;
-                let _no_grad = tch::no_grad_guard();
-                Classifier::logits(module, encoder, "warm up").map_err(|e| {
-                    let message = e.to_string();
-                    let first = message.lines().next().unwrap_or_default();
-                    format!("the logits model: {first}")
-                })?;
+            if let ClassifyMode::Logits(batchers) = &classifier.mode {
+                let batcher = batchers.0.get(device).ok_or("no logits model copy")?;
+                Classifier::logits(batcher, encoder, "warm up", &Ticket::unbounded())
+                    .map_err(|e| format!("the logits model: {}", e.message))?;
             }
         }
         Ok(())

@@ -15,7 +15,7 @@ use super::openai::{self, OpenAiRequest};
 use super::parser::ParserPool;
 use super::stream_out::{pack, ProgressClock, STREAM_MESSAGE_LIMIT};
 use super::{Handler, JobContext, Prepared};
-use crate::model::{torch_error, Encoder, OnDevices, EMBED_BATCH};
+use crate::model::{Encoder, OnDevices, EMBED_BATCH};
 use crate::outcome::{ErrorType, JobError};
 
 /// The extraction handler.
@@ -189,10 +189,15 @@ impl Handler for ExtractHandler {
             ExtractWork::Document(job) => self.extract(ctx, job).await,
             ExtractWork::OpenAi(request) => {
                 let encoder = self.encoder.for_device(ctx.device)?.clone();
-                ctx.run_blocking(move || openai::answer(request, &encoder))
+                let ticket = ctx.ticket();
+                ctx.run_blocking(move || openai::answer(request, &encoder, &ticket))
                     .await?
             }
         }
+    }
+
+    fn batchers(&self) -> Vec<crate::model::Batcher> {
+        self.encoder.0.iter().map(|e| e.batcher().clone()).collect()
     }
 
     fn warm_up(&self) -> Result<(), String> {
@@ -260,14 +265,14 @@ impl ExtractHandler {
                 return Err(cancelled());
             }
             let embeddings = if embed {
-                let embedding = encoder.clone();
+                let (embedding, ticket) = (encoder.clone(), ctx.ticket());
                 let (texts, embeddings) = ctx
                     .run_blocking(move || {
-                        let embeddings = embedding.embed(&batch);
+                        let embeddings = embedding.embed(&batch, &ticket);
                         (batch, embeddings)
                     })
                     .await?;
-                let embeddings = embeddings.map_err(|e| torch_error(&e, 10))?;
+                let embeddings = embeddings?;
                 for embedding in &embeddings {
                     crate::model::finite(embedding, "embeddings")?;
                 }

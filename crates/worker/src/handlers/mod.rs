@@ -30,7 +30,7 @@ pub use classify::{Classifier, ClassifyHandler, ClassifyMode};
 pub use echo::EchoHandler;
 pub use extract::{chunk_ranges, ExtractHandler};
 pub use parser::{ParseLimits, ParserPool};
-pub use registry::{HandlerEntry, HandlerId, HandlerSet, Routed};
+pub use registry::{BatchUse, HandlerEntry, HandlerId, HandlerSet, Routed};
 pub use torchscript::TorchScriptHandler;
 
 /// One kind of work, in two stages: [`Handler::prepare`] does what needs no GPU memory (check
@@ -54,6 +54,13 @@ pub trait Handler: Send + Sync + 'static {
     /// there is nothing to warm.
     fn warm_up(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// The batchers its model work runs on. A handler with any does all its GPU work there,
+    /// whose batches book their own memory: its jobs reserve none at admission. By default
+    /// there are none (each job's model work runs on its own and is reserved for).
+    fn batchers(&self) -> Vec<crate::model::Batcher> {
+        Vec::new()
     }
 }
 
@@ -112,6 +119,9 @@ pub struct JobContext {
     /// How often a long job sends a progress update (`[handler] progress_interval_ms`);
     /// `None`: never.
     pub progress_every: Option<std::time::Duration>,
+    /// Until when the job's rows may wait in a batcher for GPU memory (its local-queue
+    /// bound); `None`: as long as the job runs.
+    pub memory_wait_until: Option<std::time::Instant>,
     sink: Arc<dyn ChunkSink>,
     chunks_sent: Arc<AtomicUsize>,
     threads: TaskTracker,
@@ -168,10 +178,19 @@ impl JobContext {
             device: None,
             max_output_bytes: settings.max_output_bytes,
             progress_every: settings.progress_every,
+            memory_wait_until: None,
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
             threads: TaskTracker::new(),
             gpu_peak: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// What the job hands a batcher with its rows: its cancellation and its memory wait.
+    pub fn ticket(&self) -> crate::model::Ticket {
+        crate::model::Ticket {
+            cancel: self.cancel.clone(),
+            wait_until: self.memory_wait_until,
         }
     }
 

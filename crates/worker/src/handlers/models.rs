@@ -15,10 +15,12 @@ use super::parser::{self, ParseLimits, ParserPool};
 use super::torchscript::{check_input_names, TorchScriptHandler};
 use super::{EchoHandler, Handler};
 use crate::config::{
-    HandlerConfig, Size, DEFAULT_DOCUMENT_SIZE, DEFAULT_PAGES, DEFAULT_PARSE_CPU_S,
+    BatchingConfig, HandlerConfig, Size, DEFAULT_DOCUMENT_SIZE, DEFAULT_PAGES, DEFAULT_PARSE_CPU_S,
     DEFAULT_PARSE_MEMORY, DEFAULT_TEXT_CHARS,
 };
-use crate::model::{load_module, Encoder, LoadError, OnDevices};
+use crate::model::{
+    load_module, BatchLimits, Batcher, Encoder, LoadError, OnDevices, PaddedModule,
+};
 use docparse::wire::Limits;
 
 /// Loads models on demand, once per (file, device).
@@ -29,6 +31,8 @@ pub(super) struct ModelLoader {
     parser: Option<PathBuf>,
     /// The parser, once found and its handshake answered.
     checked_parser: Option<PathBuf>,
+    /// `[batching]`.
+    batching: BatchingConfig,
 }
 
 fn device_key(device: Device) -> String {
@@ -36,12 +40,22 @@ fn device_key(device: Device) -> String {
 }
 
 impl ModelLoader {
-    pub(super) fn new(dir: &Path, parser: Option<&Path>) -> Self {
+    pub(super) fn new(dir: &Path, parser: Option<&Path>, batching: &BatchingConfig) -> Self {
         Self {
             dir: dir.to_path_buf(),
             encoders: HashMap::new(),
             parser: parser.map(Path::to_path_buf),
             checked_parser: None,
+            batching: batching.clone(),
+        }
+    }
+
+    /// The batch limits of a model computing on `device`.
+    fn batch_limits(&self, device: Device) -> BatchLimits {
+        BatchLimits {
+            max_rows: self.batching.max_batch_rows,
+            max_tokens: self.batching.tokens_for(matches!(device, Device::Cuda(_))),
+            max_delay: Duration::from_micros(self.batching.max_batch_delay_us),
         }
     }
 
@@ -67,7 +81,7 @@ impl ModelLoader {
         if let Some(encoder) = self.encoders.get(&key) {
             return Ok(encoder.clone());
         }
-        let encoder = Arc::new(Encoder::load(&self.dir, device)?);
+        let encoder = Arc::new(Encoder::load(&self.dir, device, self.batch_limits(device))?);
         tracing::info!(
             "loaded {} ({} dims) from {} on {key}",
             encoder.name(),
@@ -126,11 +140,15 @@ impl ModelLoader {
                 let mode = match &table.model {
                     Some(file) => {
                         let path = self.dir.join(file);
-                        let modules = devices
-                            .iter()
-                            .map(|d| load_module(&path, *d))
-                            .collect::<Result<_, _>>()?;
-                        ClassifyMode::Logits(OnDevices(modules))
+                        let mut batchers = Vec::new();
+                        for &device in devices {
+                            let pad = self.encoder(device)?.pad();
+                            let module =
+                                PaddedModule::new(load_module(&path, device)?, device, pad);
+                            let limits = self.batch_limits(device);
+                            batchers.push(Batcher::start(Arc::new(module), file, device, limits));
+                        }
+                        ClassifyMode::Logits(OnDevices(batchers))
                     }
                     None => ClassifyMode::ZeroShot,
                 };

@@ -9,7 +9,7 @@
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-use crate::model::{torch_error, Encoder, MAX_MODEL_TOKENS};
+use crate::model::{Encoder, Ticket, MAX_MODEL_TOKENS};
 use crate::outcome::JobError;
 
 /// Most inputs one request may embed (OpenAI's limit).
@@ -197,7 +197,11 @@ fn tokens_input(tokens: &[Value], encoder: &Encoder) -> Result<EmbeddingInput, J
 }
 
 /// Answers the request (blocking: it runs the model).
-pub fn answer(request: OpenAiRequest, encoder: &Encoder) -> Result<Value, JobError> {
+pub fn answer(
+    request: OpenAiRequest,
+    encoder: &Encoder,
+    ticket: &Ticket,
+) -> Result<Value, JobError> {
     match request {
         OpenAiRequest::Models => Ok(json!({
             "object": "list",
@@ -213,7 +217,7 @@ pub fn answer(request: OpenAiRequest, encoder: &Encoder) -> Result<Value, JobErr
             base64,
             prompt_tokens,
         } => {
-            let embeddings = embed_in_order(&inputs, encoder).map_err(|e| torch_error(&e, 10))?;
+            let embeddings = embed_in_order(&inputs, encoder, ticket)?;
             for embedding in &embeddings {
                 crate::model::finite(embedding, "embeddings")?;
             }
@@ -246,7 +250,8 @@ pub fn answer(request: OpenAiRequest, encoder: &Encoder) -> Result<Value, JobErr
 fn embed_in_order(
     inputs: &[EmbeddingInput],
     encoder: &Encoder,
-) -> Result<Vec<Vec<f32>>, tch::TchError> {
+    ticket: &Ticket,
+) -> Result<Vec<Vec<f32>>, JobError> {
     let (mut texts, mut rows) = (Vec::new(), Vec::new());
     for input in inputs {
         match input {
@@ -254,8 +259,8 @@ fn embed_in_order(
             EmbeddingInput::Tokens(ids) => rows.push(ids.clone()),
         }
     }
-    let mut texts = encoder.embed(&texts)?.into_iter();
-    let mut rows = encoder.embed_ids(&rows)?.into_iter();
+    let mut texts = encoder.embed(&texts, ticket)?.into_iter();
+    let mut rows = encoder.embed_ids(&rows, ticket)?.into_iter();
     Ok(inputs
         .iter()
         .filter_map(|input| match input {

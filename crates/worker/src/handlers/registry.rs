@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use super::models::ModelLoader;
 use super::Handler;
 use crate::config::{Config, DeviceChoice, Size};
-use crate::model::LoadError;
+use crate::model::{Batcher, LoadError};
 use crate::outcome::JobError;
 use runpod_protocol::job::kind_of;
 
@@ -49,6 +49,9 @@ pub struct HandlerEntry {
     pub gpu_fallback: bool,
     /// GPU memory one job reserves (zero on the CPU).
     pub reservation: Size,
+    /// Whether its model work all runs on batchers ([`super::Handler::batchers`]), whose
+    /// batches book GPU memory themselves: its jobs reserve none at admission.
+    pub batched: bool,
 }
 
 impl HandlerEntry {
@@ -88,6 +91,17 @@ pub struct HandlerSet {
     entries: Vec<HandlerEntry>,
     /// The handler OpenAI requests (`openai_route`) go to, if any.
     openai: Option<String>,
+    /// Every batcher, with the handlers that use it.
+    batchers: Vec<BatchUse>,
+}
+
+/// A batcher and the handlers whose work runs on it.
+#[derive(Clone)]
+pub struct BatchUse {
+    /// The batcher.
+    pub batcher: Batcher,
+    /// The handlers that use it.
+    pub handlers: Vec<HandlerId>,
 }
 
 impl HandlerSet {
@@ -96,9 +110,13 @@ impl HandlerSet {
     /// one, or the simulated one, `simulated`).
     pub fn build(config: &Config, gpu_present: bool, simulated: bool) -> Result<Self, LoadError> {
         crate::model::set_threads(config.handler.intra_op_threads);
-        let mut loader =
-            ModelLoader::new(&config.handler.model_dir, config.handler.parser.as_deref());
+        let mut loader = ModelLoader::new(
+            &config.handler.model_dir,
+            config.handler.parser.as_deref(),
+            &config.batching,
+        );
         let mut entries = Vec::new();
+        let mut batchers: Vec<BatchUse> = Vec::new();
         // `config.handlers` is a BTreeMap: name order.
         for (name, table) in &config.handlers {
             let kind = table.kind(name).to_owned();
@@ -107,8 +125,19 @@ impl HandlerSet {
             // A simulated GPU is accounted as a GPU but computes on the CPU.
             let devices = crate::model::devices_for(on_gpu && !simulated);
             let handler = loader.handler(&kind, table, &devices)?;
+            let id = HandlerId(entries.len());
+            let used = handler.batchers();
+            for batcher in &used {
+                match batchers.iter_mut().find(|u| u.batcher.same_as(batcher)) {
+                    Some(known) => known.handlers.push(id),
+                    None => batchers.push(BatchUse {
+                        batcher: batcher.clone(),
+                        handlers: vec![id],
+                    }),
+                }
+            }
             let entry = HandlerEntry {
-                id: HandlerId(entries.len()),
+                id,
                 name: name.clone(),
                 kind,
                 handler: Ok(handler),
@@ -116,6 +145,7 @@ impl HandlerSet {
                 on_gpu,
                 gpu_fallback: wants_gpu && !gpu_present,
                 reservation: table.reservation(&config.handler, gpu_present),
+                batched: !used.is_empty(),
             };
             entries.push(entry);
         }
@@ -126,7 +156,16 @@ impl HandlerSet {
                 .find(|e| e.kind == "extract")
                 .map(|e| e.name.clone())
         });
-        Ok(Self { entries, openai })
+        Ok(Self {
+            entries,
+            openai,
+            batchers,
+        })
+    }
+
+    /// Every batcher of this worker, with the handlers that use it.
+    pub fn batchers(&self) -> &[BatchUse] {
+        &self.batchers
     }
 
     /// Replaces the implementation of handler `name` (tests and embedders).
@@ -262,6 +301,7 @@ mod tests {
             on_gpu,
             gpu_fallback: false,
             reservation: Size::default(),
+            batched: false,
         };
         assert_eq!(
             entry("extract", false, 4).started_line(3),

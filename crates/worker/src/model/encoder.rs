@@ -1,18 +1,23 @@
 //! The sentence encoder: MiniLM as TorchScript (mean pooling and L2 normalisation in the graph)
-//! plus its tokenizer. Texts are embedded in batches, padded to the longest in the batch.
+//! plus its tokenizer. Jobs tokenize on their own threads; every forward pass runs on the
+//! encoder's [`Batcher`], with the rows of whatever other jobs are waiting.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use tch::{CModule, Device, Kind, Tensor};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tch::Device;
+use tokenizers::{Tokenizer, TruncationParams};
 use tokio_util::sync::CancellationToken;
 
+use super::batcher::{BatchLimits, Batcher, Ticket};
+use super::padded::PaddedModule;
 use super::{load_module, LoadError};
+use crate::outcome::JobError;
 
 /// Tokens per text the model is fed (all-MiniLM-L6-v2 was trained on 256).
 pub const MAX_MODEL_TOKENS: usize = 256;
-/// Texts per forward call.
+/// Texts a job hands to the batcher at once where it stops between calls (extract's chunks,
+/// between which it streams and checks its cancellation).
 pub const EMBED_BATCH: usize = 32;
 
 /// Bytes of text tokenized at once (a cancellation is seen within one piece's time).
@@ -47,12 +52,16 @@ fn pieces(text: &str, size: usize) -> impl Iterator<Item = (usize, &str)> {
 
 /// A loaded encoder, shared by every job on its device.
 pub struct Encoder {
-    module: Arc<CModule>,
-    /// Truncates at [`MAX_MODEL_TOKENS`] and pads to the longest in the batch.
+    /// Truncates at [`MAX_MODEL_TOKENS`]; the batcher pads.
     model_tokenizer: Tokenizer,
     /// No truncation, no padding: counts and cuts documents into chunks.
     chunk_tokenizer: Tokenizer,
-    device: Device,
+    /// Runs every forward pass of this model on this device.
+    batcher: Batcher,
+    /// `[CLS]` and `[SEP]`, which wrap a token-array input as they wrap a text's tokens.
+    specials: (u32, u32),
+    /// `[PAD]`.
+    pad: u32,
     dims: usize,
     name: String,
 }
@@ -60,9 +69,18 @@ pub struct Encoder {
 /// What the warm-up embeds: a sentence of an ordinary length.
 const WARM_UP_TEXT: &str = "The worker warms its model before it takes the first job.";
 
+/// How a device is named in logs, `/health` and metrics: `cpu`, `cuda:0`.
+pub fn device_label(device: Device) -> String {
+    match device {
+        Device::Cuda(index) => format!("cuda:{index}"),
+        _ => "cpu".to_owned(),
+    }
+}
+
 impl Encoder {
-    /// Loads `minilm.pt` and `tokenizer.json` from `dir` onto `device`.
-    pub fn load(dir: &Path, device: Device) -> Result<Self, LoadError> {
+    /// Loads `minilm.pt` and `tokenizer.json` from `dir` onto `device`, its batcher bounded by
+    /// `limits`.
+    pub fn load(dir: &Path, device: Device, limits: BatchLimits) -> Result<Self, LoadError> {
         let module = load_module(&dir.join("minilm.pt"), device)?;
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
@@ -80,30 +98,41 @@ impl Encoder {
             .with_truncation(None)
             .map_err(|e| unreadable(e.to_string()))?;
         let mut model_tokenizer = chunk_tokenizer.clone();
-        model_tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..PaddingParams::default()
-        }));
         model_tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: MAX_MODEL_TOKENS,
                 ..TruncationParams::default()
             }))
             .map_err(|e| unreadable(e.to_string()))?;
+        let special = |token: &str| {
+            model_tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| unreadable(format!("the tokenizer has no {token} token")))
+        };
+        let specials = (special("[CLS]")?, special("[SEP]")?);
+        let pad = model_tokenizer.token_to_id("[PAD]").unwrap_or(0);
+        let name = "all-MiniLM-L6-v2".to_owned();
+        let batcher = Batcher::start(
+            Arc::new(PaddedModule::new(module, device, pad)),
+            &name,
+            device,
+            limits,
+        );
         let encoder = Self {
-            module,
             model_tokenizer,
             chunk_tokenizer,
-            device,
+            batcher,
+            specials,
+            pad,
             dims: 0,
-            name: "all-MiniLM-L6-v2".to_owned(),
+            name,
         };
         // One forward to learn the width and to fail at start-up rather than on a job.
         let probe = encoder
-            .embed(&["warm-up".to_owned()])
+            .embed(&["warm-up".to_owned()], &Ticket::unbounded())
             .map_err(|e| LoadError::Unreadable {
                 path: dir.join("minilm.pt"),
-                reason: e.to_string(),
+                reason: e.message,
             })?;
         Ok(Self {
             dims: probe.first().map_or(0, Vec::len),
@@ -119,6 +148,16 @@ impl Encoder {
     /// The model's name, for outputs.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The id rows are padded with (a classify logits model shares the tokenizer).
+    pub fn pad(&self) -> u32 {
+        self.pad
+    }
+
+    /// The batcher every forward pass of this encoder runs on.
+    pub fn batcher(&self) -> &Batcher {
+        &self.batcher
     }
 
     /// Tokens of `text` without special tokens, with their byte offsets into `text`. A long
@@ -159,27 +198,16 @@ impl Encoder {
         Ok((total.min(MAX_MODEL_TOKENS), total))
     }
 
-    /// The model inputs for one text (truncated at [`MAX_MODEL_TOKENS`]): ids and mask,
-    /// `[1, tokens]`, on the encoder's device.
-    pub fn model_inputs(&self, text: &str) -> Result<(Tensor, Tensor), tch::TchError> {
-        let encoding = self
+    /// The ids the model is fed for each text: special tokens included, truncated at
+    /// [`MAX_MODEL_TOKENS`], unpadded (the batcher pads each pass to its longest row).
+    pub fn ids(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, JobError> {
+        let encodings = self
             .model_tokenizer
-            .encode(text, true)
-            .map_err(|e| tch::TchError::Convert(format!("tokenizer: {e}")))?;
-        let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
-        let mask: Vec<i64> = encoding
-            .get_attention_mask()
-            .iter()
-            .map(|&m| i64::from(m))
-            .collect();
-        let width = ids.len() as i64;
-        let ids = Tensor::f_from_slice(&ids)?
-            .f_view([1, width])?
-            .f_to_device(self.device)?;
-        let mask = Tensor::f_from_slice(&mask)?
-            .f_view([1, width])?
-            .f_to_device(self.device)?;
-        Ok((ids, mask))
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| {
+                JobError::invalid_input(format!("the text could not be tokenized: {e}"))
+            })?;
+        Ok(encodings.iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
     /// Runs the model as a job would, twice (TorchScript's profiling executor optimises the
@@ -187,8 +215,8 @@ impl Encoder {
     pub fn warm_up(&self) -> Result<(), String> {
         let texts = vec![WARM_UP_TEXT.to_owned()];
         for _ in 0..2 {
-            self.embed(&texts)
-                .map_err(|e| format!("{}: {}", self.name(), super::first_line(&e.to_string())))?;
+            self.embed(&texts, &Ticket::unbounded())
+                .map_err(|e| format!("{}: {}", self.name(), e.message))?;
         }
         Ok(())
     }
@@ -217,88 +245,27 @@ impl Encoder {
     /// Embeds rows of this model's token ids (OpenAI's token-array input) as they are, each
     /// between the model's `[CLS]` and `[SEP]` as a text's tokens are, L2-normalised as
     /// [`Encoder::embed`]'s. Rows must fit the model with those two (checked by the caller).
-    /// Blocking.
-    pub fn embed_ids(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, tch::TchError> {
-        let special = |token: &str| {
-            self.model_tokenizer.token_to_id(token).ok_or_else(|| {
-                tch::TchError::Convert(format!("the tokenizer has no {token} token"))
-            })
-        };
-        let (cls, sep) = (special("[CLS]")?, special("[SEP]")?);
-        let pad = self.model_tokenizer.token_to_id("[PAD]").unwrap_or(0);
-        let _no_grad = tch::no_grad_guard();
-        let mut out = Vec::with_capacity(rows.len());
-        for batch in rows.chunks(EMBED_BATCH) {
-            let width = batch.iter().map(Vec::len).max().unwrap_or(0) + 2;
-            let (mut ids, mut mask) = (Vec::new(), Vec::new());
-            for row in batch {
-                let tokens = std::iter::once(cls)
+    /// Blocking: call it from a blocking thread.
+    pub fn embed_ids(&self, rows: &[Vec<u32>], ticket: &Ticket) -> Result<Vec<Vec<f32>>, JobError> {
+        let (cls, sep) = self.specials;
+        let rows = rows
+            .iter()
+            .map(|row| {
+                std::iter::once(cls)
                     .chain(row.iter().copied())
-                    .chain(std::iter::once(sep));
-                let padding = width - row.len() - 2;
-                ids.extend(
-                    tokens
-                        .chain(std::iter::repeat_n(pad, padding))
-                        .map(i64::from),
-                );
-                mask.extend(
-                    std::iter::repeat_n(1i64, row.len() + 2).chain(std::iter::repeat_n(0, padding)),
-                );
-            }
-            out.extend(self.forward(ids, mask, batch.len(), width)?);
-        }
-        Ok(out)
+                    .chain(std::iter::once(sep))
+                    .collect()
+            })
+            .collect();
+        self.batcher.run(rows, ticket)
     }
 
-    /// The model on `rows` rows of `width` ids and their attention mask: one embedding a row.
-    fn forward(
-        &self,
-        ids: Vec<i64>,
-        mask: Vec<i64>,
-        rows: usize,
-        width: usize,
-    ) -> Result<Vec<Vec<f32>>, tch::TchError> {
-        let shape = [rows as i64, width as i64];
-        let ids = Tensor::f_from_slice(&ids)?
-            .f_view(shape)?
-            .f_to_device(self.device)?;
-        let mask = Tensor::f_from_slice(&mask)?
-            .f_view(shape)?
-            .f_to_device(self.device)?;
-        let embeddings = self
-            .module
-            .forward_ts(&[ids, mask])?
-            .f_to_device(Device::Cpu)?
-            .f_to_kind(Kind::Float)?;
-        let flat = Vec::<f32>::try_from(embeddings.f_flatten(0, -1)?)?;
-        let dims = flat.len() / rows.max(1);
-        Ok(flat.chunks(dims.max(1)).map(<[f32]>::to_vec).collect())
-    }
-
-    /// Embeds `texts` (each truncated at [`MAX_MODEL_TOKENS`]), L2-normalised, in batches.
-    /// Blocking: call it from a blocking thread. Callers that must stop at a job's cancellation
-    /// embed a batch per call (see `extract`).
-    pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, tch::TchError> {
-        let _no_grad = tch::no_grad_guard();
-        let mut out = Vec::with_capacity(texts.len());
-        for batch in texts.chunks(EMBED_BATCH) {
-            let encodings = self
-                .model_tokenizer
-                .encode_batch(batch.to_vec(), true)
-                .map_err(|e| tch::TchError::Convert(format!("tokenizer: {e}")))?;
-            let rows = encodings.len();
-            let width = encodings.first().map_or(0, |e| e.len());
-            let ids: Vec<i64> = encodings
-                .iter()
-                .flat_map(|e| e.get_ids().iter().map(|&i| i64::from(i)))
-                .collect();
-            let mask: Vec<i64> = encodings
-                .iter()
-                .flat_map(|e| e.get_attention_mask().iter().map(|&m| i64::from(m)))
-                .collect();
-            out.extend(self.forward(ids, mask, rows, width)?);
-        }
-        Ok(out)
+    /// Embeds `texts` (each truncated at [`MAX_MODEL_TOKENS`]), L2-normalised, with whatever
+    /// else is waiting for the model. Blocking: call it from a blocking thread. The job's
+    /// `ticket` drops its rows once it is cancelled.
+    pub fn embed(&self, texts: &[String], ticket: &Ticket) -> Result<Vec<Vec<f32>>, JobError> {
+        let rows = self.ids(texts)?;
+        self.batcher.run(rows, ticket)
     }
 }
 

@@ -6,6 +6,7 @@
 mod batcher;
 mod encoder;
 mod errors;
+mod padded;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,10 +14,12 @@ use std::sync::Arc;
 use tch::{CModule, Device};
 
 pub use batcher::{
-    BatchAttachment, BatchLimits, BatchMemory, BatchMetrics, BatchModel, BatchReport, Batcher, Ticket,
+    BatchAttachment, BatchLimits, BatchMemory, BatchMetrics, BatchModel, BatchReport, Batcher,
+    Ticket,
 };
-pub use encoder::{Encoder, EMBED_BATCH, MAX_MODEL_TOKENS};
+pub use encoder::{device_label, Encoder, EMBED_BATCH, MAX_MODEL_TOKENS};
 pub use errors::{finite, torch_error};
+pub use padded::PaddedModule;
 
 /// Why a model could not be loaded (a start-up error).
 #[derive(Debug, thiserror::Error)]

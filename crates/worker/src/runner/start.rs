@@ -166,6 +166,11 @@ pub(super) async fn build_worker(
         adaptive: config.gpu.adaptive,
         recent: Default::default(),
     });
+    crate::admission::attach_batchers(
+        &observed.handlers,
+        &observed.memory,
+        &observed.metrics.batches,
+    );
     let worker = Arc::new(Worker {
         config: Arc::new(config),
         board: Arc::default(),

@@ -17,34 +17,34 @@ use std::collections::HashMap;
 
 /// One pending row: the request it belongs to, its place there, its tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Row {
+pub(super) struct Row {
     /// The request (one job's call) it belongs to.
-    pub request: u64,
+    pub(super) request: u64,
     /// Its index in that request.
-    pub index: usize,
+    pub(super) index: usize,
     /// Its tokens, special tokens included.
-    pub len: usize,
+    pub(super) len: usize,
 }
 
 /// What one batch may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
+pub(super) struct Bounds {
     /// Rows.
-    pub max_rows: usize,
+    pub(super) max_rows: usize,
     /// Padded tokens: rows × the longest row.
-    pub max_tokens: usize,
+    pub(super) max_tokens: usize,
     /// Distinct requests (memory booked per request before anything is learned).
-    pub max_requests: usize,
+    pub(super) max_requests: usize,
 }
 
 /// The width bucket of a row of `len` tokens.
-pub fn bucket(len: usize) -> usize {
+pub(super) fn bucket(len: usize) -> usize {
     len.max(16).next_power_of_two()
 }
 
 /// The row that starts the next batch: the oldest, unless its request started the previous
 /// batch and another request has a row waiting. `pending` is in arrival order.
-pub fn anchor(pending: &[Row], previous: Option<u64>) -> Option<usize> {
+pub(super) fn anchor(pending: &[Row], previous: Option<u64>) -> Option<usize> {
     let first = (!pending.is_empty()).then_some(0)?;
     Some(
         pending
@@ -56,7 +56,7 @@ pub fn anchor(pending: &[Row], previous: Option<u64>) -> Option<usize> {
 
 /// Indices into `pending` (arrival order) of the next batch, the anchor first; empty only
 /// when nothing is pending.
-pub fn form(pending: &[Row], bounds: &Bounds, previous: Option<u64>) -> Vec<usize> {
+pub(super) fn form(pending: &[Row], bounds: &Bounds, previous: Option<u64>) -> Vec<usize> {
     let Some(start) = anchor(pending, previous) else {
         return Vec::new();
     };

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-pub use forming::bucket;
 pub use stats::{BatchMetrics, BatchReport};
 
 use self::forming::{Bounds, Row};
@@ -127,6 +126,8 @@ struct State {
 
 struct Shared {
     model: Arc<dyn BatchModel>,
+    /// The CUDA device the model computes on, if any.
+    cuda: Option<usize>,
     limits: BatchLimits,
     labels: [String; 2],
     state: Mutex<State>,
@@ -137,19 +138,37 @@ struct Shared {
     metrics: MetricsSlot,
 }
 
-/// One model on one device, batching the rows of every job that uses it.
+/// One model on one device, batching the rows of every job that uses it. Clones share it; its
+/// thread ends when the last clone is dropped.
+#[derive(Clone)]
 pub struct Batcher {
     shared: Arc<Shared>,
+    _closer: Arc<Closer>,
+}
+
+/// Closes the batcher when the last of its clones goes.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_all();
+    }
 }
 
 impl Batcher {
-    /// Starts the batcher's thread for `model` (named `name`, on `device`).
+    /// Starts the batcher's thread for `model` (named `name`, computing on `device`).
     pub fn start(
         model: Arc<dyn BatchModel>,
         name: &str,
-        device: &str,
+        device: tch::Device,
         limits: BatchLimits,
     ) -> Self {
+        let cuda = match device {
+            tch::Device::Cuda(index) => Some(index),
+            _ => None,
+        };
+        let device = super::device_label(device);
         let limits = BatchLimits {
             max_rows: limits.max_rows.max(1),
             max_tokens: limits.max_tokens.max(1),
@@ -158,7 +177,8 @@ impl Batcher {
         let shared = Arc::new(Shared {
             model,
             limits,
-            labels: [name.to_owned(), device.to_owned()],
+            labels: [name.to_owned(), device.clone()],
+            cuda,
             state: Mutex::default(),
             wake: Condvar::new(),
             counters: Counters::default(),
@@ -175,7 +195,20 @@ impl Batcher {
             .name(format!("batch-{device}"))
             .spawn(move || runner.run())
             .expect("a thread can be started at start-up");
-        Self { shared }
+        Self {
+            _closer: Arc::new(Closer(shared.clone())),
+            shared,
+        }
+    }
+
+    /// The CUDA device its model computes on (`None`: the CPU).
+    pub fn cuda_device(&self) -> Option<usize> {
+        self.shared.cuda
+    }
+
+    /// Whether `self` and `other` are the same batcher.
+    pub fn same_as(&self, other: &Batcher) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Connects the batcher to its worker: memory booking and metrics.
@@ -275,12 +308,8 @@ impl Batcher {
     }
 }
 
-impl Drop for Batcher {
-    fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_all();
-    }
-}
+/// A batch and its memory booking (none on the CPU), released when it is dropped.
+type Formed = (Vec<Taken>, Option<Box<dyn Send>>);
 
 /// One row taken into a batch, with a copy of its ids (the request keeps its own).
 struct Taken {
@@ -319,7 +348,7 @@ impl Shared {
     }
 
     /// Waits for rows and memory; `None` once the batcher is closed and drained.
-    fn next_batch(&self) -> Option<(Vec<Taken>, Option<Box<dyn Send>>)> {
+    fn next_batch(&self) -> Option<Formed> {
         let mut state = self.lock();
         loop {
             self.drop_cancelled(&mut state);
@@ -375,7 +404,7 @@ impl Shared {
 
     /// The next batch and its memory booking, taken off the pending rows; `None` when not
     /// even its first row's memory is there.
-    fn form(&self, state: &mut State) -> Option<(Vec<Taken>, Option<Box<dyn Send>>)> {
+    fn form(&self, state: &mut State) -> Option<Formed> {
         let memory = self.memory();
         let token_limit = self.counters.token_limit.load(Ordering::Relaxed);
         let per_token = Counters::load(&self.counters.bytes_per_token);
@@ -387,11 +416,14 @@ impl Shared {
         };
         if let Some(memory) = &memory {
             let room = memory.room();
-            if per_token > 0 {
-                let fits = usize::try_from(room / per_token).unwrap_or(usize::MAX);
+            let fitting = |each: u64| {
+                room.checked_div(each)
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            };
+            if let Some(fits) = fitting(per_token) {
                 bounds.max_tokens = bounds.max_tokens.min(fits);
-            } else if declared > 0 {
-                bounds.max_requests = usize::try_from(room / declared).unwrap_or(usize::MAX);
+            } else if let Some(jobs) = fitting(declared) {
+                bounds.max_requests = jobs;
             }
             let first = forming::anchor(&state.pending, state.previous_anchor)?;
             let first_len = state.pending[first].len;

@@ -10,18 +10,18 @@ use serde::Serialize;
 /// The batcher's counters (read without stopping it).
 #[derive(Default)]
 pub(super) struct Counters {
-    pub batches: AtomicU64,
-    pub rows: AtomicU64,
-    pub padded_tokens: AtomicU64,
-    pub real_tokens: AtomicU64,
-    pub oom_splits: AtomicU64,
-    pub error_splits: AtomicU64,
-    pub token_limit: AtomicUsize,
-    pub pending_rows: AtomicUsize,
+    pub(super) batches: AtomicU64,
+    pub(super) rows: AtomicU64,
+    pub(super) padded_tokens: AtomicU64,
+    pub(super) real_tokens: AtomicU64,
+    pub(super) oom_splits: AtomicU64,
+    pub(super) error_splits: AtomicU64,
+    pub(super) token_limit: AtomicUsize,
+    pub(super) pending_rows: AtomicUsize,
     /// Bytes per padded token, learned from the allocator's peaks (0: not yet).
-    pub bytes_per_token: AtomicU64,
-    pub peak_samples: AtomicU64,
-    pub largest_per_token: AtomicU64,
+    pub(super) bytes_per_token: AtomicU64,
+    pub(super) peak_samples: AtomicU64,
+    pub(super) largest_per_token: AtomicU64,
 }
 
 /// One batcher as `/health` shows it.
@@ -138,9 +138,7 @@ impl BatchMetrics {
 
     pub(super) fn split(&self, labels: [&str; 2], cause: &str) {
         let [model, device] = labels;
-        self.splits
-            .with_label_values(&[model, device, cause])
-            .inc();
+        self.splits.with_label_values(&[model, device, cause]).inc();
     }
 }
 
@@ -149,11 +147,14 @@ impl BatchMetrics {
 pub(super) struct MetricsSlot(Mutex<Option<BatchMetrics>>);
 
 impl MetricsSlot {
-    pub fn set(&self, metrics: BatchMetrics) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(metrics);
+    pub(super) fn set(&self, metrics: BatchMetrics) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(metrics);
     }
 
-    pub fn get(&self) -> Option<BatchMetrics> {
+    pub(super) fn get(&self) -> Option<BatchMetrics> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -162,11 +163,11 @@ impl MetricsSlot {
 }
 
 impl Counters {
-    pub fn load(value: &AtomicU64) -> u64 {
+    pub(super) fn load(value: &AtomicU64) -> u64 {
         value.load(Ordering::Relaxed)
     }
 
-    pub fn add(value: &AtomicU64, by: u64) {
+    pub(super) fn add(value: &AtomicU64, by: u64) {
         value.fetch_add(by, Ordering::Relaxed);
     }
 }

@@ -114,7 +114,12 @@ fn pending_reaches(batcher: &Batcher, count: usize) {
 fn rows_of_jobs_waiting_together_share_a_pass_and_each_job_gets_only_its_own_rows() {
     let (model, release, started) = TellingModel::held(usize::MAX);
     let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(model.clone(), "m", "cpu", limits(64, 4096)));
+    let batcher = Arc::new(Batcher::start(
+        model.clone(),
+        "m",
+        tch::Device::Cpu,
+        limits(64, 4096),
+    ));
     // The first job's pass holds the model while eight more jobs arrive.
     let first = submit(&batcher, vec![row_of(1, 20)], Ticket::unbounded());
     started.recv().unwrap();
@@ -138,7 +143,11 @@ fn rows_of_jobs_waiting_together_share_a_pass_and_each_job_gets_only_its_own_row
         }
     }
     let seen = model.seen();
-    assert_eq!(seen.len(), 2, "one pass for the first job, one for the 44 rows behind it");
+    assert_eq!(
+        seen.len(),
+        2,
+        "one pass for the first job, one for the 44 rows behind it"
+    );
     assert_eq!(seen[1].len(), 44);
     let report = batcher.report();
     assert_eq!((report.batches, report.rows), (2, 45));
@@ -148,12 +157,21 @@ fn rows_of_jobs_waiting_together_share_a_pass_and_each_job_gets_only_its_own_row
 #[test]
 fn an_oom_halves_the_batch_and_the_token_limit_and_every_row_still_gets_its_output() {
     let model = Arc::new(TellingModel::new(64));
-    let batcher = Arc::new(Batcher::start(model.clone(), "m", "cpu", limits(64, 4096)));
+    let batcher = Arc::new(Batcher::start(
+        model.clone(),
+        "m",
+        tch::Device::Cpu,
+        limits(64, 4096),
+    ));
     let rows = (0..8).map(|i| row_of(3, 17 + i % 2)).collect();
     let out = batcher.run(rows, &Ticket::unbounded()).unwrap();
     assert_eq!(out.len(), 8);
     let sizes: Vec<usize> = model.seen().iter().map(Vec::len).collect();
-    assert_eq!(sizes, vec![8, 4, 2, 2, 4, 2, 2], "8 → 4 → 2 each: 2 × 18 tokens fit 64");
+    assert_eq!(
+        sizes,
+        vec![8, 4, 2, 2, 4, 2, 2],
+        "8 → 4 → 2 each: 2 × 18 tokens fit 64"
+    );
     let report = batcher.report();
     assert_eq!(report.oom_splits, 3);
     assert!(report.token_limit < 4096, "the limit shrank: {report:?}");
@@ -163,7 +181,12 @@ fn an_oom_halves_the_batch_and_the_token_limit_and_every_row_still_gets_its_outp
 fn a_row_that_runs_out_of_memory_alone_fails_only_its_job() {
     let (model, release, started) = TellingModel::held(100);
     let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(model.clone(), "m", "cpu", limits(64, 4096)));
+    let batcher = Arc::new(Batcher::start(
+        model,
+        "m",
+        tch::Device::Cpu,
+        limits(64, 4096),
+    ));
     let warm = submit(&batcher, vec![row_of(1, 16)], Ticket::unbounded());
     started.recv().unwrap();
     // Job 2's row is 120 tokens wide: over the model's memory even alone. Job 3's fits.
@@ -183,7 +206,12 @@ fn a_row_that_runs_out_of_memory_alone_fails_only_its_job() {
 fn a_model_error_is_bisected_to_the_job_that_caused_it_and_its_batch_mates_succeed() {
     let (model, release, started) = TellingModel::held(usize::MAX);
     let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(model.clone(), "m", "cpu", limits(64, 4096)));
+    let batcher = Arc::new(Batcher::start(
+        model,
+        "m",
+        tch::Device::Cpu,
+        limits(64, 4096),
+    ));
     let warm = submit(&batcher, vec![row_of(1, 16)], Ticket::unbounded());
     started.recv().unwrap();
     let mut poisoned = row_of(5, 18);
@@ -217,7 +245,12 @@ fn a_model_error_is_bisected_to_the_job_that_caused_it_and_its_batch_mates_succe
 fn a_cancelled_jobs_rows_never_reach_the_model() {
     let (model, release, started) = TellingModel::held(usize::MAX);
     let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(model.clone(), "m", "cpu", limits(64, 4096)));
+    let batcher = Arc::new(Batcher::start(
+        model.clone(),
+        "m",
+        tch::Device::Cpu,
+        limits(64, 4096),
+    ));
     let warm = submit(&batcher, vec![row_of(1, 16)], Ticket::unbounded());
     started.recv().unwrap();
     let doomed = Ticket::unbounded();
@@ -282,7 +315,12 @@ fn attach(batcher: &Batcher, ledger: Arc<FakeLedger>, declared: u64) {
 fn a_batch_books_the_declared_memory_of_each_job_in_it_and_shrinks_to_what_fits() {
     let (model, release, started) = TellingModel::held(usize::MAX);
     let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(model.clone(), "m", "cuda:0", limits(64, 4096)));
+    let batcher = Arc::new(Batcher::start(
+        model.clone(),
+        "m",
+        tch::Device::Cpu,
+        limits(64, 4096),
+    ));
     let ledger = Arc::new(FakeLedger {
         room: AtomicU64::new(25),
         booked: Arc::default(),
@@ -302,15 +340,22 @@ fn a_batch_books_the_declared_memory_of_each_job_in_it_and_shrinks_to_what_fits(
         job.join().unwrap().unwrap();
     }
     let seen = model.seen();
-    assert!(seen[1..].iter().all(|b| b.len() <= 2), "25 bytes hold 2 jobs of 10");
+    assert!(
+        seen[1..].iter().all(|b| b.len() <= 2),
+        "25 bytes hold 2 jobs of 10"
+    );
     assert_eq!(ledger.most.load(Ordering::SeqCst), 20);
-    assert_eq!(ledger.booked.load(Ordering::SeqCst), 0, "every booking released");
+    assert_eq!(
+        ledger.booked.load(Ordering::SeqCst),
+        0,
+        "every booking released"
+    );
 }
 
 #[test]
 fn rows_that_find_no_memory_by_their_jobs_bound_get_the_retry_signal() {
     let model = Arc::new(TellingModel::new(usize::MAX));
-    let batcher = Batcher::start(model.clone(), "m", "cuda:0", limits(64, 4096));
+    let batcher = Batcher::start(model.clone(), "m", tch::Device::Cpu, limits(64, 4096));
     let ledger = Arc::new(FakeLedger {
         room: AtomicU64::new(5),
         booked: Arc::default(),
@@ -330,9 +375,17 @@ fn rows_that_find_no_memory_by_their_jobs_bound_get_the_retry_signal() {
 #[test]
 fn one_row_per_pass_when_batching_is_off() {
     let model = Arc::new(TellingModel::new(usize::MAX));
-    let batcher = Arc::new(Batcher::start(model.clone(), "m", "cpu", limits(1, 4096)));
+    let batcher = Arc::new(Batcher::start(
+        model.clone(),
+        "m",
+        tch::Device::Cpu,
+        limits(1, 4096),
+    ));
     let out = batcher
-        .run((0..5).map(|i| row_of(2, 16 + i)).collect(), &Ticket::unbounded())
+        .run(
+            (0..5).map(|i| row_of(2, 16 + i)).collect(),
+            &Ticket::unbounded(),
+        )
         .unwrap();
     assert_eq!(out.len(), 5);
     assert!(model.seen().iter().all(|b| b.len() == 1));
