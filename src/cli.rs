@@ -97,7 +97,8 @@ pub enum Command {
     /// Print benchmark figures: admission cost, scheduling simulation; `compare` runs the
     /// worker against the official SDK worker and infinity-emb and writes BENCHMARKS.md.
     Bench {
-        /// `admission`, `schedule`, `models`, `compare` or `all` (admission and schedule).
+        /// `admission`, `schedule`, `models`, `batching`, `compare` or `all` (admission and
+        /// schedule).
         #[arg(default_value = "all")]
         which: String,
         /// Options of `bench compare`.

@@ -189,21 +189,34 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<12} {:<12} {:<6} {:>8} {:>14} {:>10}",
-        "handler", "kind", "device", "limit", "GPU mem/job", "at once"
+        "{:<12} {:<12} {:<6} {:>8} {:>14} {:>10} {:>9}",
+        "handler", "kind", "device", "limit", "GPU mem/job", "at once", "per pass"
     );
     let mut gpu_at_full_load = 0u64;
+    let mut batched_on_gpu = Vec::new();
     for (name, handler) in &config.handlers {
         let on_gpu = gpu.is_some() && handler.device == DeviceChoice::Cuda;
         let reservation = handler.reservation(&config.handler, on_gpu);
         let limit = u64::from(handler.max_concurrency.min(config.handler.max_concurrency));
         let bytes = reservation.within(for_jobs.unwrap_or(0));
         let gpus = gpu.map_or(1, |g| g.count as u64);
-        let at_once = match for_jobs {
-            Some(room) if bytes > 0 => limit.min(room / bytes * gpus),
+        let fits = |devices: u64| match for_jobs {
+            Some(room) if bytes > 0 => limit.min(room / bytes * devices),
             _ => limit,
         };
-        gpu_at_full_load += at_once * bytes;
+        // A batched handler's jobs hold no GPU memory: all run at once, and memory bounds
+        // how many of them one forward pass on one GPU holds (until bytes per token are
+        // learned).
+        let batched = worker::config::is_batched_kind(handler.kind(name));
+        let (at_once, per_pass) = if batched && on_gpu {
+            let per_pass = fits(1);
+            batched_on_gpu.push((name.clone(), reservation, per_pass));
+            gpu_at_full_load += per_pass * gpus * bytes;
+            (limit, per_pass.to_string())
+        } else {
+            gpu_at_full_load += fits(gpus) * bytes;
+            (fits(gpus), "-".to_owned())
+        };
         let device = match (handler.device, on_gpu) {
             (DeviceChoice::Cpu, _) => "cpu",
             (DeviceChoice::Cuda, true) => "cuda",
@@ -216,9 +229,28 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
         };
         let _ = writeln!(
             out,
-            "{name:<12} {:<12} {device:<6} {:>8} {memory:>14} {at_once:>10}",
+            "{name:<12} {:<12} {device:<6} {:>8} {memory:>14} {at_once:>10} {per_pass:>9}",
             handler.kind(name),
             handler.max_concurrency
+        );
+    }
+    let batching = &config.batching;
+    let _ = writeln!(
+        out,
+        "\nbatching: up to {} rows and {} padded tokens per forward pass on a GPU ({} on the CPU), {}",
+        batching.max_batch_rows,
+        batching.tokens_for(true),
+        batching.tokens_for(false),
+        match batching.max_batch_delay_us {
+            0 => "no wait for more rows".to_owned(),
+            us => format!("waiting up to {us} µs for more rows"),
+        }
+    );
+    for (name, reservation, per_pass) in batched_on_gpu {
+        let _ = writeln!(
+            out,
+            "  {name}: its jobs hold no GPU memory while they wait; a pass books {reservation} per \
+             job in it until bytes per padded token are learned: at most {per_pass} job(s) a pass per GPU"
         );
     }
     if config
@@ -270,22 +302,26 @@ mod tests {
     fn plan_for_the_seed_profile_on_a_24gb_card() {
         let plan = capacity_plan(&Config::default(), Some(&card("RTX 4090", Size::gb(24), 0)));
         assert!(plan.contains("budget"), "{plan}");
-        let classify = plan.lines().find(|l| l.starts_with("classify")).unwrap();
-        assert!(
-            classify.contains("cuda")
-                && classify.contains("6GB")
-                && classify.trim_end().ends_with('1'),
-            "{classify}"
+        let columns = |handler: &str| -> Vec<String> {
+            let line = plan.lines().find(|l| l.starts_with(handler)).unwrap();
+            line.split_whitespace().map(str::to_owned).collect()
+        };
+        // Batched: all 32 at once; a pass holds 3 jobs' declared 6GB of the 22.9GB left.
+        let classify = columns("classify");
+        assert_eq!(classify[2..], ["cuda", "32", "6GB", "32", "3"], "{plan}");
+        assert_eq!(
+            columns("extract")[2..],
+            ["cpu", "8", "-", "8", "-"],
+            "{plan}"
         );
-        let extract = plan.lines().find(|l| l.starts_with("extract")).unwrap();
         assert!(
-            extract.contains("cpu") && extract.trim_end().ends_with('4'),
-            "{extract}"
+            plan.contains("batching: up to 64 rows and 16384 padded tokens"),
+            "{plan}"
         );
     }
 
     #[test]
-    fn memory_bounds_how_many_gpu_jobs_run_at_once() {
+    fn memory_bounds_how_many_batched_gpu_jobs_one_pass_holds() {
         let mut config = Config::default();
         config.handlers.get_mut("classify").unwrap().max_concurrency = 4;
         let plan = capacity_plan(&config, Some(&card("small", Size::gb(13), 0)));

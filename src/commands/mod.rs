@@ -45,9 +45,22 @@ pub fn bench(which: &str, compare: bench::compare::CompareArgs) -> i32 {
                 }
             }
         }
+        "batching" => {
+            let models = std::path::Path::new("handler/models");
+            let runtime = tokio::runtime::Handle::current();
+            let report =
+                tokio::task::block_in_place(|| runtime.block_on(bench::batching::run(models)));
+            match report {
+                Some(report) => print!("{report}"),
+                None => {
+                    eprintln!("run `make models` first (handler/models is needed)");
+                    return 1;
+                }
+            }
+        }
         "all" => print!("{}\n{}", bench::admission::run(), bench::schedule::run()),
         other => {
-            eprintln!("unknown benchmark {other:?}: admission, schedule, models, compare or all");
+            eprintln!("unknown benchmark {other:?}: admission, schedule, models, batching, compare or all");
             return 2;
         }
     }

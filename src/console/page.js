@@ -183,6 +183,21 @@ function drawHandlers(handlers) {
   }));
 }
 
+// One row per batcher (model and device): what its forward passes hold and what it learned.
+function drawBatching(batchers) {
+  $("batching").replaceChildren(...batchers.map((b) =>
+    el("tr", { "data-batcher": `${b.model} ${b.device}` },
+      el("td", { title: (b.handlers || []).join(", ") }, el("b", {}, b.model)),
+      el("td", {}, b.device),
+      el("td", { "data-field": "batches", "data-value": b.batches }, b.batches),
+      el("td", { "data-field": "mean-rows" }, `${b.mean_rows.toFixed(1)} (of ${b.max_batch_rows})`),
+      el("td", {}, `${(100 * b.padding_waste).toFixed(0)}%`),
+      el("td", {}, b.token_limit === b.max_batch_tokens ? `${b.token_limit}` : `${b.token_limit} (of ${b.max_batch_tokens})`),
+      el("td", {}, b.learned_bytes_per_token ? `${(b.learned_bytes_per_token / 1024).toFixed(1)} KiB` : "declared"),
+      el("td", {}, `${b.oom_splits} (+${b.error_splits} errors)`),
+      el("td", {}, b.pending_rows))));
+}
+
 function counters(box, entries) {
   box.replaceChildren(...entries.map(([label, id, value]) =>
     el("div", { class: "counter" }, el("b", { id, "data-value": value }, value ?? "–"), el("span", {}, label))));
@@ -350,6 +365,7 @@ async function refresh() {
     }
     drawGpus(h.gpus || []);
     drawHandlers(h.handlers || {});
+    drawBatching(h.batching || []);
     if (h.jobs) drawWorkerJobs(h.jobs);
     if (queue && queue.body) drawQueue(queue.body);
     drawJobs((jobs.body && jobs.body.jobs) || []);

@@ -7,6 +7,7 @@
 //! a burst sized so that exactly N jobs fit, external memory pressure, a real CUDA OOM, two
 //! workers sharing the card through the host-wide ledger, learned footprints and speed.
 
+mod batching;
 mod device_checks;
 mod harness;
 pub mod hog;
@@ -162,6 +163,7 @@ pub async fn run(options: GpuCheckOptions) -> i32 {
     };
     device_checks::run(&ctx, &mut table).await;
     speed::run(&ctx, &mut table).await;
+    batching::run(&ctx, &mut table).await;
     memory_checks::run(&ctx, &mut table).await;
     peers::run(&ctx, &mut table).await;
     finish(&table, started)

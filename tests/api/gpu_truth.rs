@@ -281,12 +281,19 @@ fn every_profile_in_config_plans_for_the_gpus_it_names() {
         );
         stdout
     };
-    let at_once = |plan: &str, handler: &str| -> u64 {
+    // (at once, per pass): a batched GPU handler's jobs all run at once and memory bounds
+    // how many one forward pass holds; per pass is 0 where it does not apply.
+    let at_once = |plan: &str, handler: &str| -> (u64, u64) {
         let line = plan
             .lines()
             .find(|l| l.starts_with(handler))
             .unwrap_or_else(|| panic!("{handler} in {plan}"));
-        line.split_whitespace().last().unwrap().parse().unwrap()
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        let n = columns.len();
+        (
+            columns[n - 2].parse().unwrap(),
+            columns[n - 1].parse().unwrap_or(0),
+        )
     };
     let profiles: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
         .unwrap()
@@ -307,17 +314,26 @@ fn every_profile_in_config_plans_for_the_gpus_it_names() {
     }
     assert_eq!(
         at_once(&plan("config/extraction-only.toml", "1"), "extract"),
-        8
+        (8, 0)
     );
     let mixed = plan("config/extraction-classification.toml", "1");
     assert_eq!(
         (at_once(&mixed, "extract"), at_once(&mixed, "classify")),
-        (4, 1)
+        ((4, 0), (32, 3)),
+        "classify's 6GB jobs: 3 a pass on a 24GB card: {mixed}"
     );
     let heavy = plan("config/classification-heavy.toml", "1");
     assert!(heavy.contains("all (22.1GB)"), "the whole budget: {heavy}");
-    assert_eq!(at_once(&heavy, "classify"), 1);
-    assert_eq!(at_once(&plan("config/four-gpus.toml", "4"), "extract"), 16);
+    assert_eq!(at_once(&heavy, "classify"), (32, 1));
+    assert_eq!(
+        at_once(&plan("config/four-gpus.toml", "4"), "extract"),
+        (16, 4),
+        "extract on the GPUs is batched too"
+    );
     let four = plan("config/four-gpus-classification.toml", "4");
-    assert_eq!(at_once(&four, "classify"), 4, "one per GPU: {four}");
+    assert_eq!(
+        at_once(&four, "classify"),
+        (64, 1),
+        "one job a pass: {four}"
+    );
 }

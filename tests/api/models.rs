@@ -237,6 +237,88 @@ async fn zero_shot_classification_gets_obviously_labelled_texts_right() {
     worker.stop().await;
 }
 
+/// Classify jobs of distinct texts (a short line to a long page) through a worker, batching on
+/// and off: each job gets the same label and probabilities within 1e-4 either way, so no job
+/// got a row computed from another's text; the batched worker really shared passes, and says
+/// so in `/health` and `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_classify_jobs_get_what_they_get_unbatched_and_only_from_their_own_text() {
+    let labels = json!(["invoice", "recipe", "poem", "contract", "weather", "football"]);
+    let topics = [
+        "Invoice 2024-117: consulting, 10 hours at $150, total due in 30 days.",
+        "Whisk two eggs with sugar, fold in the flour and bake for 25 minutes.",
+        "The moon climbs slow above the silver sea, and every wave recalls a dream.",
+        "The Contractor shall provide the services; the Client agrees to the terms.",
+        "Rain in the morning, sunny spells later, winds from the west at 20 km/h.",
+        "The striker scored twice before half time and the keeper saved a penalty.",
+    ];
+    let texts: Vec<String> = (0..18)
+        .map(|i| format!("Job {i}. ") + &topics[i % 6].repeat(1 + (i * 5) % 17))
+        .collect();
+    let run = |max_rows: usize| {
+        let (texts, labels) = (texts.clone(), labels.clone());
+        async move {
+            let mut config = model_config();
+            config.batching.max_batch_rows = max_rows;
+            config.handler.max_concurrency = 18;
+            config.handlers.get_mut("classify").unwrap().max_concurrency = 18;
+            let worker = TestWorker::start(config, |h| h, 1000).await;
+            for (i, text) in texts.iter().enumerate() {
+                worker.enqueue(
+                    &format!("b{i}"),
+                    json!({"task": "classify", "text": text, "labels": labels}),
+                );
+            }
+            let mut outputs = Vec::new();
+            for i in 0..texts.len() {
+                outputs.push(worker.done(&format!("b{i}")).await.body["output"].clone());
+            }
+            let health = worker.health().await;
+            let metrics = worker.metrics().await;
+            worker.stop().await;
+            (outputs, health, metrics)
+        }
+    };
+    let (alone, health_alone, _) = run(1).await;
+    let (batched, health, metrics) = run(64).await;
+    let encoder = |health: &serde_json::Value| {
+        health["batching"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["model"] == "all-MiniLM-L6-v2")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(encoder(&health_alone)["mean_rows"], 1.0, "{health_alone}");
+    let shared = encoder(&health);
+    assert!(shared["mean_rows"].as_f64().unwrap() > 1.0, "{shared}");
+    assert_eq!(shared["device"], "cpu");
+    assert!(
+        metrics
+            .contains("runpod_worker_batch_rows_count{device=\"cpu\",model=\"all-MiniLM-L6-v2\"}"),
+        "{metrics}"
+    );
+    for (i, (ours, reference)) in batched.iter().zip(&alone).enumerate() {
+        assert_eq!(
+            ours["label"], reference["label"],
+            "job {i}: {ours} vs {reference}"
+        );
+        assert_eq!(ours["tokens"], reference["tokens"], "job {i}");
+        for (label, p) in reference["scores"].as_object().unwrap() {
+            let q = ours["scores"][label].as_f64().unwrap();
+            let diff = (q - p.as_f64().unwrap()).abs();
+            assert!(diff <= 1e-4, "job {i}, {label}: {q} vs {p}");
+        }
+    }
+    // The texts differ enough that a crossed row would show: no two references agree.
+    for i in 0..alone.len() {
+        for j in i + 1..alone.len() {
+            assert_ne!(alone[i]["scores"], alone[j]["scores"], "jobs {i} and {j}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extraction_chunks_long_text_completely_and_concurrent_jobs_match_sequential_ones() {
     let worker = TestWorker::start(model_config(), |h| h, 1000).await;

@@ -1,12 +1,14 @@
 //! The benchmark harness (`runpod-worker bench`, `make bench`): printed figures and ratios,
 //! never timed tests. [`admission`] measures the cost of one admission decision; [`schedule`]
 //! simulates a mixed GPU workload under the seed's static policy and the adaptive one;
-//! [`models`] compares the handlers with Python torch on the same model. [`compare`] runs the
+//! [`models`] compares the handlers with Python torch on the same model; [`batching`] runs
+//! them with batching across jobs on and off. [`compare`] runs the
 //! whole worker against the official SDK worker, the bare mock queue and infinity-emb, and
 //! writes BENCHMARKS.md with its plot ([`workers`], [`cold_start`], [`embeddings`], [`ceiling`],
 //! [`report`], [`plot`]; [`queue`], [`procs`] and [`stats`] are their plumbing).
 
 pub mod admission;
+pub mod batching;
 pub mod ceiling;
 pub mod cold_start;
 pub mod compare;

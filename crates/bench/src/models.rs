@@ -16,7 +16,8 @@ use worker::outcome::JobError;
 /// Jobs per concurrency level.
 const JOBS_PER_WORKER: usize = 8;
 
-struct NoStream;
+/// A sink that drops stream chunks (the benchmarks measure the model path).
+pub struct NoStream;
 
 #[async_trait]
 impl ChunkSink for NoStream {

@@ -95,7 +95,7 @@ pub struct HandlerDefaults {
 impl Default for HandlerDefaults {
     fn default() -> Self {
         Self {
-            max_concurrency: 4,
+            max_concurrency: 32,
             timeout: 300,
             execution_timeout: 120,
             gpu_memory_per_request: Size::gb(6),
@@ -129,6 +129,13 @@ pub struct BatchingConfig {
     /// How long a pass that is not full waits for more rows, microseconds (0: it runs as soon
     /// as the model is free; rows that arrive meanwhile form the next one).
     pub max_batch_delay_us: u64,
+}
+
+/// Whether a handler kind runs its model work on batchers (classify, extract: every MiniLM
+/// forward pass), so its jobs hold no GPU memory while they wait (see
+/// `handlers::Handler::batchers`, which the running worker asks instead).
+pub fn is_batched_kind(kind: &str) -> bool {
+    matches!(kind, "classify" | "extract")
 }
 
 /// `max_batch_tokens` on a GPU when unset.
@@ -427,9 +434,12 @@ impl Default for Config {
             queue: QueueConfig::default(),
             batching: BatchingConfig::default(),
             handlers: BTreeMap::from([
-                ("classify".to_owned(), handler(1, DeviceChoice::Cuda)),
+                // Batched: a waiting job holds no GPU memory, and the more wait, the fuller
+                // each forward pass (at 4, a pass holds at most 4 jobs' rows).
+                ("classify".to_owned(), handler(32, DeviceChoice::Cuda)),
                 ("echo".to_owned(), handler(4, DeviceChoice::Cpu)),
-                ("extract".to_owned(), handler(4, DeviceChoice::Cpu)),
+                // Parsing documents is CPU work, one parser process per job.
+                ("extract".to_owned(), handler(8, DeviceChoice::Cpu)),
             ]),
         }
     }

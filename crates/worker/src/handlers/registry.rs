@@ -95,6 +95,19 @@ pub struct HandlerSet {
     batchers: Vec<BatchUse>,
 }
 
+/// Notes that handler `id` runs on `used`.
+fn add_uses(batchers: &mut Vec<BatchUse>, id: HandlerId, used: &[Batcher]) {
+    for batcher in used {
+        match batchers.iter_mut().find(|u| u.batcher.same_as(batcher)) {
+            Some(known) => known.handlers.push(id),
+            None => batchers.push(BatchUse {
+                batcher: batcher.clone(),
+                handlers: vec![id],
+            }),
+        }
+    }
+}
+
 /// A batcher and the handlers whose work runs on it.
 #[derive(Clone)]
 pub struct BatchUse {
@@ -127,15 +140,7 @@ impl HandlerSet {
             let handler = loader.handler(&kind, table, &devices)?;
             let id = HandlerId(entries.len());
             let used = handler.batchers();
-            for batcher in &used {
-                match batchers.iter_mut().find(|u| u.batcher.same_as(batcher)) {
-                    Some(known) => known.handlers.push(id),
-                    None => batchers.push(BatchUse {
-                        batcher: batcher.clone(),
-                        handlers: vec![id],
-                    }),
-                }
-            }
+            add_uses(&mut batchers, id, &used);
             let entry = HandlerEntry {
                 id,
                 name: name.clone(),
@@ -170,9 +175,18 @@ impl HandlerSet {
 
     /// Replaces the implementation of handler `name` (tests and embedders).
     pub fn with_handler(mut self, name: &str, handler: Arc<dyn Handler>) -> Self {
-        if let Some(entry) = self.entries.iter_mut().find(|e| e.name == name) {
-            entry.handler = Ok(handler);
+        let Some(entry) = self.entries.iter_mut().find(|e| e.name == name) else {
+            return self;
+        };
+        let used = handler.batchers();
+        entry.batched = !used.is_empty();
+        entry.handler = Ok(handler);
+        let id = entry.id;
+        for known in &mut self.batchers {
+            known.handlers.retain(|h| *h != id);
         }
+        self.batchers.retain(|u| !u.handlers.is_empty());
+        add_uses(&mut self.batchers, id, &used);
         self
     }
 
