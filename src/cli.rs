@@ -164,11 +164,11 @@ pub struct CompareFlags {
     /// The plot to write (SVG).
     #[arg(long, default_value = "docs/bench.svg")]
     pub plot: PathBuf,
-    /// Parts to run, comma-separated: workers, ceiling, cold, embeddings.
+    /// Parts to run, comma-separated: workers, ceiling, cold, embeddings, batching.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "workers,ceiling,cold,embeddings"
+        default_value = "workers,ceiling,cold,embeddings,batching"
     )]
     pub parts: Vec<String>,
 }

@@ -113,19 +113,32 @@ pub(super) async fn run(ctx: &Ctx, table: &mut Table) {
         );
         return;
     }
+    let index = ctx.device.index;
     for task in ["classify", "embeddings"] {
         let inputs = |count: usize| texts(count).iter().map(|t| input(task, t)).collect();
+        // The burst of 64 at once, batched: the allocator's peak against the budget, and
+        // whether a pass ran out of memory.
+        worker::gpu::allocator::reset_peak(index);
         let on = run_inputs(&batched, inputs(JOBS), WIDE, device).await;
+        let peak = worker::gpu::allocator::stats(index).map_or(0, |s| s.peak_allocated);
+        let splits: u64 = batched
+            .batchers()
+            .iter()
+            .map(|b| b.batcher.report().oom_splits)
+            .sum();
         let off = run_inputs(&unbatched, inputs(JOBS), WIDE, device).await;
         let on_one = run_inputs(&batched, inputs(200), 1, device).await;
         let off_one = run_inputs(&unbatched, inputs(200), 1, device).await;
         let figure = match (on, off, on_one, off_one) {
             (Some((on, _)), Some((off, _)), Some((on_one, _)), Some((off_one, _))) => format!(
-                "c={WIDE}: batched {}, unbatched {}: {:.1}x (target 5x); c=1 p99 {:.2}x of unbatched (target ≤ 1.1x)",
+                "c={WIDE}: batched {}, unbatched {}: {:.1}x (target 5x); c=1 p99 {:.2}x of unbatched \
+                 (target ≤ 1.1x); burst: allocator peak {} GiB of a {} GiB budget, {splits} OOM split(s)",
                 describe(&on),
                 describe(&off),
                 on.per_s / off.per_s.max(f64::MIN_POSITIVE),
-                on_one.p99_ms / off_one.p99_ms.max(f64::MIN_POSITIVE)
+                on_one.p99_ms / off_one.p99_ms.max(f64::MIN_POSITIVE),
+                super::gib(peak),
+                super::gib(ctx.budget()),
             ),
             _ => "a job failed".to_owned(),
         };

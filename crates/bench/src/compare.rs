@@ -137,6 +137,15 @@ async fn compare(args: &CompareArgs, command: String) -> Result<PathBuf> {
             Err(e) => results.failures.push(format!("embeddings: {e:#}")),
         }
     }
+    if wants("batching") {
+        eprintln!("part 5: batching on against off, in process");
+        match super::batching::run(&args.models).await {
+            Some(table) => results.batching = Some(table),
+            None => results
+                .failures
+                .push("batching: a job failed or the models are missing".to_owned()),
+        }
+    }
     results.when = format!("{when}, {:.0} s in all", started.elapsed().as_secs_f64());
     if !results.rows.is_empty() {
         let svg = super::plot::render(&results.rows, &results.ceiling)?;

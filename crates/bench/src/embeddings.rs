@@ -12,7 +12,10 @@ use serde_json::{json, Value};
 
 use super::queue::{Proc, KEY};
 use super::stats::{cosine, p50_p99, Spread};
-use super::workers::{CONCURRENCY, REPS};
+use super::workers::REPS;
+
+/// Concurrency levels of the embeddings comparison (a batching server's figures need 64 too).
+pub const LEVELS: [usize; 4] = [1, 4, 16, 64];
 
 /// Texts one client sends per run.
 pub const TEXTS_PER_CLIENT: usize = 12;
@@ -33,9 +36,9 @@ pub struct EmbedFigures {
 pub struct Embeddings {
     /// (concurrency, ours, infinity's) per level; infinity's is `None` when it did not run.
     pub rows: Vec<(usize, EmbedFigures, Option<EmbedFigures>)>,
-    /// Ours again with `intra_op_threads = 1` (the shipped file otherwise), per level: one
-    /// libtorch thread per job, so 4 slots no longer oversubscribe the cores.
-    pub one_thread: Vec<EmbedFigures>,
+    /// Ours again with batching off (`[batching] max_batch_rows = 1`, the shipped file
+    /// otherwise), per level: each text its own forward pass, as before batching.
+    pub unbatched: Vec<EmbedFigures>,
     /// The lowest cosine between the two servers' embeddings of the same texts.
     pub min_cosine: Option<f64>,
     /// Why infinity-emb did not run, if it did not.
@@ -308,24 +311,24 @@ pub async fn run(
 ) -> Result<Embeddings> {
     let http = reqwest::Client::new();
     let mut result = Embeddings::default();
-    // The tail's cause, measured: the shipped file with one intra-op thread per job.
+    // What batching brings, measured: the shipped file with batching off.
     let shipped = std::fs::read_to_string("runpod.toml").unwrap_or_default();
-    if shipped.contains("\nintra_op_threads = 0 ") {
-        let config = scratch.join("runpod-one-thread.toml");
+    if shipped.contains("\nmax_batch_rows = 64 ") {
+        let config = scratch.join("runpod-unbatched.toml");
         std::fs::write(
             &config,
-            shipped.replace("\nintra_op_threads = 0 ", "\nintra_op_threads = 1 "),
+            shipped.replace("\nmax_batch_rows = 64 ", "\nmax_batch_rows = 1  "),
         )?;
         let (local, ours) = local_server(binary, Some(&config), &http).await?;
-        for concurrency in CONCURRENCY {
-            eprintln!("  embeddings ours, intra_op_threads = 1, c={concurrency}");
-            result.one_thread.push(ours.measure(concurrency).await?);
+        for concurrency in LEVELS {
+            eprintln!("  embeddings ours, max_batch_rows = 1, c={concurrency}");
+            result.unbatched.push(ours.measure(concurrency).await?);
         }
         drop(local);
     }
     let (local, ours) = local_server(binary, None, &http).await?;
     let mut our_rows = Vec::new();
-    for concurrency in CONCURRENCY {
+    for concurrency in LEVELS {
         eprintln!("  embeddings ours c={concurrency}");
         our_rows.push((concurrency, ours.measure(concurrency).await?));
     }
