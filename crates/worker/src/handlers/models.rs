@@ -33,10 +33,14 @@ pub(super) struct ModelLoader {
     checked_parser: Option<PathBuf>,
     /// `[batching]`.
     batching: BatchingConfig,
+    /// Whether the handler being built is accounted as a GPU handler. On a simulated GPU its
+    /// models compute on the CPU, beside the CPU handlers' copies, but get copies (and
+    /// batchers) of their own: their passes book simulated GPU memory, a CPU handler's never.
+    on_gpu: bool,
 }
 
-fn device_key(device: Device) -> String {
-    format!("{device:?}")
+fn device_key(device: Device, on_gpu: bool) -> String {
+    format!("{device:?}{}", if on_gpu { " (GPU handlers)" } else { "" })
 }
 
 impl ModelLoader {
@@ -47,6 +51,7 @@ impl ModelLoader {
             parser: parser.map(Path::to_path_buf),
             checked_parser: None,
             batching: batching.clone(),
+            on_gpu: false,
         }
     }
 
@@ -77,13 +82,13 @@ impl ModelLoader {
     }
 
     fn encoder(&mut self, device: Device) -> Result<Arc<Encoder>, LoadError> {
-        let key = device_key(device);
+        let key = device_key(device, self.on_gpu);
         if let Some(encoder) = self.encoders.get(&key) {
             return Ok(encoder.clone());
         }
         let encoder = Arc::new(Encoder::load(&self.dir, device, self.batch_limits(device))?);
         tracing::info!(
-            "loaded {} ({} dims) from {} on {key}",
+            "loaded {} ({} dims) from {} on {device:?}",
             encoder.name(),
             encoder.dims(),
             self.dir.display()
@@ -107,7 +112,9 @@ impl ModelLoader {
         kind: &str,
         table: &HandlerConfig,
         devices: &[Device],
+        on_gpu: bool,
     ) -> Result<Arc<dyn Handler>, LoadError> {
+        self.on_gpu = on_gpu;
         let max_document = table
             .max_document_size
             .map_or(DEFAULT_DOCUMENT_SIZE, Size::bytes);

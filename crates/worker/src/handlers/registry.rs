@@ -137,7 +137,7 @@ impl HandlerSet {
             let on_gpu = wants_gpu && gpu_present;
             // A simulated GPU is accounted as a GPU but computes on the CPU.
             let devices = crate::model::devices_for(on_gpu && !simulated);
-            let handler = loader.handler(&kind, table, &devices)?;
+            let handler = loader.handler(&kind, table, &devices, on_gpu)?;
             let id = HandlerId(entries.len());
             let used = handler.batchers();
             add_uses(&mut batchers, id, &used);
