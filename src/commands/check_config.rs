@@ -207,7 +207,7 @@ pub fn capacity_plan(config: &Config, gpu: Option<&PlannedGpu>) -> String {
         // A batched handler's jobs hold no GPU memory: all run at once, and memory bounds
         // how many of them one forward pass on one GPU holds (until bytes per token are
         // learned).
-        let batched = worker::config::is_batched_kind(handler.kind(name));
+        let batched = handler.is_batched(name);
         let (at_once, per_pass) = if batched && on_gpu {
             let per_pass = fits(1);
             batched_on_gpu.push((name.clone(), reservation, per_pass));

@@ -319,6 +319,77 @@ async fn batched_classify_jobs_get_what_they_get_unbatched_and_only_from_their_o
     }
 }
 
+/// A torchscript model whose first dimension is a batch (`batch = true`): jobs of 1 to 4 rows
+/// in flight together each get what the unbatched handler gives them, their own rows only; a
+/// job whose inputs do not fit the model fails alone, and one whose inputs disagree on their
+/// rows is refused before it reaches the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_torchscript_model_answers_each_job_with_its_own_rows() {
+    let mut config = model_config();
+    config.handler.max_concurrency = 24;
+    config.handlers.insert(
+        "blin".into(),
+        HandlerConfig {
+            kind: Some("torchscript".into()),
+            model: Some("example_linear.pt".into()),
+            inputs: Some(vec!["x".into()]),
+            batch: Some(true),
+            max_concurrency: 12,
+            ..HandlerConfig::default()
+        },
+    );
+    let worker = TestWorker::start(config, |h| h, 1000).await;
+    let x = |i: usize| {
+        let rows = 1 + i % 4;
+        let data: Vec<f64> = (0..rows * 4)
+            .map(|k| (i * 10 + k) as f64 / 8.0 - 2.0)
+            .collect();
+        json!({"shape": [rows, 4], "dtype": "float32", "data": data})
+    };
+    for i in 0..10 {
+        worker.enqueue(
+            &format!("b{i}"),
+            json!({"task": "blin", "inputs": {"x": x(i)}}),
+        );
+    }
+    worker.enqueue(
+        "misfit",
+        json!({"task": "blin", "inputs": {"x": {"shape": [2, 3], "data": [1, 2, 3, 4, 5, 6]}}}),
+    );
+    for i in 0..10 {
+        worker.enqueue(
+            &format!("u{i}"),
+            json!({"task": "lin", "inputs": {"x": x(i)}}),
+        );
+    }
+    for i in 0..10 {
+        let batched = worker.done(&format!("b{i}")).await.body;
+        let alone = worker.done(&format!("u{i}")).await.body;
+        assert_eq!(batched["output"], alone["output"], "job {i}");
+        assert_eq!(
+            batched["output"]["outputs"][0]["shape"],
+            json!([1 + i % 4, 2])
+        );
+    }
+    let misfit = worker.done("misfit").await.body["output"].clone();
+    assert_eq!(misfit["error_type"], "ModelError", "{misfit}");
+    let health = worker.health().await;
+    let linear = health["batching"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["model"] == "example_linear.pt")
+        .cloned()
+        .unwrap_or_else(|| panic!("{health}"));
+    assert_eq!(
+        linear["rows"], 10,
+        "ten jobs' inputs went through its passes: {linear}"
+    );
+    assert_eq!(health["handlers"]["blin"]["batched"], true);
+    assert_eq!(health["handlers"]["lin"]["batched"], false);
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extraction_chunks_long_text_completely_and_concurrent_jobs_match_sequential_ones() {
     let worker = TestWorker::start(model_config(), |h| h, 1000).await;

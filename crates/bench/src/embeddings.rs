@@ -314,11 +314,22 @@ pub async fn run(
     // What batching brings, measured: the shipped file with batching off.
     let shipped = std::fs::read_to_string("runpod.toml").unwrap_or_default();
     if shipped.contains("\nmax_batch_rows = 64 ") {
+        // Written elsewhere, so its relative paths (resolved against the file's directory)
+        // are made absolute: they still name the repository's models and spool.
+        let here = std::env::current_dir()?;
+        let absolute = |key: &str, path: &str| {
+            (
+                format!("\n{key} = {path:?}"),
+                format!("\n{key} = {:?}", here.join(path).display().to_string()),
+            )
+        };
+        let mut text = shipped.replace("\nmax_batch_rows = 64 ", "\nmax_batch_rows = 1  ");
+        for (key, path) in [("model_dir", "handler/models"), ("spool_dir", "spool")] {
+            let (from, to) = absolute(key, path);
+            text = text.replace(&from, &to);
+        }
         let config = scratch.join("runpod-unbatched.toml");
-        std::fs::write(
-            &config,
-            shipped.replace("\nmax_batch_rows = 64 ", "\nmax_batch_rows = 1  "),
-        )?;
+        std::fs::write(&config, text)?;
         let (local, ours) = local_server(binary, Some(&config), &http).await?;
         for concurrency in LEVELS {
             eprintln!("  embeddings ours, max_batch_rows = 1, c={concurrency}");

@@ -42,6 +42,9 @@ pub(super) fn validate_kind_keys(
     if h.inputs.is_some() && !is(&["torchscript"]) {
         return Err(misplaced("inputs", "torchscript"));
     }
+    if h.batch.is_some() && !is(&["torchscript"]) {
+        return Err(misplaced("batch", "torchscript"));
+    }
     if h.model.is_some() && !is(&["classify", "torchscript"]) {
         return Err(misplaced("model", "classify and torchscript"));
     }

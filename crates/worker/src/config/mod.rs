@@ -138,6 +138,14 @@ pub fn is_batched_kind(kind: &str) -> bool {
     matches!(kind, "classify" | "extract")
 }
 
+impl HandlerConfig {
+    /// Whether this handler's model work runs on batchers: classify and extract always, a
+    /// torchscript handler with `batch = true`.
+    pub fn is_batched(&self, name: &str) -> bool {
+        is_batched_kind(self.kind(name)) || self.batch == Some(true)
+    }
+}
+
 /// `max_batch_tokens` on a GPU when unset.
 pub const GPU_BATCH_TOKENS: usize = 16_384;
 /// `max_batch_tokens` on the CPU when unset.
@@ -366,6 +374,10 @@ pub struct HandlerConfig {
     /// torchscript: the names of the model's inputs, in the order `forward` takes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<Vec<String>>,
+    /// torchscript: the first dimension of every input and output is a batch, so jobs whose
+    /// inputs agree in the other dimensions and dtypes share forward passes (`[batching]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<bool>,
 }
 
 impl Default for HandlerConfig {
@@ -389,6 +401,7 @@ impl Default for HandlerConfig {
             max_text_chars: None,
             max_pages: None,
             inputs: None,
+            batch: None,
         }
     }
 }

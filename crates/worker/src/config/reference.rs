@@ -40,6 +40,7 @@ mod tests {
             max_text_chars: Some(1000),
             max_pages: Some(10),
             inputs: Some(vec!["x".into()]),
+            batch: Some(true),
         };
         config.handlers.clear();
         config.handlers.insert("some".into(), table);

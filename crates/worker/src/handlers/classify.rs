@@ -14,7 +14,7 @@ use super::document;
 use super::fetch::FetchPolicy;
 use super::parser::ParserPool;
 use super::{Handler, JobContext, Prepared};
-use crate::model::{Batcher, Encoder, OnDevices, Ticket};
+use crate::model::{AnyBatcher, Batcher, Encoder, OnDevices, Ticket};
 use crate::outcome::JobError;
 
 /// Most labels in one job.
@@ -314,16 +314,21 @@ impl Handler for ClassifyHandler {
             .await?
     }
 
-    fn batchers(&self) -> Vec<Batcher> {
+    fn batchers(&self) -> Vec<Arc<dyn AnyBatcher>> {
         let classifier = &self.0;
-        let mut batchers: Vec<Batcher> = classifier
+        let mut batchers: Vec<Arc<dyn AnyBatcher>> = classifier
             .encoder
             .0
             .iter()
-            .map(|e| e.batcher().clone())
+            .map(|e| Arc::new(e.batcher().clone()) as Arc<dyn AnyBatcher>)
             .collect();
         if let ClassifyMode::Logits(logits) = &classifier.mode {
-            batchers.extend(logits.0.iter().cloned());
+            batchers.extend(
+                logits
+                    .0
+                    .iter()
+                    .map(|b| Arc::new(b.clone()) as Arc<dyn AnyBatcher>),
+            );
         }
         batchers
     }

@@ -196,8 +196,12 @@ impl Handler for ExtractHandler {
         }
     }
 
-    fn batchers(&self) -> Vec<crate::model::Batcher> {
-        self.encoder.0.iter().map(|e| e.batcher().clone()).collect()
+    fn batchers(&self) -> Vec<Arc<dyn crate::model::AnyBatcher>> {
+        self.encoder
+            .0
+            .iter()
+            .map(|e| Arc::new(e.batcher().clone()) as Arc<dyn crate::model::AnyBatcher>)
+            .collect()
     }
 
     fn warm_up(&self) -> Result<(), String> {

@@ -13,6 +13,7 @@ mod registry;
 mod stream_out;
 mod tensors;
 mod torchscript;
+mod torchscript_batch;
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -59,7 +60,7 @@ pub trait Handler: Send + Sync + 'static {
     /// The batchers its model work runs on. A handler with any does all its GPU work there,
     /// whose batches book their own memory: its jobs reserve none at admission. By default
     /// there are none (each job's model work runs on its own and is reserved for).
-    fn batchers(&self) -> Vec<crate::model::Batcher> {
+    fn batchers(&self) -> Vec<Arc<dyn crate::model::AnyBatcher>> {
         Vec::new()
     }
 }

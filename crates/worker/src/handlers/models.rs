@@ -13,6 +13,7 @@ use super::extract::ExtractHandler;
 use super::fetch::FetchPolicy;
 use super::parser::{self, ParseLimits, ParserPool};
 use super::torchscript::{check_input_names, TorchScriptHandler};
+use super::torchscript_batch::BatchedModule;
 use super::{EchoHandler, Handler};
 use crate::config::{
     BatchingConfig, HandlerConfig, Size, DEFAULT_DOCUMENT_SIZE, DEFAULT_PAGES, DEFAULT_PARSE_CPU_S,
@@ -183,9 +184,26 @@ impl ModelLoader {
                         reason,
                     })?;
                 }
+                let batchers = (table.batch == Some(true)).then(|| {
+                    let name = table.model.as_deref().unwrap_or("torchscript");
+                    OnDevices(
+                        modules
+                            .iter()
+                            .map(|(module, device)| {
+                                let model = BatchedModule {
+                                    module: module.clone(),
+                                    device: *device,
+                                };
+                                let limits = self.batch_limits(*device);
+                                Batcher::start(Arc::new(model), name, *device, limits)
+                            })
+                            .collect(),
+                    )
+                });
                 Arc::new(TorchScriptHandler {
                     modules: OnDevices(modules),
                     inputs,
+                    batchers,
                 })
             }
             other => unreachable!("config validation admits only known kinds, not {other:?}"),

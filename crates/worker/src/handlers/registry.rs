@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use super::models::ModelLoader;
 use super::Handler;
 use crate::config::{Config, DeviceChoice, Size};
-use crate::model::{Batcher, LoadError};
+use crate::model::{AnyBatcher, LoadError};
 use crate::outcome::JobError;
 use runpod_protocol::job::kind_of;
 
@@ -96,9 +96,12 @@ pub struct HandlerSet {
 }
 
 /// Notes that handler `id` runs on `used`.
-fn add_uses(batchers: &mut Vec<BatchUse>, id: HandlerId, used: &[Batcher]) {
+fn add_uses(batchers: &mut Vec<BatchUse>, id: HandlerId, used: &[Arc<dyn AnyBatcher>]) {
     for batcher in used {
-        match batchers.iter_mut().find(|u| u.batcher.same_as(batcher)) {
+        match batchers
+            .iter_mut()
+            .find(|u| u.batcher.identity() == batcher.identity())
+        {
             Some(known) => known.handlers.push(id),
             None => batchers.push(BatchUse {
                 batcher: batcher.clone(),
@@ -112,7 +115,7 @@ fn add_uses(batchers: &mut Vec<BatchUse>, id: HandlerId, used: &[Batcher]) {
 #[derive(Clone)]
 pub struct BatchUse {
     /// The batcher.
-    pub batcher: Batcher,
+    pub batcher: Arc<dyn AnyBatcher>,
     /// The handlers that use it.
     pub handlers: Vec<HandlerId>,
 }

@@ -114,6 +114,52 @@ fn floats_json<F: Into<f64> + Copy + Serialize>(values: Vec<F>) -> Value {
     Value::Array(values.into_iter().map(float_json).collect())
 }
 
+impl JsonTensor {
+    /// Its first dimension: the rows of a batched model's input.
+    pub(super) fn rows(&self) -> i64 {
+        self.shape.first().copied().unwrap_or(0)
+    }
+
+    /// Its elements.
+    pub(super) fn elements(&self) -> usize {
+        self.data.len()
+    }
+
+    /// What must agree for two jobs' inputs to be concatenated: the dtype and every dimension
+    /// after the first.
+    pub(super) fn row_shape(&self) -> (Kind, &[i64]) {
+        (self.kind, self.shape.get(1..).unwrap_or_default())
+    }
+
+    /// `parts` (of one row shape) one after the other along the first dimension.
+    pub(super) fn concat(parts: &[&JsonTensor]) -> JsonTensor {
+        let first = parts.first().map(|p| p.row_shape());
+        let mut shape = vec![parts.iter().map(|p| p.rows()).sum()];
+        shape.extend_from_slice(first.map_or(&[][..], |(_, rest)| rest));
+        JsonTensor {
+            shape,
+            kind: first.map_or(Kind::Float, |(kind, _)| kind),
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        }
+    }
+}
+
+/// The tensors a model returned (one, a tuple or a list of them), in order.
+pub(super) fn output_tensors(value: IValue) -> Result<Vec<Tensor>, tch::TchError> {
+    match value {
+        IValue::Tensor(t) => Ok(vec![t]),
+        IValue::Tuple(items) | IValue::GenericList(items) => items
+            .into_iter()
+            .map(output_tensors)
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.into_iter().flatten().collect()),
+        IValue::TensorList(items) => Ok(items),
+        _ => Err(tch::TchError::Convert(
+            "the model returned something other than tensors".into(),
+        )),
+    }
+}
+
 pub(super) fn to_tensor(t: &JsonTensor, device: Device) -> Result<Tensor, tch::TchError> {
     Tensor::f_from_slice(&t.data)?
         .f_view(t.shape.as_slice())?
@@ -121,7 +167,7 @@ pub(super) fn to_tensor(t: &JsonTensor, device: Device) -> Result<Tensor, tch::T
         .f_to_device(device)
 }
 
-fn tensor_json(t: &Tensor) -> Result<Value, tch::TchError> {
+pub(super) fn tensor_json(t: &Tensor) -> Result<Value, tch::TchError> {
     let t = t.f_to_device(Device::Cpu)?;
     let shape = t.size();
     let (dtype, data) = match t.kind() {

@@ -10,9 +10,10 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tch::{CModule, Device, IValue};
 
-use super::tensors::{outputs_json, read_tensor, to_tensor};
+use super::tensors::{outputs_json, read_tensor, to_tensor, JsonTensor};
+use super::torchscript_batch::JobTensors;
 use super::{Handler, JobContext, Prepared};
-use crate::model::{torch_error, OnDevices};
+use crate::model::{torch_error, AnyBatcher, Batcher, OnDevices};
 use crate::outcome::{ErrorType, JobError};
 
 /// The generic TorchScript handler.
@@ -21,7 +22,12 @@ pub struct TorchScriptHandler {
     pub modules: OnDevices<(Arc<CModule>, Device)>,
     /// Input names, in `forward`'s order.
     pub inputs: Vec<String>,
+    /// With `batch = true`: the model's batcher on each device.
+    pub(super) batchers: Option<OnDevices<TensorBatcher>>,
 }
+
+/// A batcher of jobs' tensors (`batch = true`).
+pub(super) type TensorBatcher = Batcher<JobTensors, Vec<Value>>;
 
 /// More arguments than any `forward` takes: calling with these fails libtorch's argument check
 /// before anything runs, and its message states the method's declaration.
@@ -113,6 +119,16 @@ fn declared_arguments(message: &str) -> Option<Vec<(String, bool)>> {
 
 #[async_trait]
 impl Handler for TorchScriptHandler {
+    fn batchers(&self) -> Vec<Arc<dyn AnyBatcher>> {
+        self.batchers.as_ref().map_or_else(Vec::new, |batchers| {
+            batchers
+                .0
+                .iter()
+                .map(|b| Arc::new(b.clone()) as Arc<dyn AnyBatcher>)
+                .collect()
+        })
+    }
+
     async fn run(&self, ctx: JobContext, _prepared: Prepared) -> Result<Value, JobError> {
         let Some(given) = ctx.input.get("inputs").and_then(Value::as_object) else {
             return Err(JobError::invalid_input(format!(
@@ -151,6 +167,9 @@ impl Handler for TorchScriptHandler {
                 read_tensor(name, value)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(batchers) = &self.batchers {
+            return self.run_batched(&ctx, batchers, tensors).await;
+        }
         let (module, device) = self.modules.for_device(ctx.device)?.clone();
         ctx.run_blocking(move || {
             let _no_grad = tch::no_grad_guard();
@@ -178,6 +197,41 @@ impl Handler for TorchScriptHandler {
             Ok(json!({ "outputs": outputs }))
         })
         .await?
+    }
+}
+
+impl TorchScriptHandler {
+    /// Hands the job's tensors to the model's batcher, once every input has the same first
+    /// dimension (the job's rows).
+    async fn run_batched(
+        &self,
+        ctx: &JobContext,
+        batchers: &OnDevices<TensorBatcher>,
+        tensors: Vec<JsonTensor>,
+    ) -> Result<Value, JobError> {
+        let rows: Vec<i64> = tensors.iter().map(JsonTensor::rows).collect();
+        if rows.iter().any(|r| *r != rows[0]) || rows[0] == 0 {
+            let shown: Vec<String> = self
+                .inputs
+                .iter()
+                .zip(&rows)
+                .map(|(name, r)| format!("{name} has {r}"))
+                .collect();
+            return Err(JobError::invalid_input(format!(
+                "this model batches jobs: every input's first dimension is the job's rows, the \
+                 same for all and at least 1 ({})",
+                shown.join(", ")
+            )));
+        }
+        let batcher = batchers.for_device(ctx.device)?.clone();
+        let ticket = ctx.ticket();
+        let mut outputs = ctx
+            .run_blocking(move || batcher.run(vec![JobTensors(tensors)], &ticket))
+            .await??;
+        let outputs = outputs
+            .pop()
+            .ok_or_else(|| JobError::internal("no output"))?;
+        Ok(json!({ "outputs": outputs }))
     }
 }
 

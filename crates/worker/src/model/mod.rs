@@ -14,8 +14,8 @@ use std::sync::Arc;
 use tch::{CModule, Device};
 
 pub use batcher::{
-    BatchAttachment, BatchLimits, BatchMemory, BatchMetrics, BatchModel, BatchReport, Batcher,
-    Ticket,
+    AnyBatcher, BatchAttachment, BatchItem, BatchLimits, BatchMemory, BatchMetrics, BatchModel,
+    BatchReport, Batcher, Ticket,
 };
 pub use encoder::{device_label, Encoder, EMBED_BATCH, MAX_MODEL_TOKENS};
 pub use errors::{finite, torch_error};

@@ -26,8 +26,8 @@ impl PaddedModule {
     }
 }
 
-impl BatchModel for PaddedModule {
-    fn forward(&self, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, tch::TchError> {
+impl BatchModel<Vec<u32>, Vec<f32>> for PaddedModule {
+    fn forward(&self, rows: &[&Vec<u32>]) -> Result<Vec<Vec<f32>>, tch::TchError> {
         let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows.len() * width);
         let mut mask = Vec::with_capacity(rows.len() * width);

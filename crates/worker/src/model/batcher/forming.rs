@@ -1,9 +1,10 @@
 //! Which pending rows form the next batch. Pure (no model, no clock), so its rules are tested
 //! on their own:
-//! - **Buckets.** A batch holds rows of one width bucket (the next power of two of the row's
-//!   tokens, 16 at the least), so a 16-token classify text is never padded to a 256-token
-//!   chunk: padding stays under half a row, and on the CPU, where cost follows padded tokens,
-//!   merging never costs more than it saves.
+//! - **Groups.** A batch holds rows of one group: for token rows, one width bucket (the next
+//!   power of two of the row's tokens, 16 at the least), so a 16-token classify text is never
+//!   padded to a 256-token chunk: padding stays under half a row, and on the CPU, where cost
+//!   follows padded tokens, merging never costs more than it saves; for tensors, one dtype and
+//!   shape after the batch dimension (what can be concatenated).
 //! - **Anchor.** The oldest row starts the batch, except that a request which started the
 //!   previous batch yields to the oldest row of another request, when there is one: one job's
 //!   10,000 chunks alternate with a classify job behind them instead of going first.
@@ -22,8 +23,10 @@ pub(super) struct Row {
     pub(super) request: u64,
     /// Its index in that request.
     pub(super) index: usize,
-    /// Its tokens, special tokens included.
+    /// Its size: tokens (special tokens included), or a tensor input's elements.
     pub(super) len: usize,
+    /// Rows of one group may share a pass.
+    pub(super) group: u64,
 }
 
 /// What one batch may hold.
@@ -60,9 +63,9 @@ pub(super) fn form(pending: &[Row], bounds: &Bounds, previous: Option<u64>) -> V
     let Some(start) = anchor(pending, previous) else {
         return Vec::new();
     };
-    let width_bucket = bucket(pending[start].len);
+    let group = pending[start].group;
     let candidates: Vec<usize> = std::iter::once(start)
-        .chain((0..pending.len()).filter(|&i| i != start && bucket(pending[i].len) == width_bucket))
+        .chain((0..pending.len()).filter(|&i| i != start && pending[i].group == group))
         .collect();
     let waiting_requests = {
         let mut seen: Vec<u64> = candidates.iter().map(|&i| pending[i].request).collect();
@@ -129,6 +132,7 @@ mod tests {
                     request,
                     index: *index - 1,
                     len,
+                    group: bucket(len) as u64,
                 }
             })
             .collect()

@@ -41,10 +41,41 @@ const PEAK_SAMPLES: u64 = 3;
 /// Margin over the largest bytes per token seen.
 const PEAK_MARGIN: f64 = 1.25;
 
-/// A model that runs on rows of token ids: one output row per input row.
-pub trait BatchModel: Send + Sync + 'static {
-    /// One forward pass over `rows` (special tokens included), padded to the longest.
-    fn forward(&self, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, tch::TchError>;
+/// What a batcher batches: a row of token ids (special tokens included), or a job's tensors.
+pub trait BatchItem: Send + Sync + 'static {
+    /// Its size in what a pass's token limit counts (tokens; a tensor input's elements).
+    fn size(&self) -> usize;
+    /// Items of one group may share a pass.
+    fn group(&self) -> u64;
+}
+
+impl BatchItem for Vec<u32> {
+    fn size(&self) -> usize {
+        self.len()
+    }
+
+    fn group(&self) -> u64 {
+        forming::bucket(self.len()) as u64
+    }
+}
+
+/// A model that runs on items of one group: one output per item, in order.
+pub trait BatchModel<I, O>: Send + Sync + 'static {
+    /// One forward pass over `items` (token rows are padded to the longest).
+    fn forward(&self, items: &[&I]) -> Result<Vec<O>, tch::TchError>;
+}
+
+/// A batcher of any item type, as the worker sees it: attached at start, reported in
+/// `/health`, `/metrics` and the console.
+pub trait AnyBatcher: Send + Sync {
+    /// Connects it to its worker.
+    fn attach(&self, attachment: BatchAttachment);
+    /// What it has done and learned.
+    fn report(&self) -> BatchReport;
+    /// The CUDA device its model computes on (`None`: the CPU).
+    fn cuda_device(&self) -> Option<usize>;
+    /// Which batcher it is (clones share it).
+    fn identity(&self) -> usize;
 }
 
 /// Where a batcher books the GPU memory of its batches: its device's ledger.
@@ -101,36 +132,47 @@ impl Ticket {
     }
 }
 
-type Reply = SyncSender<Result<Vec<Vec<f32>>, JobError>>;
+type Reply<O> = SyncSender<Result<Vec<O>, JobError>>;
 
 /// One job's call: its rows and where their outputs go.
-struct Request {
-    rows: Vec<Vec<u32>>,
-    out: Vec<Option<Vec<f32>>>,
+struct Request<I, O> {
+    rows: Vec<Arc<I>>,
+    out: Vec<Option<O>>,
     missing: usize,
-    reply: Reply,
+    reply: Reply<O>,
     ticket: Ticket,
     arrived: Instant,
 }
 
-#[derive(Default)]
-struct State {
+struct State<I, O> {
     /// Rows waiting, in arrival order.
     pending: Vec<Row>,
-    requests: HashMap<u64, Request>,
+    requests: HashMap<u64, Request<I, O>>,
     next_request: u64,
     /// The request that started the previous batch.
     previous_anchor: Option<u64>,
     closed: bool,
 }
 
-struct Shared {
-    model: Arc<dyn BatchModel>,
+impl<I, O> Default for State<I, O> {
+    fn default() -> Self {
+        Self {
+            pending: Vec::new(),
+            requests: HashMap::new(),
+            next_request: 0,
+            previous_anchor: None,
+            closed: false,
+        }
+    }
+}
+
+struct Shared<I, O> {
+    model: Arc<dyn BatchModel<I, O>>,
     /// The CUDA device the model computes on, if any.
     cuda: Option<usize>,
     limits: BatchLimits,
     labels: [String; 2],
-    state: Mutex<State>,
+    state: Mutex<State<I, O>>,
     wake: Condvar,
     counters: Counters,
     attachment: RwLock<Option<Arc<dyn BatchMemory>>>,
@@ -138,28 +180,55 @@ struct Shared {
     metrics: MetricsSlot,
 }
 
-/// One model on one device, batching the rows of every job that uses it. Clones share it; its
-/// thread ends when the last clone is dropped.
-#[derive(Clone)]
-pub struct Batcher {
-    shared: Arc<Shared>,
-    _closer: Arc<Closer>,
+/// One model on one device, batching the rows of every job that uses it: token rows in,
+/// embeddings (or logits) out, unless told otherwise. Clones share it; its thread ends when
+/// the last clone is dropped.
+pub struct Batcher<I = Vec<u32>, O = Vec<f32>> {
+    shared: Arc<Shared<I, O>>,
+    _closer: Arc<Closer<I, O>>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            _closer: self._closer.clone(),
+        }
+    }
 }
 
 /// Closes the batcher when the last of its clones goes.
-struct Closer(Arc<Shared>);
+struct Closer<I, O>(Arc<Shared<I, O>>);
 
-impl Drop for Closer {
+impl<I: BatchItem, O: Send + 'static> AnyBatcher for Batcher<I, O> {
+    fn attach(&self, attachment: BatchAttachment) {
+        Batcher::attach(self, attachment);
+    }
+
+    fn report(&self) -> BatchReport {
+        Batcher::report(self)
+    }
+
+    fn cuda_device(&self) -> Option<usize> {
+        Batcher::cuda_device(self)
+    }
+
+    fn identity(&self) -> usize {
+        Arc::as_ptr(&self.shared).cast::<()>() as usize
+    }
+}
+
+impl<I, O> Drop for Closer<I, O> {
     fn drop(&mut self) {
         self.0.lock().closed = true;
         self.0.wake.notify_all();
     }
 }
 
-impl Batcher {
+impl<I: BatchItem, O: Send + 'static> Batcher<I, O> {
     /// Starts the batcher's thread for `model` (named `name`, computing on `device`).
     pub fn start(
-        model: Arc<dyn BatchModel>,
+        model: Arc<dyn BatchModel<I, O>>,
         name: &str,
         device: tch::Device,
         limits: BatchLimits,
@@ -207,7 +276,7 @@ impl Batcher {
     }
 
     /// Whether `self` and `other` are the same batcher.
-    pub fn same_as(&self, other: &Batcher) -> bool {
+    pub fn same_as(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
@@ -232,7 +301,7 @@ impl Batcher {
     /// Runs `rows` through the model with whatever else is waiting, blocking until every row
     /// has its output (in `rows`' order) or the job's first failure. Call it from a blocking
     /// thread.
-    pub fn run(&self, rows: Vec<Vec<u32>>, ticket: &Ticket) -> Result<Vec<Vec<f32>>, JobError> {
+    pub fn run(&self, rows: Vec<I>, ticket: &Ticket) -> Result<Vec<O>, JobError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -248,15 +317,16 @@ impl Batcher {
                 state.pending.push(Row {
                     request: id,
                     index,
-                    len: row.len(),
+                    len: row.size(),
+                    group: row.group(),
                 });
             }
             let count = rows.len();
             state.requests.insert(
                 id,
                 Request {
-                    rows,
-                    out: vec![None; count],
+                    rows: rows.into_iter().map(Arc::new).collect(),
+                    out: std::iter::repeat_with(|| None).take(count).collect(),
                     missing: count,
                     reply,
                     ticket: ticket.clone(),
@@ -309,20 +379,22 @@ impl Batcher {
 }
 
 /// A batch and its memory booking (none on the CPU), released when it is dropped.
-type Formed = (Vec<Taken>, Option<Box<dyn Send>>);
+type Formed<I> = (Vec<Taken<I>>, Option<Box<dyn Send>>);
 
-/// One row taken into a batch, with a copy of its ids (the request keeps its own).
-struct Taken {
+/// One row taken into a batch (shared with its request).
+struct Taken<I> {
     request: u64,
     index: usize,
-    ids: Vec<u32>,
+    item: Arc<I>,
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+impl<I, O> Shared<I, O> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<I, O>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
 
+impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
     fn labels(&self) -> [&str; 2] {
         [&self.labels[0], &self.labels[1]]
     }
@@ -348,7 +420,7 @@ impl Shared {
     }
 
     /// Waits for rows and memory; `None` once the batcher is closed and drained.
-    fn next_batch(&self) -> Option<Formed> {
+    fn next_batch(&self) -> Option<Formed<I>> {
         let mut state = self.lock();
         loop {
             self.drop_cancelled(&mut state);
@@ -389,7 +461,7 @@ impl Shared {
 
     /// With a batch delay: when the oldest row stops waiting for company, unless the rows
     /// pending would already fill a batch.
-    fn delay_until(&self, state: &State) -> Option<Instant> {
+    fn delay_until(&self, state: &State<I, O>) -> Option<Instant> {
         if self.limits.max_delay.is_zero() || state.closed {
             return None;
         }
@@ -404,7 +476,7 @@ impl Shared {
 
     /// The next batch and its memory booking, taken off the pending rows; `None` when not
     /// even its first row's memory is there.
-    fn form(&self, state: &mut State) -> Option<Formed> {
+    fn form(&self, state: &mut State<I, O>) -> Option<Formed<I>> {
         let memory = self.memory();
         let token_limit = self.counters.token_limit.load(Ordering::Relaxed);
         let per_token = Counters::load(&self.counters.bytes_per_token);
@@ -471,7 +543,7 @@ impl Shared {
                 Some(Taken {
                     request: row.request,
                     index: row.index,
-                    ids: request.rows.get(row.index)?.clone(),
+                    item: request.rows.get(row.index)?.clone(),
                 })
             })
             .collect();
@@ -479,7 +551,7 @@ impl Shared {
     }
 
     /// Drops the rows of jobs that ended (their deadline, a stop, the drain) before they run.
-    fn drop_cancelled(&self, state: &mut State) {
+    fn drop_cancelled(&self, state: &mut State<I, O>) {
         let ended: Vec<u64> = state
             .requests
             .iter()
@@ -498,7 +570,7 @@ impl Shared {
     }
 
     /// Gives the retry signal to jobs whose rows waited for memory past their bound.
-    fn refuse_overdue(&self, state: &mut State) {
+    fn refuse_overdue(&self, state: &mut State<I, O>) {
         let now = Instant::now();
         let overdue: Vec<u64> = state
             .requests
@@ -516,7 +588,7 @@ impl Shared {
     }
 
     /// Answers request `id` with `error` and drops its waiting rows.
-    fn fail(&self, state: &mut State, id: u64, error: JobError) {
+    fn fail(&self, state: &mut State<I, O>, id: u64, error: JobError) {
         if let Some(request) = state.requests.remove(&id) {
             let _ = request.reply.send(Err(error));
         }
@@ -528,9 +600,9 @@ impl Shared {
 
     /// Runs `batch`; on a failure, runs its halves, down to single rows: an OOM also halves
     /// the token limit. Every row gets its own output or its own error.
-    fn forward_split(&self, batch: &[Taken]) -> Vec<(u64, usize, Result<Vec<f32>, JobError>)> {
-        let rows: Vec<&[u32]> = batch.iter().map(|t| t.ids.as_slice()).collect();
-        let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    fn forward_split(&self, batch: &[Taken<I>]) -> Vec<(u64, usize, Result<O, JobError>)> {
+        let rows: Vec<&I> = batch.iter().map(|t| t.item.as_ref()).collect();
+        let width = rows.iter().map(|r| r.size()).max().unwrap_or(0);
         let padded = rows.len() * width;
         let measured = self.memory().and_then(|m| m.measurable());
         let baseline = measured.and_then(|device| {
@@ -592,7 +664,7 @@ impl Shared {
     }
 
     /// Hands each row's output to its request; a request that failed is answered at once.
-    fn deliver(&self, results: Vec<(u64, usize, Result<Vec<f32>, JobError>)>) {
+    fn deliver(&self, results: Vec<(u64, usize, Result<O, JobError>)>) {
         let mut state = self.lock();
         for (id, index, result) in results {
             match result {
@@ -617,8 +689,8 @@ impl Shared {
         }
     }
 
-    fn count_batch(&self, rows: &[&[u32]], padded: usize) {
-        let real: usize = rows.iter().map(|r| r.len()).sum();
+    fn count_batch(&self, rows: &[&I], padded: usize) {
+        let real: usize = rows.iter().map(|r| r.size()).sum();
         let c = &self.counters;
         Counters::add(&c.batches, 1);
         Counters::add(&c.rows, rows.len() as u64);

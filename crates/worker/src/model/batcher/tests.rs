@@ -48,8 +48,8 @@ impl TellingModel {
     }
 }
 
-impl BatchModel for TellingModel {
-    fn forward(&self, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, tch::TchError> {
+impl BatchModel<Vec<u32>, Vec<f32>> for TellingModel {
+    fn forward(&self, rows: &[&Vec<u32>]) -> Result<Vec<Vec<f32>>, tch::TchError> {
         if let Some(started) = self.started.lock().unwrap().as_ref() {
             let _ = started.send(());
         }
