@@ -5,9 +5,11 @@
 //!   padded to a 256-token chunk: padding stays under half a row, and on the CPU, where cost
 //!   follows padded tokens, merging never costs more than it saves; for tensors, one dtype and
 //!   shape after the batch dimension (what can be concatenated).
-//! - **Anchor.** The oldest row starts the batch, except that a request which started the
-//!   previous batch yields to the oldest row of another request, when there is one: one job's
-//!   10,000 chunks alternate with a classify job behind them instead of going first.
+//! - **Anchor.** The first row of one waiting request starts the batch: the narrowest such row
+//!   (the cheapest pass first: a classify text before a document's chunks), unless a request
+//!   has waited [`MAX_PASSES_WAITED`] passes, which then goes first (oldest first), so wide
+//!   rows are never starved; and a request that started the previous batch yields to another
+//!   when one waits: one job's 10,000 chunks alternate with the jobs behind them.
 //! - **Share.** While rows of other requests wait in the bucket, one request gets at most half
 //!   the batch's rows; what the others leave is then filled by anyone, oldest first.
 //! - **Bounds.** Rows, padded tokens (rows × the longest row) and, before memory is learned,
@@ -27,6 +29,20 @@ pub(super) struct Row {
     pub(super) len: usize,
     /// Rows of one group may share a pass.
     pub(super) group: u64,
+    /// The batcher's pass count when it arrived.
+    pub(super) arrived_pass: u64,
+}
+
+/// Passes a request may wait behind narrower ones before it goes first.
+pub(super) const MAX_PASSES_WAITED: u64 = 2;
+
+/// What the batcher remembers of its passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct History {
+    /// The request that started the previous pass.
+    pub(super) previous: Option<u64>,
+    /// Passes formed so far.
+    pub(super) passes: u64,
 }
 
 /// What one batch may hold.
@@ -45,22 +61,32 @@ pub(super) fn bucket(len: usize) -> usize {
     len.max(16).next_power_of_two()
 }
 
-/// The row that starts the next batch: the oldest, unless its request started the previous
-/// batch and another request has a row waiting. `pending` is in arrival order.
-pub(super) fn anchor(pending: &[Row], previous: Option<u64>) -> Option<usize> {
-    let first = (!pending.is_empty()).then_some(0)?;
-    Some(
-        pending
-            .iter()
-            .position(|row| Some(row.request) != previous)
-            .unwrap_or(first),
-    )
+/// The row that starts the next batch (see the module's rules). `pending` is in arrival
+/// order; `None` only when it is empty.
+pub(super) fn anchor(pending: &[Row], history: History) -> Option<usize> {
+    // Each waiting request's first row, in arrival order.
+    let mut seen = std::collections::HashSet::new();
+    let heads: Vec<usize> = (0..pending.len())
+        .filter(|&i| seen.insert(pending[i].request))
+        .collect();
+    let others: Vec<usize> = heads
+        .iter()
+        .copied()
+        .filter(|&h| Some(pending[h].request) != history.previous)
+        .collect();
+    let choice = if others.is_empty() { &heads } else { &others };
+    let waited = |h: usize| history.passes.saturating_sub(pending[h].arrived_pass);
+    choice
+        .iter()
+        .copied()
+        .find(|&h| waited(h) >= MAX_PASSES_WAITED)
+        .or_else(|| choice.iter().copied().min_by_key(|&h| (pending[h].len, h)))
 }
 
 /// Indices into `pending` (arrival order) of the next batch, the anchor first; empty only
 /// when nothing is pending.
-pub(super) fn form(pending: &[Row], bounds: &Bounds, previous: Option<u64>) -> Vec<usize> {
-    let Some(start) = anchor(pending, previous) else {
+pub(super) fn form(pending: &[Row], bounds: &Bounds, history: History) -> Vec<usize> {
+    let Some(start) = anchor(pending, history) else {
         return Vec::new();
     };
     let group = pending[start].group;
@@ -133,6 +159,7 @@ mod tests {
                     index: *index - 1,
                     len,
                     group: bucket(len) as u64,
+                    arrived_pass: 0,
                 }
             })
             .collect()
@@ -144,12 +171,26 @@ mod tests {
         max_requests: usize::MAX,
     };
 
+    fn fresh() -> History {
+        History::default()
+    }
+
     #[test]
     fn a_batch_holds_one_width_bucket_so_short_texts_are_not_padded_to_chunks() {
-        let pending = rows(&[(1, 20), (2, 250), (3, 30), (4, 240), (5, 12)]);
-        assert_eq!(form(&pending, &WIDE, None), vec![0, 2]);
-        // Started by 1 last time: 2 (the oldest of another request) anchors, with 4.
-        assert_eq!(form(&pending, &WIDE, Some(1)), vec![1, 3]);
+        let pending = rows(&[(1, 20), (2, 250), (3, 30), (4, 240)]);
+        // The narrowest first: 20 and 30 tokens share the 32 bucket; the chunks wait.
+        assert_eq!(form(&pending, &WIDE, fresh()), vec![0, 2]);
+        // Once the 250-token request has waited two passes, it goes first, with 240.
+        let mut waited = pending;
+        for row in &mut waited {
+            row.arrived_pass = 2;
+        }
+        waited[1].arrived_pass = 0;
+        let later = History {
+            previous: None,
+            passes: 2,
+        };
+        assert_eq!(form(&waited, &WIDE, later), vec![1, 3]);
         assert_eq!(bucket(12), 16);
         assert_eq!(bucket(17), 32);
         assert_eq!(bucket(256), 256);
@@ -163,18 +204,18 @@ mod tests {
             ..WIDE
         };
         // 2 rows × 120 = 240 fits; a third would be 3 × 128 = 384.
-        assert_eq!(form(&pending, &tight, None), vec![0, 1]);
+        assert_eq!(form(&pending, &tight, fresh()), vec![0, 1]);
         let few = Bounds {
             max_rows: 3,
             ..WIDE
         };
-        assert_eq!(form(&pending, &few, None), vec![0, 1, 2]);
+        assert_eq!(form(&pending, &few, fresh()), vec![0, 1, 2]);
         // A row wider than the limit still runs, alone.
         let shrunk = Bounds {
             max_tokens: 50,
             ..WIDE
         };
-        assert_eq!(form(&pending, &shrunk, None), vec![0]);
+        assert_eq!(form(&pending, &shrunk, fresh()), vec![0]);
     }
 
     #[test]
@@ -187,14 +228,14 @@ mod tests {
             max_rows: 4,
             ..WIDE
         };
-        let batch = form(&pending, &bounds, None);
+        let batch = form(&pending, &bounds, fresh());
         assert_eq!(batch, vec![0, 1, 10, 11], "two of 1's, both of 2's");
         // With room for more, the rest of 1's rows fill it after 2's.
         let roomy = Bounds {
             max_rows: 8,
             ..WIDE
         };
-        let batch = form(&pending, &roomy, None);
+        let batch = form(&pending, &roomy, fresh());
         assert_eq!(batch.len(), 8);
         assert!(batch.contains(&10) && batch.contains(&11));
     }
@@ -202,10 +243,19 @@ mod tests {
     #[test]
     fn the_request_that_went_first_yields_to_another_next_time() {
         let pending = rows(&[(1, 20), (1, 20), (2, 250)]);
-        assert_eq!(anchor(&pending, Some(1)), Some(2));
-        assert_eq!(anchor(&pending, Some(2)), Some(0));
-        assert_eq!(anchor(&pending[..2], Some(1)), Some(0), "no one else waits");
-        assert_eq!(anchor(&[], None), None);
+        let after = |previous| History {
+            previous: Some(previous),
+            passes: 1,
+        };
+        assert_eq!(anchor(&pending, fresh()), Some(0), "the narrowest");
+        assert_eq!(anchor(&pending, after(1)), Some(2));
+        assert_eq!(anchor(&pending, after(2)), Some(0));
+        assert_eq!(
+            anchor(&pending[..2], after(1)),
+            Some(0),
+            "no one else waits"
+        );
+        assert_eq!(anchor(&[], fresh()), None);
     }
 
     #[test]
@@ -215,6 +265,6 @@ mod tests {
             max_requests: 2,
             ..WIDE
         };
-        assert_eq!(form(&pending, &two_jobs, None), vec![0, 1, 3]);
+        assert_eq!(form(&pending, &two_jobs, fresh()), vec![0, 1, 3]);
     }
 }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use stats::{BatchMetrics, BatchReport};
 
-use self::forming::{Bounds, Row};
+use self::forming::{Bounds, History, Row};
 use self::stats::{Counters, MetricsSlot};
 use super::torch_error;
 use crate::outcome::JobError;
@@ -149,8 +149,8 @@ struct State<I, O> {
     pending: Vec<Row>,
     requests: HashMap<u64, Request<I, O>>,
     next_request: u64,
-    /// The request that started the previous batch.
-    previous_anchor: Option<u64>,
+    /// The request that started the previous batch, and the passes so far.
+    history: History,
     closed: bool,
 }
 
@@ -160,7 +160,7 @@ impl<I, O> Default for State<I, O> {
             pending: Vec::new(),
             requests: HashMap::new(),
             next_request: 0,
-            previous_anchor: None,
+            history: History::default(),
             closed: false,
         }
     }
@@ -314,11 +314,13 @@ impl<I: BatchItem, O: Send + 'static> Batcher<I, O> {
             let id = state.next_request;
             state.next_request += 1;
             for (index, row) in rows.iter().enumerate() {
+                let arrived_pass = state.history.passes;
                 state.pending.push(Row {
                     request: id,
                     index,
                     len: row.size(),
                     group: row.group(),
+                    arrived_pass,
                 });
             }
             let count = rows.len();
@@ -497,13 +499,13 @@ impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
             } else if let Some(jobs) = fitting(declared) {
                 bounds.max_requests = jobs;
             }
-            let first = forming::anchor(&state.pending, state.previous_anchor)?;
+            let first = forming::anchor(&state.pending, state.history)?;
             let first_len = state.pending[first].len;
             if bounds.max_requests == 0 || bounds.max_tokens < first_len {
                 return None;
             }
         }
-        let chosen = forming::form(&state.pending, &bounds, state.previous_anchor);
+        let chosen = forming::form(&state.pending, &bounds, state.history);
         let rows: Vec<Row> = chosen.iter().map(|&i| state.pending[i]).collect();
         let width = rows.iter().map(|r| r.len).max().unwrap_or(0);
         let booking = match &memory {
@@ -523,7 +525,10 @@ impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
                 Some(memory.book(bytes)?)
             }
         };
-        state.previous_anchor = rows.first().map(|r| r.request);
+        state.history = History {
+            previous: rows.first().map(|r| r.request),
+            passes: state.history.passes + 1,
+        };
         let mut taken_indices = chosen;
         taken_indices.sort_unstable();
         for &i in taken_indices.iter().rev() {
