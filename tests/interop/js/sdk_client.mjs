@@ -7,16 +7,30 @@
 // Every result comes from the Rust worker. Mirrors ../sdk_client.py.
 
 import { spawn } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { createInterface } from "node:readline";
 import assert from "node:assert/strict";
 import runpodSdk from "runpod-sdk";
 
 const KEY = "interop-js-key";
 
+// Only echo, and the worker holding no more jobs than echo runs at once (4): the shipped file
+// lets classify's batched jobs wait 32 at a time, and the worker takes what any handler could
+// start, so the purge check's two extra echo jobs would be taken instead of staying queued.
+function echoConfig() {
+  const dir = mkdtempSync(join(tmpdir(), "interop-js-"));
+  const file = join(dir, "runpod.toml");
+  writeFileSync(file, '[handler]\nmax_concurrency = 4\n[handlers.echo]\nmax_concurrency = 4\ndevice = "cpu"\n');
+  return file;
+}
+
 function startLocal(binary) {
   const env = { ...process.env, RUNPOD_AI_API_KEY: KEY };
   delete env.RUNPOD_ENDPOINT_ID;
-  const proc = spawn(binary, ["local", "--port", "0", "--http-port", "0"], {
+  const args = ["local", "--port", "0", "--http-port", "0", "--config", echoConfig()];
+  const proc = spawn(binary, args, {
     env,
     stdio: ["ignore", "pipe", "ignore"],
   });
