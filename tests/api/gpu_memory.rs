@@ -449,3 +449,44 @@ async fn a_reservation_of_all_gives_each_job_the_whole_budget_one_at_a_time() {
     );
     worker.stop().await;
 }
+
+/// Memory booked per pass on the simulated GPU: sixteen real classify jobs, 10 GB declared
+/// each, on a 24 GB card (23 GB after the headroom). They all run at once (a waiting job holds
+/// no memory), but a pass books 10 GB per job in it, so no pass holds more than two jobs: at
+/// least eight passes, every job answered, nothing left booked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_jobs_hold_no_memory_while_they_wait_and_each_pass_books_its_jobs() {
+    let mut config = test_config();
+    config.gpu.simulate = Some("24GB".parse().unwrap());
+    config.handler.max_concurrency = 16;
+    config.handler.model_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("handler/models");
+    config.handlers.clear();
+    config.handlers.insert(
+        "classify".into(),
+        handler("classify", DeviceChoice::Cuda, 16, Some("10GB")),
+    );
+    let worker = TestWorker::start(config, |h| h, 200).await;
+    let passes = |health: &Value| health["batching"][0]["batches"].as_u64().unwrap();
+    let before = passes(&worker.health().await);
+    let labels = json!(["invoice", "recipe", "poem"]);
+    for i in 0..16 {
+        let text = format!("Note {i}: bake the bread at 200 degrees for {i} minutes.");
+        worker.enqueue(
+            &format!("p{i}"),
+            json!({"task": "classify", "text": text, "labels": labels}),
+        );
+    }
+    for i in 0..16 {
+        let done = worker.done(&format!("p{i}")).await;
+        assert!(done.body["output"]["label"].is_string(), "{}", done.body);
+    }
+    let health = worker.health().await;
+    assert_eq!(health["handlers"]["classify"]["batched"], true, "{health}");
+    assert!(
+        passes(&health) - before >= 8,
+        "two 10 GB jobs a pass at most: {health}"
+    );
+    assert_eq!(health["gpus"][0]["reserved_gb"], 0.0, "{health}");
+    worker.stop().await;
+}

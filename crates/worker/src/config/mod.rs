@@ -451,8 +451,9 @@ impl Default for Config {
                 // each forward pass (at 4, a pass holds at most 4 jobs' rows).
                 ("classify".to_owned(), handler(32, DeviceChoice::Cuda)),
                 ("echo".to_owned(), handler(4, DeviceChoice::Cpu)),
-                // Parsing documents is CPU work, one parser process per job.
-                ("extract".to_owned(), handler(8, DeviceChoice::Cpu)),
+                // OpenAI embedding requests come here too and batch like classify's; documents
+                // wait for a parser, one per core at once.
+                ("extract".to_owned(), handler(32, DeviceChoice::Cpu)),
             ]),
         }
     }

@@ -133,24 +133,32 @@ pub fn handshake(exe: &Path) -> Result<(), String> {
     }
 }
 
-/// Warm parser children for one handler.
+/// Warm parser children for one handler, parsing at most one document per core at once.
 pub struct ParserPool {
     exe: PathBuf,
     limits: ParseLimits,
     idle: Mutex<Vec<Parser>>,
     keep: usize,
     started: AtomicU64,
+    /// Parsing is CPU-bound: more children at once than cores only share the cores (and add
+    /// their memory). A handler may hold many more jobs (OpenAI embedding requests, which
+    /// parse nothing, share extract's limit); its documents wait here for a core.
+    running: tokio::sync::Semaphore,
 }
 
 impl ParserPool {
-    /// A pool that keeps up to `keep` children of `exe` warm.
+    /// A pool that keeps up to `keep` children of `exe` warm, and runs at most one per core
+    /// (and at most `keep`) at once.
     pub fn new(exe: PathBuf, limits: ParseLimits, keep: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let at_once = keep.clamp(1, cores.max(2));
         Self {
             exe,
             limits,
             idle: Mutex::new(Vec::new()),
-            keep: keep.max(1),
+            keep: at_once,
             started: AtomicU64::new(0),
+            running: tokio::sync::Semaphore::new(at_once),
         }
     }
 
@@ -178,6 +186,8 @@ impl ParserPool {
         };
         let frame = wire::encode(&request, &bytes);
         drop(bytes);
+        // Never closed; dropping the future (the job ended) gives the place up.
+        let _core = self.running.acquire().await;
         if let Some(parser) = self.take_idle() {
             match self.exchange(parser, &frame).await {
                 Exchange::Answered(result) => return result,
