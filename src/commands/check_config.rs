@@ -311,7 +311,7 @@ mod tests {
         assert_eq!(classify[2..], ["cuda", "32", "6GB", "32", "3"], "{plan}");
         assert_eq!(
             columns("extract")[2..],
-            ["cpu", "8", "-", "8", "-"],
+            ["cpu", "32", "-", "32", "-"],
             "{plan}"
         );
         assert!(
