@@ -494,15 +494,20 @@ impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
                 room.checked_div(each)
                     .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
             };
-            if let Some(fits) = fitting(per_token) {
-                bounds.max_tokens = bounds.max_tokens.min(fits);
-            } else if let Some(jobs) = fitting(declared) {
-                bounds.max_requests = jobs;
-            }
             let first = forming::anchor(&state.pending, state.history)?;
             let first_len = state.pending[first].len;
-            if bounds.max_requests == 0 || bounds.max_tokens < first_len {
-                return None;
+            if let Some(fits) = fitting(per_token) {
+                // Short of memory for the first row alone: wait. (A token limit shrunk by an
+                // OOM below one row's width is not a shortage: that row runs alone.)
+                if fits < first_len {
+                    return None;
+                }
+                bounds.max_tokens = bounds.max_tokens.min(fits);
+            } else if let Some(jobs) = fitting(declared) {
+                if jobs == 0 {
+                    return None;
+                }
+                bounds.max_requests = jobs;
             }
         }
         let chosen = forming::form(&state.pending, &bounds, state.history);

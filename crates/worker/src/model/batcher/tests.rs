@@ -390,3 +390,33 @@ fn one_row_per_pass_when_batching_is_off() {
     assert_eq!(out.len(), 5);
     assert!(model.seen().iter().all(|b| b.len() == 1));
 }
+
+#[test]
+fn a_token_limit_shrunk_below_a_rows_width_runs_it_alone_rather_than_waiting_for_memory() {
+    let model = Arc::new(TellingModel::new(usize::MAX));
+    let batcher = Batcher::start(model.clone(), "m", tch::Device::Cpu, limits(64, 4096));
+    let ledger = Arc::new(FakeLedger {
+        room: AtomicU64::new(1000),
+        booked: Arc::default(),
+        most: AtomicU64::new(0),
+    });
+    attach(&batcher, ledger.clone(), 10);
+    // Learned: 10 bytes a token (100 tokens fit); an OOM left the limit at 8 tokens.
+    let counters = &batcher.shared.counters;
+    counters.bytes_per_token.store(10, Ordering::Relaxed);
+    counters.token_limit.store(8, Ordering::Relaxed);
+    let ticket = Ticket {
+        cancel: CancellationToken::new(),
+        wait_until: Some(Instant::now() + Duration::from_secs(5)),
+    };
+    let out = batcher
+        .run(vec![row_of(4, 20), row_of(4, 20)], &ticket)
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    assert!(model.seen().iter().all(|b| b.len() == 1), "one row a pass");
+    assert_eq!(
+        ledger.most.load(Ordering::SeqCst),
+        200,
+        "20 tokens × 10 bytes"
+    );
+}
