@@ -645,6 +645,11 @@ impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
                 let oom = error.is_out_of_memory();
                 if oom {
                     self.shrink_token_limit(padded);
+                    // What the failed pass left in the allocator's cache goes back to the card
+                    // before the halves run.
+                    if self.cuda.is_some() {
+                        crate::gpu::allocator::empty_cache();
+                    }
                 }
                 if batch.len() == 1 {
                     return vec![(batch[0].request, batch[0].index, Err(error))];
