@@ -43,11 +43,18 @@ impl BatchMemory for LedgerBooking {
     fn book(&self, bytes: u64) -> Option<Box<dyn Send>> {
         let others = self.memory.others_used(self.device);
         let reservation = self.ledger()?.try_reserve(bytes, BATCH_ENTRY, others)?;
-        Some(Box::new(reservation))
+        Some(Box::new(reservation.keeping_cache()))
     }
 
     fn retry_after(&self) -> u64 {
         self.memory.retry_after()
+    }
+
+    fn idle(&self) {
+        // What the passes cached goes back to the card for peers sharing the host ledger.
+        if self.real && self.ledger().is_some_and(|l| l.host().is_some()) {
+            crate::gpu::allocator::empty_cache();
+        }
     }
 
     fn measurable(&self) -> Option<usize> {

@@ -246,6 +246,7 @@ impl Ledger {
             ledger: self.clone(),
             id,
             bytes,
+            empty_cache: true,
         })
     }
 
@@ -262,8 +263,8 @@ impl Ledger {
             .collect()
     }
 
-    fn release(&self, id: u64) {
-        if self.host.is_some() && self.real_device {
+    fn release(&self, id: u64, empty_cache: bool) {
+        if empty_cache && self.host.is_some() && self.real_device {
             // Peers admit against the host ledger as soon as this reservation goes: the memory
             // must be free on the card by then, not kept in our allocator's cache (seen on an
             // H100: a peer's job OOMed on memory our finished job had cached).
@@ -296,9 +297,20 @@ pub struct Reservation {
     ledger: Arc<Ledger>,
     id: u64,
     bytes: u64,
+    /// With a host-wide ledger on a real GPU, empty the allocator's cache on release (peers
+    /// admit on the memory at once).
+    empty_cache: bool,
 }
 
 impl Reservation {
+    /// The same reservation, released without emptying the allocator's cache: a batcher's
+    /// passes follow each other every few milliseconds, and it empties the cache itself once
+    /// it has nothing left to run.
+    pub fn keeping_cache(mut self) -> Self {
+        self.empty_cache = false;
+        self
+    }
+
     /// Bytes reserved.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -312,13 +324,13 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let (ledger, id) = (self.ledger.clone(), self.id);
+        let (ledger, id, empty_cache) = (self.ledger.clone(), self.id, self.empty_cache);
         match (&ledger.host, tokio::runtime::Handle::try_current()) {
             // The shared file is written under its lock: not on an async thread.
             (Some(_), Ok(runtime)) => {
-                runtime.spawn_blocking(move || ledger.release(id));
+                runtime.spawn_blocking(move || ledger.release(id, empty_cache));
             }
-            _ => ledger.release(id),
+            _ => ledger.release(id, empty_cache),
         }
     }
 }

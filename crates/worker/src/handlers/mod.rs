@@ -120,9 +120,9 @@ pub struct JobContext {
     /// How often a long job sends a progress update (`[handler] progress_interval_ms`);
     /// `None`: never.
     pub progress_every: Option<std::time::Duration>,
-    /// Until when the job's rows may wait in a batcher for GPU memory (its local-queue
+    /// How long the job's rows may wait in a batcher for GPU memory (the local queue's
     /// bound); `None`: as long as the job runs.
-    pub memory_wait_until: Option<std::time::Instant>,
+    pub memory_wait: Option<std::time::Duration>,
     sink: Arc<dyn ChunkSink>,
     chunks_sent: Arc<AtomicUsize>,
     threads: TaskTracker,
@@ -179,7 +179,7 @@ impl JobContext {
             device: None,
             max_output_bytes: settings.max_output_bytes,
             progress_every: settings.progress_every,
-            memory_wait_until: None,
+            memory_wait: None,
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
             threads: TaskTracker::new(),
@@ -191,7 +191,7 @@ impl JobContext {
     pub fn ticket(&self) -> crate::model::Ticket {
         crate::model::Ticket {
             cancel: self.cancel.clone(),
-            wait_until: self.memory_wait_until,
+            memory_wait: self.memory_wait,
         }
     }
 

@@ -276,7 +276,7 @@ impl Stages<'_> {
             Ok(prepared) => prepared,
             Err(ended) => return Worked::before_the_model(Ended::Ran(ended)),
         };
-        ctx.memory_wait_until = Some(self.wait_until);
+        ctx.memory_wait = Some(self.worker.config.local_queue_max_wait());
         let waiting = Instant::now();
         let reservation = tokio::select! {
             reserved = self.admitter.reserve(self.entry, self.wait_until) => match reserved {

@@ -86,6 +86,9 @@ pub trait BatchMemory: Send + Sync {
     fn book(&self, bytes: u64) -> Option<Box<dyn Send>>;
     /// The `retry_after` of a job whose rows found no memory.
     fn retry_after(&self) -> u64;
+    /// The batcher has nothing left to run (after passes ran): a moment to give cached memory
+    /// back. By default nothing.
+    fn idle(&self) {}
     /// The CUDA device whose allocator peak is this batch's own, when nothing else is booked
     /// there now (`None` on the CPU, on a simulated GPU, or while others run).
     fn measurable(&self) -> Option<usize>;
@@ -118,8 +121,10 @@ pub struct BatchLimits {
 pub struct Ticket {
     /// The job's cancellation: its rows are dropped once it is set.
     pub cancel: CancellationToken,
-    /// When a row that finds no GPU memory stops waiting (the job's local-queue bound).
-    pub wait_until: Option<Instant>,
+    /// How long its rows may wait for GPU memory, counted from when they arrived or from when
+    /// memory ran short, whichever is later (the local queue's bound); `None`: as long as the
+    /// job runs.
+    pub memory_wait: Option<Duration>,
 }
 
 impl Ticket {
@@ -127,7 +132,7 @@ impl Ticket {
     pub fn unbounded() -> Self {
         Self {
             cancel: CancellationToken::new(),
-            wait_until: None,
+            memory_wait: None,
         }
     }
 }
@@ -151,6 +156,10 @@ struct State<I, O> {
     next_request: u64,
     /// The request that started the previous batch, and the passes so far.
     history: History,
+    /// Since when no pass could form for want of memory.
+    short_since: Option<Instant>,
+    /// Whether a pass ran since the batcher was last idle.
+    ran_since_idle: bool,
     closed: bool,
 }
 
@@ -161,6 +170,8 @@ impl<I, O> Default for State<I, O> {
             requests: HashMap::new(),
             next_request: 0,
             history: History::default(),
+            short_since: None,
+            ran_since_idle: false,
             closed: false,
         }
     }
@@ -380,6 +391,22 @@ impl<I: BatchItem, O: Send + 'static> Batcher<I, O> {
     }
 }
 
+/// Closes the batcher and answers every waiting job when its thread ends, however it ends.
+struct ExitGuard<'a, I, O>(&'a Shared<I, O>);
+
+impl<I, O> Drop for ExitGuard<'_, I, O> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.closed = true;
+        state.pending.clear();
+        for (_, request) in state.requests.drain() {
+            let _ = request
+                .reply
+                .send(Err(JobError::internal("the model is shutting down")));
+        }
+    }
+}
+
 /// A batch and its memory booking (none on the CPU), released when it is dropped.
 type Formed<I> = (Vec<Taken<I>>, Option<Box<dyn Send>>);
 
@@ -408,14 +435,33 @@ impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
             .clone()
     }
 
-    /// The batcher's thread: forms a batch, books its memory, runs it, hands out the rows.
+    /// The batcher's thread: forms a batch, books its memory, runs it, hands out the rows. A
+    /// panic in a pass fails that pass's jobs only; should the thread end any other way, every
+    /// waiting job is answered and new ones are refused (none waits forever).
     fn run(self: Arc<Self>) {
         let _no_grad = tch::no_grad_guard();
+        let _answers_all_on_exit = ExitGuard(&self);
         loop {
             let Some((batch, booking)) = self.next_batch() else {
                 return;
             };
-            let results = self.forward_split(&batch);
+            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.forward_split(&batch)
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!(
+                    "{} on {}: a forward pass panicked",
+                    self.labels[0],
+                    self.labels[1]
+                );
+                let failed = || {
+                    JobError::internal("the model failed unexpectedly; the worker is still running")
+                };
+                batch
+                    .iter()
+                    .map(|t| (t.request, t.index, Err(failed())))
+                    .collect()
+            });
             drop(booking);
             self.deliver(results);
         }
@@ -429,6 +475,11 @@ impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
             if state.pending.is_empty() {
                 if state.closed {
                     return None;
+                }
+                if std::mem::take(&mut state.ran_since_idle) {
+                    if let Some(memory) = self.memory() {
+                        memory.idle();
+                    }
                 }
                 state = self
                     .wake
@@ -448,8 +499,13 @@ impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
                 }
             }
             match self.form(&mut state) {
-                Some(formed) => return Some(formed),
+                Some(formed) => {
+                    state.short_since = None;
+                    state.ran_since_idle = true;
+                    return Some(formed);
+                }
                 None => {
+                    state.short_since.get_or_insert_with(Instant::now);
                     self.refuse_overdue(&mut state);
                     state = self
                         .wake
@@ -579,13 +635,22 @@ impl<I: BatchItem, O: Send + 'static> Shared<I, O> {
         }
     }
 
-    /// Gives the retry signal to jobs whose rows waited for memory past their bound.
+    /// Gives the retry signal to jobs whose rows waited for memory past their bound: counted
+    /// from when they arrived or from when memory ran short, whichever is later (a job that
+    /// ran for minutes before this call gets its whole bound too).
     fn refuse_overdue(&self, state: &mut State<I, O>) {
         let now = Instant::now();
+        let Some(short_since) = state.short_since else {
+            return;
+        };
         let overdue: Vec<u64> = state
             .requests
             .iter()
-            .filter(|(_, r)| r.ticket.wait_until.is_some_and(|until| until <= now))
+            .filter(|(_, r)| {
+                r.ticket.memory_wait.is_some_and(|wait| {
+                    now.saturating_duration_since(r.arrived.max(short_since)) >= wait
+                })
+            })
             .map(|(id, _)| *id)
             .collect();
         if overdue.is_empty() {

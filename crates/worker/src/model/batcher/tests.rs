@@ -364,7 +364,7 @@ fn rows_that_find_no_memory_by_their_jobs_bound_get_the_retry_signal() {
     attach(&batcher, ledger, 10);
     let ticket = Ticket {
         cancel: CancellationToken::new(),
-        wait_until: Some(Instant::now() + Duration::from_millis(50)),
+        memory_wait: Some(Duration::from_millis(50)),
     };
     let error = batcher.run(vec![row_of(1, 16)], &ticket).unwrap_err();
     assert_eq!(error.error_type, ErrorType::InsufficientGpuMemory);
@@ -407,7 +407,7 @@ fn a_token_limit_shrunk_below_a_rows_width_runs_it_alone_rather_than_waiting_for
     counters.token_limit.store(8, Ordering::Relaxed);
     let ticket = Ticket {
         cancel: CancellationToken::new(),
-        wait_until: Some(Instant::now() + Duration::from_secs(5)),
+        memory_wait: Some(Duration::from_secs(5)),
     };
     let out = batcher
         .run(vec![row_of(4, 20), row_of(4, 20)], &ticket)
@@ -419,4 +419,35 @@ fn a_token_limit_shrunk_below_a_rows_width_runs_it_alone_rather_than_waiting_for
         200,
         "20 tokens × 10 bytes"
     );
+}
+
+/// Panics on any row holding its id.
+struct PanickingModel(u32);
+
+impl BatchModel<Vec<u32>, Vec<f32>> for PanickingModel {
+    fn forward(&self, rows: &[&Vec<u32>]) -> Result<Vec<Vec<f32>>, tch::TchError> {
+        assert!(
+            !rows.iter().any(|r| r.contains(&self.0)),
+            "the model panicked"
+        );
+        Ok(rows.iter().map(|r| vec![r.len() as f32]).collect())
+    }
+}
+
+#[test]
+fn a_pass_that_panics_fails_its_jobs_and_the_batcher_goes_on() {
+    let batcher = Batcher::start(
+        Arc::new(PanickingModel(13)),
+        "m",
+        tch::Device::Cpu,
+        limits(64, 4096),
+    );
+    let error = batcher
+        .run(vec![row_of(13, 16)], &Ticket::unbounded())
+        .unwrap_err();
+    assert_eq!(error.error_type, ErrorType::Internal);
+    let out = batcher
+        .run(vec![row_of(2, 20)], &Ticket::unbounded())
+        .unwrap();
+    assert_eq!(out, vec![vec![20.0]]);
 }
