@@ -126,6 +126,8 @@ pub struct JobContext {
     sink: Arc<dyn ChunkSink>,
     chunks_sent: Arc<AtomicUsize>,
     threads: TaskTracker,
+    /// Progress POSTs, each run to its end even when the job ends mid-POST.
+    progress_posts: TaskTracker,
     gpu_peak: Arc<AtomicU64>,
 }
 
@@ -183,6 +185,7 @@ impl JobContext {
             sink,
             chunks_sent: Arc::new(AtomicUsize::new(0)),
             threads: TaskTracker::new(),
+            progress_posts: TaskTracker::new(),
             gpu_peak: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -230,9 +233,23 @@ impl JobContext {
 
     /// Sends a progress update. Awaited in the handler, so it always reaches the queue before
     /// the job's final result (the SDK's fire-and-forget updates could land after it,
-    /// runpod-python #250).
+    /// runpod-python #250). The POST runs as a task of its own: when the job ends while it is
+    /// in flight (its deadline, a stop), it still completes, and the result waits for it
+    /// ([`JobContext::progress_delivered`]); a dropped request could otherwise reach the queue
+    /// after the result.
     pub async fn progress(&self, update: Value) {
-        self.sink.progress(&self.job_id, update).await;
+        let (sink, job_id) = (self.sink.clone(), self.job_id.clone());
+        let post = self
+            .progress_posts
+            .spawn(async move { sink.progress(&job_id, update).await });
+        let _ = post.await;
+    }
+
+    /// Waits until every progress update sent has been answered by the queue (or has failed):
+    /// call it before the job's result is posted.
+    pub async fn progress_delivered(&self) {
+        self.progress_posts.close();
+        self.progress_posts.wait().await;
     }
 
     /// Streams one chunk to the job's client (job-stream, `{"output": chunk}`).
@@ -245,5 +262,49 @@ impl JobContext {
     /// How many chunks were streamed (a job that streamed ends with `isStream=true`).
     pub fn chunks_sent(&self) -> usize {
         self.chunks_sent.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// A queue whose progress POSTs take a while; it notes each one when it is answered.
+    struct SlowProgress(Mutex<Vec<Value>>);
+
+    #[async_trait]
+    impl ChunkSink for SlowProgress {
+        async fn send(&self, _: &str, _: Value) -> Result<(), JobError> {
+            Ok(())
+        }
+
+        async fn progress(&self, _: &str, update: Value) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.0.lock().unwrap().push(update);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_progress_update_cut_short_by_the_jobs_end_is_delivered_before_its_result() {
+        let sink = Arc::new(SlowProgress(Mutex::default()));
+        let ctx = JobContext::new(
+            "p".into(),
+            Map::new(),
+            sink.clone(),
+            JobSettings::unbounded(),
+        );
+        // The job's deadline ends the handler while the update is in flight.
+        let cut = tokio::time::timeout(
+            Duration::from_millis(20),
+            ctx.progress(serde_json::json!({"chunks_done": 1})),
+        )
+        .await;
+        assert!(cut.is_err(), "the handler was cut short mid-POST");
+        assert!(sink.0.lock().unwrap().is_empty(), "not answered yet");
+        // What the runner does before it posts the result.
+        ctx.progress_delivered().await;
+        assert_eq!(sink.0.lock().unwrap().len(), 1, "the update landed first");
     }
 }

@@ -216,6 +216,8 @@ async fn run(
                     worker.ask_to_be_replaced(&result);
                 }
                 let streamed = ctx.chunks_sent() > 0;
+                // No progress update may follow the result.
+                ctx.progress_delivered().await;
                 answer(&worker, &job.id, Some(handler), result, streamed).await;
             }
         }
