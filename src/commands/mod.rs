@@ -47,9 +47,12 @@ pub fn bench(which: &str, compare: bench::compare::CompareArgs) -> i32 {
         }
         "batching" => {
             let models = std::path::Path::new("handler/models");
+            let python = std::path::Path::new(".venv/bin/python");
+            let python = python.exists().then_some(python);
             let runtime = tokio::runtime::Handle::current();
-            let report =
-                tokio::task::block_in_place(|| runtime.block_on(bench::batching::run(models)));
+            let report = tokio::task::block_in_place(|| {
+                runtime.block_on(bench::batching::run(models, python))
+            });
             match report {
                 Some(report) => print!("{report}"),
                 None => {

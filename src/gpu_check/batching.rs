@@ -114,6 +114,7 @@ pub(super) async fn run(ctx: &Ctx, table: &mut Table) {
         return;
     }
     let index = ctx.device.index;
+    let mut classify_batched = None;
     for task in ["classify", "embeddings"] {
         let inputs = |count: usize| texts(count).iter().map(|t| input(task, t)).collect();
         // The burst of 64 at once, batched: the allocator's peak against the budget, and
@@ -129,6 +130,9 @@ pub(super) async fn run(ctx: &Ctx, table: &mut Table) {
         let off = run_inputs(&unbatched, inputs(JOBS), WIDE, device).await;
         let on_one = run_inputs(&batched, inputs(200), 1, device).await;
         let off_one = run_inputs(&unbatched, inputs(200), 1, device).await;
+        if task == "classify" {
+            classify_batched = on.as_ref().map(|(speed, _)| speed.per_s);
+        }
         let figure = match (on, off, on_one, off_one) {
             (Some((on, _)), Some((off, _)), Some((on_one, _)), Some((off_one, _))) => format!(
                 "c={WIDE}: batched {}, unbatched {}: {:.1}x (target 5x); c=1 p99 {:.2}x of unbatched \
@@ -148,4 +152,46 @@ pub(super) async fn run(ctx: &Ctx, table: &mut Table) {
             Verdict::Reported,
         );
     }
+    python_sorted_batches(ctx, classify_batched, table).await;
+}
+
+/// Our batched classify jobs/s at concurrency 64 against Python torch classifying the same
+/// texts the way sentence-transformers' `encode` batches (sorted by length, 32 per call, no
+/// per-job work at all): target ≥ 1×.
+async fn python_sorted_batches(ctx: &Ctx, ours: Option<f64>, table: &mut Table) {
+    const CHECK: &str = "classify: batched vs Python sorted batches";
+    let Some(python) = &ctx.python else {
+        table.add(
+            CHECK,
+            "no python3 with torch given (--python)",
+            Verdict::Skip,
+        );
+        return;
+    };
+    let args: Vec<String> = [
+        "--models".to_owned(),
+        ctx.base.handler.model_dir.display().to_string(),
+        "--device".to_owned(),
+        format!("cuda:{}", ctx.device.index),
+        "--jobs".to_owned(),
+        JOBS.to_string(),
+        "--sorted-batches".to_owned(),
+        "32".to_owned(),
+    ]
+    .into();
+    let figure = match (super::speed::run_python(python, &args).await, ours) {
+        (Ok(parsed), Some(ours)) => {
+            let theirs = parsed["classify_sorted"]["throughput"]
+                .as_f64()
+                .unwrap_or(0.0);
+            format!(
+                "{JOBS} distinct texts: ours {ours:.0} jobs/s at c={WIDE} (each a job), Python \
+                 {theirs:.0} texts/s sorted, 32 a call: {:.2}x (target ≥ 1x)",
+                ours / theirs.max(f64::MIN_POSITIVE)
+            )
+        }
+        (Err(e), _) => e,
+        (Ok(_), None) => "our classify jobs failed".to_owned(),
+    };
+    table.add(CHECK, figure, Verdict::Reported);
 }

@@ -40,31 +40,40 @@ async fn handler_speed(ctx: &Ctx, device: DeviceChoice, jobs: usize) -> Option<S
     measure(&handlers, "classify", input, CONCURRENCY, jobs, ordinal).await
 }
 
-/// Runs the baseline with `python` on CUDA device `ordinal`.
-async fn python_speed(python: &Path, models: &Path, ordinal: usize) -> Result<Speed, String> {
+/// Runs the baseline script with `python` and `args`: its JSON, or why it failed.
+pub(super) async fn run_python(python: &Path, args: &[String]) -> Result<Value, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let script = dir.path().join("bench_python.py");
     std::fs::write(&script, PYTHON_BASELINE).map_err(|e| e.to_string())?;
     let output = tokio::process::Command::new(python)
         .arg(&script)
-        .arg("--models")
-        .arg(models)
-        .args([
-            "--device",
-            &format!("cuda:{ordinal}"),
-            "--tasks",
-            "classify",
-        ])
-        .args(["--concurrency", &CONCURRENCY.to_string()])
-        .args(["--jobs", &GPU_JOBS.to_string()])
+        .args(args)
         .output()
         .await
         .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    let parsed: Value = serde_json::from_slice(&output.stdout).map_err(|_| {
+    serde_json::from_slice(&output.stdout).map_err(|_| {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().last().unwrap_or("no output").to_owned();
         format!("the Python baseline failed: {last}")
-    })?;
+    })
+}
+
+/// Runs the baseline with `python` on CUDA device `ordinal`.
+async fn python_speed(python: &Path, models: &Path, ordinal: usize) -> Result<Speed, String> {
+    let args: Vec<String> = [
+        "--models".to_owned(),
+        models.display().to_string(),
+        "--device".to_owned(),
+        format!("cuda:{ordinal}"),
+        "--tasks".to_owned(),
+        "classify".to_owned(),
+        "--concurrency".to_owned(),
+        CONCURRENCY.to_string(),
+        "--jobs".to_owned(),
+        GPU_JOBS.to_string(),
+    ]
+    .into();
+    let parsed = run_python(python, &args).await?;
     let field = |name: &str| parsed["classify"][name].as_f64().unwrap_or(0.0);
     Ok(Speed {
         p50_ms: field("p50_ms"),

@@ -168,8 +168,30 @@ async fn run_setting(models: &Path, setting: Setting) -> Option<Vec<(Speed, f64)
     Some(figures)
 }
 
-/// The report; `None` if the models are missing or a job failed.
-pub async fn run(models: &Path) -> Option<String> {
+/// Python torch classifying `jobs` of the same texts sentence-transformers' way (sorted by
+/// length, 32 per call, no per-job work): texts/s, or why not.
+fn python_sorted(python: &Path, models: &Path, jobs: usize) -> Result<f64, String> {
+    let script = models
+        .parent()
+        .map(|dir| dir.join("bench_python.py"))
+        .ok_or("no handler directory")?;
+    let output = std::process::Command::new(python)
+        .arg(script)
+        .arg("--models")
+        .arg(models)
+        .args(["--jobs", &jobs.to_string(), "--sorted-batches", "32"])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    let parsed: Value = serde_json::from_slice(&output.stdout)
+        .map_err(|_| "the Python baseline gave no figures".to_owned())?;
+    parsed["classify_sorted"]["throughput"]
+        .as_f64()
+        .ok_or_else(|| "the Python baseline gave no throughput".to_owned())
+}
+
+/// The report; `None` if the models are missing or a job failed. With `python` (a Python with
+/// torch), classify at the highest concurrency is also set against Python's sorted batches.
+pub async fn run(models: &Path, python: Option<&Path>) -> Option<String> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mut results = Vec::new();
     for setting in SETTINGS {
@@ -201,6 +223,20 @@ pub async fn run(models: &Path) -> Option<String> {
             one.per_s,
             on.per_s / one.per_s,
         );
+    }
+    if let Some(python) = python {
+        let widest = LEVELS.len() - 1;
+        let ours = results[1][widest].0.per_s;
+        let jobs = (LEVELS[widest] * 8).clamp(48, 384);
+        report += &match python_sorted(python, models, jobs) {
+            Ok(theirs) => format!(
+                "classify at c={}, batched: {ours:.1} jobs/s (each a job); Python torch on the same \
+                 texts, sorted, 32 a call (no per-job work): {theirs:.1} texts/s: {:.2}x\n",
+                LEVELS[widest],
+                ours / theirs.max(f64::MIN_POSITIVE)
+            ),
+            Err(why) => format!("Python's sorted batches did not run: {why}\n"),
+        };
     }
     Some(report)
 }

@@ -139,7 +139,7 @@ async fn compare(args: &CompareArgs, command: String) -> Result<PathBuf> {
     }
     if wants("batching") {
         eprintln!("part 5: batching on against off, in process");
-        match super::batching::run(&args.models).await {
+        match super::batching::run(&args.models, Some(&args.python)).await {
             Some(table) => results.batching = Some(table),
             None => results
                 .failures
