@@ -18,48 +18,48 @@ pub use mock::{mock_queue, parse_fault, JobRules, MockQueueArgs};
 pub use serve::serve;
 pub use test_input::test_input;
 
+/// Where `make models` writes the models the benchmarks run.
+const MODELS: &str = "handler/models";
+
+/// Runs `work` to its end from this synchronous command, on the current runtime.
+fn on_runtime<T>(work: impl std::future::Future<Output = T>) -> T {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| runtime.block_on(work))
+}
+
+/// Prints a benchmark's report (exit 0), or says what `make models` must provide (exit 1).
+fn print_report(report: Option<String>, needed: &str) -> i32 {
+    match report {
+        Some(report) => {
+            print!("{report}");
+            0
+        }
+        None => {
+            eprintln!("run `make models` first ({needed})");
+            1
+        }
+    }
+}
+
 /// `bench`: prints the chosen benchmark reports (`compare` writes BENCHMARKS.md instead).
 pub fn bench(which: &str, compare: bench::compare::CompareArgs) -> i32 {
     match which {
         "compare" => {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let runtime = tokio::runtime::Handle::current();
-            return tokio::task::block_in_place(|| {
-                runtime.block_on(bench::compare::run(&compare, command))
-            });
+            return on_runtime(bench::compare::run(&compare, command));
         }
         "admission" => print!("{}", bench::admission::run()),
         "schedule" => print!("{}", bench::schedule::run()),
         "models" => {
-            let models = std::path::Path::new("handler/models");
             let python = std::path::Path::new(".venv/bin/python");
-            let runtime = tokio::runtime::Handle::current();
-            let report = tokio::task::block_in_place(|| {
-                runtime.block_on(bench::models::run(models, python))
-            });
-            match report {
-                Some(report) => print!("{report}"),
-                None => {
-                    eprintln!("run `make models` first (handler/models and .venv are needed)");
-                    return 1;
-                }
-            }
+            let report = on_runtime(bench::models::run(MODELS.as_ref(), python));
+            return print_report(report, "handler/models and .venv are needed");
         }
         "batching" => {
-            let models = std::path::Path::new("handler/models");
             let python = std::path::Path::new(".venv/bin/python");
             let python = python.exists().then_some(python);
-            let runtime = tokio::runtime::Handle::current();
-            let report = tokio::task::block_in_place(|| {
-                runtime.block_on(bench::batching::run(models, python))
-            });
-            match report {
-                Some(report) => print!("{report}"),
-                None => {
-                    eprintln!("run `make models` first (handler/models is needed)");
-                    return 1;
-                }
-            }
+            let report = on_runtime(bench::batching::run(MODELS.as_ref(), python));
+            return print_report(report, "handler/models is needed");
         }
         "all" => print!("{}\n{}", bench::admission::run(), bench::schedule::run()),
         other => {

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-pub use stats::{BatchMetrics, BatchReport};
+pub use crate::metrics::BatchMetrics;
+pub use stats::BatchReport;
 
 use self::forming::{Bounds, History, Row};
 use self::stats::{Counters, MetricsSlot};

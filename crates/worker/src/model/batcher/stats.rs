@@ -2,10 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::Serialize;
+
+use crate::metrics::BatchMetrics;
 
 /// The batcher's counters (read without stopping it).
 #[derive(Default)]
@@ -54,92 +54,6 @@ pub struct BatchReport {
     pub error_splits: u64,
     /// Rows waiting now.
     pub pending_rows: usize,
-}
-
-/// The batchers' Prometheus metrics, labelled by model and device; registered once per worker.
-#[derive(Clone)]
-pub struct BatchMetrics {
-    rows: HistogramVec,
-    padded_tokens: HistogramVec,
-    wait: HistogramVec,
-    tokens: IntCounterVec,
-    splits: IntCounterVec,
-}
-
-impl BatchMetrics {
-    /// The metrics, registered in `registry`.
-    pub fn register(registry: &Registry) -> Self {
-        let labels = &["model", "device"];
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-                .expect("valid metric definition");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric names are unique");
-            metric
-        };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let metric =
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric names are unique");
-            metric
-        };
-        let powers = |from: f64, count: usize| prometheus::exponential_buckets(from, 2.0, count);
-        Self {
-            rows: histogram(
-                "runpod_worker_batch_rows",
-                "Rows (sequences) per forward pass",
-                powers(1.0, 10).expect("valid buckets"),
-            ),
-            padded_tokens: histogram(
-                "runpod_worker_batch_padded_tokens",
-                "Padded tokens (rows x the longest row) per forward pass",
-                powers(16.0, 12).expect("valid buckets"),
-            ),
-            wait: histogram(
-                "runpod_worker_batch_wait_seconds",
-                "Time a sequence waited in the batcher before its forward pass",
-                powers(0.0001, 16).expect("valid buckets"),
-            ),
-            tokens: counter(
-                "runpod_worker_batch_tokens_total",
-                "Tokens through the batchers' forward passes, by kind (real, padding)",
-                &["model", "device", "kind"],
-            ),
-            splits: counter(
-                "runpod_worker_batch_splits_total",
-                "Batches split and run again in halves, by cause (oom, model_error)",
-                &["model", "device", "cause"],
-            ),
-        }
-    }
-
-    pub(super) fn batch(&self, labels: [&str; 2], rows: usize, padded: usize, real: usize) {
-        self.rows.with_label_values(&labels).observe(rows as f64);
-        self.padded_tokens
-            .with_label_values(&labels)
-            .observe(padded as f64);
-        let [model, device] = labels;
-        self.tokens
-            .with_label_values(&[model, device, "real"])
-            .inc_by(real as u64);
-        self.tokens
-            .with_label_values(&[model, device, "padding"])
-            .inc_by(padded.saturating_sub(real) as u64);
-    }
-
-    pub(super) fn waited(&self, labels: [&str; 2], waited: Duration) {
-        self.wait
-            .with_label_values(&labels)
-            .observe(waited.as_secs_f64());
-    }
-
-    pub(super) fn split(&self, labels: [&str; 2], cause: &str) {
-        let [model, device] = labels;
-        self.splits.with_label_values(&[model, device, cause]).inc();
-    }
 }
 
 /// Where a batcher's metrics go once its worker has registered them.

@@ -110,29 +110,61 @@ fn pending_reaches(batcher: &Batcher, count: usize) {
     }
 }
 
+/// A batcher whose model holds every pass until released, with job 1's pass (one row of
+/// `warm_len` tokens) already holding it: rows submitted now pile up behind that pass.
+struct Held {
+    model: Arc<TellingModel>,
+    batcher: Arc<Batcher>,
+    warm: JoinHandle<Result<Vec<Vec<f32>>, JobError>>,
+    release: SyncSender<()>,
+    started: Receiver<()>,
+}
+
+impl Held {
+    /// `before` sees the batcher before job 1 is submitted (to attach a ledger).
+    fn start(oom_above: usize, warm_len: usize, before: impl FnOnce(&Batcher)) -> Self {
+        let (model, release, started) = TellingModel::held(oom_above);
+        let model = Arc::new(model);
+        let batcher = Arc::new(Batcher::start(
+            model.clone(),
+            "m",
+            tch::Device::Cpu,
+            limits(64, 4096),
+        ));
+        before(&batcher);
+        let warm = submit(&batcher, vec![row_of(1, warm_len)], Ticket::unbounded());
+        started.recv().unwrap();
+        Self {
+            model,
+            batcher,
+            warm,
+            release,
+            started,
+        }
+    }
+
+    /// Once `rows` rows are pending, lets every pass run; job 1's output.
+    fn release_once_pending(self, rows: usize) -> Vec<Vec<f32>> {
+        pending_reaches(&self.batcher, rows);
+        drop(self.started);
+        let release = self.release;
+        std::thread::spawn(move || while release.send(()).is_ok() {});
+        self.warm.join().unwrap().unwrap()
+    }
+}
+
 #[test]
 fn rows_of_jobs_waiting_together_share_a_pass_and_each_job_gets_only_its_own_rows() {
-    let (model, release, started) = TellingModel::held(usize::MAX);
-    let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(
-        model.clone(),
-        "m",
-        tch::Device::Cpu,
-        limits(64, 4096),
-    ));
     // The first job's pass holds the model while eight more jobs arrive.
-    let first = submit(&batcher, vec![row_of(1, 20)], Ticket::unbounded());
-    started.recv().unwrap();
+    let held = Held::start(usize::MAX, 20, |_| {});
+    let (model, batcher) = (held.model.clone(), held.batcher.clone());
     let jobs: Vec<_> = (2..10u32)
         .map(|job| {
             let rows = (0..job as usize).map(|i| row_of(job, 17 + i)).collect();
             submit(&batcher, rows, Ticket::unbounded())
         })
         .collect();
-    pending_reaches(&batcher, (2..10).sum());
-    drop(started);
-    std::thread::spawn(move || while release.send(()).is_ok() {});
-    assert_eq!(first.join().unwrap().unwrap()[0][0], 20.0);
+    assert_eq!(held.release_once_pending((2..10).sum())[0][0], 20.0);
     for (job, handle) in (2..10u32).zip(jobs) {
         let out = handle.join().unwrap().unwrap();
         assert_eq!(out.len(), job as usize);
@@ -179,23 +211,12 @@ fn an_oom_halves_the_batch_and_the_token_limit_and_every_row_still_gets_its_outp
 
 #[test]
 fn a_row_that_runs_out_of_memory_alone_fails_only_its_job() {
-    let (model, release, started) = TellingModel::held(100);
-    let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(
-        model,
-        "m",
-        tch::Device::Cpu,
-        limits(64, 4096),
-    ));
-    let warm = submit(&batcher, vec![row_of(1, 16)], Ticket::unbounded());
-    started.recv().unwrap();
+    let held = Held::start(100, 16, |_| {});
+    let batcher = held.batcher.clone();
     // Job 2's row is 120 tokens wide: over the model's memory even alone. Job 3's fits.
     let big = submit(&batcher, vec![row_of(2, 120)], Ticket::unbounded());
     let small = submit(&batcher, vec![row_of(3, 70)], Ticket::unbounded());
-    pending_reaches(&batcher, 2);
-    drop(started);
-    std::thread::spawn(move || while release.send(()).is_ok() {});
-    warm.join().unwrap().unwrap();
+    held.release_once_pending(2);
     let error = big.join().unwrap().unwrap_err();
     assert_eq!(error.error_type, ErrorType::InsufficientGpuMemory);
     assert!(error.retry_after.is_some());
@@ -204,16 +225,8 @@ fn a_row_that_runs_out_of_memory_alone_fails_only_its_job() {
 
 #[test]
 fn a_model_error_is_bisected_to_the_job_that_caused_it_and_its_batch_mates_succeed() {
-    let (model, release, started) = TellingModel::held(usize::MAX);
-    let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(
-        model,
-        "m",
-        tch::Device::Cpu,
-        limits(64, 4096),
-    ));
-    let warm = submit(&batcher, vec![row_of(1, 16)], Ticket::unbounded());
-    started.recv().unwrap();
+    let held = Held::start(usize::MAX, 16, |_| {});
+    let batcher = held.batcher.clone();
     let mut poisoned = row_of(5, 18);
     poisoned[3] = POISON;
     let jobs: Vec<_> = [
@@ -225,10 +238,7 @@ fn a_model_error_is_bisected_to_the_job_that_caused_it_and_its_batch_mates_succe
     .into_iter()
     .map(|rows| submit(&batcher, rows, Ticket::unbounded()))
     .collect();
-    pending_reaches(&batcher, 7);
-    drop(started);
-    std::thread::spawn(move || while release.send(()).is_ok() {});
-    warm.join().unwrap().unwrap();
+    held.release_once_pending(7);
     let results: Vec<_> = jobs.into_iter().map(|j| j.join().unwrap()).collect();
     assert_eq!(
         results[1].as_ref().unwrap_err().error_type,
@@ -243,24 +253,14 @@ fn a_model_error_is_bisected_to_the_job_that_caused_it_and_its_batch_mates_succe
 
 #[test]
 fn a_cancelled_jobs_rows_never_reach_the_model() {
-    let (model, release, started) = TellingModel::held(usize::MAX);
-    let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(
-        model.clone(),
-        "m",
-        tch::Device::Cpu,
-        limits(64, 4096),
-    ));
-    let warm = submit(&batcher, vec![row_of(1, 16)], Ticket::unbounded());
-    started.recv().unwrap();
+    let held = Held::start(usize::MAX, 16, |_| {});
+    let (model, batcher) = (held.model.clone(), held.batcher.clone());
     let doomed = Ticket::unbounded();
     let cancelled = submit(&batcher, vec![row_of(8, 30); 5], doomed.clone());
     let kept = submit(&batcher, vec![row_of(9, 30)], Ticket::unbounded());
     pending_reaches(&batcher, 6);
     doomed.cancel.cancel();
-    drop(started);
-    std::thread::spawn(move || while release.send(()).is_ok() {});
-    warm.join().unwrap().unwrap();
+    held.release_once_pending(6);
     assert!(cancelled.join().unwrap().is_err());
     kept.join().unwrap().unwrap();
     let ids: Vec<u32> = model.seen().iter().flatten().flatten().copied().collect();
@@ -313,29 +313,19 @@ fn attach(batcher: &Batcher, ledger: Arc<FakeLedger>, declared: u64) {
 
 #[test]
 fn a_batch_books_the_declared_memory_of_each_job_in_it_and_shrinks_to_what_fits() {
-    let (model, release, started) = TellingModel::held(usize::MAX);
-    let model = Arc::new(model);
-    let batcher = Arc::new(Batcher::start(
-        model.clone(),
-        "m",
-        tch::Device::Cpu,
-        limits(64, 4096),
-    ));
     let ledger = Arc::new(FakeLedger {
         room: AtomicU64::new(25),
         booked: Arc::default(),
         most: AtomicU64::new(0),
     });
-    attach(&batcher, ledger.clone(), 10);
-    let warm = submit(&batcher, vec![row_of(1, 16)], Ticket::unbounded());
-    started.recv().unwrap();
+    let held = Held::start(usize::MAX, 16, |batcher| {
+        attach(batcher, ledger.clone(), 10)
+    });
+    let (model, batcher) = (held.model.clone(), held.batcher.clone());
     let jobs: Vec<_> = (2..7u32)
         .map(|job| submit(&batcher, vec![row_of(job, 16)], Ticket::unbounded()))
         .collect();
-    pending_reaches(&batcher, 5);
-    drop(started);
-    std::thread::spawn(move || while release.send(()).is_ok() {});
-    warm.join().unwrap().unwrap();
+    held.release_once_pending(5);
     for job in jobs {
         job.join().unwrap().unwrap();
     }
