@@ -1,10 +1,12 @@
-//! Keeps libtorch's CUDA library linked and findable without `LD_LIBRARY_PATH`.
+//! Lets the binaries and tests find libtorch without `LD_LIBRARY_PATH` (an rpath to the wheel's
+//! `torch/lib`; `DEP_TCH_LIBTORCH_LIB` is set by torch-sys because it is a direct dependency).
 //!
-//! rustc links with `--as-needed`, which drops `libtorch_cuda` (nothing references its symbols
-//! directly) and CUDA is then never visible. `--no-as-needed -ltorch` keeps it; the rpath to the
-//! wheel's `torch/lib` lets the binary start with no environment. `DEP_TCH_LIBTORCH_LIB` is set by
-//! torch-sys because it is a direct dependency. (The worker crate's build script builds the
-//! allocator shim.)
+//! Nothing forces `libtorch_cuda` in: rustc links with `--as-needed`, so only the libraries
+//! whose symbols are used are mapped. `runpod-worker` uses none of libtorch's symbols (it maps none),
+//! `runpod-worker-torch` maps libtorch_cpu, and loads libtorch_cuda at start when the host has
+//! an NVIDIA driver (`worker::gpu::cuda_runtime::load_torch_cuda`). `runpod-parse`, the
+//! document parser's child, maps no libtorch either: its address-space limit is for the
+//! document.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -12,17 +14,10 @@ fn main() {
         .expect("torch-sys is a direct dependency, so DEP_TCH_LIBTORCH_LIB is set");
     if std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default() == "linux" {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_path}");
-        // Not for `runpod-parse`, the document parser's child process: it must not map
-        // libtorch (its address-space limit is for the document, not for CUDA libraries).
-        for target in ["bin=runpod-worker", "tests"] {
-            for arg in [
-                "-Wl,--no-as-needed",
-                "-ltorch",
-                "-ltorch_cuda",
-                "-Wl,--as-needed",
-            ] {
-                println!("cargo:rustc-link-arg-{target}={arg}");
-            }
-        }
+        // The front binary links the `worker` crate for its config, so tch's C++ glue is in
+        // its link. Its inline functions would be exported (libtorch references the same
+        // names), which keeps them live and libtorch_cpu needed. Exporting nothing from the
+        // static archives lets the unused glue be collected and `--as-needed` drop libtorch.
+        println!("cargo:rustc-link-arg-bin=runpod-worker=-Wl,--exclude-libs,ALL");
     }
 }

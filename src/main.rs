@@ -1,14 +1,20 @@
-//! The `runpod-worker` binary: parses arguments and calls the library.
+//! The `runpod-worker` binary. It links no libtorch: the commands that run no model (the mock
+//! queue, the health probe, a plan for another GPU, `--version`, `--help`) run here and start
+//! in milliseconds; for the others it becomes `runpod-worker-torch` (exec, same arguments and
+//! process), which loads libtorch.
+
+use std::os::unix::process::CommandExt as _;
 
 use clap::Parser;
-use runpod_worker::cli::{Cli, Command};
+use runpod_worker::cli::Cli;
 use runpod_worker::commands;
 use worker::telemetry;
 
 fn main() {
-    // Before any thread starts and before CUDA initialises: CUDA ordinals then follow the PCI
-    // order NVML sees, so each card can be matched to its ordinal.
-    worker::gpu::identity::prepare_cuda_environment();
+    let cli = Cli::parse();
+    if commands::needs_libtorch(&cli.command) {
+        become_torch_binary();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -19,79 +25,35 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = runtime.block_on(run(Cli::parse()));
+    let code = runtime.block_on(async {
+        telemetry::init(telemetry::LogFormat::from_env());
+        commands::run_without_libtorch(cli.command)
+            .await
+            .unwrap_or(2)
+    });
     std::process::exit(code);
 }
 
-async fn run(cli: Cli) -> i32 {
-    telemetry::init(telemetry::LogFormat::from_env());
-    match cli.command {
-        Command::Serve { config, http_port } => commands::serve(config.as_deref(), http_port).await,
-        Command::Health { config, url } => {
-            commands::health(config.as_deref(), url.as_deref()).await
+/// Replaces this process by `runpod-worker-torch` beside this executable, with the same
+/// arguments; returns only to exit with the reason it could not.
+fn become_torch_binary() -> ! {
+    let path = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(commands::TORCH_BINARY),
+        Err(e) => {
+            eprintln!("runpod-worker: cannot find this executable: {e}");
+            std::process::exit(1);
         }
-        Command::Local {
-            port,
-            config,
-            http_port,
-            rules,
-        } => {
-            let args = commands::LocalArgs {
-                port,
-                config,
-                http_port,
-                rules: rules.into(),
-            };
-            commands::local(args).await
-        }
-        Command::MockQueue {
-            host,
-            port,
-            api_key,
-            long_poll,
-            lease_timeout,
-            max_queued,
-            faults,
-            rules,
-        } => {
-            let args = commands::MockQueueArgs {
-                host,
-                port,
-                api_key,
-                long_poll_s: long_poll,
-                lease_timeout_s: lease_timeout,
-                max_queued,
-                faults,
-                rules: rules.into(),
-            };
-            commands::mock_queue(args).await
-        }
-        Command::TestInput { file, json, config } => {
-            commands::test_input(&file, json.as_deref(), config.as_deref()).await
-        }
-        Command::Bench { which, compare } => commands::bench(&which, compare.into()),
-        Command::GpuCheck {
-            config,
-            models,
-            simulate,
-            python,
-            hog_bytes,
-            hog_device,
-        } => {
-            let args = commands::GpuCheckArgs {
-                config,
-                models,
-                simulate,
-                python,
-                hog_bytes,
-                hog_device,
-            };
-            commands::gpu_check(args).await
-        }
-        Command::CheckConfig {
-            config,
-            gpu_memory,
-            gpus,
-        } => commands::check_config(config.as_deref(), gpu_memory.as_deref(), gpus),
-    }
+    };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "runpod-worker".into());
+    let error = std::process::Command::new(&path)
+        .arg0(arg0)
+        .args(args)
+        .exec();
+    eprintln!(
+        "runpod-worker: cannot start {} (it runs the models; install it beside runpod-worker): \
+         {error}",
+        path.display()
+    );
+    std::process::exit(1);
 }

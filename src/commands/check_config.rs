@@ -24,46 +24,30 @@ pub struct PlannedGpu {
     pub count: usize,
 }
 
-/// Validates and prints; exit code 1 if the config is refused.
-pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>, gpus: usize) -> i32 {
-    let (config, source) = match Config::load(config_path) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("{e}");
-            return 1;
-        }
+/// Validates and prints; exit code 1 if the config is refused. Loads the handlers' models and
+/// asks libtorch about CUDA, as `serve` would (the plan for another GPU, `--gpu-memory`, is
+/// [`check_plan`], which needs no libtorch).
+pub fn check_config(config_path: Option<&Path>) -> i32 {
+    let Some((config, origin)) = load(config_path) else {
+        return 1;
     };
-    let gpu = match plan_gpu(&config, gpu_memory, gpus) {
+    let gpu = match detected_gpu(&config) {
         Ok(gpu) => gpu,
         Err(message) => {
             eprintln!("{message}");
             return 1;
         }
     };
-    if let Some(gpu) = &gpu {
-        if let Err(e) = validate_budget(&config, gpu.total, gpu.resident.bytes) {
-            eprintln!("{e}");
-            return 1;
-        }
+    if !refuse_what_serve_refuses(&config, gpu.as_ref()) {
+        return 1;
     }
-    if let Err(e) = Spool::new(config.queue.spool_dir.clone()).check_writable() {
+    // What `serve` does next: load every handler's models (a missing file, a TorchScript file
+    // libtorch refuses).
+    let simulated = config.gpu.simulate.is_some();
+    if let Err(e) = HandlerSet::build(&config, gpu.is_some(), simulated) {
         eprintln!("serve would not start: {e}");
         return 1;
     }
-    if gpu_memory.is_none() {
-        // What `serve` does next: load every handler's models (a missing file, a TorchScript
-        // file libtorch refuses). A plan for another GPU (--gpu-memory) needs no model here.
-        let on_gpu = gpu.is_some();
-        let simulated = config.gpu.simulate.is_some();
-        if let Err(e) = HandlerSet::build(&config, on_gpu, simulated) {
-            eprintln!("serve would not start: {e}");
-            return 1;
-        }
-    }
-    let origin = match source {
-        ConfigSource::File(path) => path.display().to_string(),
-        ConfigSource::Defaults => "built-in defaults (no runpod.toml found)".to_owned(),
-    };
     println!("config OK: {origin}");
     match worker::torch_check::run() {
         Ok(report) => println!(
@@ -82,27 +66,77 @@ pub fn check_config(config_path: Option<&Path>, gpu_memory: Option<&str>, gpus: 
     0
 }
 
-/// The GPU to plan for: `--gpu-memory` (a GPU this machine need not have), else the detected
-/// one, checked as `serve` checks it. `Err` is the message to print.
-fn plan_gpu(
-    config: &Config,
-    gpu_memory: Option<&str>,
-    gpus: usize,
-) -> Result<Option<PlannedGpu>, String> {
-    if let Some(text) = gpu_memory {
-        let size = text
-            .parse::<Size>()
-            .map_err(|e| format!("--gpu-memory: {e}"))?;
-        if gpus == 0 {
-            return Err("--gpus: plan for at least one GPU".to_owned());
+/// `check-config --gpu-memory`: the plan for `gpus` GPUs of that size, which this machine need
+/// not have. No model is loaded and libtorch is never asked, so this runs without libtorch.
+pub fn check_plan(config_path: Option<&Path>, gpu_memory: &str, gpus: usize) -> i32 {
+    let Some((config, origin)) = load(config_path) else {
+        return 1;
+    };
+    let gpu = match planned_gpu(&config, gpu_memory, gpus) {
+        Ok(gpu) => gpu,
+        Err(message) => {
+            eprintln!("{message}");
+            return 1;
         }
-        return Ok(Some(PlannedGpu {
-            name: format!("a {size} GPU (--gpu-memory)"),
-            total: size,
-            resident: resident::estimate(config, true),
-            count: gpus,
-        }));
+    };
+    if !refuse_what_serve_refuses(&config, Some(&gpu)) {
+        return 1;
     }
+    println!("config OK: {origin}");
+    print!("{}", capacity_plan(&config, Some(&gpu)));
+    0
+}
+
+/// The config and where it came from, or `None` after printing why it is refused.
+fn load(config_path: Option<&Path>) -> Option<(Config, String)> {
+    match Config::load(config_path) {
+        Ok((config, source)) => {
+            let origin = match source {
+                ConfigSource::File(path) => path.display().to_string(),
+                ConfigSource::Defaults => "built-in defaults (no runpod.toml found)".to_owned(),
+            };
+            Some((config, origin))
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            None
+        }
+    }
+}
+
+/// The budget's and the spool's checks, as `serve` makes them; false after printing why.
+fn refuse_what_serve_refuses(config: &Config, gpu: Option<&PlannedGpu>) -> bool {
+    if let Some(gpu) = gpu {
+        if let Err(e) = validate_budget(config, gpu.total, gpu.resident.bytes) {
+            eprintln!("{e}");
+            return false;
+        }
+    }
+    if let Err(e) = Spool::new(config.queue.spool_dir.clone()).check_writable() {
+        eprintln!("serve would not start: {e}");
+        return false;
+    }
+    true
+}
+
+/// A GPU of `--gpu-memory` (a GPU this machine need not have). `Err` is the message to print.
+fn planned_gpu(config: &Config, text: &str, gpus: usize) -> Result<PlannedGpu, String> {
+    let size = text
+        .parse::<Size>()
+        .map_err(|e| format!("--gpu-memory: {e}"))?;
+    if gpus == 0 {
+        return Err("--gpus: plan for at least one GPU".to_owned());
+    }
+    Ok(PlannedGpu {
+        name: format!("a {size} GPU (--gpu-memory)"),
+        total: size,
+        resident: resident::estimate(config, true),
+        count: gpus,
+    })
+}
+
+/// The detected GPU, checked as `serve` checks it. `Err` is the message to print.
+fn detected_gpu(config: &Config) -> Result<Option<PlannedGpu>, String> {
     let gpu::FoundGpu {
         probe: _,
         devices,

@@ -1,5 +1,7 @@
 //! What each subcommand does. Each returns the process exit code.
 
+use crate::cli::Command;
+
 mod check_config;
 mod gpu_check;
 mod health;
@@ -8,7 +10,7 @@ mod mock;
 mod serve;
 mod test_input;
 
-pub use check_config::{capacity_plan, check_config, PlannedGpu};
+pub use check_config::{capacity_plan, check_config, check_plan, PlannedGpu};
 pub use gpu_check::{gpu_check, GpuCheckArgs};
 pub use health::{health, ready_url};
 pub use local::{
@@ -17,6 +19,112 @@ pub use local::{
 pub use mock::{mock_queue, parse_fault, JobRules, MockQueueArgs};
 pub use serve::serve;
 pub use test_input::test_input;
+
+/// The binary that links libtorch, installed beside `runpod-worker`.
+pub const TORCH_BINARY: &str = "runpod-worker-torch";
+
+/// Whether `command` runs in the binary that links libtorch (`runpod-worker-torch`). The others
+/// (the mock queue, the health probe, a plan for another GPU) run in `runpod-worker` itself,
+/// which maps no libtorch: they start in milliseconds, and the image's HEALTHCHECK, run every
+/// interval, costs no library loading.
+pub fn needs_libtorch(command: &Command) -> bool {
+    !matches!(
+        command,
+        Command::MockQueue { .. }
+            | Command::Health { .. }
+            | Command::CheckConfig {
+                gpu_memory: Some(_),
+                ..
+            }
+    )
+}
+
+/// Runs a command for which [`needs_libtorch`] is false; `None` for the others. Only what this
+/// calls is linked into `runpod-worker`, so nothing here may reach a model.
+pub async fn run_without_libtorch(command: Command) -> Option<i32> {
+    Some(match command {
+        Command::Health { config, url } => health(config.as_deref(), url.as_deref()).await,
+        Command::MockQueue {
+            host,
+            port,
+            api_key,
+            long_poll,
+            lease_timeout,
+            max_queued,
+            faults,
+            rules,
+        } => {
+            let args = MockQueueArgs {
+                host,
+                port,
+                api_key,
+                long_poll_s: long_poll,
+                lease_timeout_s: lease_timeout,
+                max_queued,
+                faults,
+                rules: rules.into(),
+            };
+            mock_queue(args).await
+        }
+        Command::CheckConfig {
+            config,
+            gpu_memory: Some(gpu_memory),
+            gpus,
+        } => check_plan(config.as_deref(), &gpu_memory, gpus),
+        _ => return None,
+    })
+}
+
+/// Runs any command (in `runpod-worker-torch`).
+pub async fn run(command: Command) -> i32 {
+    if !needs_libtorch(&command) {
+        if let Some(code) = run_without_libtorch(command).await {
+            return code;
+        }
+        return 2;
+    }
+    match command {
+        Command::Serve { config, http_port } => serve(config.as_deref(), http_port).await,
+        Command::Local {
+            port,
+            config,
+            http_port,
+            rules,
+        } => {
+            let args = LocalArgs {
+                port,
+                config,
+                http_port,
+                rules: rules.into(),
+            };
+            local(args).await
+        }
+        Command::TestInput { file, json, config } => {
+            test_input(&file, json.as_deref(), config.as_deref()).await
+        }
+        Command::Bench { which, compare } => bench(&which, compare.into()),
+        Command::GpuCheck {
+            config,
+            models,
+            simulate,
+            python,
+            hog_bytes,
+            hog_device,
+        } => {
+            let args = GpuCheckArgs {
+                config,
+                models,
+                simulate,
+                python,
+                hog_bytes,
+                hog_device,
+            };
+            gpu_check(args).await
+        }
+        Command::CheckConfig { config, .. } => check_config(config.as_deref()),
+        Command::Health { .. } | Command::MockQueue { .. } => 2,
+    }
+}
 
 /// Where `make models` writes the models the benchmarks run.
 const MODELS: &str = "handler/models";

@@ -75,6 +75,8 @@ pub fn spawn_mock_with(options: MockOptions) -> Arc<MockQueue> {
 pub const BIN: &str = env!("CARGO_BIN_EXE_runpod-worker");
 /// The document parser's child process.
 pub const PARSER: &str = env!("CARGO_BIN_EXE_runpod-parse");
+/// The binary that links libtorch (`runpod-worker` execs it for the model commands).
+pub const TORCH_BIN: &str = env!("CARGO_BIN_EXE_runpod-worker-torch");
 
 /// `runpod.toml` with only echo: a worker process that starts without loading a model.
 pub const ECHO_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/echo.toml");

@@ -16,6 +16,7 @@ mod handler_inputs;
 mod heartbeat;
 mod hostile_documents;
 mod job_ids;
+mod libraries;
 mod lifecycle;
 mod limits;
 mod logs;

@@ -85,7 +85,12 @@ pub async fn run(args: &CompareArgs, command: String) -> i32 {
 async fn compare(args: &CompareArgs, command: String) -> Result<PathBuf> {
     let started = Instant::now();
     let when = now_utc();
-    let binary = std::env::current_exe().context("this binary")?;
+    // The binary a user runs (`runpod-worker`, which hands the model commands to
+    // `runpod-worker-torch`), so the mock queue maps no libtorch and a cold start counts the
+    // hand-over.
+    let this = std::env::current_exe().context("this binary")?;
+    let front = this.with_file_name("runpod-worker");
+    let binary = if front.exists() { front } else { this };
     let scratch = tempfile::tempdir()?;
     let models = std::fs::canonicalize(&args.models)
         .with_context(|| format!("{} (run `make models`)", args.models.display()))?;

@@ -1,6 +1,6 @@
 //! What libtorch's CUDA runtime reports (through the C++ shim built by `build.rs`), and the
 //! diagnosis of a host where NVML sees a GPU but libtorch cannot use it: a driver older than
-//! the wheel's CUDA needs, or libtorch's CUDA library not linked.
+//! the wheel's CUDA needs, or libtorch's CUDA library not loaded.
 
 // Calls into the shim's C ABI, which catches every C++ exception and writes only through the
 // pointers and lengths it is given.
@@ -11,6 +11,7 @@ use std::ffi::{c_char, CStr};
 use super::identity::PciBusId;
 
 extern "C" {
+    fn tms_load_torch_cuda(message: *mut c_char, len: i32) -> i32;
     fn tms_torch_cuda_linked() -> i32;
     fn tms_cuda_runtime_version() -> i32;
     fn tms_cuda_device_count(count: *mut i32, message: *mut c_char, len: i32) -> i32;
@@ -29,6 +30,49 @@ impl std::fmt::Display for CudaVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.0 / 1000, (self.0 % 1000) / 10)
     }
+}
+
+/// What [`load_torch_cuda`] did at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaLoad {
+    /// `libtorch_cuda.so` (and the CUDA libraries it needs) is loaded.
+    Loaded,
+    /// No NVIDIA driver (`libcuda.so.1` cannot be opened): nothing was loaded, CPU only.
+    NoDriver,
+    /// The driver is there but `libtorch_cuda.so` did not load: the loader's message.
+    Failed(String),
+    /// [`load_torch_cuda`] was not called (a command that runs no model).
+    NotTried,
+}
+
+static CUDA_LOAD: std::sync::OnceLock<CudaLoad> = std::sync::OnceLock::new();
+
+/// Loads libtorch's CUDA library when this host has an NVIDIA driver. Call it first thing in
+/// `main`, before anything asks libtorch about CUDA: libtorch caches whether CUDA exists at
+/// the first question. The binaries do not link `libtorch_cuda` (on a CPU host, loading it
+/// and the CUDA libraries it needs was most of a start), so this is where CUDA comes in.
+pub fn load_torch_cuda() -> &'static CudaLoad {
+    CUDA_LOAD.get_or_init(|| {
+        let mut message = [0 as c_char; 512];
+        // SAFETY: `message` is valid and exclusive for 512 bytes; the shim NUL-terminates
+        // within it. Loading libtorch_cuda runs its static initialisers, which only register
+        // CUDA with libtorch's registries (nothing else runs yet).
+        let status = unsafe { tms_load_torch_cuda(message.as_mut_ptr(), 512) };
+        match status {
+            1 => CudaLoad::Loaded,
+            2 => CudaLoad::NoDriver,
+            _ => {
+                // SAFETY: NUL-terminated by the shim within the buffer.
+                let text = unsafe { CStr::from_ptr(message.as_ptr()) }.to_string_lossy();
+                CudaLoad::Failed(text.into_owned())
+            }
+        }
+    })
+}
+
+/// What [`load_torch_cuda`] did, if it was called.
+pub fn cuda_load() -> CudaLoad {
+    CUDA_LOAD.get().cloned().unwrap_or(CudaLoad::NotTried)
 }
 
 /// Whether libtorch's CUDA library (`libtorch_cuda.so`) is loaded in this process.
@@ -141,12 +185,8 @@ pub fn diagnose(torch: &TorchCuda, driver: Option<&DriverInfo>) -> Option<String
     if torch.usable() {
         return None;
     }
-    if !torch.linked {
-        return Some(format!(
-            "NVML sees a GPU but libtorch {LIBTORCH_VERSION} has no CUDA in this build \
-             (libtorch_cuda is not linked): rebuild with the `-ltorch_cuda` link flags"
-        ));
-    }
+    // An old driver explains everything else; cudart is loaded with libtorch_cpu, so its
+    // version is known even when libtorch_cuda did not load.
     if let (Some(driver), Some(runtime)) = (driver, torch.runtime) {
         if driver.cuda < runtime {
             return Some(format!(
@@ -161,6 +201,18 @@ pub fn diagnose(torch: &TorchCuda, driver: Option<&DriverInfo>) -> Option<String
                 }
             ));
         }
+    }
+    if !torch.linked {
+        let why = match cuda_load() {
+            CudaLoad::Failed(message) => format!("libtorch_cuda.so did not load: {message}"),
+            CudaLoad::NoDriver => "the NVIDIA driver's libcuda.so.1 cannot be opened (is the \
+                                   container started with the GPU's driver libraries?)"
+                .to_owned(),
+            CudaLoad::Loaded | CudaLoad::NotTried => "libtorch_cuda is not loaded".to_owned(),
+        };
+        return Some(format!(
+            "NVML sees a GPU but libtorch {LIBTORCH_VERSION} cannot use CUDA: {why}"
+        ));
     }
     match &torch.device_count {
         Ok(_) => Some(format!(
@@ -209,7 +261,7 @@ mod tests {
             torch_devices: 0,
         };
         let why = diagnose(&torch, Some(&driver("580.65.06", 13000))).unwrap();
-        assert!(why.contains("libtorch_cuda is not linked"), "{why}");
+        assert!(why.contains("libtorch_cuda is not loaded"), "{why}");
     }
 
     #[test]

@@ -223,7 +223,7 @@ pub enum GpuAccess {
     Simulated,
     /// libtorch runs on every device the probe sees, mapped card for card.
     Cuda,
-    /// NVML sees GPUs that libtorch cannot use; why (driver too old, CUDA not linked).
+    /// NVML sees GPUs that libtorch cannot use; why (driver too old, CUDA not loaded).
     Broken(String),
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <dlfcn.h>
+#include <string>
 
 extern "C" {
 
@@ -63,6 +64,40 @@ int tms_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
 
 // What the CUDA runtime itself says, looked up by name in the process (libtorch loads cudart
 // as a dependency), so no CUDA headers are needed and a CPU-only machine reads "absent".
+
+// Loads libtorch's CUDA library (from the directory libtorch_cpu was loaded from) when the
+// NVIDIA driver's libcuda.so.1 can be opened: 1 loaded, 2 no driver (nothing loaded), -1 the
+// load failed (dlerror's text in `message`, NUL-terminated, at most `len` bytes). The binary
+// does not link libtorch_cuda, so a CPU host never maps it nor the CUDA libraries it needs
+// (about 2.5 GB, most of a start's time). Its static initialisers register the CUDA hooks and
+// kernels; getCUDAHooks() caches its answer on first use, so this must run before anything
+// asks libtorch about CUDA.
+int tms_load_torch_cuda(char* message, int len) {
+  if (len <= 0) return -1;
+  message[0] = '\0';
+  void* driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+  if (driver == nullptr) return 2;
+  // The driver stays loaded: cudart would load it again at its first call.
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&at::globalContext), &info) == 0 ||
+      info.dli_fname == nullptr) {
+    std::strncpy(message, "cannot find where libtorch_cpu was loaded from",
+                 static_cast<size_t>(len) - 1);
+    message[len - 1] = '\0';
+    return -1;
+  }
+  std::string dir(info.dli_fname);
+  auto slash = dir.rfind('/');
+  dir = slash == std::string::npos ? std::string(".") : dir.substr(0, slash);
+  std::string path = dir + "/libtorch_cuda.so";
+  if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    const char* error = dlerror();
+    std::strncpy(message, error != nullptr ? error : path.c_str(), static_cast<size_t>(len) - 1);
+    message[len - 1] = '\0';
+    return -1;
+  }
+  return 1;
+}
 
 // Whether libtorch's CUDA library is loaded in this process: 1 yes, 0 no.
 int tms_torch_cuda_linked() {
