@@ -27,8 +27,8 @@ ARG MODELS=volume
 # libraries are moved out of the venv, not copied.
 RUN PIP_NO_CACHE_DIR=1 make build \
     && mkdir -p /stage/bin /stage/site-packages/torch /stage/models \
-    && cp target/release/runpod-worker target/release/runpod-parse /stage/bin/ \
-    && strip /stage/bin/runpod-worker /stage/bin/runpod-parse \
+    && cp target/release/runpod-worker target/release/runpod-worker-torch target/release/runpod-parse /stage/bin/ \
+    && strip /stage/bin/* \
     && mv .venv/lib/python3*/site-packages/torch/lib /stage/site-packages/torch/ \
     && mv .venv/lib/python3*/site-packages/nvidia /stage/site-packages/ \
     && if [ "${MODELS}" = baked ]; then cp -a handler/models/. /stage/models/; fi \

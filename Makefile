@@ -83,8 +83,8 @@ GPU_KIT ?= gpu-kit
 gpu-kit: venv
 	$(CARGO) build --release --locked
 	rm -rf $(GPU_KIT) && mkdir -p $(GPU_KIT)/models
-	cp target/release/runpod-worker target/release/runpod-parse $(GPU_KIT)/
-	strip $(GPU_KIT)/runpod-worker $(GPU_KIT)/runpod-parse
+	cp target/release/runpod-worker target/release/runpod-worker-torch target/release/runpod-parse $(GPU_KIT)/
+	strip $(GPU_KIT)/runpod-worker $(GPU_KIT)/runpod-worker-torch $(GPU_KIT)/runpod-parse
 	HF_HUB_OFFLINE=1 $(PY) handler/export_models.py --out $(GPU_KIT)/models --fp16
 	cp handler/gpu-kit/runpod.toml handler/gpu-kit/gpu-check.sh handler/gpu-kit/serve-check.sh $(GPU_KIT)/
 	@du -sh $(GPU_KIT) $(GPU_KIT)/* $(GPU_KIT)/models/*

@@ -97,8 +97,8 @@ pub enum Command {
     /// Print benchmark figures: admission cost, scheduling simulation; `compare` runs the
     /// worker against the official SDK worker and infinity-emb and writes BENCHMARKS.md.
     Bench {
-        /// `admission`, `schedule`, `models`, `batching`, `compare` or `all` (admission and
-        /// schedule).
+        /// `admission`, `schedule`, `models`, `batching`, `fastpath`, `compare` or `all`
+        /// (admission and schedule).
         #[arg(default_value = "all")]
         which: String,
         /// Options of `bench compare`.
@@ -164,13 +164,17 @@ pub struct CompareFlags {
     /// The plot to write (SVG).
     #[arg(long, default_value = "docs/bench.svg")]
     pub plot: PathBuf,
-    /// Parts to run, comma-separated: workers, ceiling, cold, embeddings, batching.
+    /// Parts to run, comma-separated: workers, ceiling, cold, embeddings, batching, fastpath.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "workers,ceiling,cold,embeddings,batching"
+        default_value = "workers,ceiling,cold,embeddings,batching,fastpath"
     )]
     pub parts: Vec<String>,
+    /// A `runpod-worker` built from an earlier commit: the fast path is timed against it, side
+    /// by side in the same run (`make bench` builds one).
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
 }
 
 impl From<CompareFlags> for bench::compare::CompareArgs {
@@ -183,6 +187,7 @@ impl From<CompareFlags> for bench::compare::CompareArgs {
             out: flags.out,
             plot: flags.plot,
             parts: flags.parts,
+            baseline: flags.baseline,
         }
     }
 }

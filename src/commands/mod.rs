@@ -156,6 +156,7 @@ pub fn bench(which: &str, compare: bench::compare::CompareArgs) -> i32 {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             return on_runtime(bench::compare::run(&compare, command));
         }
+        "fastpath" => return on_runtime(bench::compare::fast_path_only(&compare)),
         "admission" => print!("{}", bench::admission::run()),
         "schedule" => print!("{}", bench::schedule::run()),
         "models" => {
@@ -171,7 +172,7 @@ pub fn bench(which: &str, compare: bench::compare::CompareArgs) -> i32 {
         }
         "all" => print!("{}\n{}", bench::admission::run(), bench::schedule::run()),
         other => {
-            eprintln!("unknown benchmark {other:?}: admission, schedule, models, batching, compare or all");
+            eprintln!("unknown benchmark {other:?}: admission, schedule, models, batching, fastpath, compare or all");
             return 2;
         }
     }

@@ -29,6 +29,7 @@ mod mock_retention;
 mod mock_rules;
 mod models;
 mod parser;
+mod pipelining;
 mod process;
 mod refresh;
 mod resilience;

@@ -724,3 +724,30 @@ async fn extract_streams_its_chunks_under_the_message_limit_with_progress_before
     assert_eq!(output["text"], small.trim_end());
     worker.stop().await;
 }
+
+#[test]
+fn a_torchscript_handler_warms_up_on_its_warm_up_shapes_and_names_a_wrong_one() {
+    use std::collections::BTreeMap;
+    use worker::config::WarmUpInput;
+    use worker::handlers::HandlerSet;
+    let with_shape = |shape: Vec<i64>| {
+        let mut config = model_config();
+        let lin = config.handlers.get_mut("lin").unwrap();
+        lin.warm_up = Some(BTreeMap::from([(
+            "x".to_owned(),
+            WarmUpInput { shape, dtype: None },
+        )]));
+        let set = HandlerSet::build(&config, false, false).expect("handlers load");
+        let handler = set.get("lin").unwrap().handler.clone().unwrap();
+        handler.warm_up()
+    };
+    // example_linear.pt is a Linear(4, 2).
+    assert_eq!(with_shape(vec![1, 4]), Ok(()));
+    let wrong = with_shape(vec![1, 3]).unwrap_err();
+    assert!(wrong.contains("warm_up"), "{wrong}");
+    // A warm_up without an entry for each input is refused with the config.
+    let mut config = model_config();
+    config.handlers.get_mut("lin").unwrap().warm_up = Some(BTreeMap::new());
+    let refused = config.validate().unwrap_err().to_string();
+    assert!(refused.contains("warm_up"), "{refused}");
+}

@@ -221,12 +221,14 @@ async fn a_queue_answering_garbage_is_survived_with_backoff() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn results_waiting_for_delivery_hold_their_global_slot_so_the_take_loop_waits() {
-    // One global slot: a result the queue keeps refusing (503, retried) holds it, so no second
-    // job is taken meanwhile. Results waiting for delivery are bounded by max_concurrency
-    // (count) times max_result_size (bytes).
+async fn results_waiting_for_delivery_are_bounded_so_the_take_loop_waits() {
+    // A result in delivery holds no job slot, but the results in delivery have a budget of
+    // their own: with room for one, a result the queue keeps refusing (503, retried) holds it,
+    // and no take is asked meanwhile (a long-poll already parked at the queue may still bring
+    // a job; its result then waits for room).
     let mut config = test_config();
-    config.handler.max_concurrency = 1;
+    config.handler.max_concurrency = 4;
+    config.queue.max_results_in_delivery = 1;
     config.queue.delivery_retry_s = 30;
     let worker = TestWorker::start(config, |h| h, 200).await;
     worker.mock.set_fault(
@@ -237,22 +239,32 @@ async fn results_waiting_for_delivery_hold_their_global_slot_so_the_take_loop_wa
         }),
     );
     worker.enqueue("first", json!({"task": "echo"}));
-    worker.enqueue("second", json!({"task": "echo"}));
     // The first result has been refused three times: its delivery is being retried.
     worker
         .mock
         .wait_for_requests(Route::Done, 3, WAIT)
         .await
         .expect("the result is retried");
-    let queue = worker.mock.endpoint(EP);
+    let takes = worker.mock.requests(Route::Take);
+    // 15 heartbeats (200 ms apart) outlast the mock's 2 s long-poll: a take parked before the
+    // budget was spent has come back empty, and none may follow it.
+    let pings = worker.mock.endpoint(EP).pings.len();
+    let pinged = worker
+        .mock
+        .state()
+        .wait_for(WAIT, |i| {
+            (i.endpoints.get(EP)?.pings.len() >= pings + 15).then_some(())
+        })
+        .await;
+    assert!(pinged.is_some(), "the worker stopped pinging");
     assert_eq!(
-        queue.holder_of("second"),
-        None,
-        "the second job stays in the queue while the only slot delivers a result"
+        worker.mock.requests(Route::Take),
+        takes,
+        "a take was asked while the delivery budget was spent"
     );
-    assert_eq!(queue.pending.len(), 1);
     worker.mock.set_fault(Route::Done, None);
     worker.done("first").await;
+    worker.enqueue("second", json!({"task": "echo"}));
     worker.done("second").await;
     worker.stop().await;
 }

@@ -25,8 +25,10 @@ pub struct CompareArgs {
     pub out: PathBuf,
     /// The plot to write (an SVG), beside `out` or below it.
     pub plot: PathBuf,
-    /// Parts to run: workers, ceiling, cold, embeddings.
+    /// Parts to run: workers, ceiling, cold, embeddings, batching, fastpath.
     pub parts: Vec<String>,
+    /// A build of an earlier commit, for the fast path's side by side.
+    pub baseline: Option<PathBuf>,
 }
 
 /// The machine, in words, from /proc.
@@ -82,15 +84,46 @@ pub async fn run(args: &CompareArgs, command: String) -> i32 {
     }
 }
 
+/// The binary a user runs (`runpod-worker`, which hands the model commands to
+/// `runpod-worker-torch`), so the mock queue maps no libtorch and a cold start counts the
+/// hand-over.
+fn front_binary() -> Result<PathBuf> {
+    let this = std::env::current_exe().context("this binary")?;
+    let front = this.with_file_name("runpod-worker");
+    Ok(if front.exists() { front } else { this })
+}
+
+/// `bench fastpath`: part 6 alone, printed; the exit code.
+pub async fn fast_path_only(args: &CompareArgs) -> i32 {
+    let run = async {
+        let binary = front_binary()?;
+        let scratch = tempfile::tempdir()?;
+        let setup = Setup {
+            binary: binary.clone(),
+            python: args.python.clone(),
+            models: std::fs::canonicalize(&args.models).unwrap_or_else(|_| args.models.clone()),
+            scratch: scratch.path().to_path_buf(),
+        };
+        let (_mock, base) = start_mock(&binary)?;
+        let queue = Queue::new(&base);
+        super::fast_path::run(&setup, args.baseline.as_deref(), &queue).await
+    };
+    match run.await {
+        Ok(table) => {
+            print!("{table}");
+            0
+        }
+        Err(e) => {
+            eprintln!("bench fastpath: {e:#}");
+            1
+        }
+    }
+}
+
 async fn compare(args: &CompareArgs, command: String) -> Result<PathBuf> {
     let started = Instant::now();
     let when = now_utc();
-    // The binary a user runs (`runpod-worker`, which hands the model commands to
-    // `runpod-worker-torch`), so the mock queue maps no libtorch and a cold start counts the
-    // hand-over.
-    let this = std::env::current_exe().context("this binary")?;
-    let front = this.with_file_name("runpod-worker");
-    let binary = if front.exists() { front } else { this };
+    let binary = front_binary()?;
     let scratch = tempfile::tempdir()?;
     let models = std::fs::canonicalize(&args.models)
         .with_context(|| format!("{} (run `make models`)", args.models.display()))?;
@@ -149,6 +182,13 @@ async fn compare(args: &CompareArgs, command: String) -> Result<PathBuf> {
             None => results
                 .failures
                 .push("batching: a job failed or the models are missing".to_owned()),
+        }
+    }
+    if wants("fastpath") {
+        eprintln!("part 6: the fast path, this build against the baseline");
+        match super::fast_path::run(&setup, args.baseline.as_deref(), &queue).await {
+            Ok(table) => results.fast_path = Some(table),
+            Err(e) => results.failures.push(format!("fast path: {e:#}")),
         }
     }
     results.when = format!("{when}, {:.0} s in all", started.elapsed().as_secs_f64());

@@ -2,7 +2,8 @@
 //! never timed tests. [`admission`] measures the cost of one admission decision; [`schedule`]
 //! simulates a mixed GPU workload under the seed's static policy and the adaptive one;
 //! [`models`] compares the handlers with Python torch on the same model; [`batching`] runs
-//! them with batching across jobs on and off. [`compare`] runs the
+//! them with batching across jobs on and off; [`fast_path`] times the per-job path against an
+//! earlier build. [`compare`] runs the
 //! whole worker against the official SDK worker, the bare mock queue and infinity-emb, and
 //! writes BENCHMARKS.md with its plot ([`workers`], [`cold_start`], [`embeddings`], [`ceiling`],
 //! [`report`], [`plot`]; [`queue`], [`procs`] and [`stats`] are their plumbing).
@@ -13,6 +14,7 @@ pub mod ceiling;
 pub mod cold_start;
 pub mod compare;
 pub mod embeddings;
+pub mod fast_path;
 pub mod models;
 pub mod plot;
 pub mod procs;

@@ -271,6 +271,21 @@ impl Queue {
         }
     }
 
+    /// How many of the endpoint's jobs have completed (its `/health`).
+    pub async fn completed(&self, endpoint: &str) -> Result<u64> {
+        let body: Value = self
+            .http
+            .get(format!("{}/v2/{endpoint}/health", self.base))
+            .header("Authorization", format!("Bearer {KEY}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        body["jobs"]["completed"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("/health without jobs.completed: {body}"))
+    }
+
     /// Submits a job and waits for its result in one request (`/runsync?wait=`).
     pub async fn run_sync(&self, endpoint: &str, input: &Value) -> Result<Value> {
         let body = self

@@ -38,6 +38,8 @@ pub struct Results {
     pub plot: String,
     /// The hand-written analysis appended at the end.
     pub analysis: String,
+    /// Part 6: the fast path against the baseline build (a markdown table).
+    pub fast_path: Option<String>,
 }
 
 /// "median (min–max)" with `digits` decimals.
@@ -426,6 +428,17 @@ pub fn render(results: &Results) -> String {
                 the model path alone), one distinct text per job, `runpod-worker bench batching`:\n\n```\n";
         out += table;
         out += "```\n\n";
+    }
+    if let Some(table) = &results.fast_path {
+        out += "## The fast path, against the baseline build\n\n";
+        out += "Echo jobs from a pre-loaded queue, this build and the baseline (`--baseline`, a \
+                build of an earlier commit; `make bench` builds it) measured alternately in the \
+                same run, and the bare queue's ceiling in the same run (`runpod-worker bench \
+                fastpath`). Latency: `/runsync` round trips offered at a steady low rate to the \
+                concurrency-16 workers. Targets: at 16, at least 80% of the queue's ceiling; at 1, \
+                at least 2x the baseline with less CPU per job; p99 under 1 ms.\n\n";
+        out += table;
+        out += "\n";
     }
     out += &results.analysis;
     out

@@ -113,7 +113,7 @@ pub struct Row {
 }
 
 /// One throughput run: (jobs/s, utilisation, CPU ms per job).
-async fn throughput_run(
+pub async fn throughput_run(
     queue: &Queue,
     endpoint: &str,
     proc: &Proc,
@@ -150,7 +150,7 @@ async fn throughput_run(
 }
 
 /// One latency run: `jobs` jobs offered at `rate` per second; (p50, p99) in ms.
-async fn latency_run(
+pub async fn latency_run(
     queue: &Queue,
     endpoint: &str,
     input: &Value,

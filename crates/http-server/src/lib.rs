@@ -35,6 +35,11 @@ pub async fn serve_http1(
             },
             () = stop.cancelled() => break,
         };
+        // Answers are small and each is a whole response: send them at once rather than let
+        // Nagle's algorithm hold a response's tail for the client's delayed ACK.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("HTTP server: TCP_NODELAY not set: {e}");
+        }
         let service = TowerToHyperService::new(app.clone());
         let stop = stop.clone();
         connections.spawn(async move {

@@ -22,8 +22,24 @@ pub(super) async fn check(
     next: Next,
 ) -> Response {
     match gate(&state, route, request.headers(), request.uri().path()) {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            let delay = state.begin_flight(route);
+            let _flight = InFlight(&state, route);
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            next.run(request).await
+        }
         Err(refused) => refused,
+    }
+}
+
+/// A request being answered; counted until answered or dropped.
+struct InFlight<'a>(&'a MockState, Route);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.end_flight(self.1);
     }
 }
 

@@ -199,6 +199,16 @@ impl MockQueue {
         self.state.wake();
     }
 
+    /// Delays every answer on `route` by `delay` (`None`: none), as a slow queue would.
+    pub fn set_delay(&self, route: Route, delay: Option<Duration>) {
+        self.state.set_delay(route, delay);
+    }
+
+    /// The most requests on `route` ever being answered at once.
+    pub fn most_in_flight(&self, route: Route) -> usize {
+        self.state.most_in_flight(route)
+    }
+
     /// Injects (or with `None`, clears) a fault on `route`.
     pub fn set_fault(&self, route: Route, fault: Option<Fault>) {
         self.state.with(|inner| match fault {

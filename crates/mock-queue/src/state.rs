@@ -248,6 +248,17 @@ pub struct MockState {
     rate_limiter: Option<RateLimiter>,
     /// For webhooks.
     pub(super) http: reqwest::Client,
+    /// Per route: requests being answered, and an injected delay (kept apart from `inner`,
+    /// whose changes wake every waiter).
+    flights: Mutex<HashMap<Route, Flight>>,
+}
+
+/// One route's requests being answered, and the delay injected before each is answered.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flight {
+    delay: Option<Duration>,
+    now: usize,
+    most: usize,
 }
 
 impl MockState {
@@ -266,7 +277,38 @@ impl MockState {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
+            flights: Mutex::default(),
         }
+    }
+
+    fn flights(&self) -> MutexGuard<'_, HashMap<Route, Flight>> {
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a request of `route` as being answered; returns the delay to inject first.
+    pub(super) fn begin_flight(&self, route: Route) -> Option<Duration> {
+        let mut flights = self.flights();
+        let flight = flights.entry(route).or_default();
+        flight.now += 1;
+        flight.most = flight.most.max(flight.now);
+        flight.delay
+    }
+
+    /// A request of `route` has been answered (or dropped).
+    pub(super) fn end_flight(&self, route: Route) {
+        if let Some(flight) = self.flights().get_mut(&route) {
+            flight.now = flight.now.saturating_sub(1);
+        }
+    }
+
+    /// Delays every answer of `route` by `delay` (`None`: no delay).
+    pub fn set_delay(&self, route: Route, delay: Option<Duration>) {
+        self.flights().entry(route).or_default().delay = delay;
+    }
+
+    /// The most requests of `route` ever answered at once.
+    pub fn most_in_flight(&self, route: Route) -> usize {
+        self.flights().get(&route).map_or(0, |flight| flight.most)
     }
 
     /// Reads or changes the state; every call counts as a change for [`MockState::wait_for`].

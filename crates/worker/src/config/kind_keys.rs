@@ -45,6 +45,30 @@ pub(super) fn validate_kind_keys(
     if h.batch.is_some() && !is(&["torchscript"]) {
         return Err(misplaced("batch", "torchscript"));
     }
+    if h.warm_up.is_some() && !is(&["torchscript"]) {
+        return Err(misplaced("warm_up", "torchscript"));
+    }
+    if let (Some(warm_up), Some(inputs)) = (&h.warm_up, &h.inputs) {
+        let missing: Vec<&String> = inputs
+            .iter()
+            .filter(|i| !warm_up.contains_key(*i))
+            .collect();
+        let unknown: Vec<&String> = warm_up.keys().filter(|k| !inputs.contains(k)).collect();
+        if !missing.is_empty() || !unknown.is_empty() {
+            return Err(ConfigError::OutOfRange {
+                key: format!("handlers.{name}.warm_up"),
+                value: format!("{:?}", warm_up.keys().collect::<Vec<_>>()),
+                limit: format!("one entry per input, {inputs:?}"),
+            });
+        }
+        if let Some((input, bad)) = warm_up.iter().find(|(_, w)| w.shape.iter().any(|d| *d < 0)) {
+            return Err(ConfigError::OutOfRange {
+                key: format!("handlers.{name}.warm_up.{input}.shape"),
+                value: format!("{:?}", bad.shape),
+                limit: "dimensions of 0 or more".into(),
+            });
+        }
+    }
     if h.model.is_some() && !is(&["classify", "torchscript"]) {
         return Err(misplaced("model", "classify and torchscript"));
     }

@@ -268,6 +268,12 @@ pub struct QueueConfig {
     /// Largest result posted; larger ones become an `OutputTooLarge` error result (the
     /// platform would refuse them with 413 and the result would be lost).
     pub max_result_size: Size,
+    /// Results being posted (or retried) at once. A result in delivery holds no job slot, so
+    /// the next job starts meanwhile; while this many are in delivery, no take is asked.
+    pub max_results_in_delivery: usize,
+    /// Bytes of results being posted (or retried) at once; as `max_results_in_delivery`. A
+    /// single larger result is posted alone.
+    pub max_result_bytes_in_delivery: Size,
     /// Where results that could not be delivered are kept, to be re-sent at the next start
     /// (the network volume in deployment).
     pub spool_dir: PathBuf,
@@ -284,6 +290,8 @@ impl Default for QueueConfig {
             delivery_retry_s: 30,
             max_job_size: Size::from_bytes(limits::MAX_RUNSYNC_BODY as u64),
             max_result_size: Size::from_bytes(limits::MAX_RESULT_BODY as u64),
+            max_results_in_delivery: 64,
+            max_result_bytes_in_delivery: Size::from_bytes(256_000_000),
             spool_dir: PathBuf::from("spool"),
         }
     }
@@ -378,6 +386,22 @@ pub struct HandlerConfig {
     /// inputs agree in the other dimensions and dtypes share forward passes (`[batching]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<bool>,
+    /// torchscript: the shape (and dtype, default float32) of each input for the warm-up
+    /// forward passes run at start, as Triton's `model_warmup` (TorchScript profiles a graph's
+    /// first calls and optimises it after; without this the first jobs pay for that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_up: Option<BTreeMap<String, WarmUpInput>>,
+}
+
+/// One input of a torchscript handler's warm-up: a tensor of zeros.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmUpInput {
+    /// Its shape, e.g. `[1, 4]`.
+    pub shape: Vec<i64>,
+    /// float32 (the default), float64, int64, int32 or bool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 impl Default for HandlerConfig {
@@ -402,6 +426,7 @@ impl Default for HandlerConfig {
             max_pages: None,
             inputs: None,
             batch: None,
+            warm_up: None,
         }
     }
 }

@@ -93,6 +93,18 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
     check("queue.rate_limited_wait_s", q.rate_limited_wait_s, 0, 600)?;
     check("queue.long_poll_timeout_s", q.long_poll_timeout_s, 1, 600)?;
     check("queue.delivery_retry_s", q.delivery_retry_s, 0, ONE_DAY_S)?;
+    check(
+        "queue.max_results_in_delivery",
+        q.max_results_in_delivery as u64,
+        1,
+        100_000,
+    )?;
+    check(
+        "queue.max_result_bytes_in_delivery",
+        q.max_result_bytes_in_delivery.bytes(),
+        1024 * 1024,
+        1 << 40,
+    )?;
 
     let g = &config.gpu;
     check("gpu.simulate_devices", g.simulate_devices as u64, 1, 16)?;

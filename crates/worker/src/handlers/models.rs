@@ -12,7 +12,7 @@ use super::classify::{Classifier, ClassifyHandler, ClassifyMode};
 use super::extract::ExtractHandler;
 use super::fetch::FetchPolicy;
 use super::parser::{self, ParseLimits, ParserPool};
-use super::torchscript::{check_input_names, TorchScriptHandler};
+use super::torchscript::{check_input_names, zeros, TorchScriptHandler};
 use super::torchscript_batch::BatchedModule;
 use super::{EchoHandler, Handler};
 use crate::config::{
@@ -200,10 +200,31 @@ impl ModelLoader {
                             .collect(),
                     )
                 });
+                let warm_up = table
+                    .warm_up
+                    .as_ref()
+                    .map(|given| {
+                        inputs
+                            .iter()
+                            .map(|name| {
+                                let input = given
+                                    .get(name)
+                                    .ok_or_else(|| format!("warm_up has no entry for {name:?}"))?;
+                                let dtype = input.dtype.as_deref().unwrap_or("float32");
+                                zeros(name, &input.shape, dtype)
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .transpose()
+                    .map_err(|reason| LoadError::Unreadable {
+                        path: path.clone(),
+                        reason,
+                    })?;
                 Arc::new(TorchScriptHandler {
                     modules: OnDevices(modules),
                     inputs,
                     batchers,
+                    warm_up,
                 })
             }
             other => unreachable!("config validation admits only known kinds, not {other:?}"),

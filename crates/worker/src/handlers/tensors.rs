@@ -85,6 +85,19 @@ pub(super) fn read_tensor(name: &str, value: &Value) -> Result<JsonTensor, JobEr
     Ok(JsonTensor { shape, kind, data })
 }
 
+/// A tensor of zeros of `shape` and `dtype`, for a warm-up forward pass; `Err` says why not.
+pub(super) fn zeros(name: &str, shape: &[i64], dtype: &str) -> Result<JsonTensor, String> {
+    let elements = shape
+        .iter()
+        .try_fold(1usize, |n, d| n.checked_mul(usize::try_from(*d).ok()?))
+        .filter(|n| *n <= MAX_ELEMENTS)
+        .ok_or_else(|| {
+            format!("warm_up.{name}: shape {shape:?} is over the limit of {MAX_ELEMENTS} elements")
+        })?;
+    let value = serde_json::json!({"shape": shape, "dtype": dtype, "data": vec![0; elements]});
+    read_tensor(name, &value).map_err(|e| e.message.replace("input.inputs.", "warm_up."))
+}
+
 /// The float a non-finite marker string stands for.
 fn non_finite(text: &str) -> Option<f64> {
     match text {

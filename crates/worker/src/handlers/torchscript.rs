@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tch::{CModule, Device, IValue};
 
+pub(super) use super::tensors::zeros;
 use super::tensors::{outputs_json, read_tensor, to_tensor, JsonTensor};
 use super::torchscript_batch::JobTensors;
 use super::{Handler, JobContext, Prepared};
@@ -24,7 +25,13 @@ pub struct TorchScriptHandler {
     pub inputs: Vec<String>,
     /// With `batch = true`: the model's batcher on each device.
     pub(super) batchers: Option<OnDevices<TensorBatcher>>,
+    /// The warm-up inputs (`warm_up`), in `forward`'s order.
+    pub(super) warm_up: Option<Vec<JsonTensor>>,
 }
+
+/// Warm-up forward passes per device: TorchScript's profiling executor records the first
+/// call and optimises the graph at the next, so two calls leave the first job the fast path.
+const WARM_UP_CALLS: usize = 2;
 
 /// A batcher of jobs' tensors (`batch = true`).
 pub(super) type TensorBatcher = Batcher<JobTensors, Vec<Value>>;
@@ -119,6 +126,31 @@ fn declared_arguments(message: &str) -> Option<Vec<(String, bool)>> {
 
 #[async_trait]
 impl Handler for TorchScriptHandler {
+    fn warm_up(&self) -> Result<(), String> {
+        let Some(tensors) = &self.warm_up else {
+            tracing::info!(
+                "a torchscript handler (inputs {:?}) has no `warm_up` shapes: its first jobs \
+                 pay for TorchScript's profiling runs",
+                self.inputs
+            );
+            return Ok(());
+        };
+        let _no_grad = tch::no_grad_guard();
+        for (module, device) in &self.modules.0 {
+            let inputs = tensors
+                .iter()
+                .map(|t| to_tensor(t, *device).map(IValue::Tensor))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("the warm_up inputs could not be made into tensors ({e})"))?;
+            for _ in 0..WARM_UP_CALLS {
+                module.forward_is(&inputs).map_err(|e| {
+                    format!("the model failed on its warm_up inputs (check their shapes): {e}")
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     fn batchers(&self) -> Vec<Arc<dyn AnyBatcher>> {
         self.batchers.as_ref().map_or_else(Vec::new, |batchers| {
             batchers

@@ -50,6 +50,8 @@ pub(super) async fn answer(
             e.error_type.as_str()
         );
     }
+    // Posted (and retried, or spooled) within the budget of results in delivery.
+    let _in_delivery = worker.delivery.enter(body.get().len()).await;
     match worker.client.post_done(job_id, &body, streamed).await {
         Ok(()) => {
             if result.is_ok() {

@@ -66,12 +66,11 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
             return None;
         }
     };
-    let slot = worker.limits.try_global();
     let job = match item {
         Ok(job) => job,
         Err(BadJob { problem, .. }) => {
             let error = JobError::invalid_input(problem);
-            return Some(refuse(worker, id, error, (slot, held)));
+            return Some(refuse(worker, id, error, held));
         }
     };
     let routed = worker
@@ -79,8 +78,9 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
         .route(&job.input)
         .map(|r| (r.entry.id, r.input));
     Some(match routed {
-        Err(error) => refuse(worker, job.id, error, (slot, held)),
+        Err(error) => refuse(worker, job.id, error, held),
         Ok((handler, input)) => {
+            let slot = worker.limits.try_global();
             let ticket = worker.limits.enqueue(handler);
             let batch_id = job.raw.get("batchId").and_then(Value::as_str);
             let span = job_span(&job.id, batch_id);
@@ -91,8 +91,8 @@ pub(super) fn dispatch(worker: &Arc<Worker>, item: Result<Job, BadJob>) -> Optio
 }
 
 /// Answers a job refused before it could run (its id, its shape, its task) with `error`,
-/// holding `guards` (its global slot and its place on the board, where it has them) until the
-/// answer is posted.
+/// holding `guards` (its place on the board, where it has one) until the answer is posted. It
+/// holds no job slot: its answer is bounded by the delivery budget, as every result is.
 fn refuse<G: Send + 'static>(
     worker: &Arc<Worker>,
     id: String,
@@ -141,10 +141,7 @@ async fn run(
             &worker.interrupt,
         )
         .await;
-    let Admitted {
-        slot: _slot,
-        permit,
-    } = match admitted {
+    let Admitted { slot, permit } = match admitted {
         Ok(admitted) => admitted,
         Err(Refusal::Stopped) => {
             finish_cancelled(&worker, &job.id);
@@ -191,15 +188,17 @@ async fn run(
         worker.refresh_if_due();
     }
 
-    // Release: the handler's slot and the job's GPU memory go back as soon as its threads
-    // have really returned (a timed-out or stopped model call may still be running), not
-    // after the result is delivered, which can take `delivery_retry_s`.
+    // Release: the job's slots and GPU memory go back as soon as its threads have really
+    // returned (a timed-out or stopped model call may still be running), not after the result
+    // is delivered, which can take `delivery_retry_s`: the next job starts meanwhile, and the
+    // results in delivery are bounded by their own budget (`answer`).
     let release = async {
         ctx.threads_finished().await;
         // With a host-wide ledger the release also empties the allocator's cache, off the
         // async threads (see `Ledger`): peers may use the memory at once.
         drop(reservation);
         drop(permit);
+        drop(slot);
     };
     // Report: learning, then deliver or spool.
     let report = async {

@@ -17,6 +17,7 @@ mod drain;
 mod execute;
 pub mod fitness;
 mod heartbeat;
+mod in_delivery;
 mod job;
 mod recycle;
 mod start;
@@ -105,6 +106,8 @@ pub struct Worker {
     pub(crate) observed: Arc<Observed>,
     /// Whether the worker should be replaced on purpose (`refresh_worker`, memory growth).
     pub(crate) recycler: recycle::Recycler,
+    /// Results being posted: bounded apart from the job slots (see [`in_delivery`]).
+    pub(crate) delivery: in_delivery::DeliveryBudget,
 }
 
 impl std::ops::Deref for Worker {

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fitness::{self, Fitness};
+use super::in_delivery::DeliveryBudget;
 use super::recycle::Recycler;
 use super::{StartupError, Worker};
 use crate::admission::resident;
@@ -149,6 +150,8 @@ pub(super) async fn build_worker(
     let config_spool_dir = config.queue.spool_dir.clone();
     let max_consecutive_ooms = config.handler.max_consecutive_ooms;
     let recycle_memory_factor = config.handler.recycle_memory_factor;
+    let results_in_delivery = config.queue.max_results_in_delivery;
+    let result_bytes_in_delivery = config.queue.max_result_bytes_in_delivery.bytes();
     let limits = Arc::new(limits);
     let (memory_for_lessons, limits_for_lessons) = (memory.clone(), limits.clone());
     let admitter = Admitter::new(limits.clone(), memory.clone());
@@ -189,6 +192,11 @@ pub(super) async fn build_worker(
         stop_taking: shutdown.child_token(),
         take_loop_ended: CancellationToken::new(),
         recycler: Recycler::new(recycle_memory_factor, &observed.memory),
+        delivery: DeliveryBudget::new(
+            results_in_delivery,
+            result_bytes_in_delivery,
+            observed.limits.clone(),
+        ),
         observed,
     });
     Ok(worker)
