@@ -5,6 +5,12 @@
 #   podman build --format docker -t runpod-worker .        (docker build works the same)
 #   --build-arg MODELS=baked    bake the models into the image instead of reading them from
 #                               the network volume (/runpod-volume/models)
+#   --build-arg CUDA_EXTRAS="cudnn linalg nvrtc profiler nvshmem"   the groups of on-demand
+#                               CUDA libraries kept (image/cuda-extras.txt). The default keeps
+#                               them all until a card's `gpu-check` has shown which the shipped
+#                               handlers never load; CUDA_EXTRAS="" is the slim image (about
+#                               0.8 GB smaller). A model with convolutions needs cudnn, linear
+#                               algebra (torch.linalg) linalg, runtime-compiled kernels nvrtc.
 #   --build-arg BUILDER_IMAGE=... / RUNTIME_IMAGE=...   other bases (make image-test uses
 #                               local ones built without a registry)
 ARG BUILDER_IMAGE=docker.io/library/rust:1.89-slim-bookworm
@@ -34,6 +40,13 @@ RUN PIP_NO_CACHE_DIR=1 make build \
     && if [ "${MODELS}" = baked ]; then cp -a handler/models/. /stage/models/; fi \
     && rm -rf target .venv /root/.cargo/registry /root/.cache
 
+# The libraries the image ships: what nothing can load is left out, and the on-demand groups
+# not named in CUDA_EXTRAS (a layer of its own, so changing the groups rebuilds nothing else).
+FROM builder AS libraries
+ARG CUDA_EXTRAS="cudnn linalg nvrtc profiler nvshmem"
+COPY image/prune-libs.sh image/cuda-extras.txt /prune/
+RUN /prune/prune-libs.sh /stage/site-packages /prune/cuda-extras.txt "${CUDA_EXTRAS}"
+
 FROM ${RUNTIME_IMAGE}
 ARG MODELS=volume
 # `utility` makes NVML visible (GPU memory, processes); `compute` is CUDA.
@@ -46,7 +59,7 @@ RUN groupadd --system --gid 10001 runpod \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/runpod runpod \
     && mkdir -p /runpod-volume/spool \
     && chown -R 10001:10001 /runpod-volume
-COPY --from=builder /stage/site-packages /opt/runpod-worker/site-packages
+COPY --from=libraries /stage/site-packages /opt/runpod-worker/site-packages
 COPY --from=builder /stage/bin/ /usr/local/bin/
 COPY --from=builder /stage/models /opt/runpod-worker/models
 COPY image/runpod-volume.toml image/runpod-baked.toml /etc/runpod-worker/
