@@ -5,12 +5,14 @@
 //! The checks drive real workers (in this process, and two `serve` child processes) against a
 //! mock queue in this process: device identity, resident memory, CUDA results against the CPU,
 //! a burst sized so that exactly N jobs fit, external memory pressure, a real CUDA OOM, two
-//! workers sharing the card through the host-wide ledger, learned footprints and speed.
+//! workers sharing the card through the host-wide ledger, learned footprints and speed; last,
+//! which on-demand CUDA libraries all that mapped (what a slim image may leave out).
 
 mod batching;
 mod device_checks;
 mod harness;
 pub mod hog;
+mod libraries;
 mod memory_checks;
 mod peers;
 mod speed;
@@ -166,6 +168,7 @@ pub async fn run(options: GpuCheckOptions) -> i32 {
     batching::run(&ctx, &mut table).await;
     memory_checks::run(&ctx, &mut table).await;
     peers::run(&ctx, &mut table).await;
+    libraries::row(&ctx, &mut table);
     finish(&table, started)
 }
 
