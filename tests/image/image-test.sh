@@ -165,4 +165,36 @@ leftover=$(pgrep -u "${user%%:*}" -f "runpod-worker local" || true)
 [ -z "$leftover" ] || fail "a runpod-worker local of the image's user is still running: $leftover"
 local_pid=
 step "local stopped on SIGTERM, nothing left running"
-echo "image-test: OK ($TAG, $((size / 1000000)) MB)"
+# The sizes a registry would hold: each layer gzip-compressed, as `podman push --compress`
+# writes them. The slim variant (CUDA_EXTRAS="": no on-demand CUDA library) reuses the build's
+# cached layers; it runs a job too (the CPU path loads none of what it leaves out).
+compressed_mb() {
+    rm -rf "$CACHE/pushed"
+    podman push -q --compress "$1" "dir:$CACHE/pushed" >/dev/null
+    local bytes
+    bytes=$(du -sb "$CACHE/pushed" | cut -f1)
+    rm -rf "$CACHE/pushed"
+    echo $((bytes / 1000000))
+}
+compressed=$(compressed_mb "$TAG")
+step "size: $((size / 1000000)) MB uncompressed, $compressed MB compressed"
+podman build --isolation chroot --format docker \
+    --build-arg BUILDER_IMAGE="$BUILDER_BASE" \
+    --build-arg RUNTIME_IMAGE="$RUNTIME_BASE" \
+    --build-arg MODELS=baked \
+    --build-arg CUDA_EXTRAS= \
+    -t "$TAG-slim" . >"$CACHE/build-slim.log" 2>&1 || { tail -30 "$CACHE/build-slim.log"; fail "podman build, slim"; }
+slim_size=$(podman image inspect --format '{{.Size}}' "$TAG-slim")
+slim_container=$(podman create "$TAG-slim")
+slim_mount=$(podman mount "$slim_container")
+cp handler/test_inputs/classify.json "$slim_mount/tmp/classify.json"
+chmod a+r "$slim_mount/tmp/classify.json"
+chroot --userspec="$user" "$slim_mount" /usr/bin/env -i "${image_env[@]}" HOME=/home/runpod \
+    runpod-worker test-input --file /tmp/classify.json >"$CACHE/slim-test-input.log" 2>&1 \
+    || { cat "$CACHE/slim-test-input.log"; fail "test-input in the slim image"; }
+podman umount "$slim_container" >/dev/null
+podman rm "$slim_container" >/dev/null
+slim_compressed=$(compressed_mb "$TAG-slim")
+podman rmi -f "$TAG-slim" >/dev/null
+step "slim (CUDA_EXTRAS=\"\"): $((slim_size / 1000000)) MB uncompressed, $slim_compressed MB compressed; its classify job ran"
+echo "image-test: OK ($TAG, $((size / 1000000)) MB uncompressed, $compressed MB compressed; slim $((slim_size / 1000000)) MB, $slim_compressed MB)"
