@@ -187,11 +187,13 @@ podman build --isolation chroot --format docker \
 slim_size=$(podman image inspect --format '{{.Size}}' "$TAG-slim")
 slim_container=$(podman create "$TAG-slim")
 slim_mount=$(podman mount "$slim_container")
+mount -t proc proc "$slim_mount/proc" 2>/dev/null || true
 cp handler/test_inputs/classify.json "$slim_mount/tmp/classify.json"
 chmod a+r "$slim_mount/tmp/classify.json"
 chroot --userspec="$user" "$slim_mount" /usr/bin/env -i "${image_env[@]}" HOME=/home/runpod \
     runpod-worker test-input --file /tmp/classify.json >"$CACHE/slim-test-input.log" 2>&1 \
     || { cat "$CACHE/slim-test-input.log"; fail "test-input in the slim image"; }
+umount "$slim_mount/proc" 2>/dev/null || true
 podman umount "$slim_container" >/dev/null
 podman rm "$slim_container" >/dev/null
 slim_compressed=$(compressed_mb "$TAG-slim")

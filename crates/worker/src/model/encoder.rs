@@ -81,7 +81,6 @@ impl Encoder {
     /// Loads `minilm.pt` and `tokenizer.json` from `dir` onto `device`, its batcher bounded by
     /// `limits`.
     pub fn load(dir: &Path, device: Device, limits: BatchLimits) -> Result<Self, LoadError> {
-        let module = load_module(&dir.join("minilm.pt"), device)?;
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
             return Err(LoadError::Missing(tokenizer_path));
@@ -90,8 +89,18 @@ impl Encoder {
             path: tokenizer_path.clone(),
             reason,
         };
-        let mut chunk_tokenizer =
-            Tokenizer::from_file(&tokenizer_path).map_err(|e| unreadable(e.to_string()))?;
+        // The tokenizer's JSON is read while libtorch loads the module: both are on the cold
+        // start's path, and neither needs the other.
+        let (module, tokenizer) = std::thread::scope(|scope| {
+            let tokenizer = scope.spawn(|| Tokenizer::from_file(&tokenizer_path));
+            let module = load_module(&dir.join("minilm.pt"), device);
+            let tokenizer = tokenizer
+                .join()
+                .unwrap_or_else(|_| Err("the tokenizer's loader panicked".into()));
+            (module, tokenizer)
+        });
+        let module = module?;
+        let mut chunk_tokenizer = tokenizer.map_err(|e| unreadable(e.to_string()))?;
         // The file pads every encoding to 128 tokens and truncates there: override both.
         chunk_tokenizer.with_padding(None);
         chunk_tokenizer
