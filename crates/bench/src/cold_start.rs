@@ -86,6 +86,31 @@ pub fn load_floor_ms(binary: &std::path::Path) -> Spread {
     Spread::of(&runs)
 }
 
+/// `binary mock-queue --port 0` from spawn to its `listening on` line, ms, over the repetitions.
+pub fn mock_listen_ms(binary: &std::path::Path) -> Spread {
+    use std::io::{BufRead, BufReader};
+    let runs: Vec<f64> = (0..REPS)
+        .filter_map(|_| {
+            let start = Instant::now();
+            let mut child = std::process::Command::new(binary)
+                .args(["mock-queue", "--port", "0"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()?;
+            let listening = BufReader::new(child.stdout.take()?)
+                .lines()
+                .map_while(Result::ok)
+                .any(|line| line.starts_with("listening on "));
+            let took = start.elapsed().as_secs_f64() * 1000.0;
+            let _ = child.kill();
+            let _ = child.wait();
+            listening.then_some(took)
+        })
+        .collect();
+    Spread::of(&runs)
+}
+
 /// Both workers' cold starts (repetitions alternate between them).
 pub async fn run(setup: &Setup, queue: &Queue) -> Result<[ColdStart; 2]> {
     let mut samples = [vec![], vec![]];

@@ -162,6 +162,11 @@ async fn compare(args: &CompareArgs, command: String) -> Result<PathBuf> {
     if wants("cold") {
         eprintln!("part 2: cold start");
         results.load_floor_ms = Some(super::cold_start::load_floor_ms(&binary));
+        let torch = binary.with_file_name("runpod-worker-torch");
+        if torch.exists() {
+            results.torch_floor_ms = Some(super::cold_start::load_floor_ms(&torch));
+        }
+        results.mock_listen_ms = Some(super::cold_start::mock_listen_ms(&binary));
         match super::cold_start::run(&setup, &queue).await {
             Ok(cold) => results.cold = Some(cold),
             Err(e) => results.failures.push(format!("cold start: {e:#}")),
