@@ -4,7 +4,7 @@
 //! Per worker, concurrency and job kind, after a warm-up (excluded):
 //! - throughput: the worker is stopped (SIGSTOP, its whole process tree), the queue is loaded
 //!   with the run's jobs, the worker is continued and the clock starts: the client cannot be the
-//!   bottleneck. Jobs/s is jobs over the time to the last result; slot utilisation is the jobs'
+//!   bottleneck. Jobs/s is jobs over the time until the queue counts them all completed; slot utilisation is the jobs'
 //!   time in a slot (the mock's take-to-done, summed) over slots × that time; CPU time is the
 //!   tree's user + system time over the run, per job.
 //! - latency: jobs offered open-loop at half the slower worker's median throughput (below
@@ -129,19 +129,30 @@ pub async fn throughput_run(
         .collect::<Vec<_>>()
         .await;
     let ids = submitted.into_iter().collect::<Result<Vec<_>>>();
+    let before = queue.completed(endpoint).await?;
     let cpu_before = procs::cpu_s(&pids);
     procs::signal(&pids, "CONT");
     let start = Instant::now();
     let ids = ids?;
-    // In submission order: each answer comes when that job is done, so the loop ends one round
-    // trip after the last result, whatever order the jobs finished in.
+    // The end is read from the queue's own count of completed jobs, polled: waiting on each
+    // job's status in turn would add one request per job to the mock while the worker runs
+    // (at 16 echo slots that capped the figure at a third of what the worker does).
+    let target = before + jobs as u64;
+    loop {
+        let completed = queue.completed(endpoint).await?;
+        if completed >= target {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = procs::cpu_s(&procs::tree(proc.pid())) - cpu_before;
+    // Each job's time in a slot, read once the clock has stopped.
     let mut busy_ms = 0.0;
     for id in &ids {
         let body = queue.settle(endpoint, id).await?;
         busy_ms += body["executionTime"].as_f64().unwrap_or(0.0);
     }
-    let wall = start.elapsed().as_secs_f64();
-    let cpu = procs::cpu_s(&procs::tree(proc.pid())) - cpu_before;
     Ok((
         jobs as f64 / wall,
         utilisation(busy_ms / 1000.0, slots, wall),

@@ -287,7 +287,7 @@ impl StartedWorker {
     pub async fn run_next_batch(&self) -> usize {
         let mut backoff = take::backoff_for(&self.worker);
         match take::take_once(&self.worker, &self.worker.stop_taking, &mut backoff).await {
-            take::Step::Took(handles, _) => {
+            take::Step::Took(handles, _, _) => {
                 let count = handles.len();
                 for handle in handles {
                     let _ = handle.await;

@@ -27,9 +27,10 @@ const MAX_TAKES_IN_FLIGHT: usize = 2;
 
 /// What one take did, once handled.
 pub(super) enum Step {
-    /// Jobs were taken and handed to their tasks (their handles); pause this long, if at all,
+    /// Jobs were taken and handed to their tasks (their handles); whether the queue sent all
+    /// that was asked (it has more: a next take may overlap); pause this long, if at all,
     /// before the next take.
-    Took(Vec<JoinHandle<()>>, Option<Duration>),
+    Took(Vec<JoinHandle<()>>, bool, Option<Duration>),
     /// Nothing taken (an error, a rate limit); pause this long.
     Pause(Duration),
     /// `shutdown` was cancelled.
@@ -117,7 +118,7 @@ fn handle(
                 .collect();
             let quick_and_empty = count == 0 && response.held < LONG_POLL_HELD;
             let pause = quick_and_empty.then(|| Duration::from_millis(queue.empty_poll_floor_ms));
-            Step::Took(handles, pause)
+            Step::Took(handles, count >= wanted, pause)
         }
         Err(QueueError::RateLimited) => {
             worker
@@ -160,7 +161,9 @@ pub(super) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
     let mut in_flight: InFlight<'_> = FuturesUnordered::new();
     // Jobs the takes in flight asked for: not yet here, but they will need slots.
     let mut asked = 0usize;
-    // The last answer brought jobs: a second take may overlap the first.
+    // The last answer brought all it asked for: the queue has a backlog, and a second take may
+    // overlap the first. (A partial answer means it has none: a second long-poll parked beside
+    // the first would only be woken with it for the next job.)
     let mut flowing = false;
     let mut paused_until: Option<tokio::time::Instant> = None;
     while !shutdown.is_cancelled() {
@@ -189,8 +192,8 @@ pub(super) async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
                 asked -= answered.0;
                 match handle(&worker, answered, started, &mut backoff) {
                     Step::Stopped => break,
-                    Step::Took(handles, pause) => {
-                        flowing = !handles.is_empty();
+                    Step::Took(_, full, pause) => {
+                        flowing = full;
                         paused_until = pause.map(|p| tokio::time::Instant::now() + p);
                     }
                     Step::Pause(pause) => {
