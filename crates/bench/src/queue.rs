@@ -271,8 +271,10 @@ impl Queue {
         }
     }
 
-    /// How many of the endpoint's jobs have completed (its `/health`).
-    pub async fn completed(&self, endpoint: &str) -> Result<u64> {
+    /// How many of the endpoint's jobs are queued or running (its `/health`): 0 once every
+    /// job submitted so far has ended. (The completed count is no clock: finished jobs leave
+    /// it as their retention runs out.)
+    pub async fn unfinished(&self, endpoint: &str) -> Result<u64> {
         let body: Value = self
             .http
             .get(format!("{}/v2/{endpoint}/health", self.base))
@@ -281,9 +283,12 @@ impl Queue {
             .await?
             .json()
             .await?;
-        body["jobs"]["completed"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("/health without jobs.completed: {body}"))
+        let count = |key: &str| {
+            body["jobs"][key]
+                .as_u64()
+                .ok_or_else(|| anyhow!("/health without jobs.{key}: {body}"))
+        };
+        Ok(count("inQueue")? + count("inProgress")?)
     }
 
     /// Submits a job and waits for its result in one request (`/runsync?wait=`).

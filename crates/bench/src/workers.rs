@@ -4,7 +4,7 @@
 //! Per worker, concurrency and job kind, after a warm-up (excluded):
 //! - throughput: the worker is stopped (SIGSTOP, its whole process tree), the queue is loaded
 //!   with the run's jobs, the worker is continued and the clock starts: the client cannot be the
-//!   bottleneck. Jobs/s is jobs over the time until the queue counts them all completed; slot utilisation is the jobs'
+//!   bottleneck. Jobs/s is jobs over the time until the queue holds none of them queued or running; slot utilisation is the jobs'
 //!   time in a slot (the mock's take-to-done, summed) over slots × that time; CPU time is the
 //!   tree's user + system time over the run, per job.
 //! - latency: jobs offered open-loop at half the slower worker's median throughput (below
@@ -129,7 +129,6 @@ pub async fn throughput_run(
         .collect::<Vec<_>>()
         .await;
     let ids = submitted.into_iter().collect::<Result<Vec<_>>>();
-    let before = queue.completed(endpoint).await?;
     let cpu_before = procs::cpu_s(&pids);
     procs::signal(&pids, "CONT");
     let start = Instant::now();
@@ -137,12 +136,7 @@ pub async fn throughput_run(
     // The end is read from the queue's own count of completed jobs, polled: waiting on each
     // job's status in turn would add one request per job to the mock while the worker runs
     // (at 16 echo slots that capped the figure at a third of what the worker does).
-    let target = before + jobs as u64;
-    loop {
-        let completed = queue.completed(endpoint).await?;
-        if completed >= target {
-            break;
-        }
+    while queue.unfinished(endpoint).await? > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let wall = start.elapsed().as_secs_f64();
