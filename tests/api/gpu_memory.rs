@@ -310,6 +310,17 @@ async fn two_worker_processes_on_one_gpu_never_exceed_its_budget_together() {
             .unwrap()
     };
     let (mut a, mut b) = (spawn("gpu-a"), spawn("gpu-b"));
+    // Both ready (each pings once ready) before any job: the jobs must be shared between
+    // them, and the SIGTERM at the end must reach workers that handle it, not ones still
+    // loading their libraries.
+    let both = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            let workers = &i.endpoints.get(EP)?.workers;
+            (workers.contains_key("gpu-a") && workers.contains_key("gpu-b")).then_some(())
+        })
+        .await;
+    assert!(both.is_some(), "both workers pinged");
     const JOBS: usize = 8;
     for i in 0..JOBS {
         mock.enqueue(

@@ -2,8 +2,9 @@
 //! that ends them.
 //!
 //! One rule runs through it: capacity is reserved before work is taken. The take loop asks
-//! the limits and memory how many jobs could start, takes at most that many, and gives each a
-//! global slot that is held until the job is answered. A job's life then reads top to bottom in
+//! the limits and memory how many jobs could start, takes at most that many (less what takes
+//! in flight asked for), and gives each a global slot, held until its work has stopped; its
+//! result then holds a place in the delivery budget until it is answered. A job's life then reads top to bottom in
 //! [`job`]: admit (slots, `admission::Admitter`), prepare (fetch and parse, CPU only), reserve
 //! (GPU memory), execute (model work), release (slot and memory, before the result is
 //! posted), report (deliver or spool), all under one cancel arm ([`Bounds`]); a [`HeldJob`]
