@@ -105,16 +105,6 @@ $(INFINITY_STAMP): bench/requirements-infinity.txt
 	@rm -f $(INFINITY_VENV)/.installed-*
 	@touch $@
 
-# Prints the admission, scheduling and model figures, then runs the worker against the official
-# SDK worker, the bare mock queue and infinity-emb, and rewrites BENCHMARKS.md and docs/bench.svg
-# (about 10 minutes on 2 cores). A failed infinity install is reported in BENCHMARKS.md.
-bench: build $(BASELINE)
-	./target/release/runpod-worker bench all
-	./target/release/runpod-worker bench models
-	-$(MAKE) --no-print-directory $(INFINITY_STAMP)
-	./target/release/runpod-worker bench compare --python $(PY) --infinity $(INFINITY_VENV)/bin/infinity_emb \
-		--baseline $(BASELINE)
-
 # The fast path is timed against a build of an earlier commit, side by side in the same run
 # (the machines are too noisy for figures from different runs): built once, from `git archive`,
 # in a target directory of its own (a full release build the first time).
@@ -125,6 +115,16 @@ $(BASELINE): | venv
 	git archive $(BASELINE_REF) | tar -x -C $(@D)/src
 	cd $(@D)/src && $(CARGO) build --release --locked --target-dir ../target --bin runpod-worker
 	cp $(@D)/target/release/runpod-worker $@
+
+# Prints the admission, scheduling and model figures, then runs the worker against the official
+# SDK worker, the bare mock queue and infinity-emb, and rewrites BENCHMARKS.md and docs/bench.svg
+# (about 10 minutes on 2 cores). A failed infinity install is reported in BENCHMARKS.md.
+bench: build $(BASELINE)
+	./target/release/runpod-worker bench all
+	./target/release/runpod-worker bench models
+	-$(MAKE) --no-print-directory $(INFINITY_STAMP)
+	./target/release/runpod-worker bench compare --python $(PY) --infinity $(INFINITY_VENV)/bin/infinity_emb \
+		--baseline $(BASELINE)
 
 clean:
 	$(CARGO) clean
