@@ -8,30 +8,17 @@ use std::os::unix::process::CommandExt as _;
 use clap::Parser;
 use runpod_worker::cli::Cli;
 use runpod_worker::commands;
-use worker::telemetry;
 
 fn main() {
     let cli = Cli::parse();
     if commands::needs_libtorch(&cli.command) {
         become_torch_binary();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let code = runtime.block_on(async {
-        telemetry::init(telemetry::LogFormat::from_env());
+    commands::run_to_exit(async {
         commands::run_without_libtorch(cli.command)
             .await
             .unwrap_or(2)
-    });
-    std::process::exit(code);
+    })
 }
 
 /// Replaces this process by `runpod-worker-torch` beside this executable, with the same

@@ -7,7 +7,6 @@ use clap::Parser;
 use runpod_worker::cli::Cli;
 use runpod_worker::commands;
 use worker::gpu::{cuda_runtime, identity};
-use worker::telemetry;
 
 fn main() {
     // Before any thread starts and before CUDA initialises: CUDA ordinals then follow the PCI
@@ -20,19 +19,5 @@ fn main() {
         );
     }
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let code = runtime.block_on(async {
-        telemetry::init(telemetry::LogFormat::from_env());
-        commands::run(cli.command).await
-    });
-    std::process::exit(code);
+    commands::run_to_exit(commands::run(cli.command))
 }

@@ -39,10 +39,10 @@ pub fn needs_libtorch(command: &Command) -> bool {
     )
 }
 
-/// Runs a command for which [`needs_libtorch`] is false; `None` for the others. Only what this
-/// calls is linked into `runpod-worker`, so nothing here may reach a model.
-pub async fn run_without_libtorch(command: Command) -> Option<i32> {
-    Some(match command {
+/// Runs a command for which [`needs_libtorch`] is false; the others are handed back. Only what
+/// this calls is linked into `runpod-worker`, so nothing here may reach a model.
+pub async fn run_without_libtorch(command: Command) -> Result<i32, Command> {
+    Ok(match command {
         Command::Health { config, url } => health(config.as_deref(), url.as_deref()).await,
         Command::MockQueue {
             host,
@@ -71,18 +71,36 @@ pub async fn run_without_libtorch(command: Command) -> Option<i32> {
             gpu_memory: Some(gpu_memory),
             gpus,
         } => check_plan(config.as_deref(), &gpu_memory, gpus),
-        _ => return None,
+        other => return Err(other),
     })
+}
+
+/// Runs `work` on a multi-threaded runtime with the log set up, and exits the process with its
+/// code (the `main` of both binaries).
+pub fn run_to_exit(work: impl std::future::Future<Output = i32>) -> ! {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async {
+        worker::telemetry::init(worker::telemetry::LogFormat::from_env());
+        work.await
+    });
+    std::process::exit(code);
 }
 
 /// Runs any command (in `runpod-worker-torch`).
 pub async fn run(command: Command) -> i32 {
-    if !needs_libtorch(&command) {
-        if let Some(code) = run_without_libtorch(command).await {
-            return code;
-        }
-        return 2;
-    }
+    let command = match run_without_libtorch(command).await {
+        Ok(code) => return code,
+        Err(command) => command,
+    };
     match command {
         Command::Serve { config, http_port } => serve(config.as_deref(), http_port).await,
         Command::Local {
@@ -122,6 +140,7 @@ pub async fn run(command: Command) -> i32 {
             gpu_check(args).await
         }
         Command::CheckConfig { config, .. } => check_config(config.as_deref()),
+        // Run by `run_without_libtorch` above.
         Command::Health { .. } | Command::MockQueue { .. } => 2,
     }
 }

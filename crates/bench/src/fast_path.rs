@@ -5,19 +5,17 @@
 //! CPU time per job is read from /proc for its whole process tree.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::json;
 
-use std::time::{Duration, Instant};
-
-use futures::stream::{self, StreamExt as _};
-use serde_json::Value;
-
-use super::procs;
 use super::queue::{start_worker, Proc, Queue, Setup, Worker};
 use super::stats::Spread;
-use super::workers::{latency_run, run_all};
+use super::workers::{latency_run, run_all, throughput_run};
+
+/// Longest one throughput run may take (past it the worker has died or hung).
+const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 /// Repetitions, alternating the builds.
 const REPS: usize = 5;
@@ -73,7 +71,10 @@ pub async fn run(setup: &Setup, baseline: Option<&Path>, queue: &Queue) -> Resul
         for rep in 0..REPS {
             eprintln!("  fast path c={concurrency} rep {}", rep + 1);
             for (i, (endpoint, proc)) in running.iter().enumerate() {
-                let (p, c) = throughput(queue, endpoint, proc, &echo, jobs).await?;
+                let run = throughput_run(queue, endpoint, proc, &echo, jobs, concurrency);
+                let (p, _, c) = tokio::time::timeout(RUN_LIMIT, run)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("{endpoint}: stalled"))??;
                 per_s[i].push(p);
                 cpu[i].push(c);
             }
@@ -103,42 +104,6 @@ pub async fn run(setup: &Setup, baseline: Option<&Path>, queue: &Queue) -> Resul
     eprintln!("  fast path: the queue's own ceiling at 16");
     let ceiling = super::ceiling::run(queue, 16).await?;
     Ok(render(&builds, &rows, &latency, &ceiling))
-}
-
-/// How often the end of a throughput run is checked.
-const POLL: Duration = Duration::from_millis(5);
-
-/// One throughput run: (jobs/s, worker CPU ms per job). The worker is stopped (SIGSTOP) while
-/// the queue is loaded, then continued and the clock starts; the end is read from the queue's
-/// own count of unfinished jobs, so the harness adds no request per job (at 16 slots, waiting on
-/// each job's status in turn capped what could be measured).
-async fn throughput(
-    queue: &Queue,
-    endpoint: &str,
-    proc: &Proc,
-    input: &Value,
-    jobs: usize,
-) -> Result<(f64, f64)> {
-    let pids = procs::tree(proc.pid());
-    procs::signal(&pids, "STOP");
-    let submitted = stream::iter(0..jobs)
-        .map(|_| queue.submit(endpoint, input))
-        .buffered(8)
-        .collect::<Vec<_>>()
-        .await;
-    let cpu_before = procs::cpu_s(&pids);
-    procs::signal(&pids, "CONT");
-    let start = Instant::now();
-    submitted.into_iter().collect::<Result<Vec<_>>>()?;
-    while queue.unfinished(endpoint).await? > 0 {
-        if start.elapsed() > Duration::from_secs(120) {
-            anyhow::bail!("{endpoint}: the jobs did not complete in 120 s");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    let wall = start.elapsed().as_secs_f64();
-    let cpu = procs::cpu_s(&procs::tree(proc.pid())) - cpu_before;
-    Ok((jobs as f64 / wall, cpu * 1000.0 / jobs as f64))
 }
 
 fn render(
