@@ -16,7 +16,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve jobs from the queue named by the RUNPOD_* environment (production).
+    /// Serve jobs from the queue named by the RUNPOD_* environment (production); or, with
+    /// --load-balancing, or with PORT set and no queue named, serve requests on PORT.
     Serve {
         /// Config file (default: $RUNPOD_WORKER_CONFIG, else ./runpod.toml, else built-in defaults).
         #[arg(long)]
@@ -24,6 +25,10 @@ pub enum Command {
         /// Port of /health, /ready and /metrics (overrides [server] port; 0 picks a free one).
         #[arg(long)]
         http_port: Option<u16>,
+        /// Load-balancing mode: requests come to POST /runsync, /stream and /v1/embeddings on
+        /// $PORT (default 80), the ping to $HEALTH_CHECK_PATH (/ping) on $PORT_HEALTH (80).
+        #[arg(long)]
+        load_balancing: bool,
     },
     /// Probe a running worker's /ready (a container HEALTHCHECK): exit 0 when it is ready.
     Health {

@@ -1,10 +1,11 @@
 //! `health`: a probe for a container's `HEALTHCHECK`, so the image needs no curl. It asks the
-//! worker's `/ready` where the config says the worker listens.
+//! worker's `/ready` where the config says the worker listens (on `PORT` in load-balancing mode).
 
 use std::path::Path;
 use std::time::Duration;
 
 use worker::config::{Config, ServerConfig};
+use worker::load_balancing;
 
 /// How long the probe waits for an answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -23,8 +24,21 @@ pub fn ready_url(server: &ServerConfig) -> String {
 
 /// Exit 0 when `/ready` answers 200, 1 otherwise (saying why on stderr).
 pub async fn health(config_path: Option<&Path>, url: Option<&str>) -> i32 {
+    let env = |name: &str| std::env::var(name).ok();
     let url = match url {
         Some(url) => url.to_owned(),
+        // A load-balancing worker serves `/ready` on `PORT`.
+        None if load_balancing::chosen_by(env) => match load_balancing::Ports::from_vars(env) {
+            Ok(ports) => ready_url(&ServerConfig {
+                host: ports.host,
+                port: ports.port,
+                ..ServerConfig::default()
+            }),
+            Err(e) => {
+                eprintln!("{e}");
+                return 1;
+            }
+        },
         None => match Config::load(config_path) {
             Ok((config, _)) => ready_url(&config.server),
             Err(e) => {
@@ -72,6 +86,7 @@ mod tests {
             ready_url(&ServerConfig {
                 host: host.into(),
                 port: 8080,
+                ..ServerConfig::default()
             })
         };
         assert_eq!(at("0.0.0.0"), "http://127.0.0.1:8080/ready");

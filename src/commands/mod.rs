@@ -5,6 +5,7 @@ use crate::cli::Command;
 mod check_config;
 mod gpu_check;
 mod health;
+mod load_balancing;
 mod local;
 mod mock;
 mod serve;
@@ -102,7 +103,18 @@ pub async fn run(command: Command) -> i32 {
         Err(command) => command,
     };
     match command {
-        Command::Serve { config, http_port } => serve(config.as_deref(), http_port).await,
+        Command::Serve {
+            config,
+            load_balancing,
+            ..
+        } if load_balancing
+            || worker::load_balancing::chosen_by(|name| std::env::var(name).ok()) =>
+        {
+            load_balancing::serve_requests(config.as_deref()).await
+        }
+        Command::Serve {
+            config, http_port, ..
+        } => serve(config.as_deref(), http_port).await,
         Command::Local {
             port,
             config,

@@ -20,6 +20,7 @@ use super::jobs::JobState;
 use super::state::{MockState, Route};
 use super::submit::{submit, Via};
 use runpod_protocol::limits::MAX_RUNSYNC_BODY;
+use runpod_protocol::openai;
 
 /// How long a request waits for its job (`/runsync`'s default).
 const WAIT: Duration = Duration::from_secs(90);
@@ -36,10 +37,7 @@ pub(super) fn routes(state: &Arc<MockState>) -> Router<Arc<MockState>> {
 
 /// OpenAI's error object, with `status`.
 fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
-    let body = json!({
-        "error": { "message": message, "type": kind, "param": null, "code": code }
-    });
-    (status, Json(body)).into_response()
+    (status, Json(openai::error_object(kind, code, message))).into_response()
 }
 
 async fn forward(
@@ -101,42 +99,15 @@ async fn forward(
 
 /// A failed job's error result (`error_type`, `error`, `retry_after`) in OpenAI's terms.
 fn failed(output: &Value) -> Response {
-    let message = output["error"].as_str().unwrap_or("the job failed");
-    let error_type = output["error_type"].as_str().unwrap_or("Internal");
-    match error_type {
-        // A route the worker does not serve: OpenAI answers those 404, with this wording.
-        "InvalidInput" if message.starts_with("Invalid URL (") => openai_error(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            error_type,
-            message,
-        ),
-        "InvalidInput" => openai_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            error_type,
-            message,
-        ),
-        "InsufficientGPUMemory" => {
-            let after = output["retry_after"].as_u64().unwrap_or(1).to_string();
-            let mut response = openai_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                error_type,
-                message,
-            );
-            if let Ok(value) = after.parse() {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
-            response
-        }
-        _ => openai_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            error_type,
-            message,
-        ),
+    let (status, body, retry_after) = openai::failed_reply(output);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Json(body)).into_response();
+    if let Some(after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(after));
     }
+    response
 }
 
 #[cfg(test)]

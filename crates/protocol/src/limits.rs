@@ -21,3 +21,10 @@ pub const MAX_RESULT_BODY: usize = 20 * 1_000_000;
 
 /// The largest `/job-stream` body the queue accepts.
 pub const MAX_STREAM_CHUNK: usize = 1_000_000;
+
+/// The largest request body a load-balancing endpoint's worker accepts.
+pub const MAX_LOAD_BALANCER_BODY: usize = 30 * 1_000_000;
+
+/// How long the platform's load balancer waits for a worker's answer: a request's deadline
+/// when its `policy.executionTimeout` sets a shorter one.
+pub const LOAD_BALANCER_REQUEST_TIMEOUT: Duration = Duration::from_millis(330_000);

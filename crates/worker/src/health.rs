@@ -274,18 +274,34 @@ async fn ready(State(slot): State<WorkerSlot>) -> impl IntoResponse {
     }
 }
 
+/// The ping alone, at `path` (a load-balancing endpoint's `HEALTH_CHECK_PATH`).
+pub fn ping_route(slot: WorkerSlot, path: &str) -> Router {
+    Router::new().route(path, get(ping)).with_state(slot)
+}
+
 /// The platform's load-balancing probe: 200 ready, 204 initializing, anything else unhealthy,
 /// so one probe serves queue and load-balancing endpoints alike. Draining is not healthy: a
-/// balancer must send nothing more.
+/// balancer must send nothing more. A 503 says why.
 async fn ping(State(slot): State<WorkerSlot>) -> Response {
     let phase = slot
         .get()
         .map_or(Phase::Starting, |worker| worker.phase.get());
+    let unavailable = |status: &str, reason: &str| {
+        let body = json!({ "status": status, "reason": reason });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    };
     match phase {
         Phase::Ready => (StatusCode::OK, Json(json!({ "status": "healthy" }))).into_response(),
         Phase::Starting => StatusCode::NO_CONTENT.into_response(),
-        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response(),
-        Phase::Unhealthy => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy").into_response(),
+        Phase::Draining => unavailable(
+            "draining",
+            "shutting down: finishing the requests in flight, taking no new ones",
+        ),
+        Phase::Unhealthy => unavailable(
+            "unhealthy",
+            "the GPU failed (out-of-memory errors kept repeating, or the device was lost): \
+             draining to be replaced",
+        ),
     }
 }
 

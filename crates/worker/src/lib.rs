@@ -16,6 +16,10 @@
 //!   release → report, in `runner::job`, under one cancel arm, `runner::Bounds`, with a
 //!   `HeldJob` guard on the heartbeat board), the take loop, heartbeat, stop channel, start-up,
 //!   background tasks and the drain.
+//! - [`load_balancing`]: load-balancing mode, where requests come to the worker's own HTTP
+//!   server (`/runsync`, `/stream`, OpenAI's `/v1/*`) and run as jobs through the runner's
+//!   `Submitter`, under the same admission; `429` with `Retry-After` where the queue mode answers
+//!   the retry signal.
 //! - [`observed`]: the state the runner shares with its readers (phase, counters, recent jobs).
 //! - [`health`] and [`metrics`]: `/health`, `/ready`, `/ping`, `/metrics`, reading
 //!   [`observed::Observed`] (they know nothing of the runner).
@@ -30,6 +34,7 @@ pub mod config;
 pub mod gpu;
 pub mod handlers;
 pub mod health;
+pub mod load_balancing;
 pub mod metrics;
 pub mod model;
 pub mod observed;

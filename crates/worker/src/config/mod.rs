@@ -236,6 +236,9 @@ pub struct ServerConfig {
     pub host: String,
     /// Port; 0 picks a free one (printed as `listening on http://HOST:PORT`).
     pub port: u16,
+    /// Load-balancing mode: requests that may wait for a slot beyond those running
+    /// (`[handler] max_concurrency`); past them a request is refused at once (429).
+    pub max_waiting: usize,
 }
 
 impl Default for ServerConfig {
@@ -243,6 +246,7 @@ impl Default for ServerConfig {
         Self {
             host: "127.0.0.1".to_owned(),
             port: 8080,
+            max_waiting: 64,
         }
     }
 }

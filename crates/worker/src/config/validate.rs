@@ -138,6 +138,12 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         });
     }
 
+    check(
+        "server.max_waiting",
+        config.server.max_waiting as u64,
+        0,
+        100_000,
+    )?;
     let host = config.server.host.trim();
     if host != "localhost" && host.parse::<std::net::IpAddr>().is_err() {
         return Err(ConfigError::OutOfRange {

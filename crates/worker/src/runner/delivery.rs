@@ -25,6 +25,10 @@ pub(super) async fn answer(
     result: Result<Value, JobError>,
     streamed: bool,
 ) {
+    if worker.direct.holds(job_id) {
+        answer_request(worker, job_id, ran_by, result);
+        return;
+    }
     // A worker that must be replaced says so with its last result, once it has drained: the
     // platform may stop it as soon as it reads `stopPod`.
     let leaving = worker.lessons.device_tripped() || worker.recycler.requested();
@@ -87,6 +91,31 @@ pub(super) async fn answer(
         }
         Err(error) => spool(worker, job_id, body, streamed, &error).await,
     }
+}
+
+/// Answers a request's job (load-balancing mode) to the request waiting for it: no queue, no
+/// size limit of the queue's, nothing to deliver or spool.
+fn answer_request(
+    worker: &Worker,
+    job_id: &str,
+    ran_by: Option<&str>,
+    result: Result<Value, JobError>,
+) {
+    worker.record(JobEvent::Answered {
+        job_id,
+        ran_by,
+        result: &result,
+    });
+    if let Err(e) = &result {
+        tracing::warn!(
+            job_id,
+            "request failed: {} ({})",
+            e.message,
+            e.error_type.as_str()
+        );
+    }
+    // Its client may have gone meanwhile (then nobody waits, and nothing is lost).
+    let _ = worker.direct.answer(job_id, result);
 }
 
 /// Keeps a result the queue would not take in time, to be re-sent at the next start.

@@ -158,6 +158,7 @@ async fn run(
     };
     let active = permit.active_at_start();
     worker.record(JobEvent::Started { job_id: &job.id });
+    worker.direct.started(&job.id);
 
     // The job's time counts from here. The queue counts `policy.executionTimeout` from the
     // take: what is left of it, so our own `Timeout` arrives before the queue gives up.
@@ -166,7 +167,11 @@ async fn run(
         job.policy_execution_timeout(),
         taken_at.elapsed(),
     );
-    let sink = Arc::new(QueueSink(worker.client.clone()));
+    // A request's job (load-balancing mode) streams back to its request, a taken job to the queue.
+    let sink = worker
+        .direct
+        .sink(&job.id)
+        .unwrap_or_else(|| Arc::new(QueueSink(worker.client.clone())));
     let mut ctx = JobContext::new(job.id.clone(), input, sink, worker.job_settings);
     let stages = Stages {
         worker: &worker,
@@ -351,6 +356,11 @@ fn interrupted() -> JobError {
 }
 
 fn finish_cancelled(worker: &Worker, job_id: &str) {
+    let request = worker.direct.forget(job_id);
     worker.record(JobEvent::Cancelled { job_id });
-    tracing::info!(job_id, "job stopped by the queue; no result posted");
+    if request {
+        tracing::info!(job_id, "request stopped: its client went away");
+    } else {
+        tracing::info!(job_id, "job stopped by the queue; no result posted");
+    }
 }

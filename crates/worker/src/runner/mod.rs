@@ -14,6 +14,7 @@
 mod background;
 mod board;
 mod delivery;
+mod direct;
 mod drain;
 mod execute;
 pub mod fitness;
@@ -42,6 +43,7 @@ use crate::observed::{Observed, Phase, WorkerSlot};
 use crate::queue::{QueueClient, QueueEndpoints, Spool};
 
 pub use board::{HeldJob, JobBoard};
+pub use direct::{DirectAnswer, NotTaken, PendingJob, Submitter};
 pub use execute::{execute, prepare, run, Bounds, Deadline, Execution, LimitSource};
 pub use fitness::Fitness;
 
@@ -109,6 +111,8 @@ pub struct Worker {
     pub(crate) recycler: recycle::Recycler,
     /// Results being posted: bounded apart from the job slots (see [`in_delivery`]).
     pub(crate) delivery: in_delivery::DeliveryBudget,
+    /// The requests in flight in load-balancing mode, answered to their clients (see [`direct`]).
+    pub(crate) direct: direct::DirectReplies,
 }
 
 impl std::ops::Deref for Worker {
@@ -184,12 +188,36 @@ pub struct StartedWorker {
     /// Ends the heartbeat, the stop channel and the HTTP server.
     finished: CancellationToken,
     http: tokio::task::JoinHandle<()>,
-    heartbeat: std::thread::JoinHandle<()>,
-    stop_loop: tokio::task::JoinHandle<()>,
+    /// The queue's heartbeat and stop channel (none in load-balancing mode).
+    heartbeat: Option<std::thread::JoinHandle<()>>,
+    stop_loop: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Where a worker's jobs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobSource {
+    /// Taken from the queue, which is pinged, polled for stops and sent the spooled results.
+    Queue,
+    /// HTTP requests (load-balancing mode): no queue is ever contacted.
+    Requests,
 }
 
 /// Starts a worker; `None` if `setup.shutdown` came while it was starting (it took nothing).
 pub async fn start_worker(setup: WorkerSetup) -> Result<Option<StartedWorker>, StartupError> {
+    start(setup, JobSource::Queue).await
+}
+
+/// Starts a worker that serves HTTP requests (load-balancing mode) through
+/// [`StartedWorker::submitter`] instead of taking jobs from a queue: `setup.endpoints` is never
+/// contacted. `None` if `setup.shutdown` came while it was starting.
+pub async fn start_for_requests(setup: WorkerSetup) -> Result<Option<StartedWorker>, StartupError> {
+    start(setup, JobSource::Requests).await
+}
+
+async fn start(
+    setup: WorkerSetup,
+    source: JobSource,
+) -> Result<Option<StartedWorker>, StartupError> {
     let WorkerSetup {
         config,
         endpoints,
@@ -259,19 +287,24 @@ pub async fn start_worker(setup: WorkerSetup) -> Result<Option<StartedWorker>, S
         interval,
         finished.clone(),
     ));
-    let heartbeat = match heartbeat::spawn(&worker, finished.clone()) {
-        Ok(heartbeat) => heartbeat,
-        Err(reason) => {
-            finished.cancel();
-            let _ = http.await;
-            return Err(StartupError {
-                check: "heartbeat",
-                reason,
-            });
-        }
+    let (heartbeat, stop_loop) = if source == JobSource::Queue {
+        let heartbeat = match heartbeat::spawn(&worker, finished.clone()) {
+            Ok(heartbeat) => heartbeat,
+            Err(reason) => {
+                finished.cancel();
+                let _ = http.await;
+                return Err(StartupError {
+                    check: "heartbeat",
+                    reason,
+                });
+            }
+        };
+        let stop_loop = tokio::spawn(stop::run(worker.clone(), finished.clone()));
+        tokio::spawn(background::resend_spooled(worker.clone()));
+        (Some(heartbeat), Some(stop_loop))
+    } else {
+        (None, None)
     };
-    let stop_loop = tokio::spawn(stop::run(worker.clone(), finished.clone()));
-    tokio::spawn(background::resend_spooled(worker.clone()));
     worker.phase.set(Phase::Ready);
     Ok(Some(StartedWorker {
         worker,
@@ -306,6 +339,27 @@ impl StartedWorker {
 
     /// Takes jobs until shutdown (or until the worker must be replaced), drains, and stops.
     pub async fn run(self) -> WorkerExit {
+        take::run(self.worker.clone(), self.worker.stop_taking.clone()).await;
+        self.stop().await
+    }
+
+    /// Submits HTTP requests as jobs (load-balancing mode), while the worker takes them.
+    pub fn submitter(&self) -> Submitter {
+        Submitter {
+            worker: self.worker.clone(),
+        }
+    }
+
+    /// Serves requests through [`StartedWorker::submitter`] until shutdown (or until the worker
+    /// must be replaced): from then on new requests are refused, and the ones in flight finish
+    /// within the drain's grace before it stops.
+    pub async fn serve_requests(self) -> WorkerExit {
+        self.worker.stop_taking.cancelled().await;
+        self.stop().await
+    }
+
+    /// No job can arrive any more: drain, say goodbye to the queue, stop.
+    async fn stop(self) -> WorkerExit {
         let StartedWorker {
             worker,
             finished,
@@ -313,11 +367,10 @@ impl StartedWorker {
             heartbeat,
             stop_loop,
         } = self;
-        take::run(worker.clone(), worker.stop_taking.clone()).await;
         worker.take_loop_ended.cancel();
         drain::drain(&worker).await;
         let replaced = worker.lessons.device_tripped();
-        if replaced {
+        if replaced && heartbeat.is_some() {
             // Also said through the heartbeat URL, the SDK's channel for an unhealthy worker, in
             // case no result was left to carry `stopPod`.
             let reason = "GPU failures: drained, asking to be replaced";
@@ -326,9 +379,13 @@ impl StartedWorker {
             }
         }
         finished.cancel();
-        let _ = stop_loop.await;
+        if let Some(stop_loop) = stop_loop {
+            let _ = stop_loop.await;
+        }
         let _ = http.await;
-        let _ = tokio::task::spawn_blocking(move || heartbeat.join()).await;
+        if let Some(heartbeat) = heartbeat {
+            let _ = tokio::task::spawn_blocking(move || heartbeat.join()).await;
+        }
         tracing::info!("all taken jobs answered; worker stopped");
         if replaced {
             WorkerExit::Replaced

@@ -197,6 +197,7 @@ pub(super) async fn build_worker(
             result_bytes_in_delivery,
             observed.limits.clone(),
         ),
+        direct: Default::default(),
         observed,
     });
     Ok(worker)
