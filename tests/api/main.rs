@@ -19,6 +19,7 @@ mod job_ids;
 mod libraries;
 mod lifecycle;
 mod limits;
+mod load_balancing;
 mod logs;
 mod loose_ends;
 mod mock_api;
