@@ -102,8 +102,8 @@ pub enum Command {
     /// Print benchmark figures: admission cost, scheduling simulation; `compare` runs the
     /// worker against the official SDK worker and infinity-emb and writes BENCHMARKS.md.
     Bench {
-        /// `admission`, `schedule`, `models`, `batching`, `fastpath`, `compare` or `all`
-        /// (admission and schedule).
+        /// `admission`, `schedule`, `models`, `batching`, `fastpath`, `load-balancing`, `compare`
+        /// or `all` (admission and schedule).
         #[arg(default_value = "all")]
         which: String,
         /// Options of `bench compare`.
@@ -169,11 +169,12 @@ pub struct CompareFlags {
     /// The plot to write (SVG).
     #[arg(long, default_value = "docs/bench.svg")]
     pub plot: PathBuf,
-    /// Parts to run, comma-separated: workers, ceiling, cold, embeddings, batching, fastpath.
+    /// Parts to run, comma-separated: workers, ceiling, cold, embeddings, batching, fastpath,
+    /// load-balancing.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "workers,ceiling,cold,embeddings,batching,fastpath"
+        default_value = "workers,ceiling,cold,embeddings,batching,fastpath,load-balancing"
     )]
     pub parts: Vec<String>,
     /// A `runpod-worker` built from an earlier commit: the fast path is timed against it, side

@@ -188,6 +188,7 @@ pub fn bench(which: &str, compare: bench::compare::CompareArgs) -> i32 {
             return on_runtime(bench::compare::run(&compare, command));
         }
         "fastpath" => return on_runtime(bench::compare::fast_path_only(&compare)),
+        "load-balancing" => return on_runtime(bench::compare::load_balancing_only()),
         "admission" => print!("{}", bench::admission::run()),
         "schedule" => print!("{}", bench::schedule::run()),
         "models" => {
@@ -203,7 +204,7 @@ pub fn bench(which: &str, compare: bench::compare::CompareArgs) -> i32 {
         }
         "all" => print!("{}\n{}", bench::admission::run(), bench::schedule::run()),
         other => {
-            eprintln!("unknown benchmark {other:?}: admission, schedule, models, batching, fastpath, compare or all");
+            eprintln!("unknown benchmark {other:?}: admission, schedule, models, batching, fastpath, load-balancing, compare or all");
             return 2;
         }
     }

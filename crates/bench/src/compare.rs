@@ -25,7 +25,7 @@ pub struct CompareArgs {
     pub out: PathBuf,
     /// The plot to write (an SVG), beside `out` or below it.
     pub plot: PathBuf,
-    /// Parts to run: workers, ceiling, cold, embeddings, batching, fastpath.
+    /// Parts to run: workers, ceiling, cold, embeddings, batching, fastpath, load-balancing.
     pub parts: Vec<String>,
     /// A build of an earlier commit, for the fast path's side by side.
     pub baseline: Option<PathBuf>,
@@ -91,6 +91,21 @@ fn front_binary() -> Result<PathBuf> {
     let this = std::env::current_exe().context("this binary")?;
     let front = this.with_file_name("runpod-worker");
     Ok(if front.exists() { front } else { this })
+}
+
+/// `bench load-balancing`: part 7 alone, printed; the exit code.
+pub async fn load_balancing_only() -> i32 {
+    let run = async { super::load_balancing::run(&front_binary()?).await };
+    match run.await {
+        Ok(table) => {
+            print!("{table}");
+            0
+        }
+        Err(e) => {
+            eprintln!("bench load-balancing: {e:#}");
+            1
+        }
+    }
 }
 
 /// `bench fastpath`: part 6 alone, printed; the exit code.
@@ -187,6 +202,13 @@ async fn compare(args: &CompareArgs, command: String) -> Result<PathBuf> {
             None => results
                 .failures
                 .push("batching: a job failed or the models are missing".to_owned()),
+        }
+    }
+    if wants("load-balancing") {
+        eprintln!("part 7: embeddings through a load-balancing worker against the queue");
+        match super::load_balancing::run(&binary).await {
+            Ok(table) => results.load_balancing = Some(table),
+            Err(e) => results.failures.push(format!("load balancing: {e:#}")),
         }
     }
     if wants("fastpath") {

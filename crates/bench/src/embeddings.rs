@@ -153,7 +153,7 @@ impl Server {
 }
 
 /// Waits until `url` answers 200 (at most `limit`).
-async fn wait_ready(http: &reqwest::Client, url: &str, limit: Duration) -> Result<()> {
+pub(crate) async fn wait_ready(http: &reqwest::Client, url: &str, limit: Duration) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(reply) = http
@@ -172,7 +172,7 @@ async fn wait_ready(http: &reqwest::Client, url: &str, limit: Duration) -> Resul
 }
 
 /// Starts `runpod-worker local` on free ports with `config` (default: the shipped runpod.toml).
-fn start_local(binary: &Path, config: Option<&Path>) -> Result<(Proc, String)> {
+pub(crate) fn start_local(binary: &Path, config: Option<&Path>) -> Result<(Proc, String)> {
     let mut command = Command::new(binary);
     command.args(["local", "--port", "0", "--http-port", "0"]);
     if let Some(config) = config {
@@ -231,7 +231,7 @@ fn start_infinity(infinity: &Path, model_dir: &Path, port: u16, log: &Path) -> R
     Ok(Proc { child })
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -15,6 +15,7 @@ pub mod cold_start;
 pub mod compare;
 pub mod embeddings;
 pub mod fast_path;
+pub mod load_balancing;
 pub mod models;
 pub mod plot;
 pub mod procs;

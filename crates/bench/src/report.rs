@@ -44,6 +44,8 @@ pub struct Results {
     pub analysis: String,
     /// Part 6: the fast path against the baseline build (a markdown table).
     pub fast_path: Option<String>,
+    /// Part 7: embeddings through a load-balancing worker against the queue (a markdown table).
+    pub load_balancing: Option<String>,
 }
 
 /// "median (min–max)" with `digits` decimals.
@@ -471,6 +473,15 @@ pub fn render(results: &Results) -> String {
                 fastpath`). Latency: `/runsync` round trips offered at a steady low rate to the \
                 concurrency-16 workers. Targets: at 16, at least 80% of the queue's ceiling; at 1, \
                 at least 2x the baseline with less CPU per job; p99 under 1 ms.\n\n";
+        out += table;
+        out += "\n";
+    }
+    if let Some(table) = &results.load_balancing {
+        out += "## Load-balancing mode against the queue\n\n";
+        out += "One text per `/v1/embeddings` request, closed-loop clients: through the queue \
+                (`local`'s OpenAI route: queued, taken, run, posted back) and straight to a \
+                `serve --load-balancing` worker, both on this machine with the shipped \
+                `runpod.toml` (`runpod-worker bench load-balancing`).\n\n";
         out += table;
         out += "\n";
     }
