@@ -63,6 +63,8 @@ COPY --from=libraries /stage/site-packages /opt/runpod-worker/site-packages
 COPY --from=builder /stage/bin/ /usr/local/bin/
 COPY --from=builder /stage/models /opt/runpod-worker/models
 COPY image/runpod-volume.toml image/runpod-baked.toml /etc/runpod-worker/
+# The seed's profiles (the Hub listing's presets choose one with RUNPOD_WORKER_CONFIG).
+COPY config/ /etc/runpod-worker/profiles/
 USER 10001:10001
 WORKDIR /home/runpod
 EXPOSE 8080

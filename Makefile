@@ -57,6 +57,7 @@ test: lint chromium
 	$(PY) tests/interop/sdk_worker.py target/debug/runpod-worker
 	$(PY) tests/interop/openai_client.py target/debug/runpod-worker
 	$(PY) tests/interop/retry_example.py target/debug/runpod-worker
+	$(PY) tests/hub/check_hub.py target/debug/runpod-worker
 	npm ci --prefix tests/interop/js --silent --no-audit --no-fund && node tests/interop/js/sdk_client.mjs target/debug/runpod-worker
 	target/debug/runpod-worker gpu-check --simulate 24GB
 	@cat target/test-times.txt
