@@ -540,3 +540,37 @@ fn serve_with_port_and_no_queue_chooses_load_balancing_mode() {
     let _ = child.wait();
     assert!(line.is_some_and(|l| l.contains(&port)), "{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_stops_its_job_and_frees_its_slot() {
+    let worker = LbWorker::spawn(Path::new(ECHO_CONFIG), &[]);
+    worker.ready().await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(worker.url("/runsync"))
+        .json(&json!({"input": {"task": "echo", "sleep_ms": 10_000}}))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up first");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let health: Value = reqwest::get(worker.url("/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["jobs"]["cancelled"] == 1 {
+            assert_eq!(health["handlers"]["echo"]["active"], 0, "{health}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job ran on after its client left: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
