@@ -43,6 +43,28 @@ impl ErrorType {
     }
 }
 
+/// `retry_after` of a job that failed because the worker's file descriptors were spent.
+const FILE_DESCRIPTORS_RETRY_AFTER_S: u64 = 5;
+
+/// Whether `error`, or an error it wraps, is the process running out of file descriptors
+/// (`EMFILE`, or the system's `ENFILE`).
+pub fn is_out_of_file_descriptors(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(EMFILE | ENFILE)) {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// Linux's "too many open files" (per process) and "file table overflow" (system-wide).
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
 /// A failed job, as its submitter sees it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{error_type:?}: {message}")]
@@ -90,6 +112,18 @@ impl JobError {
     /// Something inside the worker failed.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorType::Internal, message)
+    }
+
+    /// The worker ran out of file descriptors doing `what` (a flood of connections, say): its
+    /// own trouble, not the job's input, and over once they are given back.
+    pub fn out_of_file_descriptors(what: &str) -> Self {
+        Self {
+            retry_after: Some(FILE_DESCRIPTORS_RETRY_AFTER_S),
+            ..Self::internal(format!(
+                "{what}: the worker has too many open files (its file descriptors are spent); \
+                 retry shortly"
+            ))
+        }
     }
 
     /// The seed's retry signal: GPU memory is short now, retry after `retry_after_s`.

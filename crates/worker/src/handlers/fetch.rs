@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use docparse::wire::Encoding;
 
-use crate::outcome::JobError;
+use crate::outcome::{is_out_of_file_descriptors, JobError};
 pub use runpod_protocol::address::is_internal;
 
 /// Limits on fetching.
@@ -67,7 +67,13 @@ pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError>
             policy.timeout.as_secs()
         ))
     })?
-    .map_err(|_| invalid(format!("cannot resolve the URL's host {host}")))?
+    .map_err(|e| {
+        if is_out_of_file_descriptors(&e) {
+            JobError::out_of_file_descriptors("the URL's host could not be resolved")
+        } else {
+            invalid(format!("cannot resolve the URL's host {host}"))
+        }
+    })?
     .collect();
     if addresses.is_empty() {
         return Err(invalid(format!("cannot resolve the URL's host {host}")));
@@ -100,7 +106,9 @@ pub async fn fetch(url: &str, policy: &FetchPolicy) -> Result<Fetched, JobError>
         .await
         .map_err(|_| too_slow())?;
     let mut response = sent.map_err(|e| {
-        if e.is_timeout() {
+        if is_out_of_file_descriptors(&e) {
+            JobError::out_of_file_descriptors("the URL could not be fetched")
+        } else if e.is_timeout() {
             invalid(format!(
                 "the URL did not answer within {} s",
                 policy.timeout.as_secs()

@@ -279,7 +279,11 @@ impl ParserPool {
                     "cannot start the document parser {}: {e}",
                     self.exe.display()
                 );
-                JobError::internal("the document parser could not be started")
+                if crate::outcome::is_out_of_file_descriptors(&e) {
+                    JobError::out_of_file_descriptors("the document parser could not be started")
+                } else {
+                    JobError::internal("the document parser could not be started")
+                }
             })?;
         self.started.fetch_add(1, Ordering::Relaxed);
         let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
