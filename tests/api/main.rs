@@ -8,6 +8,7 @@ mod local_process;
 mod bad_input;
 mod bodies;
 mod chaos;
+mod connection_flood;
 mod console;
 mod faults;
 mod gpu_memory;
