@@ -139,6 +139,9 @@ pub fn test_config() -> Config {
         backoff_max_ms = 1000
         rate_limited_wait_s = 1
         delivery_retry_s = 2
+        # A stopped test worker abandons its idle long-poll at once (the grace for an answer
+        # on its way has its own test, in shutdown.rs, on the real binary).
+        take_answer_grace_ms = 0
         [handlers.echo]
         max_concurrency = 4
         device = "cpu"

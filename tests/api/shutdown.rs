@@ -201,3 +201,60 @@ async fn sigterm_while_the_models_load_exits_at_once() {
         "it never became ready: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_answer_on_its_way_at_sigterm_is_read_and_its_jobs_answered() {
+    let mock = spawn_mock(Duration::from_secs(2));
+    let mut child = worker_command(&mock.base_url(), "arriving")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pinged = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            i.endpoints
+                .get(EP)?
+                .workers
+                .contains_key("arriving")
+                .then_some(())
+        })
+        .await;
+    assert!(pinged.is_some(), "the worker is ready");
+    // The queue takes the jobs for the worker at once, but its answer (four 1 MB jobs) is
+    // still on its way when SIGTERM comes: the worker must read it and answer them.
+    mock.state()
+        .set_answer_delay(mock_queue::Route::Take, Some(Duration::from_millis(300)));
+    let pad = "x".repeat(1_000_000);
+    let ids: Vec<String> = (0..4).map(|i| format!("arriving-{i}")).collect();
+    for id in &ids {
+        mock.enqueue(EP, json!({"id": id, "input": {"task": "echo", "pad": pad}}));
+    }
+    let taken = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            let jobs = &i.endpoints.get(EP)?.jobs;
+            ids.iter()
+                .all(|id| {
+                    jobs.get(id)
+                        .is_some_and(|j| j.state == mock_queue::JobState::InProgress)
+                })
+                .then_some(())
+        })
+        .await;
+    assert!(taken.is_some(), "the queue handed the jobs out");
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    for id in &ids {
+        let done = mock.wait_done(EP, id, Duration::from_secs(1)).await;
+        assert!(done.is_some(), "{id} was taken and never answered");
+    }
+}

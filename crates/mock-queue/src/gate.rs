@@ -23,12 +23,16 @@ pub(super) async fn check(
 ) -> Response {
     match gate(&state, route, request.headers(), request.uri().path()) {
         Ok(()) => {
-            let delay = state.begin_flight(route);
+            let (delay, answer_delay) = state.begin_flight(route);
             let _flight = InFlight(&state, route);
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
             }
-            next.run(request).await
+            let answer = next.run(request).await;
+            if let Some(delay) = answer_delay {
+                tokio::time::sleep(delay).await;
+            }
+            answer
         }
         Err(refused) => refused,
     }

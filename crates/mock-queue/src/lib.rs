@@ -204,6 +204,12 @@ impl MockQueue {
         self.state.set_delay(route, delay);
     }
 
+    /// Holds every answer on `route` for `delay` after it is made (a take's jobs already
+    /// taken), before it is sent, as a queue sending a large answer would.
+    pub fn set_answer_delay(&self, route: Route, delay: Option<Duration>) {
+        self.state.set_answer_delay(route, delay);
+    }
+
     /// The most requests on `route` ever being answered at once.
     pub fn most_in_flight(&self, route: Route) -> usize {
         self.state.most_in_flight(route)

@@ -257,6 +257,9 @@ pub struct MockState {
 #[derive(Debug, Default, Clone, Copy)]
 struct Flight {
     delay: Option<Duration>,
+    /// Injected after the answer is made (the jobs it hands out already taken), before it is
+    /// sent: an answer on its way.
+    answer_delay: Option<Duration>,
     now: usize,
     most: usize,
 }
@@ -285,13 +288,14 @@ impl MockState {
         self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts a request of `route` as being answered; returns the delay to inject first.
-    pub(super) fn begin_flight(&self, route: Route) -> Option<Duration> {
+    /// Counts a request of `route` as being answered; returns the delays to inject before it
+    /// is handled and after (before its answer is sent).
+    pub(super) fn begin_flight(&self, route: Route) -> (Option<Duration>, Option<Duration>) {
         let mut flights = self.flights();
         let flight = flights.entry(route).or_default();
         flight.now += 1;
         flight.most = flight.most.max(flight.now);
-        flight.delay
+        (flight.delay, flight.answer_delay)
     }
 
     /// A request of `route` has been answered (or dropped).
@@ -304,6 +308,12 @@ impl MockState {
     /// Delays every answer of `route` by `delay` (`None`: no delay).
     pub fn set_delay(&self, route: Route, delay: Option<Duration>) {
         self.flights().entry(route).or_default().delay = delay;
+    }
+
+    /// Holds every answer of `route` for `delay` once it is made, before it is sent (a take's
+    /// jobs are then taken, their answer on its way); `None`: no delay.
+    pub fn set_answer_delay(&self, route: Route, delay: Option<Duration>) {
+        self.flights().entry(route).or_default().answer_delay = delay;
     }
 
     /// The most requests of `route` ever answered at once.

@@ -265,6 +265,9 @@ pub struct QueueConfig {
     pub rate_limited_wait_s: u64,
     /// Client-side limit on one long-poll (the SDK uses 90 s).
     pub long_poll_timeout_s: u64,
+    /// At shutdown, how long a take whose answer has not begun is still waited for: the queue
+    /// may have handed its jobs out already, and they are answered only if it is read.
+    pub take_answer_grace_ms: u64,
     /// Total time spent retrying one job-done or job-stream POST.
     pub delivery_retry_s: u64,
     /// Largest job accepted from the queue; larger ones get an `InvalidInput` result.
@@ -291,6 +294,7 @@ impl Default for QueueConfig {
             backoff_max_ms: 30_000,
             rate_limited_wait_s: 5,
             long_poll_timeout_s: 90,
+            take_answer_grace_ms: 500,
             delivery_retry_s: 30,
             max_job_size: Size::from_bytes(limits::MAX_RUNSYNC_BODY as u64),
             max_result_size: Size::from_bytes(limits::MAX_RESULT_BODY as u64),

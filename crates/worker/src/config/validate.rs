@@ -92,6 +92,12 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
     )?;
     check("queue.rate_limited_wait_s", q.rate_limited_wait_s, 0, 600)?;
     check("queue.long_poll_timeout_s", q.long_poll_timeout_s, 1, 600)?;
+    check(
+        "queue.take_answer_grace_ms",
+        q.take_answer_grace_ms,
+        0,
+        10_000,
+    )?;
     check("queue.delivery_retry_s", q.delivery_retry_s, 0, ONE_DAY_S)?;
     check(
         "queue.max_results_in_delivery",

@@ -122,9 +122,10 @@ impl QueueClient {
 
     /// Takes up to `max` jobs: a single take for 1, a batch take above.
     ///
-    /// `cancel` abandons the request while the queue is still holding it (`Ok(None)`). Once
-    /// the answer has started to arrive it is read to the end: the queue has handed those jobs
-    /// to us, and dropping them would leave them to the lease timeout.
+    /// `cancel` abandons the request while the queue is still holding it (`Ok(None)`), after
+    /// `take_answer_grace_ms` more: the queue may have taken the jobs for us already and be
+    /// sending them (a large answer takes a while to build). Once the answer has started to
+    /// arrive it is read to the end: dropping those jobs would leave them to the lease timeout.
     pub async fn take(
         &self,
         max: usize,
@@ -141,10 +142,19 @@ impl QueueClient {
             .get(&url)
             .timeout(Duration::from_secs(self.config.long_poll_timeout_s))
             .send();
+        tokio::pin!(request);
         let response = tokio::select! {
-            response = request => response.map_err(transport)?,
-            () = cancel.cancelled() => return Ok(None),
-        };
+            response = &mut request => response,
+            () = cancel.cancelled() => {
+                let grace = Duration::from_millis(self.config.take_answer_grace_ms);
+                match tokio::time::timeout(grace, &mut request).await {
+                    Ok(response) => response,
+                    // No answer begun: the queue still holds the request, with no job for us.
+                    Err(_) => return Ok(None),
+                }
+            }
+        }
+        .map_err(transport)?;
         let status = response.status();
         let jobs = match status {
             // 400 is what the platform sends with FlashBoot when there is no job (SDK).
