@@ -61,3 +61,48 @@ async fn ping_lists_in_flight_ids_and_keeps_its_rhythm_while_handlers_block_ever
     );
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_longer_than_its_pings_says_so_in_its_log_when_it_resumes() {
+    use std::process::{Command, Stdio};
+
+    use crate::helpers::{spawn_mock, worker_command};
+    use crate::local_process::{lines_of, lines_until};
+
+    let mock = spawn_mock(Duration::from_secs(2));
+    let mut child = worker_command(&mock.base_url(), "sleeper")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = lines_of(child.stderr.take().unwrap());
+    let pinged = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            i.endpoints
+                .get(EP)?
+                .workers
+                .contains_key("sleeper")
+                .then_some(())
+        })
+        .await;
+    assert!(pinged.is_some(), "the worker pings");
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    // Pinging every 200 ms (worker_command), then stopped for 3 s.
+    signal("STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal("CONT");
+    let (line, seen) = tokio::task::spawn_blocking(move || lines_until(&log, "paused"))
+        .await
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.unwrap_or_else(|| panic!("no pause in the log:\n{seen}"));
+    assert!(line.contains("between two pings"), "{line}");
+}
