@@ -11,6 +11,7 @@ mod chaos;
 mod console;
 mod faults;
 mod gpu_memory;
+mod gpu_mig;
 mod gpu_truth;
 mod handler_inputs;
 mod heartbeat;
