@@ -7,6 +7,7 @@ mod local_process;
 
 mod bad_input;
 mod bodies;
+mod cached_models;
 mod chaos;
 mod console;
 mod faults;
