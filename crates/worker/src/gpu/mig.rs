@@ -114,11 +114,12 @@ pub(super) fn instance<'a>(
 pub(super) fn every_visible<'a>(
     pci_order: &[&'a NvmlDevice],
 ) -> Result<Vec<Target<'a>>, MappingError> {
-    if let Some(card) = pci_order.iter().find_map(|c| match &c.mig {
+    // Any card might be in MIG mode: nothing can be said until each is known.
+    if let Some(undecided) = pci_order.iter().find_map(|c| match &c.mig {
         MigState::Unknown(reason) => Some(unknown(c, reason)),
-        _ => None,
+        MigState::Off | MigState::On(_) => None,
     }) {
-        return Err(card);
+        return Err(undecided);
     }
     let in_mig_mode: Vec<&NvmlDevice> = pci_order
         .iter()
