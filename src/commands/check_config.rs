@@ -49,6 +49,10 @@ pub fn check_config(config_path: Option<&Path>) -> i32 {
         return 1;
     }
     println!("config OK: {origin}");
+    println!(
+        "{}",
+        config.model_location.describe(&config.handler.model_dir)
+    );
     match worker::torch_check::run() {
         Ok(report) => println!(
             "libtorch {}: CUDA {} ({} device(s))",
@@ -83,6 +87,11 @@ pub fn check_plan(config_path: Option<&Path>, gpu_memory: &str, gpus: usize) -> 
         return 1;
     }
     println!("config OK: {origin}");
+    // A plan for another machine: the model may be cached there, not here.
+    println!(
+        "{}",
+        config.model_location.describe(&config.handler.model_dir)
+    );
     print!("{}", capacity_plan(&config, Some(&gpu)));
     0
 }

@@ -96,6 +96,7 @@ impl GpuProbe for OldDriverGpu {
             free: 24_000_000_000,
             used: 0,
             process_used: Vec::new(),
+            mig_parent: None,
         }]
     }
 

@@ -7,11 +7,13 @@ mod local_process;
 
 mod bad_input;
 mod bodies;
+mod cached_models;
 mod chaos;
 mod connection_flood;
 mod console;
 mod faults;
 mod gpu_memory;
+mod gpu_mig;
 mod gpu_truth;
 mod handler_inputs;
 mod heartbeat;

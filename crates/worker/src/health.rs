@@ -59,6 +59,8 @@ struct DeviceView {
     uuid: String,
     nvml_index: Option<u32>,
     name: String,
+    /// Where the device is a MIG instance: its card's UUID.
+    mig_parent: Option<String>,
     resident: u64,
     resident_source: Option<&'static str>,
     total: u64,
@@ -110,6 +112,7 @@ fn devices(worker: &Observed) -> Vec<DeviceView> {
                 uuid: reading.uuid.clone(),
                 nvml_index: reading.nvml_index,
                 name: reading.name.clone(),
+                mig_parent: reading.mig_parent.clone(),
                 resident,
                 resident_source: worker
                     .memory
@@ -191,6 +194,8 @@ pub fn health_report(worker: &Observed) -> (StatusCode, Value) {
                 "uuid": d.uuid,
                 "nvml_index": d.nvml_index,
                 "name": d.name,
+                "mig": d.mig_parent.is_some(),
+                "mig_parent_uuid": d.mig_parent,
                 "total_gb": gib(d.total),
                 "free_gb": gib(d.free),
                 "budget_gb": gib(d.budget),

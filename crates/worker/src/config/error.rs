@@ -27,6 +27,14 @@ pub enum ConfigError {
         /// The rule it breaks.
         limit: String,
     },
+    /// A value from an environment variable is refused: the variable, and why.
+    #[error("{var}: {source}")]
+    FromEnv {
+        /// The variable.
+        var: String,
+        /// The error.
+        source: Box<ConfigError>,
+    },
     /// The same error, with the file it came from.
     #[error("{path}: {source}")]
     InFile {

@@ -4,8 +4,10 @@
 //! `[handlers.<name>]` table per handler are ours. Unknown keys are refused with their name, and
 //! every number is checked against a stated limit in [`validate`].
 
+mod env;
 mod error;
 mod kind_keys;
+pub mod model_source;
 mod reference;
 mod size;
 mod validate;
@@ -17,16 +19,14 @@ use std::time::Duration;
 use runpod_protocol::limits;
 use serde::{Deserialize, Serialize};
 
+pub use env::{EnvOverride, ENV_OVERRIDES, HOST_ENV, MODEL_NAME_ENV, PORT_ENV};
 pub use error::ConfigError;
+pub use model_source::{ModelLocation, ModelRef};
 pub use size::{Size, SizeError, MAX_SIZE, WHOLE_BUDGET};
 pub use validate::validate_budget;
 
 /// Environment variable that names the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "RUNPOD_WORKER_CONFIG";
-/// Overrides `[server] host`.
-pub const HOST_ENV: &str = "RUNPOD_WORKER_HOST";
-/// Overrides `[server] port`.
-pub const PORT_ENV: &str = "RUNPOD_WORKER_PORT";
 /// The file looked for in the working directory when neither `--config` nor the variable is set.
 pub const DEFAULT_CONFIG_FILE: &str = "runpod.toml";
 
@@ -46,6 +46,9 @@ pub struct Config {
     pub batching: BatchingConfig,
     /// One entry per handler, keyed by the `input.task` that selects it.
     pub handlers: BTreeMap<String, HandlerConfig>,
+    /// Where `[handler] model` was found (set by [`Config::load`]; not a key of the file).
+    #[serde(skip)]
+    pub model_location: ModelLocation,
 }
 
 /// `[handler]`: the seed's keys, worker-wide.
@@ -64,8 +67,14 @@ pub struct HandlerDefaults {
     pub gpu_memory_per_request: Size,
     /// How long a taken job may wait for its handler before it gets the retry signal.
     pub local_queue_max_wait_s: u64,
-    /// Where models are found (the network volume in deployment).
+    /// Where models are found (the network volume in deployment); with `model`, the last
+    /// place looked.
     pub model_dir: PathBuf,
+    /// A Hugging Face repository (`org/name` or `org/name:revision`) whose files are the
+    /// models, looked for in the platform's model caches before `model_dir`
+    /// ([`model_source`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// SIGTERM: how long in-flight jobs may run on before they are answered `Interrupted`.
     pub drain_grace_s: u64,
     /// libtorch intra-op threads (0: libtorch's default, one per core).
@@ -101,6 +110,7 @@ impl Default for HandlerDefaults {
             gpu_memory_per_request: Size::gb(6),
             local_queue_max_wait_s: 30,
             model_dir: PathBuf::from("handler/models"),
+            model: None,
             drain_grace_s: 60,
             intra_op_threads: 0,
             max_consecutive_ooms: 3,
@@ -488,6 +498,7 @@ impl Default for Config {
                 // wait for a parser, one per core at once.
                 ("extract".to_owned(), handler(32, DeviceChoice::Cpu)),
             ]),
+            model_location: ModelLocation::Configured,
         }
     }
 }
@@ -550,7 +561,9 @@ impl Config {
             Some(p) => p,
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => PathBuf::from(DEFAULT_CONFIG_FILE),
             None => {
-                let config = Self::default().with_env_overrides(|name| std::env::var(name).ok())?;
+                let config = Self::default()
+                    .with_env_overrides(|name| std::env::var(name).ok())?
+                    .locate_models(|name| std::env::var(name).ok());
                 return Ok((config, ConfigSource::Defaults));
             }
         };
@@ -560,7 +573,9 @@ impl Config {
         })?;
         let config = Self::from_toml(&text).map_err(|e| e.in_file(&path))?;
         let config = config.relative_to(&text, path.parent().unwrap_or(Path::new("")));
-        let config = config.with_env_overrides(|name| std::env::var(name).ok())?;
+        let config = config
+            .with_env_overrides(|name| std::env::var(name).ok())?
+            .locate_models(|name| std::env::var(name).ok());
         Ok((config, ConfigSource::File(path)))
     }
 
@@ -598,24 +613,25 @@ impl Config {
         self
     }
 
-    /// `[server]` overridden by [`HOST_ENV`] and [`PORT_ENV`] where `var` has them: an image
-    /// bakes its config, and an endpoint's environment adjusts where the worker listens.
-    pub fn with_env_overrides(
-        mut self,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
-        if let Some(host) = var(HOST_ENV) {
-            self.server.host = host;
+    /// `[handler] model`, where set, looked for in the model caches and `model_dir`
+    /// ([`model_source`]; the caches' roots from `var`): `model_dir` becomes where it was found,
+    /// and [`Config::model_location`] says how (or, found nowhere, every place tried: the
+    /// models then fail to load, naming them).
+    pub fn locate_models(mut self, var: impl Fn(&str) -> Option<String>) -> Self {
+        let Some(model) = self.handler.model.as_deref() else {
+            self.model_location = ModelLocation::Configured;
+            return self;
+        };
+        // `validate` checked the form.
+        let Ok(model) = ModelRef::parse(model) else {
+            return self;
+        };
+        let (found, location) = model_source::locate(&model, &self.handler.model_dir, var);
+        if let Some(dir) = found {
+            self.handler.model_dir = dir;
         }
-        if let Some(port) = var(PORT_ENV) {
-            self.server.port = port.trim().parse().map_err(|_| ConfigError::OutOfRange {
-                key: PORT_ENV.into(),
-                value: port.clone(),
-                limit: "a port number from 0 to 65535".into(),
-            })?;
-        }
-        self.validate()?;
-        Ok(self)
+        self.model_location = location;
+        self
     }
 
     /// Checks every value against its limit.

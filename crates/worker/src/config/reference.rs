@@ -16,6 +16,7 @@ mod tests {
         let mut config = Config::default();
         config.handler.parser = Some(PathBuf::from("runpod-parse"));
         config.handler.openai_handler = Some("extract".to_owned());
+        config.handler.model = Some("org/name".to_owned());
         config.gpu.simulate = Some(Size::gb(24));
         config.gpu.external_load_file = Some(PathBuf::from("load"));
         config.gpu.host_ledger_dir = Some(PathBuf::from("/dev/shm"));

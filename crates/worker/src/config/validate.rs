@@ -64,6 +64,14 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         });
     }
 
+    if let Some(model) = &h.model {
+        super::ModelRef::parse(model).map_err(|_| ConfigError::OutOfRange {
+            key: "handler.model".into(),
+            value: format!("{model:?}"),
+            limit: format!("must be {}", super::model_source::MODEL_FORM),
+        })?;
+    }
+
     let b = &config.batching;
     check("batching.max_batch_rows", b.max_batch_rows as u64, 1, 4096)?;
     if let Some(tokens) = b.max_batch_tokens {

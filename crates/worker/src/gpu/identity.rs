@@ -6,9 +6,12 @@
 //! bus order, which NVML also sees: ordinal `k` is the `k`-th entry of `CUDA_VISIBLE_DEVICES`
 //! resolved against the PCI-ordered list. Inside a container the runtime has already applied
 //! `NVIDIA_VISIBLE_DEVICES` to what NVML sees, so it is not applied again. A mapping that cannot
-//! be established is an error, never a guess.
+//! be established is an error, never a guess. A card in MIG mode is computed on through its MIG
+//! instances, each a device of its own ([`super::mig`]).
 
 use std::fmt;
+
+use super::mig::{self, MigOf, MigState, Target};
 
 /// The variable CUDA reads to choose its base device order.
 pub const CUDA_DEVICE_ORDER: &str = "CUDA_DEVICE_ORDER";
@@ -63,6 +66,20 @@ pub struct NvmlDevice {
     pub uuid: String,
     /// Its PCI address.
     pub pci_bus_id: PciBusId,
+    /// Whether it is in MIG mode, and which of its MIG instances this process sees.
+    pub mig: MigState,
+}
+
+impl NvmlDevice {
+    /// A card not in MIG mode.
+    pub fn card(nvml_index: u32, uuid: &str, pci_bus_id: PciBusId) -> Self {
+        Self {
+            nvml_index,
+            uuid: uuid.to_owned(),
+            pci_bus_id,
+            mig: MigState::Off,
+        }
+    }
 }
 
 /// A device CUDA will use, and which NVML device it is.
@@ -70,12 +87,38 @@ pub struct NvmlDevice {
 pub struct MappedDevice {
     /// The CUDA ordinal (`Device::Cuda(ordinal)`).
     pub ordinal: usize,
-    /// NVML's index of the same card.
+    /// NVML's index of the card (of the card a MIG instance is part of).
     pub nvml_index: u32,
-    /// The card's UUID: what ledgers are keyed by.
+    /// The card's UUID, or a MIG instance's `MIG-...` UUID: what ledgers are keyed by.
     pub uuid: String,
-    /// Its PCI address.
+    /// Its PCI address (a MIG instance's is its card's).
     pub pci_bus_id: PciBusId,
+    /// Where it is a MIG instance: which one, of which card.
+    pub mig: Option<MigOf>,
+}
+
+impl MappedDevice {
+    fn new(ordinal: usize, target: Target<'_>) -> Self {
+        match target {
+            Target::Card(card) => Self {
+                ordinal,
+                nvml_index: card.nvml_index,
+                uuid: card.uuid.clone(),
+                pci_bus_id: card.pci_bus_id,
+                mig: None,
+            },
+            Target::Instance(card, instance) => Self {
+                ordinal,
+                nvml_index: card.nvml_index,
+                uuid: instance.uuid.clone(),
+                pci_bus_id: card.pci_bus_id,
+                mig: Some(MigOf {
+                    mig_index: instance.mig_index,
+                    parent_uuid: card.uuid.clone(),
+                }),
+            },
+        }
+    }
 }
 
 /// Why the devices could not be mapped.
@@ -110,16 +153,56 @@ pub enum MappingError {
         /// The entry.
         entry: String,
     },
-    /// MIG instances are not GPUs this worker can account for.
+    /// A card in MIG mode is named as a whole: CUDA computes only on its MIG instances.
     #[error(
-        "CUDA_VISIBLE_DEVICES={value:?}: MIG instances ({entry:?}) are not supported; \
-         name whole GPUs"
+        "CUDA_VISIBLE_DEVICES={value:?}: {entry:?} is GPU {card}, which is in MIG mode: CUDA \
+         cannot compute on it as a whole; name one of its MIG instances instead ({instances})"
     )]
-    Mig {
+    MigWholeCard {
         /// The whole value.
         value: String,
         /// The entry.
         entry: String,
+        /// The card's UUID.
+        card: String,
+        /// Its visible instances' UUIDs, or that none is visible.
+        instances: String,
+    },
+    /// MIG mode is on and no MIG instance is visible: there is nothing CUDA could compute on.
+    #[error(
+        "GPU {cards} is in MIG mode but none of its MIG instances is visible to this process, \
+         and CUDA cannot compute on a GPU in MIG mode as a whole: set \
+         CUDA_VISIBLE_DEVICES=MIG-<uuid> to the instance this worker should use (`nvidia-smi -L` \
+         lists them), or expose one to the container (NVIDIA_VISIBLE_DEVICES=MIG-<uuid>)"
+    )]
+    MigNoInstance {
+        /// The UUIDs of the cards in MIG mode.
+        cards: String,
+    },
+    /// Several MIG instances (or instances and whole cards) are visible and
+    /// `CUDA_VISIBLE_DEVICES` is unset: which one CUDA computes on cannot be told.
+    #[error(
+        "MIG mode is on and {visible} are visible, so which of them CUDA computes on cannot be \
+         told (CUDA enumerates one MIG instance per process): set CUDA_VISIBLE_DEVICES to the \
+         instance this worker should use, e.g. CUDA_VISIBLE_DEVICES={example}"
+    )]
+    MigAmbiguous {
+        /// What is visible, counted and named.
+        visible: String,
+        /// One instance's UUID, for the example.
+        example: String,
+    },
+    /// NVML cannot say whether a card is in MIG mode, so its usable memory is unknown.
+    #[error(
+        "cannot tell whether GPU {card} is in MIG mode (NVML: {reason}), so its memory cannot be \
+         known: check the driver (`nvidia-smi -q` shows \"MIG Mode\"), or set \
+         CUDA_VISIBLE_DEVICES to name only other GPUs"
+    )]
+    MigModeUnknown {
+        /// The card's UUID.
+        card: String,
+        /// NVML's error.
+        reason: String,
     },
     /// libtorch disagrees with the mapping (count, or a card's PCI address).
     #[error("libtorch and NVML disagree on the GPUs: {0}")]
@@ -147,25 +230,19 @@ pub fn prepare_cuda_environment() {
 }
 
 /// The CUDA-visible devices, in ordinal order, from NVML's list and `CUDA_VISIBLE_DEVICES`
-/// (`None`: unset, every device). An empty value, or one starting with `-1` (the usual way to
-/// hide every GPU), leaves none.
+/// (`None`: unset, every device; see [`super::mig`] for cards in MIG mode). An empty value, or
+/// one starting with `-1` (the usual way to hide every GPU), leaves none.
 pub fn map_devices(
     nvml: &[NvmlDevice],
     cuda_visible_devices: Option<&str>,
 ) -> Result<Vec<MappedDevice>, MappingError> {
     let mut pci_order: Vec<&NvmlDevice> = nvml.iter().collect();
     pci_order.sort_by_key(|d| d.pci_bus_id);
-    let mapped = |ordinal: usize, d: &NvmlDevice| MappedDevice {
-        ordinal,
-        nvml_index: d.nvml_index,
-        uuid: d.uuid.clone(),
-        pci_bus_id: d.pci_bus_id,
-    };
     let Some(value) = cuda_visible_devices else {
-        return Ok(pci_order
-            .iter()
+        return Ok(mig::every_visible(&pci_order)?
+            .into_iter()
             .enumerate()
-            .map(|(ordinal, d)| mapped(ordinal, d))
+            .map(|(ordinal, target)| MappedDevice::new(ordinal, target))
             .collect());
     };
     let entries: Vec<&str> = value.split(',').map(str::trim).collect();
@@ -176,20 +253,20 @@ pub fn map_devices(
         pci_order
             .iter()
             .enumerate()
-            .map(|(i, d)| format!("{i}: {}", d.uuid))
+            .map(|(i, d)| format!("{i}: {}", mig::describe(d)))
             .collect::<Vec<_>>()
             .join(", ")
     };
     let mut out: Vec<MappedDevice> = Vec::new();
     for entry in entries {
-        let device = resolve(entry, &pci_order, value, &available)?;
-        if out.iter().any(|m| m.uuid == device.uuid) {
+        let target = resolve(entry, &pci_order, value, &available)?;
+        if out.iter().any(|m| m.uuid == target.uuid()) {
             return Err(MappingError::Duplicate {
                 value: value.to_owned(),
                 entry: entry.to_owned(),
             });
         }
-        out.push(mapped(out.len(), device));
+        out.push(MappedDevice::new(out.len(), target));
     }
     Ok(out)
 }
@@ -199,20 +276,18 @@ fn resolve<'a>(
     pci_order: &[&'a NvmlDevice],
     value: &str,
     available: &dyn Fn() -> String,
-) -> Result<&'a NvmlDevice, MappingError> {
+) -> Result<Target<'a>, MappingError> {
     let unknown = || MappingError::UnknownEntry {
         value: value.to_owned(),
         entry: entry.to_owned(),
         available: available(),
     };
     if entry.starts_with("MIG-") {
-        return Err(MappingError::Mig {
-            value: value.to_owned(),
-            entry: entry.to_owned(),
-        });
+        return mig::instance(entry, pci_order, value)?.ok_or_else(unknown);
     }
     if let Ok(index) = entry.parse::<usize>() {
-        return pci_order.get(index).copied().ok_or_else(unknown);
+        let card = pci_order.get(index).copied().ok_or_else(unknown)?;
+        return mig::whole_card(card, value, entry);
     }
     if entry.starts_with("GPU-") {
         // CUDA accepts any unique prefix of a UUID.
@@ -224,7 +299,7 @@ fn resolve<'a>(
                 entry: entry.to_owned(),
             });
         }
-        return Ok(first);
+        return mig::whole_card(first, value, entry);
     }
     Err(unknown())
 }
@@ -238,8 +313,18 @@ pub fn verify_with_cuda(
     cuda_pci: impl Fn(usize) -> Option<PciBusId>,
 ) -> Result<(), MappingError> {
     if cuda_count != mapped.len() {
+        let instances = mapped
+            .iter()
+            .filter(|(_, uuid, _)| uuid.starts_with("MIG-"))
+            .count();
+        let hint = if instances > 1 && cuda_count < mapped.len() {
+            "; CUDA enumerates one MIG instance per process: run one worker per instance, each \
+             with CUDA_VISIBLE_DEVICES naming its own"
+        } else {
+            ""
+        };
         return Err(MappingError::Disagree(format!(
-            "libtorch sees {cuda_count} GPU(s), NVML with CUDA_VISIBLE_DEVICES {}",
+            "libtorch sees {cuda_count} GPU(s), NVML with CUDA_VISIBLE_DEVICES {}{hint}",
             mapped.len()
         )));
     }
@@ -271,16 +356,16 @@ mod tests {
     /// Two cards, NVML listing them out of PCI order to show the order is PCI's, not NVML's.
     fn two_cards() -> Vec<NvmlDevice> {
         vec![
-            NvmlDevice {
-                nvml_index: 0,
-                uuid: "GPU-bbbb2222-0000-0000-0000-000000000000".into(),
-                pci_bus_id: PciBusId::parse("00000000:81:00.0").unwrap(),
-            },
-            NvmlDevice {
-                nvml_index: 1,
-                uuid: "GPU-aaaa1111-0000-0000-0000-000000000000".into(),
-                pci_bus_id: PciBusId::parse("00000000:3B:00.0").unwrap(),
-            },
+            NvmlDevice::card(
+                0,
+                "GPU-bbbb2222-0000-0000-0000-000000000000",
+                PciBusId::parse("00000000:81:00.0").unwrap(),
+            ),
+            NvmlDevice::card(
+                1,
+                "GPU-aaaa1111-0000-0000-0000-000000000000",
+                PciBusId::parse("00000000:3B:00.0").unwrap(),
+            ),
         ]
     }
 
@@ -357,7 +442,7 @@ mod tests {
         ));
         assert!(matches!(
             map_devices(&two_cards(), Some("MIG-1234")),
-            Err(MappingError::Mig { .. })
+            Err(MappingError::UnknownEntry { .. })
         ));
     }
 

@@ -1,23 +1,23 @@
 //! What the worker knows of its GPUs: name, total, free and used memory, and per-process use.
-//! NVML on real GPUs, simulated devices when `[gpu] simulate` is set, nothing on a CPU-only
-//! machine. [`sampler`] reads them off the job path; [`allocator`] reads libtorch's own
-//! counters; [`identity`] maps NVML's devices to CUDA ordinals; [`cuda_runtime`] says what
-//! libtorch's CUDA sees.
+//! NVML on real GPUs ([`nvml`]; a MIG instance is a device of its own, [`mig`]), simulated
+//! devices when `[gpu] simulate` is set, nothing on a CPU-only machine. [`sampler`] reads them
+//! off the job path; [`allocator`] reads libtorch's own counters; [`identity`] maps NVML's
+//! devices to CUDA ordinals; [`cuda_runtime`] says what libtorch's CUDA sees.
 
 pub mod allocator;
 pub mod cuda_runtime;
 pub mod identity;
+pub mod mig;
+pub mod nvml;
 pub mod sampler;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nvml_wrapper::enums::device::UsedGpuMemory;
-use nvml_wrapper::Nvml;
-
 use crate::config::{GpuConfig, Size};
-use cuda_runtime::{CudaVersion, DriverInfo};
-use identity::{MappedDevice, MappingError, NvmlDevice, PciBusId};
+use cuda_runtime::DriverInfo;
+use identity::{MappingError, PciBusId};
+pub use nvml::NvmlProbe;
 
 /// One reading of one device.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -30,7 +30,7 @@ pub struct DeviceReading {
     pub nvml_index: Option<u32>,
     /// Its PCI address, where known.
     pub pci_bus_id: Option<PciBusId>,
-    /// Device name (`NVIDIA H200`, `Simulated GPU (24GB)`).
+    /// Device name (`NVIDIA H200`, `NVIDIA H100 80GB HBM3 MIG 3g.40gb`, `Simulated GPU (24GB)`).
     pub name: String,
     /// Total memory, bytes.
     pub total: u64,
@@ -40,6 +40,9 @@ pub struct DeviceReading {
     pub used: u64,
     /// Memory used per process id, where the driver reports it (host pids in containers).
     pub process_used: Vec<(u32, u64)>,
+    /// Where this device is a MIG instance (its figures are the instance's): the UUID of the
+    /// card it is part of. `None` for a whole card.
+    pub mig_parent: Option<String>,
 }
 
 /// The older single-device view (`/health`'s seed fields).
@@ -73,86 +76,6 @@ pub struct NoGpu;
 impl GpuProbe for NoGpu {
     fn read(&self) -> Vec<DeviceReading> {
         Vec::new()
-    }
-}
-
-/// The CUDA-visible devices through NVML, each mapped to its CUDA ordinal.
-pub struct NvmlProbe {
-    nvml: Nvml,
-    devices: Vec<MappedDevice>,
-}
-
-impl NvmlProbe {
-    /// NVML with at least one CUDA-visible device, `Ok(None)` where there is no driver or no
-    /// visible device, or the reason the devices cannot be mapped to CUDA ordinals.
-    pub fn open() -> Result<Option<Self>, MappingError> {
-        let Ok(nvml) = Nvml::init() else {
-            return Ok(None);
-        };
-        let count = nvml.device_count().unwrap_or(0);
-        let listed: Vec<NvmlDevice> = (0..count)
-            .filter_map(|index| {
-                let device = nvml.device_by_index(index).ok()?;
-                Some(NvmlDevice {
-                    nvml_index: index,
-                    uuid: device.uuid().ok()?,
-                    pci_bus_id: PciBusId::parse(&device.pci_info().ok()?.bus_id)?,
-                })
-            })
-            .collect();
-        if listed.len() != count as usize {
-            return Err(MappingError::Disagree(format!(
-                "NVML lists {count} GPU(s) but the UUID or PCI address of {} cannot be read",
-                count as usize - listed.len()
-            )));
-        }
-        let visible = std::env::var(identity::CUDA_VISIBLE_DEVICES).ok();
-        let devices = identity::map_devices(&listed, visible.as_deref())?;
-        Ok((!devices.is_empty()).then_some(Self { nvml, devices }))
-    }
-
-    /// The mapped devices, in ordinal order.
-    pub fn devices(&self) -> &[MappedDevice] {
-        &self.devices
-    }
-}
-
-impl GpuProbe for NvmlProbe {
-    fn read(&self) -> Vec<DeviceReading> {
-        self.devices
-            .iter()
-            .filter_map(|mapped| {
-                let device = self.nvml.device_by_index(mapped.nvml_index).ok()?;
-                let memory = device.memory_info().ok()?;
-                let process_used = device
-                    .running_compute_processes()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|p| match p.used_gpu_memory {
-                        UsedGpuMemory::Used(bytes) => Some((p.pid, bytes)),
-                        UsedGpuMemory::Unavailable => None,
-                    })
-                    .collect();
-                Some(DeviceReading {
-                    index: mapped.ordinal,
-                    uuid: mapped.uuid.clone(),
-                    nvml_index: Some(mapped.nvml_index),
-                    pci_bus_id: Some(mapped.pci_bus_id),
-                    name: device.name().unwrap_or_else(|_| "NVIDIA GPU".to_owned()),
-                    total: memory.total,
-                    free: memory.free,
-                    used: memory.used,
-                    process_used,
-                })
-            })
-            .collect()
-    }
-
-    fn driver(&self) -> Option<DriverInfo> {
-        Some(DriverInfo {
-            version: self.nvml.sys_driver_version().ok()?,
-            cuda: CudaVersion(self.nvml.sys_cuda_driver_version().ok()?),
-        })
     }
 }
 
@@ -204,6 +127,7 @@ impl GpuProbe for SimulatedProbe {
                     free: total - used,
                     used,
                     process_used: Vec::new(),
+                    mig_parent: None,
                 }
             })
             .collect()

@@ -125,6 +125,13 @@ impl HandlerSet {
     /// and a warm-up forward runs). `gpu_present` says whether CUDA handlers get a GPU (a real
     /// one, or the simulated one, `simulated`).
     pub fn build(config: &Config, gpu_present: bool, simulated: bool) -> Result<Self, LoadError> {
+        if let Some(missing) = config.model_location.missing() {
+            return Err(LoadError::ModelNotFound(missing));
+        }
+        tracing::info!(
+            "{}",
+            config.model_location.describe(&config.handler.model_dir)
+        );
         crate::model::set_threads(config.handler.intra_op_threads);
         let mut loader = ModelLoader::new(
             &config.handler.model_dir,

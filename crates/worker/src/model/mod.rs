@@ -38,6 +38,9 @@ pub enum LoadError {
         /// Why.
         reason: String,
     },
+    /// `[handler] model` (or `MODEL_NAME`) is in none of the places looked: each, and why.
+    #[error("{0}")]
+    ModelNotFound(String),
     /// The document parser executable, which extract and classify need, is not there.
     #[error("{0}")]
     NoParser(String),
