@@ -8,6 +8,9 @@ use super::resident::{self, ResidentReading, ResidentSource};
 use super::{Ledger, MemoryAdmission};
 use crate::handlers::HandlerSet;
 
+/// A context that moved by this much is said in the log (it changes what jobs are admitted).
+const CONTEXT_CHANGE_WORTH_SAYING: u64 = 64 * 1024 * 1024;
+
 impl MemoryAdmission {
     /// Books `declared` bytes as every device's resident memory (a simulated GPU: what the
     /// handlers declare with `model_memory`).
@@ -62,11 +65,14 @@ impl MemoryAdmission {
             let Some(reading) = sample.devices.iter().find(|d| d.uuid == ledger.uuid()) else {
                 continue;
             };
-            let measured = resident::measure(
-                reading,
-                sample.allocator_of(ledger.uuid()),
-                self.context_of(ledger.uuid()),
-            );
+            let allocator = sample.allocator_of(ledger.uuid());
+            // Inside a container the context was measured once, at start; it grows as kernels
+            // load, and that growth would count as others' memory. Idle, it can be read again
+            // where NVML lists this process alone (under its host pid).
+            if let Some(context) = resident::context_of_lone_process(reading, allocator) {
+                self.remeasured_context(ledger.device(), ledger.uuid(), context);
+            }
+            let measured = resident::measure(reading, allocator, self.context_of(ledger.uuid()));
             let before = ledger.resident_here();
             if ledger.set_resident_if_idle(measured.bytes, seen) && before != measured.bytes {
                 tracing::debug!(
@@ -80,7 +86,29 @@ impl MemoryAdmission {
     }
 
     pub(super) fn context_of(&self, uuid: &str) -> u64 {
-        self.contexts.get(uuid).copied().unwrap_or(0)
+        self.contexts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(uuid)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Keeps a context size measured idle, saying so when it moved by more than a rounding.
+    fn remeasured_context(&self, device: usize, uuid: &str, bytes: u64) {
+        let mut contexts = self
+            .contexts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = contexts.insert(uuid.to_owned(), bytes).unwrap_or(0);
+        if before.abs_diff(bytes) >= CONTEXT_CHANGE_WORTH_SAYING {
+            tracing::info!(
+                "GPU {device}: CUDA context re-measured idle: {} MB (was {} MB); no longer \
+                 counted as memory used by others",
+                bytes / 1_000_000,
+                before / 1_000_000
+            );
+        }
     }
 
     fn note_source(&self, uuid: &str, source: ResidentSource) {

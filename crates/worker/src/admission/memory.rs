@@ -54,8 +54,9 @@ pub struct MemoryAdmission {
     durations: BTreeMap<String, DurationStats>,
     released: Arc<Notify>,
     config: GpuConfig,
-    /// Per device (by UUID): the CUDA context's size, measured at start (real GPUs).
-    pub(super) contexts: BTreeMap<String, u64>,
+    /// Per device (by UUID): the CUDA context's size, measured at start (real GPUs), and again
+    /// when the device is idle where NVML shows it (a context grows as kernels load).
+    pub(super) contexts: std::sync::Mutex<BTreeMap<String, u64>>,
     /// Per device (by UUID): where its resident figure came from.
     pub(super) resident_sources: std::sync::Mutex<BTreeMap<String, ResidentSource>>,
 }
@@ -121,7 +122,7 @@ impl MemoryAdmission {
             durations,
             released,
             config: config.clone(),
-            contexts,
+            contexts: std::sync::Mutex::new(contexts),
             resident_sources: std::sync::Mutex::default(),
         })
     }
@@ -423,5 +424,45 @@ mod tests {
         );
         let room = memory.ledgers()[0].available() - memory.others_used(0);
         assert!(room >= 6 * GB, "a 6 GB job fits: {room}");
+    }
+
+    /// A card inside a container where this worker is alone: NVML lists one host pid (ours,
+    /// under another number), using 3 GB: its CUDA context grew since the start's 0.5 GB.
+    struct LoneInContainer;
+
+    impl GpuProbe for LoneInContainer {
+        fn read(&self) -> Vec<DeviceReading> {
+            vec![DeviceReading {
+                index: 0,
+                uuid: "GPU-lone".into(),
+                total: 48 * GB,
+                used: 3 * GB,
+                free: 45 * GB,
+                process_used: vec![(40_001, 3 * GB)],
+                ..DeviceReading::default()
+            }]
+        }
+    }
+
+    #[test]
+    fn a_context_that_grew_is_re_measured_idle_not_counted_as_others_memory() {
+        let mut config = Config::default();
+        config.handlers.retain(|name, _| name == "echo");
+        let handlers = HandlerSet::build(&config, true, true).unwrap();
+        let sampler = GpuSampler::new(Arc::new(LoneInContainer));
+        sampler.refresh();
+        let contexts = BTreeMap::from([("GPU-lone".to_owned(), GB / 2)]);
+        let memory = MemoryAdmission::new(&config.gpu, &handlers, sampler, contexts).unwrap();
+        assert_eq!(
+            memory.others_used(0),
+            5 * GB / 2,
+            "the growth counted as others'"
+        );
+        // A job ran and ended: the device is idle and due for a measure.
+        let ledger = memory.ledgers()[0].clone();
+        drop(ledger.try_reserve(GB, "echo", 0).expect("fits"));
+        memory.remeasure_idle();
+        assert_eq!(memory.others_used(0), 0, "the grown context is ours");
+        assert_eq!(ledger.resident_here(), 3 * GB);
     }
 }

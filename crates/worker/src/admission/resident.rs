@@ -67,6 +67,22 @@ pub fn measure(
     }
 }
 
+/// Inside a container (NVML lists host pids, none of them ours), this process's CUDA context
+/// on an idle device, where NVML lists one process only: that one is this process (it holds a
+/// context there), and what it uses beyond libtorch's reserved bytes is the context.
+pub fn context_of_lone_process(
+    reading: &DeviceReading,
+    allocator: Option<AllocatorStats>,
+) -> Option<u64> {
+    let pid = std::process::id();
+    match reading.process_used.as_slice() {
+        [(listed, bytes)] if *listed != pid => {
+            Some(bytes.saturating_sub(allocator.map_or(0, |a| a.reserved)))
+        }
+        _ => None,
+    }
+}
+
 /// The CUDA context's size on a device: the rise of NVML's used memory across CUDA's
 /// initialisation there, less what the allocator reserved meanwhile.
 pub fn context_bytes(used_before: u64, used_after: u64, allocator_reserved: u64) -> u64 {
