@@ -447,3 +447,29 @@ fn an_output_that_cannot_fit_is_refused_after_the_first_batch_not_after_all_the_
         "refused after one batch of 32: {done}"
     );
 }
+
+#[test]
+fn an_integer_beyond_64_bits_is_refused_naming_it_not_turned_into_a_float() {
+    let big = "123456789012345678901234567890";
+    let out = Command::new(BIN)
+        .args([
+            "test-input",
+            "--config",
+            crate::helpers::ECHO_CONFIG,
+            "--json",
+        ])
+        .arg(format!(r#"{{"input": {{"task": "echo", "n": {big}}}}}"#))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let done: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(done["output"]["error_type"], "InvalidInput", "{done}");
+    let message = done["output"]["error"].as_str().unwrap();
+    assert!(
+        message.contains(big) && message.contains("as a string"),
+        "{message}"
+    );
+    assert!(!stdout.contains("1.2345678901234568e29"), "{stdout}");
+}

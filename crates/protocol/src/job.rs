@@ -222,8 +222,55 @@ fn job_problem(raw: &str, invalid_utf8: bool, limits: JobLimits) -> Option<Strin
     } else if invalid_utf8 {
         Some("the job contains bytes that are not valid UTF-8".to_owned())
     } else {
-        None
+        oversized_integer(raw).map(|number| {
+            let shown: String = number.chars().take(40).collect();
+            format!(
+                "the job holds the integer {shown}, beyond 64 bits: it would lose digits as a \
+                 JSON number here; send it as a string"
+            )
+        })
     }
+}
+
+/// The first integer in `json` (outside strings) that fits neither an `i64` nor a `u64`:
+/// parsed, it would silently become a float that has lost digits.
+pub fn oversized_integer(json: &str) -> Option<&str> {
+    let bytes = json.as_bytes();
+    let (mut in_string, mut escaped, mut at) = (false, false, 0);
+    while at < bytes.len() {
+        let byte = bytes[at];
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            at += 1;
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            // Outside strings, a digit or a minus can only start a number.
+            b'-' | b'0'..=b'9' => {
+                let start = at;
+                while at < bytes.len()
+                    && matches!(bytes[at], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    at += 1;
+                }
+                let number = &json[start..at];
+                let integer = !number.contains(['.', 'e', 'E']);
+                if integer && number.parse::<i64>().is_err() && number.parse::<u64>().is_err() {
+                    return Some(number);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    None
 }
 
 /// What the queue adds to a submitted request body when it hands the job out (its `id`, and
@@ -452,6 +499,31 @@ mod tests {
         let bad = jobs[0].as_ref().unwrap_err();
         assert_eq!(bad.id.as_deref(), Some("big"));
         assert!(bad.problem.contains("over the limit of 1000 bytes"));
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_are_found_outside_strings_only() {
+        let big = "123456789012345678901234567890";
+        assert_eq!(oversized_integer(&format!(r#"{{"n": {big}}}"#)), Some(big));
+        assert_eq!(
+            oversized_integer(r#"{"n": -99999999999999999999}"#),
+            Some("-99999999999999999999")
+        );
+        for fits in [
+            r#"{"n": 18446744073709551615, "m": -9223372036854775808}"#,
+            r#"{"s": "123456789012345678901234567890"}"#,
+            r#"{"f": 1.5e300, "g": 123456789012345678901234567890.5}"#,
+            r#"{"e": "\"99999999999999999999999"}"#,
+        ] {
+            assert_eq!(oversized_integer(fits), None, "{fits}");
+        }
+        let jobs = parse_take_body_default(
+            format!(r#"{{"id": "j", "input": {{"n": {big}}}}}"#).as_bytes(),
+        )
+        .unwrap();
+        let problem = jobs[0].as_ref().unwrap_err();
+        assert!(problem.problem.contains("beyond 64 bits"), "{problem:?}");
+        assert_eq!(problem.id.as_deref(), Some("j"));
     }
 
     #[test]

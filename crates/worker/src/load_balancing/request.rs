@@ -24,6 +24,15 @@ pub(super) fn parse(body: &[u8]) -> Result<RunRequest, String> {
     }
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    // Valid JSON is UTF-8: the text is there to scan.
+    let text = std::str::from_utf8(body).unwrap_or_default();
+    if let Some(number) = runpod_protocol::job::oversized_integer(text) {
+        let shown: String = number.chars().take(40).collect();
+        return Err(format!(
+            "the body holds the integer {shown}, beyond 64 bits: it would lose digits as a \
+             JSON number; send it as a string"
+        ));
+    }
     let Value::Object(mut body) = value else {
         return Err(r#"the body must be a JSON object such as {"input": {...}}"#.to_owned());
     };
@@ -102,6 +111,10 @@ mod tests {
                 "policy.executionTimeout",
             ),
             (br#"{"input": {}, "webhook": "http://x"}"#, "webhook"),
+            (
+                br#"{"input": {"n": 123456789012345678901234567890}}"#,
+                "beyond 64 bits",
+            ),
         ] {
             let error = parse(body).unwrap_err();
             assert!(error.contains(field), "{error}");
