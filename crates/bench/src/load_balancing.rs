@@ -2,7 +2,8 @@
 //! request through the queue (`local`'s `/v2/local/openai/v1/embeddings`: the request is queued,
 //! taken by the worker, run, its result posted back and handed to the waiting client). One text
 //! per request, closed-loop clients at 1 and 16, p50 and p99 of each request's latency; both
-//! servers run the shipped `runpod.toml` with the same models on this machine.
+//! servers run the shipped `runpod.toml` with the same models on this machine. Then an echo job
+//! through `/runsync` on both: the path alone, without the model's time.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -42,11 +43,28 @@ fn start_load_balancing(binary: &Path) -> Result<(Proc, String)> {
     Ok((Proc { child }, format!("http://127.0.0.1:{port}")))
 }
 
-/// `requests` embeddings of one text each from `concurrency` closed-loop clients: every
-/// request's latency, ms.
+/// What a request sends: an embedding of one text, or an echo job (the path alone).
+#[derive(Clone, Copy)]
+enum Request {
+    Embedding,
+    Echo,
+}
+
+impl Request {
+    fn body(self, text: &str) -> serde_json::Value {
+        match self {
+            Self::Embedding => json!({"model": "all-MiniLM-L6-v2", "input": [text]}),
+            Self::Echo => json!({"input": {"task": "echo", "message": text}}),
+        }
+    }
+}
+
+/// `requests` requests of `kind` from `concurrency` closed-loop clients: every request's
+/// latency, ms.
 async fn latencies(
     http: &reqwest::Client,
     url: &str,
+    kind: Request,
     concurrency: usize,
     requests: usize,
 ) -> Result<Vec<f64>> {
@@ -61,7 +79,7 @@ async fn latencies(
                 let reply = http
                     .post(&url)
                     .header("Authorization", format!("Bearer {KEY}"))
-                    .json(&json!({"model": "all-MiniLM-L6-v2", "input": [text]}))
+                    .json(&kind.body(&text))
                     .send()
                     .await?;
                 if !reply.status().is_success() {
@@ -93,31 +111,47 @@ pub async fn run(binary: &Path) -> Result<String> {
     )
     .await?;
     wait_ready(&http, &format!("{balanced_base}/ping"), limit).await?;
-    let queue_url = format!("{queue_base}/v2/local/openai/v1/embeddings");
-    let balanced_url = format!("{balanced_base}/v1/embeddings");
+    let routes = [
+        (
+            Request::Embedding,
+            "embedding",
+            format!("{queue_base}/v2/local/openai/v1/embeddings"),
+            format!("{balanced_base}/v1/embeddings"),
+        ),
+        (
+            Request::Echo,
+            "echo (the path alone)",
+            format!("{queue_base}/v2/local/runsync"),
+            format!("{balanced_base}/runsync"),
+        ),
+    ];
     let mut table = String::from(
-        "| clients | through the queue p50 / p99 (ms) | load-balancing p50 / p99 (ms) | p50 ratio | p99 ratio |\n\
-         |---:|---:|---:|---:|---:|\n",
+        "| request | clients | through the queue p50 / p99 (ms) | load-balancing p50 / p99 (ms) | p50 ratio | p99 ratio |\n\
+         |---|---:|---:|---:|---:|---:|\n",
     );
-    for concurrency in LEVELS {
-        for url in [&queue_url, &balanced_url] {
-            latencies(&http, url, concurrency, REQUESTS).await?;
+    for (kind, name, queue_url, balanced_url) in &routes {
+        for concurrency in LEVELS {
+            for url in [queue_url, balanced_url] {
+                latencies(&http, url, *kind, concurrency, REQUESTS).await?;
+            }
+            let queued = p50_p99(&latencies(&http, queue_url, *kind, concurrency, REQUESTS).await?);
+            let balanced =
+                p50_p99(&latencies(&http, balanced_url, *kind, concurrency, REQUESTS).await?);
+            table.push_str(&format!(
+                "| {name} | {concurrency} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}x | {:.2}x |\n",
+                queued.0,
+                queued.1,
+                balanced.0,
+                balanced.1,
+                balanced.0 / queued.0,
+                balanced.1 / queued.1,
+            ));
         }
-        let queued = p50_p99(&latencies(&http, &queue_url, concurrency, REQUESTS).await?);
-        let balanced = p50_p99(&latencies(&http, &balanced_url, concurrency, REQUESTS).await?);
-        table.push_str(&format!(
-            "| {concurrency} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}x | {:.2}x |\n",
-            queued.0,
-            queued.1,
-            balanced.0,
-            balanced.1,
-            balanced.0 / queued.0,
-            balanced.1 / queued.1,
-        ));
     }
     table.push_str(&format!(
-        "\n{REQUESTS} requests per level and path (as many again first, to warm up), one text \
-         each; a ratio under 1 is load-balancing mode's gain.\n"
+        "\n{REQUESTS} requests per row and path (as many again first, to warm up), one text \
+         each; a ratio under 1 is load-balancing mode's gain. The echo rows time the path \
+         alone (no model).\n"
     ));
     Ok(table)
 }
