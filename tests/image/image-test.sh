@@ -165,6 +165,30 @@ leftover=$(pgrep -u "${user%%:*}" -f "runpod-worker local" || true)
 [ -z "$leftover" ] || fail "a runpod-worker local of the image's user is still running: $leftover"
 local_pid=
 step "local stopped on SIGTERM, nothing left running"
+# The same image and entrypoint as a load-balancing endpoint's worker: PORT set, no job queue.
+(exec chroot --userspec="$user" "$mount" /usr/bin/env -i "${image_env[@]}" HOME=/home/runpod \
+    PORT=0 PORT_HEALTH=0 RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true runpod-worker serve) \
+    >"$CACHE/balanced.log" 2>&1 &
+local_pid=$!
+balanced=
+for _ in $(seq 300); do
+    port=$(sed -n 's/^listening on http:\/\/[^:]*:\([0-9]*\).*/\1/p' "$CACHE/balanced.log" | head -1)
+    if [ -n "$port" ] && [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/ping")" = 200 ]; then
+        balanced="http://127.0.0.1:$port"
+        break
+    fi
+    kill -0 "$local_pid" 2>/dev/null || { cat "$CACHE/balanced.log"; fail "serve (load-balancing) exited"; }
+    sleep 0.2
+done
+[ -n "$balanced" ] || { cat "$CACHE/balanced.log"; fail "serve (load-balancing) never answered its ping with 200"; }
+answer=$(curl -s -m 60 -X POST "$balanced/runsync" -H 'Content-Type: application/json' \
+    -d '{"input": {"task": "classify", "text": "Whisk the eggs and bake for 20 minutes.", "labels": ["recipe", "invoice"]}}')
+echo "$answer" | grep -q '"label":"recipe"' || fail "load-balancing round trip: $answer"
+kill -TERM "$local_pid"
+wait "$local_pid" || fail "serve (load-balancing) exited $? after SIGTERM"
+local_pid=
+step "load-balancing mode (PORT set, no queue): ping 200, /runsync label recipe, SIGTERM exit 0"
+
 # The sizes a registry would hold: each layer gzip-compressed, as `podman push --compress`
 # writes them. The slim variant (CUDA_EXTRAS="": no on-demand CUDA library) reuses the build's
 # cached layers; it runs a job too (the CPU path loads none of what it leaves out).
