@@ -122,7 +122,7 @@ async fn settled_status(state: &MockState, endpoint: &str, job: &str, wait: Dura
     // The body is read in the same look as the final state: a retention that ends just then
     // cannot turn a finished job into a 404.
     let settled = state
-        .wait_for(wait, |inner| match record(inner, endpoint, job) {
+        .wait_for_job(job, wait, |inner| match record(inner, endpoint, job) {
             Some(record) if !record.state.is_final() => None,
             found => Some(found.map(|r| r.status_body(job))),
         })
@@ -187,7 +187,7 @@ async fn stream(
 /// gone; the answer is then whatever there is, as without the wait.
 async fn hold_stream(state: &MockState, endpoint: &str, job: &str) {
     state
-        .wait_for(state.options.stream_hold, |inner| {
+        .wait_for_job(job, state.options.stream_hold, |inner| {
             // An unknown endpoint or job is answered (404) at once, not held.
             let record = inner.endpoints.get(endpoint).and_then(|q| q.jobs.get(job));
             match record {

@@ -25,7 +25,9 @@ pub(super) async fn run(state: Arc<MockState>, stop: CancellationToken) {
         let hooks = state.with(|inner| {
             let now = Instant::now();
             let mut hooks = Vec::new();
+            inner.ticker.ticks += 1;
             for queue in inner.endpoints.values_mut() {
+                inner.ticker.visited += (queue.jobs.len() + queue.workers.len()) as u64;
                 hooks.extend(expire(queue, &state.options, now));
                 forget(queue, &state.options, now);
             }

@@ -51,7 +51,7 @@ pub use options::MockOptions;
 pub use rate_limit::{LimitedRoute, RateLimits};
 pub use state::{
     DoneRecord, EndpointQueue, Fault, Inner, MockState, PingRecord, ResultHeaders, Route,
-    StreamRecord, TakeRecord,
+    StreamRecord, TakeRecord, TickerStats, WaiterStats,
 };
 
 /// Bodies above this are cut off (413) before any route sees them. job-done and job-stream

@@ -69,7 +69,7 @@ async fn forward(
         Err(refused) => return refused.into_response(),
     };
     let ended = state
-        .wait_for(WAIT, |inner| {
+        .wait_for_job(&id, WAIT, |inner| {
             let record = inner.endpoints.get(&endpoint)?.jobs.get(&id)?;
             record
                 .state

@@ -162,6 +162,24 @@ impl EndpointQueue {
         self.jobs.get(job_id)?.holder.as_deref()
     }
 
+    /// The bytes this queue's jobs take in memory (their bodies, outputs, errors and unread
+    /// stream chunks, as the mock stores them), estimated from the values' sizes; the test
+    /// history is not counted.
+    pub fn stored_bytes(&self) -> usize {
+        let records: usize = self
+            .jobs
+            .iter()
+            .map(|(id, job)| {
+                id.capacity()
+                    + value_bytes(&job.raw)
+                    + job.output.as_ref().map_or(0, value_bytes)
+                    + job.error.as_ref().map_or(0, value_bytes)
+                    + job.stream.iter().map(value_bytes).sum::<usize>()
+            })
+            .sum();
+        records + self.pending.iter().map(value_bytes).sum::<usize>()
+    }
+
     /// Jobs held by workers now.
     pub fn held(&self) -> usize {
         self.jobs.values().filter(|j| j.holder.is_some()).count()
@@ -208,6 +226,23 @@ impl EndpointQueue {
     }
 }
 
+/// The heap a `Value` takes, estimated: each node, each string's bytes, each array's slots and
+/// each object entry (its key and its B-tree share).
+fn value_bytes(value: &Value) -> usize {
+    const NODE: usize = std::mem::size_of::<Value>();
+    NODE + match value {
+        Value::String(s) => s.capacity(),
+        Value::Array(items) => {
+            (items.capacity() - items.len()) * NODE + items.iter().map(value_bytes).sum::<usize>()
+        }
+        Value::Object(map) => map
+            .iter()
+            .map(|(key, value)| std::mem::size_of::<String>() + key.capacity() + value_bytes(value))
+            .sum(),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+    }
+}
+
 /// Everything behind the lock.
 #[derive(Debug, Default)]
 pub struct Inner {
@@ -220,6 +255,17 @@ pub struct Inner {
     /// When the first [`REQUEST_TIMES_KEPT`] requests of each route arrived (tests measure
     /// request pacing from them instead of counting over a fixed sleep).
     pub request_times: HashMap<Route, Vec<std::time::Instant>>,
+    /// What the lease ticker has done: its cost is the records it visits.
+    pub ticker: TickerStats,
+}
+
+/// What the lease ticker (leases, deadlines, retention) has done since the mock started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TickerStats {
+    /// Ticks run.
+    pub ticks: u64,
+    /// Job and worker records looked at, over all ticks.
+    pub visited: u64,
 }
 
 /// Arrival times kept per route.
@@ -242,6 +288,8 @@ pub struct MockState {
     pub(super) stop_arrived: Notify,
     /// Bumped on every change, so tests can await a condition instead of sleeping.
     changed: watch::Sender<u64>,
+    /// The client requests waiting on a job, and how often they were woken.
+    waiters: watch::Sender<WaiterStats>,
     /// How the mock behaves.
     pub options: MockOptions,
     /// Counts client requests against `options.rate_limits`, when set.
@@ -251,6 +299,36 @@ pub struct MockState {
     /// Per route: requests being answered, and an injected delay (kept apart from `inner`,
     /// whose changes wake every waiter).
     flights: Mutex<HashMap<Route, Flight>>,
+}
+
+/// The client requests waiting on one job (`/runsync`, `/status-sync`, `/stream`, the OpenAI
+/// route), and how often one was woken to look at its job again.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WaiterStats {
+    /// Requests waiting now.
+    pub waiting: usize,
+    /// Times a waiting request was woken by a change (not by its own timeout).
+    pub woken: u64,
+}
+
+/// Counts a waiter while it waits.
+struct Waiting<'a>(&'a watch::Sender<WaiterStats>);
+
+impl<'a> Waiting<'a> {
+    fn new(stats: &'a watch::Sender<WaiterStats>) -> Self {
+        stats.send_modify(|s| s.waiting += 1);
+        Self(stats)
+    }
+
+    fn woken(&self) {
+        self.0.send_modify(|s| s.woken += 1);
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|s| s.waiting -= 1);
+    }
 }
 
 /// One route's requests being answered, and the delay injected before each is answered.
@@ -272,6 +350,7 @@ impl MockState {
             job_arrived: Notify::new(),
             stop_arrived: Notify::new(),
             changed: watch::channel(0).0,
+            waiters: watch::channel(WaiterStats::default()).0,
             rate_limiter: options.rate_limits.map(RateLimiter::new),
             options,
             // A webhook's redirect is not followed: a 307 would re-POST the job's result to
@@ -366,6 +445,38 @@ impl MockState {
                 return None;
             }
         }
+    }
+
+    /// [`MockState::wait_for`] for a client request waiting on `job` (`/runsync`,
+    /// `/status-sync`, `/stream`, the OpenAI route): counted in [`MockState::waiters`].
+    pub(super) async fn wait_for_job<T>(
+        &self,
+        _job: &str,
+        timeout: Duration,
+        f: impl Fn(&Inner) -> Option<T>,
+    ) -> Option<T> {
+        let waiting = Waiting::new(&self.waiters);
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changes.borrow_and_update();
+            if let Some(value) = self.read(&f) {
+                return Some(value);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+            waiting.woken();
+        }
+    }
+
+    /// The client requests waiting on a job now, and how often one was woken: a test awaits
+    /// a number of waiters with `wait_for` on it.
+    pub fn waiters(&self) -> watch::Receiver<WaiterStats> {
+        self.waiters.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
