@@ -376,12 +376,12 @@ mod tests {
         let mock = console.mock.clone();
         let big = "x".repeat(SHOWN_CHARS * 2);
         mock.with(|inner| {
-            let queue = inner.endpoint("local");
-            queue.push(
+            inner.push(
+                "local",
                 json!({"id": "a", "input": {"task": "echo", "text": big}}),
                 Duration::from_secs(60),
             );
-            let record = queue.jobs.get_mut("a").unwrap();
+            let record = inner.endpoint("local").jobs.get_mut("a").unwrap();
             record.state = mock_queue::JobState::Failed;
             record.output = Some(json!({"error_type": "InsufficientGPUMemory", "retry_after": 4}));
         });

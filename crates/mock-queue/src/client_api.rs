@@ -137,7 +137,8 @@ async fn settled_status(state: &MockState, endpoint: &str, job: &str, wait: Dura
     }
 }
 
-/// Runs `f` on the job's record, or answers 404.
+/// Runs `f` on the job's record, or answers 404; then sets the job's next deadline (`f` may
+/// have moved it).
 fn with_job(
     state: &MockState,
     endpoint: &str,
@@ -146,9 +147,10 @@ fn with_job(
 ) -> Response {
     let found = state.with(|inner| {
         let queue = inner.endpoints.get_mut(endpoint)?;
-        queue.jobs.contains_key(job).then(|| f(queue))
+        let answer = queue.jobs.contains_key(job).then(|| f(queue))?;
+        inner.reschedule(endpoint, job);
+        Some(answer)
     });
-    state.wake();
     found.unwrap_or_else(|| unknown_job(&state.options, job))
 }
 
@@ -224,6 +226,8 @@ async fn cancel(
             .map(|url| (url, record.status_body(&job)));
         Json(json!({ "id": job, "status": "CANCELLED" })).into_response()
     });
+    // Its holder's job-stop long-poll has a signal now.
+    state.wake();
     if let Some((url, body)) = webhook {
         tokio::spawn(super::leases::deliver_webhook(state, url, body));
     }
@@ -234,7 +238,7 @@ async fn retry(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
-    with_job(&state, &endpoint, &job, |queue| {
+    let response = with_job(&state, &endpoint, &job, |queue| {
         let record = queue.jobs.get_mut(&job).expect("checked by with_job");
         if !matches!(record.state, JobState::Failed | JobState::TimedOut) {
             let message = format!(
@@ -251,12 +255,17 @@ async fn retry(
         let raw = record.raw.clone();
         queue.pending.push_back(raw);
         Json(json!({ "id": job, "status": "IN_QUEUE" })).into_response()
-    })
+    });
+    // A held take may have it.
+    state.wake();
+    response
 }
 
 async fn purge(State(state): State<Arc<MockState>>, Path(endpoint): Path<String>) -> Response {
     let (removed, ids) = state.with(|inner| {
-        let queue = inner.endpoint(&endpoint);
+        let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
+            return (0, Vec::new());
+        };
         let removed: Vec<Value> = queue.pending.drain(..).collect();
         let ids: Vec<String> = removed
             .iter()
@@ -264,7 +273,7 @@ async fn purge(State(state): State<Arc<MockState>>, Path(endpoint): Path<String>
             .map(str::to_owned)
             .collect();
         for id in &ids {
-            queue.jobs.remove(id);
+            inner.remove_job(&endpoint, id);
         }
         (removed.len(), ids)
     });

@@ -77,6 +77,9 @@ pub struct JobRecord {
     pub webhook: Option<String>,
     /// Times it went back to the queue after a lease expired.
     pub retries: u32,
+    /// When its entry in the ticker's index is due ([`JobRecord::next_deadline`] when it
+    /// was last set); `None`: it has none.
+    pub(crate) scheduled: Option<Instant>,
 }
 
 impl JobRecord {
@@ -111,7 +114,30 @@ impl JobRecord {
             started: None,
             finished: None,
             retries: 0,
+            scheduled: None,
         }
+    }
+
+    /// The first moment one of its deadlines passes: its ttl; once it has ended, the end of
+    /// its retention; while held, its lease and its execution timeout plus `timeout_grace`.
+    /// `None`: never (a deadline past what `Instant` can hold).
+    pub fn next_deadline(&self, timeout_grace: Duration) -> Option<Instant> {
+        let ttl = self.submitted.checked_add(self.ttl);
+        let other = match self.state {
+            JobState::InQueue => None,
+            JobState::InProgress => {
+                let started = self.started.unwrap_or(self.submitted);
+                let timeout = self
+                    .execution_timeout
+                    .checked_add(timeout_grace)
+                    .and_then(|limit| started.checked_add(limit));
+                earliest(self.lease_until, timeout)
+            }
+            _ => self
+                .finished
+                .and_then(|finished| finished.checked_add(self.retention)),
+        };
+        earliest(ttl, other)
     }
 
     /// Whether it ended more than its retention ago (then it is deleted).
@@ -145,5 +171,13 @@ impl JobRecord {
             body["retries"] = json!(self.retries);
         }
         body
+    }
+}
+
+/// The earlier of two moments, either of which may be absent.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -1,15 +1,21 @@
 //! Time-driven job changes: lease expiry (requeue), `policy.executionTimeout` (stop, then
 //! TIMED_OUT), `policy.ttl` (deletion) and the end of a finished job's retention (deletion),
-//! checked on a short tick, with whatever else would otherwise pile up; and webhook delivery.
+//! checked on a short tick, with whatever else would otherwise pile up (stale workers, empty
+//! queues); and webhook delivery. A tick takes from the index of deadlines
+//! ([`super::deadlines`]) only the jobs and workers that are due: its cost does not grow with
+//! the jobs kept.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::deadlines::Due;
 use super::jobs::JobState;
-use super::state::{EndpointQueue, MockState};
+use super::options::MockOptions;
+use super::state::{Inner, MockState};
 
 /// How often leases and deadlines are checked.
 const TICK: Duration = Duration::from_millis(100);
@@ -22,106 +28,155 @@ pub(super) async fn run(state: Arc<MockState>, stop: CancellationToken) {
             _ = ticker.tick() => {}
             () = stop.cancelled() => return,
         }
-        let hooks = state.with(|inner| {
-            let now = Instant::now();
-            let mut hooks = Vec::new();
-            inner.ticker.ticks += 1;
-            for queue in inner.endpoints.values_mut() {
-                inner.ticker.visited += (queue.jobs.len() + queue.workers.len()) as u64;
-                hooks.extend(expire(queue, &state.options, now));
-                forget(queue, &state.options, now);
-            }
-            if !state.options.record_history {
-                // Any id in a path makes a queue; one with nothing left in it goes.
-                inner.endpoints.retain(|_, queue| !queue.is_idle());
-            }
-            hooks
-        });
-        state.wake();
-        for (url, body) in hooks {
+        let expired = state.with(|inner| expire(inner, &state.options, Instant::now()));
+        if expired.requeued || expired.stopped {
+            state.wake();
+        }
+        for (url, body) in expired.hooks {
             tokio::spawn(deliver_webhook(state.clone(), url, body));
         }
     }
 }
 
-/// Applies every deadline that has passed; returns the webhooks to deliver.
-fn expire(
-    queue: &mut EndpointQueue,
-    options: &super::options::MockOptions,
-    now: Instant,
-) -> Vec<(String, Value)> {
-    let mut hooks = Vec::new();
-    let ids: Vec<String> = queue.jobs.keys().cloned().collect();
-    for id in ids {
-        let Some(job) = queue.jobs.get(&id) else {
-            continue;
-        };
-        if now.saturating_duration_since(job.submitted) > job.ttl {
-            let holder = job.holder.clone();
-            queue.jobs.remove(&id);
-            queue.unqueue(&id);
-            if let Some(worker) = holder {
-                queue.stop(&worker, &id);
-            }
-            tracing::info!(job_id = %id, "ttl reached: job deleted");
-            continue;
-        }
-        if job.retention_over(now) {
-            queue.jobs.remove(&id);
-            // A stop signal for it that no worker collected is moot now.
-            for ids in queue.stops.values_mut() {
-                ids.retain(|stop| stop != &id);
-            }
-            queue.stops.retain(|_, ids| !ids.is_empty());
-            continue;
-        }
-        if job.state != JobState::InProgress {
-            continue;
-        }
-        let started = job.started.unwrap_or(job.submitted);
-        let timed_out =
-            now.saturating_duration_since(started) > job.execution_timeout + options.timeout_grace;
-        let lease_lost = job.lease_until.is_some_and(|until| now > until);
-        let Some(job) = queue.jobs.get_mut(&id) else {
-            continue;
-        };
-        let holder = job.holder.take();
-        if timed_out {
-            job.state = JobState::TimedOut;
-            job.finished = Some(now);
-            job.lease_until = None;
-            if let Some(url) = job.webhook.clone() {
-                hooks.push((url, job.status_body(&id)));
-            }
-            if let Some(worker) = holder {
-                queue.stop(&worker, &id);
-            }
-            tracing::info!(job_id = %id, "execution timeout: job TIMED_OUT");
-        } else if lease_lost {
-            job.state = JobState::InQueue;
-            job.lease_until = None;
-            job.retries += 1;
-            let raw = job.raw.clone();
-            queue.retried += 1;
-            queue.pending.push_front(raw);
-            tracing::info!(
-                job_id = %id,
-                "lease expired (worker {} stopped pinging it): job requeued",
-                holder.as_deref().unwrap_or("?")
-            );
-        } else {
-            job.holder = holder;
-        }
-    }
-    hooks
+/// What a tick did that others must hear of.
+#[derive(Debug, Default)]
+struct Expired {
+    /// Webhooks to deliver.
+    hooks: Vec<(String, Value)>,
+    /// A job went back to the queue (a held take may have it).
+    requeued: bool,
+    /// A worker was told to stop a job (its job-stop long-poll may have it).
+    stopped: bool,
 }
 
-/// Drops what no one needs any more: workers that have not pinged for a lease (`/health`
-/// no longer counts them).
-fn forget(queue: &mut EndpointQueue, options: &super::options::MockOptions, now: Instant) {
-    queue
-        .workers
-        .retain(|_, ping| now.saturating_duration_since(ping.at) < options.lease_timeout);
+/// Applies every deadline that has passed, looking only at the jobs and workers whose entry
+/// in the index is due.
+fn expire(inner: &mut Inner, options: &MockOptions, now: Instant) -> Expired {
+    let mut expired = Expired::default();
+    let due = inner.deadlines.take_due(now);
+    inner.ticker.ticks += 1;
+    inner.ticker.visited += due.len() as u64;
+    // Queued jobs past their ttl leave `pending` in one pass per endpoint, not one each.
+    let mut unqueue: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut touched = BTreeSet::new();
+    for (_, due) in due {
+        match due {
+            Due::Job { endpoint, id } => {
+                if let Some(job) = inner
+                    .endpoints
+                    .get_mut(&endpoint)
+                    .and_then(|queue| queue.jobs.get_mut(&id))
+                {
+                    // Its entry was just taken out.
+                    job.scheduled = None;
+                }
+                match expire_job(inner, &endpoint, &id, options, now, &mut expired) {
+                    Some(Gone::Queued) => {
+                        unqueue.entry(endpoint.clone()).or_default().insert(id);
+                    }
+                    Some(Gone::Ended) => {}
+                    None => inner.reschedule(&endpoint, &id),
+                }
+                touched.insert(endpoint);
+            }
+            Due::Worker { endpoint, worker } => {
+                inner.forget_worker_if_stale(&endpoint, &worker, options.lease_timeout, now);
+                touched.insert(endpoint);
+            }
+        }
+    }
+    for (endpoint, ids) in unqueue {
+        if let Some(queue) = inner.endpoints.get_mut(&endpoint) {
+            queue.pending.retain(|raw| {
+                let id = raw.get("id").and_then(Value::as_str);
+                !id.is_some_and(|id| ids.contains(id))
+            });
+        }
+    }
+    if !options.record_history {
+        for endpoint in &touched {
+            inner.forget_if_idle(endpoint);
+        }
+    }
+    expired
+}
+
+/// Why a job was deleted.
+enum Gone {
+    /// Its ttl ran out while it was queued: it must leave `pending` too.
+    Queued,
+    /// It was held or had ended.
+    Ended,
+}
+
+/// Applies job `id`'s deadlines that have passed; `Some` when it was deleted.
+fn expire_job(
+    inner: &mut Inner,
+    endpoint: &str,
+    id: &str,
+    options: &MockOptions,
+    now: Instant,
+    expired: &mut Expired,
+) -> Option<Gone> {
+    let queue = inner.endpoints.get_mut(endpoint)?;
+    let job = queue.jobs.get(id)?;
+    if now.saturating_duration_since(job.submitted) > job.ttl {
+        let holder = job.holder.clone();
+        let queued = job.state == JobState::InQueue;
+        if let Some(worker) = holder {
+            queue.stop(&worker, id);
+            expired.stopped = true;
+        }
+        inner.remove_job(endpoint, id);
+        tracing::info!(job_id = %id, "ttl reached: job deleted");
+        return Some(if queued { Gone::Queued } else { Gone::Ended });
+    }
+    if job.retention_over(now) {
+        // A stop signal for it that no worker collected is moot now.
+        for ids in queue.stops.values_mut() {
+            ids.retain(|stop| stop != id);
+        }
+        queue.stops.retain(|_, ids| !ids.is_empty());
+        inner.remove_job(endpoint, id);
+        return Some(Gone::Ended);
+    }
+    if job.state != JobState::InProgress {
+        return None;
+    }
+    let started = job.started.unwrap_or(job.submitted);
+    let timed_out =
+        now.saturating_duration_since(started) > job.execution_timeout + options.timeout_grace;
+    let lease_lost = job.lease_until.is_some_and(|until| now > until);
+    let job = queue.jobs.get_mut(id)?;
+    if timed_out {
+        let holder = job.holder.take();
+        job.state = JobState::TimedOut;
+        job.finished = Some(now);
+        job.lease_until = None;
+        if let Some(url) = job.webhook.clone() {
+            expired.hooks.push((url, job.status_body(id)));
+        }
+        if let Some(worker) = holder {
+            queue.stop(&worker, id);
+            expired.stopped = true;
+        }
+        tracing::info!(job_id = %id, "execution timeout: job TIMED_OUT");
+    } else if lease_lost {
+        let holder = job.holder.take();
+        job.state = JobState::InQueue;
+        job.lease_until = None;
+        job.retries += 1;
+        let raw = job.raw.clone();
+        queue.retried += 1;
+        queue.pending.push_front(raw);
+        expired.requeued = true;
+        tracing::info!(
+            job_id = %id,
+            "lease expired (worker {} stopped pinging it): job requeued",
+            holder.as_deref().unwrap_or("?")
+        );
+    }
+    None
 }
 
 /// Whether the webhook's host resolves to an internal address (a name that was not one as

@@ -18,11 +18,13 @@
 // variant costs nothing that matters in a mock server.
 #[allow(clippy::result_large_err)]
 mod client_api;
+mod deadlines;
 #[allow(clippy::result_large_err)]
 mod gate;
 mod health;
 mod jobs;
 mod leases;
+mod lifecycle;
 #[allow(clippy::result_large_err)]
 mod openai;
 mod options;
@@ -47,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use health::endpoint_health;
 pub use jobs::{JobRecord, JobState};
-pub use options::MockOptions;
+pub use options::{MockOptions, MAX_JOBS};
 pub use rate_limit::{LimitedRoute, RateLimits};
 pub use state::{
     DoneRecord, EndpointQueue, Fault, Inner, MockState, PingRecord, ResultHeaders, Route,
@@ -184,9 +186,8 @@ impl MockQueue {
     pub fn enqueue_all(&self, endpoint: &str, jobs: impl IntoIterator<Item = Value>) {
         let retention = self.state.options.run_retention;
         self.state.with(|inner| {
-            let queue = inner.endpoint(endpoint);
             for job in jobs {
-                queue.push(job, retention);
+                inner.push(endpoint, job, retention);
             }
         });
         self.state.wake();

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
+use super::deadlines::Deadlines;
 use super::jobs::JobRecord;
 use super::options::MockOptions;
 use super::rate_limit::RateLimiter;
@@ -185,16 +186,6 @@ impl EndpointQueue {
         self.jobs.values().filter(|j| j.holder.is_some()).count()
     }
 
-    /// Queues a job object; jobs with a string id get a record (status, lease), kept for
-    /// `retention` once they end.
-    pub fn push(&mut self, raw: Value, retention: Duration) {
-        if let Some(id) = raw.get("id").and_then(Value::as_str) {
-            self.jobs
-                .insert(id.to_owned(), JobRecord::new(raw.clone(), retention));
-        }
-        self.pending.push_back(raw);
-    }
-
     /// Whether nothing is kept for this endpoint: no job, no worker, no stop signal and no
     /// history (so a long-running mock can forget it).
     pub fn is_idle(&self) -> bool {
@@ -257,6 +248,10 @@ pub struct Inner {
     pub request_times: HashMap<Route, Vec<std::time::Instant>>,
     /// What the lease ticker has done: its cost is the records it visits.
     pub ticker: TickerStats,
+    /// Every job's and every worker's next deadline, for the ticker.
+    pub(crate) deadlines: Deadlines,
+    /// [`MockOptions::timeout_grace`], for the jobs' deadlines.
+    pub(crate) timeout_grace: Duration,
 }
 
 /// What the lease ticker (leases, deadlines, retention) has done since the mock started.
@@ -346,7 +341,10 @@ impl MockState {
     /// Empty state.
     pub fn new(options: MockOptions) -> Self {
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                timeout_grace: options.timeout_grace,
+                ..Inner::default()
+            }),
             job_arrived: Notify::new(),
             stop_arrived: Notify::new(),
             changed: watch::channel(0).0,

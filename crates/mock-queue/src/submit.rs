@@ -45,13 +45,20 @@ pub(super) enum SubmitError {
     /// `--max-queued` jobs are waiting.
     #[error("the queue is full ({0} jobs waiting); retry later")]
     QueueFull(usize),
+    /// The endpoint keeps `--max-jobs` jobs already.
+    #[error(
+        "endpoint {endpoint:?} keeps {kept} jobs, its most (--max-jobs): queued, running, and \
+         finished ones until their retention ends; retry once some have gone, or start the \
+         queue with a larger --max-jobs"
+    )]
+    TooManyKept { endpoint: String, kept: usize },
 }
 
 impl IntoResponse for SubmitError {
     fn into_response(self) -> Response {
         let status = match &self {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::QueueFull(_) | Self::TooManyKept { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         };
         let mut body = json!({ "error": self.to_string() });
@@ -115,25 +122,34 @@ fn check(submitted: &Map<String, Value>, options: &MockOptions) -> Result<(), Su
     Ok(())
 }
 
-/// Queues `job` unless `--max-queued` jobs are waiting already.
+/// Queues `job` unless `--max-queued` jobs are waiting already, or the endpoint keeps
+/// `--max-jobs` jobs.
 fn enqueue(
     state: &MockState,
     endpoint: &str,
     job: Value,
     retention: Duration,
 ) -> Result<(), SubmitError> {
-    let max_queued = state.options.max_queued;
-    let queued = state.with(|inner| {
-        let queue = inner.endpoint(endpoint);
-        if max_queued.is_some_and(|max| queue.pending.len() >= max) {
-            return false;
+    let MockOptions {
+        max_queued,
+        max_jobs,
+        ..
+    } = state.options;
+    state.with(|inner| {
+        if let Some(queue) = inner.endpoints.get(endpoint) {
+            if let Some(max) = max_queued.filter(|max| queue.pending.len() >= *max) {
+                return Err(SubmitError::QueueFull(max));
+            }
+            if let Some(max) = max_jobs.filter(|max| queue.jobs.len() >= *max) {
+                return Err(SubmitError::TooManyKept {
+                    endpoint: endpoint.to_owned(),
+                    kept: max,
+                });
+            }
         }
-        queue.push(job, retention);
-        true
-    });
-    if !queued {
-        return Err(SubmitError::QueueFull(max_queued.unwrap_or(0)));
-    }
+        inner.push(endpoint, job, retention);
+        Ok(())
+    })?;
     state.wake();
     Ok(())
 }

@@ -96,10 +96,20 @@ async fn take_jobs(
         // Register for the wake-up before looking, so a job enqueued in between is not missed.
         arrived.as_mut().enable();
         let jobs = state.with(|inner| {
-            let queue = inner.endpoint(&endpoint);
+            // A take on an endpoint that has no queue yet finds nothing, and makes none
+            // (unless tests read its record): any id in a path would otherwise leave one.
+            let queue = if record_history {
+                inner.endpoint(&endpoint)
+            } else {
+                match inner.endpoints.get_mut(&endpoint) {
+                    Some(queue) => queue,
+                    None => return Vec::new(),
+                }
+            };
             let count = wanted.min(queue.pending.len());
             let jobs: Vec<Value> = queue.pending.drain(..count).collect();
             let now = std::time::Instant::now();
+            let mut taken = Vec::with_capacity(jobs.len());
             for job in &jobs {
                 let id = job.get("id").and_then(Value::as_str).unwrap_or_default();
                 if let Some(record) = queue.jobs.get_mut(id) {
@@ -108,6 +118,7 @@ async fn take_jobs(
                     record.last_worker = Some(worker.clone());
                     record.lease_until = Some(now + lease_timeout);
                     record.started = Some(now);
+                    taken.push(id);
                 }
             }
             let timed_out = tokio::time::Instant::now() >= deadline;
@@ -118,6 +129,9 @@ async fn take_jobs(
                     job_in_progress: query.get("job_in_progress").cloned(),
                     returned: jobs.len(),
                 });
+            }
+            for id in taken {
+                inner.reschedule(&endpoint, id);
             }
             jobs
         });
@@ -157,11 +171,15 @@ async fn stop(
         tokio::pin!(arrived);
         arrived.as_mut().enable();
         let ids = state.with(|inner| {
-            inner
-                .endpoint(&endpoint)
-                .stops
-                .remove(&worker)
-                .unwrap_or_default()
+            let ids = inner
+                .endpoints
+                .get_mut(&endpoint)
+                .and_then(|queue| queue.stops.remove(&worker))
+                .unwrap_or_default();
+            if !ids.is_empty() && !state.options.record_history {
+                inner.forget_if_idle(&endpoint);
+            }
+            ids
         });
         if !ids.is_empty() {
             return Json(json!({ "jobsToStop": ids })).into_response();
@@ -213,7 +231,9 @@ async fn done(
     let record_history = state.options.record_history;
     let mut webhook = None;
     let outcome = state.with(|inner| {
-        let queue = inner.endpoint(&endpoint);
+        let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
+            return Err(unknown_job(&state.options, &job));
+        };
         let Some(record) = queue.jobs.get_mut(&job) else {
             return Err(unknown_job(&state.options, &job));
         };
@@ -256,6 +276,9 @@ async fn done(
             (true, true) => queue.progress.push(entry),
             (true, false) => queue.done.push(entry),
         }
+        if !progress {
+            inner.reschedule(&endpoint, &job);
+        }
         Ok(())
     });
     state.wake();
@@ -281,7 +304,9 @@ async fn stream(
         Err(refused) => return refused,
     };
     let outcome = state.with(|inner| {
-        let queue = inner.endpoint(&endpoint);
+        let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
+            return Err(unknown_job(&state.options, &job));
+        };
         let Some(record) = queue.jobs.get_mut(&job) else {
             return Err(unknown_job(&state.options, &job));
         };
@@ -334,6 +359,7 @@ async fn ping(
     state.with(|inner| {
         let queue = inner.endpoint(&endpoint);
         let now = std::time::Instant::now();
+        // A lease only moves later: the ticker finds the renewal when the old one comes due.
         for id in &job_ids {
             if let Some(record) = queue.jobs.get_mut(id) {
                 if record.holder.as_deref() == Some(worker.as_str()) {
@@ -350,7 +376,7 @@ async fn ping(
         if state.options.record_history {
             queue.pings.push(ping.clone());
         }
-        queue.workers.insert(ping.worker.clone(), ping);
+        inner.note_ping(&endpoint, ping, lease_timeout);
     });
     StatusCode::OK.into_response()
 }

@@ -1,0 +1,139 @@
+//! The mock under hostile load: what it costs does not grow with the jobs it keeps. The lease
+//! ticker visits only what expires, and a full endpoint refuses jobs with a 429 (`--max-jobs`).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mock_queue::{JobState, MockOptions, MockQueue};
+use serde_json::{json, Value};
+
+use crate::helpers::{client_with_key, spawn_mock_with, test_mock_options, BIN, EP, WAIT};
+use crate::local_process::{lines_of, listening_address};
+
+async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until the mock's ticker has run `ticks` more times.
+async fn ticks_pass(mock: &MockQueue, ticks: u64) {
+    let start = mock.state().read(|i| i.ticker.ticks);
+    let passed = mock
+        .state()
+        .wait_for(WAIT, |i| (i.ticker.ticks >= start + ticks).then_some(()))
+        .await;
+    assert!(passed.is_some(), "the ticker stopped ticking");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ticker_visits_only_what_expires_not_every_job_kept() {
+    const KEPT: usize = 100_000;
+    const EXPIRING: usize = 10;
+    let mock = spawn_mock_with(MockOptions {
+        timeout_grace: Duration::ZERO,
+        run_retention: Duration::from_secs(3600),
+        ..test_mock_options()
+    });
+    let base = format!("{}/v2/{EP}", mock.base_url());
+    // Jobs that time out as soon as they are taken: 100k finished jobs, kept for an hour.
+    mock.enqueue_all(
+        EP,
+        (0..KEPT).map(
+            |n| json!({"id": format!("kept-{n}"), "input": {}, "policy": {"executionTimeout": 1}}),
+        ),
+    );
+    let client = client_with_key();
+    let (status, taken) =
+        send(client.get(format!("{base}/job-take-batch/w?batch_size={KEPT}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(taken.as_array().map(Vec::len), Some(KEPT));
+    let finished = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            let queue = i.endpoints.get(EP)?;
+            let timed_out = queue
+                .jobs
+                .values()
+                .filter(|j| j.state == JobState::TimedOut);
+            (timed_out.count() == KEPT).then_some(())
+        })
+        .await;
+    assert!(finished.is_some(), "the jobs never timed out");
+
+    // Among them, a few queued jobs whose ttl runs out: the ticker still deletes those.
+    let before = mock.state().read(|i| i.ticker);
+    mock.enqueue_all(
+        EP,
+        (0..EXPIRING)
+            .map(|n| json!({"id": format!("brief-{n}"), "input": {}, "policy": {"ttl": 200}})),
+    );
+    let deleted = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            let queue = i.endpoints.get(EP)?;
+            (queue.jobs.len() == KEPT && queue.pending.is_empty()).then_some(())
+        })
+        .await;
+    assert!(
+        deleted.is_some(),
+        "the jobs past their ttl were not deleted"
+    );
+    ticks_pass(&mock, 3).await;
+    let after = mock.state().read(|i| i.ticker);
+    let ticks = after.ticks - before.ticks;
+    let visited = after.visited - before.visited;
+    assert!(
+        visited <= 2 * EXPIRING as u64,
+        "over {ticks} ticks the ticker visited {visited} records: only the {EXPIRING} that \
+         expired should cost anything, not the {KEPT} kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_queue_refuses_jobs_past_max_jobs_with_a_429_that_says_why() {
+    let mut mock = Command::new(BIN)
+        .args(["mock-queue", "--port", "0", "--api-key", "test-key"])
+        .args(["--max-jobs", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = lines_of(mock.stdout.take().unwrap());
+    let address = listening_address(&stdout);
+    let base = format!("{address}/v2/{EP}");
+    let client = client_with_key();
+    let job = json!({"input": {"task": "echo"}});
+    for _ in 0..2 {
+        let (status, body) = send(client.post(format!("{base}/run")).json(&job)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // One of them ends: a finished job is still kept (its result can be read), so still full.
+    let (_, taken) = send(client.get(format!("{base}/job-take/w"))).await;
+    let id = taken["id"].as_str().unwrap().to_owned();
+    let done = client
+        .post(format!("{base}/job-done/w/{id}"))
+        .json(&json!({"output": "ok"}));
+    assert_eq!(send(done).await.0, 200);
+
+    let (status, body) = send(client.post(format!("{base}/run")).json(&job)).await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("2 jobs") && message.contains("--max-jobs"),
+        "the refusal says what is full and what to do: {message}"
+    );
+    let (status, _) = send(client.post(format!("{base}/runsync?wait=1000")).json(&job)).await;
+    assert_eq!(status, 429, "/runsync is refused as /run is");
+    // The cap is per endpoint id, as the platform's limits are.
+    let other = format!("{address}/v2/other/run");
+    assert_eq!(send(client.post(other).json(&job)).await.0, 200);
+
+    // Room again once a job is gone.
+    let (_, purged) = send(client.post(format!("{base}/purge-queue"))).await;
+    assert_eq!(purged["removed"], 1);
+    let (status, body) = send(client.post(format!("{base}/run")).json(&job)).await;
+    assert_eq!(status, 200, "{body}");
+    let _ = mock.kill();
+    let _ = mock.wait();
+}
