@@ -1,5 +1,6 @@
 //! The mock under hostile load: what it costs does not grow with the jobs it keeps. The lease
-//! ticker visits only what expires, and a full endpoint refuses jobs with a 429 (`--max-jobs`).
+//! ticker visits only what expires, a waiting request is woken only by its own job, and a
+//! full endpoint refuses jobs with a 429 (`--max-jobs`).
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -88,6 +89,60 @@ async fn the_ticker_visits_only_what_expires_not_every_job_kept() {
         "over {ticks} ticks the ticker visited {visited} records: only the {EXPIRING} that \
          expired should cost anything, not the {KEPT} kept"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_wakes_only_its_own_waiter_and_idle_waiters_sleep() {
+    const WAITERS: usize = 200;
+    let mock = spawn_mock_with(test_mock_options());
+    let base = format!("{}/v2/{EP}", mock.base_url());
+    let client = client_with_key();
+    mock.enqueue_all(
+        EP,
+        (0..WAITERS).map(|n| json!({"id": format!("job-{n}"), "input": {}})),
+    );
+    // A worker holds job-0 (the first queued); the others stay queued.
+    let (_, taken) = send(client.get(format!("{base}/job-take/w"))).await;
+    assert_eq!(taken["id"], "job-0");
+
+    let mut waiters = mock.state().waiters();
+    let requests: Vec<_> = (0..WAITERS)
+        .map(|n| {
+            let request = client.get(format!("{base}/status-sync/job-{n}?wait=60000"));
+            tokio::spawn(send(request))
+        })
+        .collect();
+    let all_waiting = tokio::time::timeout(WAIT, waiters.wait_for(|s| s.waiting == WAITERS));
+    assert!(all_waiting.await.is_ok(), "{:?}", *waiters.borrow());
+    let start = waiters.borrow().woken;
+
+    ticks_pass(&mock, 3).await;
+    let idle = waiters.borrow().woken - start;
+    assert_eq!(
+        idle, 0,
+        "{WAITERS} idle waiters were woken {idle} times while nothing happened to their jobs"
+    );
+
+    let (status, _) = send(
+        client
+            .post(format!("{base}/job-done/w/job-0"))
+            .json(&json!({"output": "ok"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut requests = requests.into_iter();
+    let (status, body) = requests.next().unwrap().await.unwrap();
+    assert_eq!((status, body["status"].as_str()), (200, Some("COMPLETED")));
+    let one_left = tokio::time::timeout(WAIT, waiters.wait_for(|s| s.waiting == WAITERS - 1));
+    assert!(one_left.await.is_ok(), "{:?}", *waiters.borrow());
+    let woken = waiters.borrow().woken - start;
+    assert_eq!(
+        woken, 1,
+        "finishing one job woke {woken} waiters: only its own should look again"
+    );
+    for request in requests {
+        request.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

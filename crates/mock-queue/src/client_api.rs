@@ -137,18 +137,32 @@ async fn settled_status(state: &MockState, endpoint: &str, job: &str, wait: Dura
     }
 }
 
-/// Runs `f` on the job's record, or answers 404; then sets the job's next deadline (`f` may
-/// have moved it).
+/// What a route does to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads it (`/status`), or takes its unread chunks (`/stream`): nothing a deadline or a
+    /// waiting request depends on.
+    Read,
+    /// Changes its state (`/cancel`, `/retry`): its deadline is set again, and the requests
+    /// waiting on it look again.
+    Change,
+}
+
+/// Runs `f` on the job's record, or answers 404.
 fn with_job(
     state: &MockState,
     endpoint: &str,
     job: &str,
+    access: Access,
     f: impl FnOnce(&mut EndpointQueue) -> Response,
 ) -> Response {
     let found = state.with(|inner| {
         let queue = inner.endpoints.get_mut(endpoint)?;
         let answer = queue.jobs.contains_key(job).then(|| f(queue))?;
-        inner.reschedule(endpoint, job);
+        if access == Access::Change {
+            inner.reschedule(endpoint, job);
+            inner.job_changed(job);
+        }
         Some(answer)
     });
     found.unwrap_or_else(|| unknown_job(&state.options, job))
@@ -158,7 +172,7 @@ async fn status(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
-    with_job(&state, &endpoint, &job, |queue| {
+    with_job(&state, &endpoint, &job, Access::Read, |queue| {
         Json(queue.jobs[&job].status_body(&job)).into_response()
     })
 }
@@ -171,7 +185,7 @@ async fn stream(
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
     hold_stream(&state, &endpoint, &job).await;
-    with_job(&state, &endpoint, &job, |queue| {
+    with_job(&state, &endpoint, &job, Access::Read, |queue| {
         let Some(record) = queue.jobs.get_mut(&job) else {
             return unknown_job(&state.options, &job);
         };
@@ -205,7 +219,7 @@ async fn cancel(
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
     let mut webhook = None;
-    let response = with_job(&state, &endpoint, &job, |queue| {
+    let response = with_job(&state, &endpoint, &job, Access::Change, |queue| {
         let record = queue.jobs.get(&job).expect("checked by with_job");
         if record.state.is_final() {
             return Json(json!({ "id": job, "status": record.state.as_str() })).into_response();
@@ -238,7 +252,7 @@ async fn retry(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
-    let response = with_job(&state, &endpoint, &job, |queue| {
+    let response = with_job(&state, &endpoint, &job, Access::Change, |queue| {
         let record = queue.jobs.get_mut(&job).expect("checked by with_job");
         if !matches!(record.state, JobState::Failed | JobState::TimedOut) {
             let message = format!(

@@ -71,11 +71,16 @@ fn expire(inner: &mut Inner, options: &MockOptions, now: Instant) -> Expired {
                     job.scheduled = None;
                 }
                 match expire_job(inner, &endpoint, &id, options, now, &mut expired) {
-                    Some(Gone::Queued) => {
+                    Outcome::Deleted { queued: true } => {
                         unqueue.entry(endpoint.clone()).or_default().insert(id);
                     }
-                    Some(Gone::Ended) => {}
-                    None => inner.reschedule(&endpoint, &id),
+                    Outcome::Deleted { queued: false } => {}
+                    Outcome::Changed => {
+                        inner.reschedule(&endpoint, &id);
+                        inner.job_changed(&id);
+                    }
+                    // A renewed lease: only its entry moves.
+                    Outcome::Unchanged => inner.reschedule(&endpoint, &id),
                 }
                 touched.insert(endpoint);
             }
@@ -101,15 +106,17 @@ fn expire(inner: &mut Inner, options: &MockOptions, now: Instant) -> Expired {
     expired
 }
 
-/// Why a job was deleted.
-enum Gone {
-    /// Its ttl ran out while it was queued: it must leave `pending` too.
-    Queued,
-    /// It was held or had ended.
-    Ended,
+/// What a due deadline did to a job.
+enum Outcome {
+    /// Deleted (ttl, retention); `queued`: it must leave `pending` too.
+    Deleted { queued: bool },
+    /// Timed out, or requeued after its lease.
+    Changed,
+    /// Nothing yet (a renewed lease), or the job is gone.
+    Unchanged,
 }
 
-/// Applies job `id`'s deadlines that have passed; `Some` when it was deleted.
+/// Applies job `id`'s deadlines that have passed.
 fn expire_job(
     inner: &mut Inner,
     endpoint: &str,
@@ -117,9 +124,13 @@ fn expire_job(
     options: &MockOptions,
     now: Instant,
     expired: &mut Expired,
-) -> Option<Gone> {
-    let queue = inner.endpoints.get_mut(endpoint)?;
-    let job = queue.jobs.get(id)?;
+) -> Outcome {
+    let Some(queue) = inner.endpoints.get_mut(endpoint) else {
+        return Outcome::Unchanged;
+    };
+    let Some(job) = queue.jobs.get_mut(id) else {
+        return Outcome::Unchanged;
+    };
     if now.saturating_duration_since(job.submitted) > job.ttl {
         let holder = job.holder.clone();
         let queued = job.state == JobState::InQueue;
@@ -129,7 +140,7 @@ fn expire_job(
         }
         inner.remove_job(endpoint, id);
         tracing::info!(job_id = %id, "ttl reached: job deleted");
-        return Some(if queued { Gone::Queued } else { Gone::Ended });
+        return Outcome::Deleted { queued };
     }
     if job.retention_over(now) {
         // A stop signal for it that no worker collected is moot now.
@@ -138,16 +149,15 @@ fn expire_job(
         }
         queue.stops.retain(|_, ids| !ids.is_empty());
         inner.remove_job(endpoint, id);
-        return Some(Gone::Ended);
+        return Outcome::Deleted { queued: false };
     }
     if job.state != JobState::InProgress {
-        return None;
+        return Outcome::Unchanged;
     }
     let started = job.started.unwrap_or(job.submitted);
     let timed_out =
         now.saturating_duration_since(started) > job.execution_timeout + options.timeout_grace;
     let lease_lost = job.lease_until.is_some_and(|until| now > until);
-    let job = queue.jobs.get_mut(id)?;
     if timed_out {
         let holder = job.holder.take();
         job.state = JobState::TimedOut;
@@ -175,8 +185,10 @@ fn expire_job(
             "lease expired (worker {} stopped pinging it): job requeued",
             holder.as_deref().unwrap_or("?")
         );
+    } else {
+        return Outcome::Unchanged;
     }
-    None
+    Outcome::Changed
 }
 
 /// Whether the webhook's host resolves to an internal address (a name that was not one as

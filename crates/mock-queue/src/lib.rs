@@ -31,6 +31,7 @@ mod options;
 pub mod policy;
 mod rate_limit;
 mod replies;
+mod signals;
 mod state;
 mod submit;
 #[allow(clippy::result_large_err)]

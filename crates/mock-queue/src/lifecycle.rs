@@ -1,7 +1,8 @@
 //! The bookkeeping a change to a job or a worker needs, in one place: its entry in the ticker's
-//! index of deadlines ([`super::deadlines`]). A route that changes a job's state calls
-//! [`Inner::reschedule`] after it, so the ticker looks at the job when its next deadline
-//! comes, and not before.
+//! index of deadlines ([`super::deadlines`]), and the requests waiting on the job
+//! ([`super::signals`]). A route that changes a job's state calls [`Inner::reschedule`] after
+//! it, so the ticker looks at the job when its next deadline comes and not before, and
+//! [`Inner::job_changed`], so the requests waiting on that job (and only those) look again.
 
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,14 @@ impl Inner {
         queue.pending.push_back(job);
         if let Some(id) = id {
             self.reschedule(endpoint, &id);
+            self.job_changed(&id);
         }
+    }
+
+    /// Notes that job `id` changed: once the lock is released, the requests waiting on it
+    /// (and only those) look at it again.
+    pub(crate) fn job_changed(&mut self, id: &str) {
+        self.changed_jobs.push(id.to_owned());
     }
 
     /// Sets the ticker's entry for job `id` of `endpoint` at its next deadline, after a change
@@ -53,7 +61,7 @@ impl Inner {
     }
 
     /// Deletes job `id`'s record and its entry in the ticker's index (not its place in
-    /// `pending`: see [`super::EndpointQueue::unqueue`]).
+    /// `pending`: see [`super::EndpointQueue::unqueue`]); its waiters find it gone.
     pub(crate) fn remove_job(&mut self, endpoint: &str, id: &str) -> Option<JobRecord> {
         let record = self.endpoints.get_mut(endpoint)?.jobs.remove(id)?;
         let due = Due::Job {
@@ -61,6 +69,7 @@ impl Inner {
             id: id.to_owned(),
         };
         self.deadlines.reschedule(due, record.scheduled, None);
+        self.job_changed(id);
         Some(record)
     }
 

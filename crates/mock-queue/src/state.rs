@@ -12,6 +12,7 @@ use super::deadlines::Deadlines;
 use super::jobs::JobRecord;
 use super::options::MockOptions;
 use super::rate_limit::RateLimiter;
+use super::signals::JobSignals;
 
 /// A route group (for fault injection and request counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -252,6 +253,9 @@ pub struct Inner {
     pub(crate) deadlines: Deadlines,
     /// [`MockOptions::timeout_grace`], for the jobs' deadlines.
     pub(crate) timeout_grace: Duration,
+    /// Jobs changed under the lock now, whose waiters [`MockState::with`] wakes once it is
+    /// released.
+    pub(crate) changed_jobs: Vec<String>,
 }
 
 /// What the lease ticker (leases, deadlines, retention) has done since the mock started.
@@ -283,6 +287,8 @@ pub struct MockState {
     pub(super) stop_arrived: Notify,
     /// Bumped on every change, so tests can await a condition instead of sleeping.
     changed: watch::Sender<u64>,
+    /// Per job: wakes the requests waiting on it, and only those.
+    signals: JobSignals,
     /// The client requests waiting on a job, and how often they were woken.
     waiters: watch::Sender<WaiterStats>,
     /// How the mock behaves.
@@ -348,6 +354,7 @@ impl MockState {
             job_arrived: Notify::new(),
             stop_arrived: Notify::new(),
             changed: watch::channel(0).0,
+            signals: JobSignals::default(),
             waiters: watch::channel(WaiterStats::default()).0,
             rate_limiter: options.rate_limits.map(RateLimiter::new),
             options,
@@ -399,9 +406,16 @@ impl MockState {
     }
 
     /// Reads or changes the state; every call counts as a change for [`MockState::wait_for`].
+    /// The requests waiting on a job are woken only if the change was to that job
+    /// ([`Inner::job_changed`]).
     pub fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
-        let value = f(&mut self.lock());
+        let (value, changed_jobs) = {
+            let mut inner = self.lock();
+            let value = f(&mut inner);
+            (value, std::mem::take(&mut inner.changed_jobs))
+        };
         self.changed.send_modify(|n| *n += 1);
+        self.signals.notify(&changed_jobs);
         value
     }
 
@@ -422,6 +436,8 @@ impl MockState {
     }
 
     /// Waits until `f` returns `Some`, re-checking after every change, at most `timeout`.
+    /// For tests: it looks again after any change at all; the client routes wait on their
+    /// own job instead.
     pub async fn wait_for<T>(
         &self,
         timeout: Duration,
@@ -445,19 +461,20 @@ impl MockState {
         }
     }
 
-    /// [`MockState::wait_for`] for a client request waiting on `job` (`/runsync`,
-    /// `/status-sync`, `/stream`, the OpenAI route): counted in [`MockState::waiters`].
+    /// For a client request waiting on `job` (`/runsync`, `/status-sync`, `/stream`, the
+    /// OpenAI route): waits until `f` returns `Some`, at most `timeout`, looking again only
+    /// when `job` has changed. Counted in [`MockState::waiters`].
     pub(super) async fn wait_for_job<T>(
         &self,
-        _job: &str,
+        job: &str,
         timeout: Duration,
         f: impl Fn(&Inner) -> Option<T>,
     ) -> Option<T> {
         let waiting = Waiting::new(&self.waiters);
-        let mut changes = self.changed.subscribe();
+        // Subscribed before the first look, so a change made in between still wakes us.
+        let mut changes = self.signals.subscribe(job);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            changes.borrow_and_update();
             if let Some(value) = self.read(&f) {
                 return Some(value);
             }

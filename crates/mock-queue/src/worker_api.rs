@@ -132,6 +132,7 @@ async fn take_jobs(
             }
             for id in taken {
                 inner.reschedule(&endpoint, id);
+                inner.job_changed(id);
             }
             jobs
         });
@@ -279,6 +280,7 @@ async fn done(
         if !progress {
             inner.reschedule(&endpoint, &job);
         }
+        inner.job_changed(&job);
         Ok(())
     });
     state.wake();
@@ -326,6 +328,8 @@ async fn stream(
                 headers: ResultHeaders::of(&headers),
             });
         }
+        // Its `/stream` request may be held waiting for a chunk.
+        inner.job_changed(&job);
         Ok(())
     });
     match outcome {
