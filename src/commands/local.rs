@@ -200,6 +200,8 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
             // A developer's machine is what it is: no fitness checks.
             fitness: worker::runner::Fitness::skipped(),
             pages: Some(Box::new(crate::console::worker_console)),
+            // The queue, its jobs and their results live in this process too.
+            shares_process: true,
         };
         let Some(started) = start_worker(setup).await? else {
             break;

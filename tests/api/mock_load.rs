@@ -1,7 +1,9 @@
 //! The mock under hostile load: what it costs does not grow with the jobs it keeps. The lease
-//! ticker visits only what expires, a waiting request is woken only by its own job, and a
-//! full endpoint refuses jobs with a 429 (`--max-jobs`).
+//! ticker visits only what expires, a waiting request is woken only by its own job, a
+//! submitted body is stored at about its size, a full endpoint refuses jobs with a 429
+//! (`--max-jobs`), and in `local` the queue's memory never makes the worker ask to be replaced.
 
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use mock_queue::{JobState, MockOptions, MockQueue};
 use serde_json::{json, Value};
 
 use crate::helpers::{client_with_key, spawn_mock_with, test_mock_options, BIN, EP, WAIT};
-use crate::local_process::{lines_of, listening_address};
+use crate::local_process::{lines_of, listening_address, LocalProcess};
 
 async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
     let response = request.send().await.unwrap();
@@ -145,6 +147,71 @@ async fn a_finished_job_wakes_only_its_own_waiter_and_idle_waiters_sleep() {
     }
 }
 
+/// `{"input": {"task": "echo", "numbers": [1,1,...]}}` of about `bytes`: the body whose
+/// parsed tree is the largest for its size (one 32-byte node per two bytes of text).
+fn numeric_body(bytes: usize) -> String {
+    let mut numbers = "1,".repeat(bytes / 2);
+    numbers.push('1');
+    format!(r#"{{"input": {{"task": "echo", "numbers": [{numbers}]}}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_numeric_body_and_its_result_are_stored_at_about_their_size() {
+    let mock = spawn_mock_with(MockOptions {
+        // As in `local` and `mock-queue`: no test history, only the jobs.
+        record_history: false,
+        ..test_mock_options()
+    });
+    let base = format!("{}/v2/{EP}", mock.base_url());
+    let client = client_with_key();
+    let body = numeric_body(9_000_000);
+    let (status, queued) = send(
+        client
+            .post(format!("{base}/run"))
+            .header("content-type", "application/json")
+            .body(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 200, "{queued}");
+    let id = queued["id"].as_str().unwrap().to_owned();
+    let stored = mock.state().read(|i| i.endpoints[EP].stored_bytes());
+    assert!(
+        stored <= 2 * body.len(),
+        "a {} byte body is stored in {stored} bytes",
+        body.len()
+    );
+
+    // The worker gets the input whole, and its result of the same size is stored as compactly.
+    let (_, job) = send(client.get(format!("{base}/job-take/w"))).await;
+    let numbers = job["input"]["numbers"].as_array().map(Vec::len);
+    assert_eq!(numbers, Some(4_500_001));
+    let output = format!(
+        r#"{{"output": {}}}"#,
+        &body[r#"{"input": "#.len()..body.len() - 1]
+    );
+    let (status, _) = send(
+        client
+            .post(format!("{base}/job-done/w/{id}"))
+            .header("content-type", "application/json")
+            .body(output.clone()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let stored = mock.state().read(|i| i.endpoints[EP].stored_bytes());
+    assert!(
+        stored <= 2 * (body.len() + output.len()),
+        "a {} byte body and a {} byte result are stored in {stored} bytes",
+        body.len(),
+        output.len()
+    );
+    let (status, done) = send(client.get(format!("{base}/status/{id}"))).await;
+    assert_eq!((status, done["status"].as_str()), (200, Some("COMPLETED")));
+    assert_eq!(
+        done["output"]["numbers"].as_array().map(Vec::len),
+        Some(4_500_001)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mock_queue_refuses_jobs_past_max_jobs_with_a_429_that_says_why() {
     let mut mock = Command::new(BIN)
@@ -191,4 +258,56 @@ async fn mock_queue_refuses_jobs_past_max_jobs_with_a_429_that_says_why() {
     assert_eq!(status, 200, "{body}");
     let _ = mock.kill();
     let _ = mock.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_keeping_big_jobs_does_not_ask_for_a_fresh_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("runpod.toml");
+    // The lowest factor allowed: the memory rule at its most eager.
+    let mut file = std::fs::File::create(&config).unwrap();
+    writeln!(
+        file,
+        "[handler]\nrecycle_memory_factor = 1.5\n[handlers.echo]\nmax_concurrency = 4\ndevice = \"cpu\""
+    )
+    .unwrap();
+    let local = LocalProcess::start(&config, "key-big-jobs", &[]);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", "Bearer key-big-jobs".parse().unwrap());
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    let runsync = format!("{}/v2/local/runsync", local.base);
+    let big = numeric_body(9_000_000);
+    let mut workers = Vec::new();
+    for body in [
+        big.clone(),
+        big,
+        r#"{"input": {"task": "echo"}}"#.to_owned(),
+    ] {
+        let (status, done) = send(
+            client
+                .post(&runsync)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await;
+        assert_eq!(
+            (status, done["status"].as_str()),
+            (200, Some("COMPLETED")),
+            "{}",
+            done["error"]
+        );
+        workers.push(done["workerId"].as_str().unwrap_or_default().to_owned());
+    }
+    // The worker checks its memory after the first big job: a fresh worker would have taken
+    // the next ones.
+    let log: Vec<String> = local.stderr.try_iter().collect();
+    assert_eq!(
+        workers,
+        ["local-worker"; 3],
+        "the worker asked to be replaced:\n{}",
+        log.join("\n")
+    );
 }

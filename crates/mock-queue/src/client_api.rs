@@ -13,14 +13,17 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
+use serde_json::value::RawValue;
 
+use super::body::JobBody;
 use super::jobs::{JobRecord, JobState};
 use super::policy;
 use runpod_protocol::limits::{MAX_RUNSYNC_BODY, MAX_RUN_BODY};
 
 use super::rate_limit::LimitedRoute;
-use super::replies::{error, unknown_job};
+use super::replies::{error, json_text, unknown_job};
 use super::state::{EndpointQueue, Inner, MockState, Route};
 use super::submit::{submit, Via};
 
@@ -132,7 +135,7 @@ async fn settled_status(state: &MockState, endpoint: &str, job: &str, wait: Dura
         None => state.read(|inner| record(inner, endpoint, job).map(|r| r.status_body(job))),
     };
     match body {
-        Some(body) => Json(body).into_response(),
+        Some(body) => json_text(body),
         None => unknown_job(&state.options, job),
     }
 }
@@ -173,7 +176,7 @@ async fn status(
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
     with_job(&state, &endpoint, &job, Access::Read, |queue| {
-        Json(queue.jobs[&job].status_body(&job)).into_response()
+        json_text(queue.jobs[&job].status_body(&job))
     })
 }
 
@@ -189,14 +192,30 @@ async fn stream(
         let Some(record) = queue.jobs.get_mut(&job) else {
             return unknown_job(&state.options, &job);
         };
-        let chunks: Vec<Value> = record
-            .stream
-            .drain(..)
-            .map(|c| json!({ "output": c }))
-            .collect();
-        Json(json!({ "id": job, "status": record.state.as_str(), "stream": chunks }))
-            .into_response()
+        let answer = StreamAnswer {
+            id: &job,
+            status: record.state.as_str(),
+            stream: record
+                .stream
+                .drain(..)
+                .map(|output| Chunk { output })
+                .collect(),
+        };
+        json_text(serde_json::to_string(&answer).expect("chunks are JSON already"))
     })
+}
+
+/// `/stream`'s answer: the chunks as they were posted, not copied into a tree.
+#[derive(Serialize)]
+struct StreamAnswer<'a> {
+    id: &'a str,
+    status: &'static str,
+    stream: Vec<Chunk>,
+}
+
+#[derive(Serialize)]
+struct Chunk {
+    output: Box<RawValue>,
 }
 
 /// Waits, at most `stream_hold`, until `job` has a chunk not read before, has ended, or is
@@ -266,8 +285,8 @@ async fn retry(
         record.error = None;
         record.finished = None;
         record.stream.clear();
-        let raw = record.raw.clone();
-        queue.pending.push_back(raw);
+        let body = record.body.clone();
+        queue.pending.push_back(body);
         Json(json!({ "id": job, "status": "IN_QUEUE" })).into_response()
     });
     // A held take may have it.
@@ -280,10 +299,10 @@ async fn purge(State(state): State<Arc<MockState>>, Path(endpoint): Path<String>
         let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
             return (0, Vec::new());
         };
-        let removed: Vec<Value> = queue.pending.drain(..).collect();
+        let removed: Vec<JobBody> = queue.pending.drain(..).collect();
         let ids: Vec<String> = removed
             .iter()
-            .filter_map(|raw| raw.get("id").and_then(Value::as_str))
+            .filter_map(JobBody::id)
             .map(str::to_owned)
             .collect();
         for id in &ids {

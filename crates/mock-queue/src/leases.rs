@@ -9,7 +9,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::deadlines::Due;
@@ -41,8 +40,8 @@ pub(super) async fn run(state: Arc<MockState>, stop: CancellationToken) {
 /// What a tick did that others must hear of.
 #[derive(Debug, Default)]
 struct Expired {
-    /// Webhooks to deliver.
-    hooks: Vec<(String, Value)>,
+    /// Webhooks to deliver: the URL and the `/status` body.
+    hooks: Vec<(String, String)>,
     /// A job went back to the queue (a held take may have it).
     requeued: bool,
     /// A worker was told to stop a job (its job-stop long-poll may have it).
@@ -92,10 +91,9 @@ fn expire(inner: &mut Inner, options: &MockOptions, now: Instant) -> Expired {
     }
     for (endpoint, ids) in unqueue {
         if let Some(queue) = inner.endpoints.get_mut(&endpoint) {
-            queue.pending.retain(|raw| {
-                let id = raw.get("id").and_then(Value::as_str);
-                !id.is_some_and(|id| ids.contains(id))
-            });
+            queue
+                .pending
+                .retain(|job| !job.id().is_some_and(|id| ids.contains(id)));
         }
     }
     if !options.record_history {
@@ -176,9 +174,9 @@ fn expire_job(
         job.state = JobState::InQueue;
         job.lease_until = None;
         job.retries += 1;
-        let raw = job.raw.clone();
+        let body = job.body.clone();
         queue.retried += 1;
-        queue.pending.push_front(raw);
+        queue.pending.push_front(body);
         expired.requeued = true;
         tracing::info!(
             job_id = %id,
@@ -214,7 +212,7 @@ async fn resolves_internal(url: &str) -> bool {
 }
 
 /// POSTs the final `/status` body to the job's webhook: three attempts in all.
-pub(super) async fn deliver_webhook(state: Arc<MockState>, url: String, body: Value) {
+pub(super) async fn deliver_webhook(state: Arc<MockState>, url: String, body: String) {
     if !state.options.allow_private_webhooks && resolves_internal(&url).await {
         tracing::warn!(
             "webhook {url} not called: its host {}",
@@ -226,7 +224,8 @@ pub(super) async fn deliver_webhook(state: Arc<MockState>, url: String, body: Va
         let sent = state
             .http
             .post(&url)
-            .json(&body)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
             .timeout(Duration::from_secs(10))
             .send()
             .await;

@@ -16,6 +16,7 @@
 
 // Route helpers return `Result<_, Response>` so a refusal is an early return; the large error
 // variant costs nothing that matters in a mock server.
+mod body;
 #[allow(clippy::result_large_err)]
 mod client_api;
 mod deadlines;
@@ -48,6 +49,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use body::JobBody;
 pub use health::endpoint_health;
 pub use jobs::{JobRecord, JobState};
 pub use options::{MockOptions, MAX_JOBS};

@@ -6,8 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
+use super::body::JobBody;
 use super::deadlines::Due;
 use super::jobs::JobRecord;
 use super::state::{Inner, PingRecord};
@@ -15,8 +14,9 @@ use super::state::{Inner, PingRecord};
 impl Inner {
     /// Queues a job object on `endpoint`; one with a string id gets a record (status, lease,
     /// deadlines), kept for `retention` once it ends.
-    pub fn push(&mut self, endpoint: &str, job: Value, retention: Duration) {
-        let id = job.get("id").and_then(Value::as_str).map(str::to_owned);
+    pub fn push(&mut self, endpoint: &str, job: impl Into<JobBody>, retention: Duration) {
+        let job = job.into();
+        let id = job.id().map(str::to_owned);
         let queue = self.endpoint(endpoint);
         if let Some(id) = &id {
             queue

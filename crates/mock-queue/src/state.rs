@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
+use super::body::JobBody;
 use super::deadlines::Deadlines;
 use super::jobs::JobRecord;
 use super::options::MockOptions;
@@ -135,8 +136,8 @@ pub struct PingRecord {
 /// One endpoint's jobs and records.
 #[derive(Debug, Clone, Default)]
 pub struct EndpointQueue {
-    /// Job objects waiting to be taken, in order.
-    pub pending: VecDeque<Value>,
+    /// Job objects waiting to be taken, in order (each shares its text with its record).
+    pub pending: VecDeque<JobBody>,
     /// Every known job by id (queued, held or ended).
     pub jobs: HashMap<String, JobRecord>,
     /// Final job-done bodies, in arrival order.
@@ -164,22 +165,23 @@ impl EndpointQueue {
         self.jobs.get(job_id)?.holder.as_deref()
     }
 
-    /// The bytes this queue's jobs take in memory (their bodies, outputs, errors and unread
-    /// stream chunks, as the mock stores them), estimated from the values' sizes; the test
-    /// history is not counted.
+    /// The bytes this queue's jobs take in memory: their ids, bodies, outputs, errors and
+    /// unread stream chunks, as the mock stores them (JSON text; a queued job's body is shared
+    /// by the queue and its record). The test history is not counted.
     pub fn stored_bytes(&self) -> usize {
         let records: usize = self
             .jobs
             .iter()
-            .map(|(id, job)| {
-                id.capacity()
-                    + value_bytes(&job.raw)
-                    + job.output.as_ref().map_or(0, value_bytes)
-                    + job.error.as_ref().map_or(0, value_bytes)
-                    + job.stream.iter().map(value_bytes).sum::<usize>()
-            })
+            .map(|(id, job)| id.len() + job.stored_bytes())
             .sum();
-        records + self.pending.iter().map(value_bytes).sum::<usize>()
+        // Jobs queued without a record (no string id: tests' bad jobs).
+        let unrecorded: usize = self
+            .pending
+            .iter()
+            .filter(|job| job.id().is_none_or(|id| !self.jobs.contains_key(id)))
+            .map(JobBody::stored_bytes)
+            .sum();
+        records + unrecorded
     }
 
     /// Jobs held by workers now.
@@ -212,26 +214,8 @@ impl EndpointQueue {
     /// Removes a queued job from `pending`.
     pub fn unqueue(&mut self, job_id: &str) -> bool {
         let before = self.pending.len();
-        self.pending
-            .retain(|raw| raw.get("id").and_then(Value::as_str) != Some(job_id));
+        self.pending.retain(|job| job.id() != Some(job_id));
         self.pending.len() != before
-    }
-}
-
-/// The heap a `Value` takes, estimated: each node, each string's bytes, each array's slots and
-/// each object entry (its key and its B-tree share).
-fn value_bytes(value: &Value) -> usize {
-    const NODE: usize = std::mem::size_of::<Value>();
-    NODE + match value {
-        Value::String(s) => s.capacity(),
-        Value::Array(items) => {
-            (items.capacity() - items.len()) * NODE + items.iter().map(value_bytes).sum::<usize>()
-        }
-        Value::Object(map) => map
-            .iter()
-            .map(|(key, value)| std::mem::size_of::<String>() + key.capacity() + value_bytes(value))
-            .sum(),
-        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
     }
 }
 

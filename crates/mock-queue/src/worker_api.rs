@@ -13,8 +13,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::body::{owned, raw_of, string_field, top_level, JobBody, TopLevel};
 use super::jobs::JobState;
-use super::replies::{error, unknown_job};
+use super::replies::{error, json_text, unknown_job};
 use super::state::{
     DoneRecord, MockState, PingRecord, ResultHeaders, Route, StreamRecord, TakeRecord,
 };
@@ -107,11 +108,11 @@ async fn take_jobs(
                 }
             };
             let count = wanted.min(queue.pending.len());
-            let jobs: Vec<Value> = queue.pending.drain(..count).collect();
+            let jobs: Vec<JobBody> = queue.pending.drain(..count).collect();
             let now = std::time::Instant::now();
             let mut taken = Vec::with_capacity(jobs.len());
             for job in &jobs {
-                let id = job.get("id").and_then(Value::as_str).unwrap_or_default();
+                let id = job.id().unwrap_or_default();
                 if let Some(record) = queue.jobs.get_mut(id) {
                     record.state = JobState::InProgress;
                     record.holder = Some(worker.clone());
@@ -149,9 +150,11 @@ async fn take_jobs(
                     .unwrap_or_default(),
                 jobs.len()
             );
+            // The jobs' text as it was queued: no tree is built, however large the input.
+            let texts = jobs.iter().map(|job| job.text().get());
             return match batch_size {
-                None => Json(jobs.into_iter().next().unwrap_or_default()).into_response(),
-                Some(_) => Json(Value::Array(jobs)).into_response(),
+                None => json_text(texts.collect::<String>()),
+                Some(_) => json_text(format!("[{}]", texts.collect::<Vec<_>>().join(","))),
             };
         }
         if tokio::time::Instant::now() >= deadline {
@@ -206,13 +209,19 @@ fn check_size(body: &Bytes, limit: usize, what: &str) -> Result<(), Response> {
     ))
 }
 
-fn parse_body(body: &Bytes, what: &str) -> Result<Value, Response> {
-    serde_json::from_slice(body).map_err(|e| {
+/// The body's top-level fields, each as its text (none when it is not an object).
+fn parse_body<'a>(body: &'a Bytes, what: &str) -> Result<TopLevel<'a>, Response> {
+    top_level(body).map(Option::unwrap_or_default).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
             format!("{what} body is not JSON: {e}"),
         )
     })
+}
+
+/// The whole body as a tree, for the test history only (`record_history`).
+fn history_of(body: &Bytes) -> Value {
+    serde_json::from_slice(body).unwrap_or(Value::Null)
 }
 
 async fn done(
@@ -224,11 +233,14 @@ async fn done(
 ) -> Response {
     let checked = check_size(&body, state.options.max_result_size, "job-done")
         .and_then(|()| parse_body(&body, "job-done"));
-    let body = match checked {
-        Ok(body) => body,
+    let fields = match checked {
+        Ok(fields) => fields,
         Err(refused) => return refused,
     };
-    let progress = body.get("status").and_then(Value::as_str) == Some("IN_PROGRESS");
+    let progress = string_field(&fields, "status").as_deref() == Some("IN_PROGRESS");
+    // The error string is parsed; the output is kept as its text.
+    let error_text = string_field(&fields, "error").map(Value::String);
+    let output = fields.get("output").map(|output| owned(output));
     let record_history = state.options.record_history;
     let mut webhook = None;
     let outcome = state.with(|inner| {
@@ -248,8 +260,7 @@ async fn done(
             queue.stop(&worker, &job);
             return Err(error(StatusCode::NOT_FOUND, message));
         }
-        let error_text = body.get("error").filter(|e| e.is_string()).cloned();
-        record.output = body.get("output").cloned();
+        record.output = output;
         if !progress {
             record.state = if error_text.is_some() {
                 JobState::Failed
@@ -265,17 +276,18 @@ async fn done(
                 .clone()
                 .map(|url| (url, record.status_body(&job)));
         }
-        let entry = DoneRecord {
-            job_id: job.clone(),
-            worker: worker.clone(),
-            is_stream: query.get("isStream").cloned(),
-            body,
-            headers: ResultHeaders::of(&headers),
-        };
-        match (record_history, progress) {
-            (false, _) => {}
-            (true, true) => queue.progress.push(entry),
-            (true, false) => queue.done.push(entry),
+        if record_history {
+            let entry = DoneRecord {
+                job_id: job.clone(),
+                worker: worker.clone(),
+                is_stream: query.get("isStream").cloned(),
+                body: history_of(&body),
+                headers: ResultHeaders::of(&headers),
+            };
+            match progress {
+                true => queue.progress.push(entry),
+                false => queue.done.push(entry),
+            }
         }
         if !progress {
             inner.reschedule(&endpoint, &job);
@@ -301,8 +313,10 @@ async fn stream(
 ) -> Response {
     let checked = check_size(&body, state.options.max_stream_chunk, "job-stream")
         .and_then(|()| parse_body(&body, "job-stream"));
-    let body = match checked {
-        Ok(body) => body,
+    let chunk = match checked {
+        Ok(fields) => fields
+            .get("output")
+            .map_or_else(|| raw_of(&Value::Null), |c| owned(c)),
         Err(refused) => return refused,
     };
     let outcome = state.with(|inner| {
@@ -318,13 +332,11 @@ async fn stream(
                 format!("job {job} is not held by worker {worker}"),
             ));
         }
-        record
-            .stream
-            .push_back(body.get("output").cloned().unwrap_or(Value::Null));
+        record.stream.push_back(chunk);
         if state.options.record_history {
             queue.streams.push(StreamRecord {
                 job_id: job.clone(),
-                body,
+                body: history_of(&body),
                 headers: ResultHeaders::of(&headers),
             });
         }
