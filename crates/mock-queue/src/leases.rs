@@ -58,16 +58,19 @@ fn expire(inner: &mut Inner, options: &MockOptions, now: Instant) -> Expired {
     // Queued jobs past their ttl leave `pending` in one pass per endpoint, not one each.
     let mut unqueue: HashMap<String, HashSet<String>> = HashMap::new();
     let mut touched = BTreeSet::new();
-    for (_, due) in due {
+    for (at, due) in due {
         match due {
             Due::Job { endpoint, id } => {
-                if let Some(job) = inner
+                let job = inner
                     .endpoints
                     .get_mut(&endpoint)
-                    .and_then(|queue| queue.jobs.get_mut(&id))
-                {
-                    // Its entry was just taken out.
-                    job.scheduled = None;
+                    .and_then(|queue| queue.jobs.get_mut(&id));
+                match job {
+                    // Its entry, just taken out.
+                    Some(job) if job.scheduled == Some(at) => job.scheduled = None,
+                    // An entry left by a record since replaced (a test queued the same id
+                    // again): that record has its own.
+                    _ => continue,
                 }
                 match expire_job(inner, &endpoint, &id, options, now, &mut expired) {
                     Outcome::Deleted { queued: true } => {
@@ -243,5 +246,73 @@ pub(super) async fn deliver_webhook(state: Arc<MockState>, url: String, body: St
         if attempt < 3 {
             tokio::time::sleep(state.options.webhook_retry_delay).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn job(inner: &mut Inner) -> &mut super::super::JobRecord {
+        inner.endpoint("ep").jobs.get_mut("a").unwrap()
+    }
+
+    #[test]
+    fn a_job_is_looked_at_when_its_deadline_comes_and_a_renewed_lease_moves_it() {
+        let options = MockOptions {
+            record_history: false,
+            ..MockOptions::default()
+        };
+        let mut inner = Inner::default();
+        inner.push("ep", json!({"id": "a", "input": {}}), 60 * SECOND);
+        let t0 = job(&mut inner).submitted;
+        // Taken, with a 30 s lease.
+        inner.endpoint("ep").pending.clear();
+        let record = job(&mut inner);
+        record.state = JobState::InProgress;
+        record.holder = Some("w".into());
+        record.started = Some(t0);
+        record.lease_until = Some(t0 + 30 * SECOND);
+        inner.reschedule("ep", "a");
+
+        let visited = |inner: &Inner| inner.ticker.visited;
+        expire(&mut inner, &options, t0 + 10 * SECOND);
+        assert_eq!(visited(&inner), 0, "nothing due");
+        // A ping renews the lease; the entry is found at its old time and moved.
+        job(&mut inner).lease_until = Some(t0 + 50 * SECOND);
+        expire(&mut inner, &options, t0 + 31 * SECOND);
+        assert_eq!(visited(&inner), 1);
+        assert_eq!(job(&mut inner).state, JobState::InProgress);
+        expire(&mut inner, &options, t0 + 40 * SECOND);
+        assert_eq!(visited(&inner), 1, "looked at once per lease, not per tick");
+        inner.changed_jobs.clear();
+        let expired = expire(&mut inner, &options, t0 + 51 * SECOND);
+        assert!(expired.requeued);
+        assert_eq!(job(&mut inner).state, JobState::InQueue);
+        assert_eq!(inner.endpoint("ep").pending.len(), 1);
+        assert_eq!(inner.changed_jobs, ["a"], "its waiters are told");
+
+        // Ended: deleted when its retention is over, and its empty queue with it.
+        inner.endpoint("ep").pending.clear();
+        let record = job(&mut inner);
+        record.state = JobState::Completed;
+        record.finished = Some(t0 + 52 * SECOND);
+        inner.reschedule("ep", "a");
+        expire(&mut inner, &options, t0 + 100 * SECOND);
+        assert!(inner
+            .endpoints
+            .get("ep")
+            .is_some_and(|q| q.jobs.contains_key("a")));
+        expire(&mut inner, &options, t0 + 113 * SECOND);
+        assert!(inner.endpoints.is_empty(), "{:?}", inner.endpoints.keys());
+        assert_eq!(
+            visited(&inner),
+            3,
+            "the renewed lease, the lost one, the retention"
+        );
     }
 }
