@@ -188,6 +188,8 @@ impl MockQueue {
     /// Queues several jobs at once: a waiting take sees all of them.
     pub fn enqueue_all(&self, endpoint: &str, jobs: impl IntoIterator<Item = Value>) {
         let retention = self.state.options.run_retention;
+        // Made into text before the lock is taken, as a submission is.
+        let jobs: Vec<JobBody> = jobs.into_iter().map(JobBody::from).collect();
         self.state.with(|inner| {
             for job in jobs {
                 inner.push(endpoint, job, retention);
