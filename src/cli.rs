@@ -208,6 +208,11 @@ pub struct JobRuleFlags {
     /// Seconds a finished /runsync job's status and result are kept (the platform: 1 minute).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub runsync_retention: u64,
+    /// Jobs an endpoint keeps at most: queued, running, and finished ones until their
+    /// retention ends. Past it /run, /runsync and the OpenAI route answer 429, so a flood of
+    /// jobs cannot make the queue's memory grow without bound.
+    #[arg(long, value_name = "N", default_value_t = mock_queue::MAX_JOBS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_jobs: u64,
     /// Accept policy.executionTimeout under 5 s and policy.ttl under 10 s, which the platform
     /// refuses (for tests; types and the 7-day maximum are still checked).
     #[arg(long)]
@@ -229,6 +234,7 @@ impl From<JobRuleFlags> for crate::commands::JobRules {
         Self {
             run_retention_s: flags.run_retention,
             runsync_retention_s: flags.runsync_retention,
+            max_jobs: flags.max_jobs as usize,
             relax_policy_minimums: flags.relax_policy_minimums,
             rate_limit: flags.rate_limit,
             allow_private_webhooks: flags.allow_private_webhooks,
@@ -241,7 +247,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn local_and_mock_queue_take_the_retention_policy_and_rate_limit_flags() {
+    fn local_and_mock_queue_take_the_retention_policy_rate_limit_and_max_jobs_flags() {
         let cli = Cli::try_parse_from([
             "runpod-worker",
             "local",
@@ -258,6 +264,7 @@ mod tests {
             crate::commands::JobRules {
                 run_retention_s: 1800,
                 runsync_retention_s: 5,
+                max_jobs: mock_queue::MAX_JOBS,
                 relax_policy_minimums: true,
                 rate_limit: false,
                 allow_private_webhooks: false,
@@ -269,6 +276,8 @@ mod tests {
             "--run-retention",
             "7",
             "--rate-limit",
+            "--max-jobs",
+            "50",
         ])
         .unwrap();
         let Command::MockQueue { rules, .. } = cli.command else {
@@ -279,6 +288,7 @@ mod tests {
             crate::commands::JobRules {
                 run_retention_s: 7,
                 rate_limit: true,
+                max_jobs: 50,
                 ..crate::commands::JobRules::default()
             }
         );

@@ -81,6 +81,7 @@ async fn start(
         require_cuda: true,
         fitness,
         pages: Some(pages),
+        shares_process: false,
     };
     let Some(started) = start_for_requests(setup).await.map_err(|e| e.to_string())? else {
         return Ok(0);

@@ -200,6 +200,8 @@ pub async fn run_local(setup: LocalSetup) -> Result<(), LocalError> {
             // A developer's machine is what it is: no fitness checks.
             fitness: worker::runner::Fitness::skipped(),
             pages: Some(Box::new(crate::console::worker_console)),
+            // The queue, its jobs and their results live in this process too.
+            shares_process: true,
         };
         let Some(started) = start_worker(setup).await? else {
             break;
@@ -255,10 +257,15 @@ mod tests {
     use mock_queue::RateLimits;
 
     #[test]
-    fn local_serves_only_its_endpoint_and_rate_limits_only_when_asked() {
+    fn local_serves_only_its_endpoint_caps_its_jobs_and_rate_limits_only_when_asked() {
         let options = local_mock_options("k", JobRules::default());
         assert_eq!(options.endpoint_ids, Some(vec![LOCAL_ENDPOINT.to_owned()]));
         assert_eq!(options.rate_limits, None);
+        assert_eq!(
+            options.max_jobs,
+            Some(mock_queue::MAX_JOBS),
+            "kept jobs are capped"
+        );
         let limited = JobRules {
             rate_limit: true,
             ..JobRules::default()

@@ -50,6 +50,8 @@ pub struct JobRules {
     pub run_retention_s: u64,
     /// Seconds a finished `/runsync` job is kept.
     pub runsync_retention_s: u64,
+    /// Jobs an endpoint keeps at most (queued, running, finished within retention).
+    pub max_jobs: usize,
     /// Accept `policy` durations under the platform's minimums.
     pub relax_policy_minimums: bool,
     /// Apply the platform's per-route rate limits (429 with `Retry-After` beyond them).
@@ -65,6 +67,7 @@ impl Default for JobRules {
         Self {
             run_retention_s: 30 * 60,
             runsync_retention_s: 60,
+            max_jobs: mock_queue::MAX_JOBS,
             relax_policy_minimums: false,
             rate_limit: false,
             allow_private_webhooks: false,
@@ -79,6 +82,7 @@ impl JobRules {
         MockOptions {
             run_retention: Duration::from_secs(self.run_retention_s),
             runsync_retention: Duration::from_secs(self.runsync_retention_s),
+            max_jobs: Some(self.max_jobs),
             strict_policy_minimums: !self.relax_policy_minimums,
             rate_limits: self.rate_limit.then_some(RateLimits::PLATFORM),
             allow_private_webhooks: self.allow_private_webhooks,
@@ -221,6 +225,7 @@ mod tests {
             rules: JobRules {
                 run_retention_s: 120,
                 runsync_retention_s: 2,
+                max_jobs: 9,
                 relax_policy_minimums: true,
                 rate_limit: false,
                 allow_private_webhooks: true,
@@ -229,6 +234,7 @@ mod tests {
         let options = args.options(None);
         assert_eq!(options.run_retention, Duration::from_secs(120));
         assert_eq!(options.runsync_retention, Duration::from_secs(2));
+        assert_eq!(options.max_jobs, Some(9));
         assert!(!options.strict_policy_minimums);
         assert!(options.allow_private_webhooks);
         assert!(
@@ -243,6 +249,11 @@ mod tests {
             "the platform's retention"
         );
         assert!(defaults.strict_policy_minimums);
+        assert_eq!(
+            defaults.max_jobs,
+            Some(mock_queue::MAX_JOBS),
+            "a cap by default"
+        );
         assert_eq!(
             defaults.rate_limits, None,
             "no rate limits unless asked for"

@@ -60,6 +60,7 @@ pub async fn serve(config_path: Option<&Path>, http_port: Option<u16>) -> i32 {
         require_cuda: true,
         fitness,
         pages: Some(Box::new(crate::console::worker_console)),
+        shares_process: false,
     };
     match run_worker(setup).await {
         Ok(WorkerExit::Drained) => 0,

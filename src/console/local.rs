@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
 use super::{page, since_of, Mode, Since};
-use mock_queue::{endpoint_health, EndpointQueue, JobRecord, MockState};
+use mock_queue::{endpoint_health, EndpointQueue, JobBody, JobRecord, MockState};
 
 /// Jobs listed, newest first.
 const JOBS_LISTED: usize = 50;
@@ -170,6 +170,11 @@ async fn queue(State(console): State<Arc<LocalConsole>>) -> Json<Value> {
     }))
 }
 
+/// The largest output read for an error object: the worker's error object is a few hundred
+/// bytes; a larger output is a result, and parsing it for every row of the list would hold
+/// the queue's lock for nothing.
+const ERROR_OBJECT_MAX: usize = 64 * 1024;
+
 /// A job's `error_type` and `retry_after`: from its output (the worker's error object), or
 /// from the error string that carries the same object.
 fn failure(record: &JobRecord) -> (Option<String>, Option<u64>) {
@@ -177,13 +182,17 @@ fn failure(record: &JobRecord) -> (Option<String>, Option<u64>) {
         let error_type = v.get("error_type")?.as_str()?.to_owned();
         Some((error_type, v.get("retry_after").and_then(Value::as_u64)))
     };
+    let output = record
+        .output
+        .as_ref()
+        .filter(|output| output.get().len() <= ERROR_OBJECT_MAX)
+        .and_then(|output| serde_json::from_str::<Value>(output.get()).ok());
     let parsed = record
         .error
         .as_ref()
         .and_then(Value::as_str)
         .and_then(|s| serde_json::from_str::<Value>(s).ok());
-    record
-        .output
+    output
         .as_ref()
         .and_then(from)
         .or_else(|| parsed.as_ref().and_then(from))
@@ -194,10 +203,8 @@ fn failure(record: &JobRecord) -> (Option<String>, Option<u64>) {
 fn row(id: &str, record: &JobRecord, now: Instant) -> Value {
     let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_millis() as u64;
     let task = record
-        .raw
-        .get("input")
-        .and_then(|i| i.get("task"))
-        .and_then(Value::as_str)
+        .body
+        .task()
         .map(|t| t.chars().take(80).collect::<String>());
     let delay = ms(record.submitted, record.started.unwrap_or(now));
     let execution = record
@@ -251,17 +258,23 @@ fn shown(value: Option<&Value>) -> (Option<String>, bool, usize) {
 
 async fn job(State(console): State<Arc<LocalConsole>>, Path(id): Path<String>) -> Response {
     let now = Instant::now();
-    // Only copies are made under the queue's lock; the pretty-printing (seconds for a 10 MB
-    // output) happens after it is released, so the queue's own routes never wait for it.
+    // Only copies are made under the queue's lock (the body's is shared); the parsing and
+    // pretty-printing (seconds for a 10 MB output) happen after it is released, so the queue's
+    // own routes never wait for them.
     let found = with_queue(&console, |queue| {
         let record = queue.jobs.get(&id)?;
         // A failed job's output is the error object; its `error` string says the same.
-        let output = record.output.as_ref().or(record.error.as_ref()).cloned();
-        let input = record.raw.get("input").cloned();
-        Some((row(&id, record, now), input, output))
+        let output = match (&record.output, &record.error) {
+            (Some(output), _) => Some(output.get().to_owned()),
+            (None, Some(error)) => Some(error.to_string()),
+            (None, None) => None,
+        };
+        Some((row(&id, record, now), record.body.clone(), output))
     });
     // Off the async threads too: a large output takes a while to print.
-    let detail = |(mut body, input, output): (Value, Option<Value>, Option<Value>)| {
+    let detail = |(mut body, job, output): (Value, JobBody, Option<String>)| {
+        let input = job.value().get_mut("input").map(Value::take);
+        let output = output.and_then(|text| serde_json::from_str::<Value>(&text).ok());
         let (input, input_truncated, input_chars) = shown(input.as_ref());
         let (output, output_truncated, output_chars) = shown(output.as_ref());
         let extra = json!({
@@ -376,14 +389,15 @@ mod tests {
         let mock = console.mock.clone();
         let big = "x".repeat(SHOWN_CHARS * 2);
         mock.with(|inner| {
-            let queue = inner.endpoint("local");
-            queue.push(
+            inner.push(
+                "local",
                 json!({"id": "a", "input": {"task": "echo", "text": big}}),
                 Duration::from_secs(60),
             );
-            let record = queue.jobs.get_mut("a").unwrap();
+            let record = inner.endpoint("local").jobs.get_mut("a").unwrap();
             record.state = mock_queue::JobState::Failed;
-            record.output = Some(json!({"error_type": "InsufficientGPUMemory", "retry_after": 4}));
+            let error = json!({"error_type": "InsufficientGPUMemory", "retry_after": 4});
+            record.output = Some(serde_json::value::to_raw_value(&error).unwrap());
         });
         let app = local_routes(console);
         let (_, list) = get(&app, "/console/api/jobs", Some("k")).await;

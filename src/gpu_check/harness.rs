@@ -91,6 +91,7 @@ impl Harness {
             // A developer's machine is what it is: no fitness checks.
             fitness: worker::runner::Fitness::skipped(),
             pages: None,
+            shares_process: false,
         };
         let harness = Self {
             mock,

@@ -114,6 +114,7 @@ pub async fn setup_against(base: &str, worker: &str, shutdown: &CancellationToke
         require_cuda: true,
         fitness: Fitness::skipped(),
         pages: Some(Box::new(runpod_worker::console::worker_console)),
+        shares_process: false,
     }
 }
 
@@ -217,6 +218,7 @@ impl TestWorker {
             require_cuda,
             fitness: Fitness::skipped(),
             pages: Some(Box::new(runpod_worker::console::worker_console)),
+            shares_process: false,
         };
         let handle = tokio::spawn(run_worker(setup));
         // Until it is ready, /health describes a worker that is starting: wait for `/ready`

@@ -27,6 +27,7 @@ mod logs;
 mod loose_ends;
 mod mock_api;
 mod mock_client;
+mod mock_load;
 mod mock_local;
 mod mock_parity;
 mod mock_retention;

@@ -132,8 +132,8 @@ async fn wait_outside_the_platform_range_is_clamped_and_a_non_number_is_a_json_4
         .state()
         .wait_for(crate::helpers::WAIT, |i| {
             let queue = i.endpoints.get(EP)?;
-            queue.pending.iter().find_map(|raw| {
-                let id = raw["id"].as_str()?;
+            queue.pending.iter().find_map(|job| {
+                let id = job.id()?;
                 id.starts_with("sync-").then(|| id.to_owned())
             })
         })

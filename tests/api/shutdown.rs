@@ -226,9 +226,13 @@ async fn a_take_answer_on_its_way_at_sigterm_is_read_and_its_jobs_answered() {
         .set_answer_delay(mock_queue::Route::Take, Some(Duration::from_millis(300)));
     let pad = "x".repeat(1_000_000);
     let ids: Vec<String> = (0..4).map(|i| format!("arriving-{i}")).collect();
-    for id in &ids {
-        mock.enqueue(EP, json!({"id": id, "input": {"task": "echo", "pad": pad}}));
-    }
+    // All at once, so the held take hands out all four in one answer (queued one by one, the
+    // take may wake after the first and that job end before the others are taken).
+    mock.enqueue_all(
+        EP,
+        ids.iter()
+            .map(|id| json!({"id": id, "input": {"task": "echo", "pad": pad}})),
+    );
     let taken = mock
         .state()
         .wait_for(WAIT, |i| {

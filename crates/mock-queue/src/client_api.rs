@@ -13,14 +13,17 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
+use serde_json::value::RawValue;
 
+use super::body::JobBody;
 use super::jobs::{JobRecord, JobState};
 use super::policy;
 use runpod_protocol::limits::{MAX_RUNSYNC_BODY, MAX_RUN_BODY};
 
 use super::rate_limit::LimitedRoute;
-use super::replies::{error, unknown_job};
+use super::replies::{error, json_text, unknown_job};
 use super::state::{EndpointQueue, Inner, MockState, Route};
 use super::submit::{submit, Via};
 
@@ -122,7 +125,7 @@ async fn settled_status(state: &MockState, endpoint: &str, job: &str, wait: Dura
     // The body is read in the same look as the final state: a retention that ends just then
     // cannot turn a finished job into a 404.
     let settled = state
-        .wait_for(wait, |inner| match record(inner, endpoint, job) {
+        .wait_for_job(job, wait, |inner| match record(inner, endpoint, job) {
             Some(record) if !record.state.is_final() => None,
             found => Some(found.map(|r| r.status_body(job))),
         })
@@ -132,9 +135,20 @@ async fn settled_status(state: &MockState, endpoint: &str, job: &str, wait: Dura
         None => state.read(|inner| record(inner, endpoint, job).map(|r| r.status_body(job))),
     };
     match body {
-        Some(body) => Json(body).into_response(),
+        Some(body) => json_text(body),
         None => unknown_job(&state.options, job),
     }
+}
+
+/// What a route does to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads it (`/status`), or takes its unread chunks (`/stream`): nothing a deadline or a
+    /// waiting request depends on.
+    Read,
+    /// Changes its state (`/cancel`, `/retry`): its deadline is set again, and the requests
+    /// waiting on it look again.
+    Change,
 }
 
 /// Runs `f` on the job's record, or answers 404.
@@ -142,13 +156,18 @@ fn with_job(
     state: &MockState,
     endpoint: &str,
     job: &str,
+    access: Access,
     f: impl FnOnce(&mut EndpointQueue) -> Response,
 ) -> Response {
     let found = state.with(|inner| {
         let queue = inner.endpoints.get_mut(endpoint)?;
-        queue.jobs.contains_key(job).then(|| f(queue))
+        let answer = queue.jobs.contains_key(job).then(|| f(queue))?;
+        if access == Access::Change {
+            inner.reschedule(endpoint, job);
+            inner.job_changed(job);
+        }
+        Some(answer)
     });
-    state.wake();
     found.unwrap_or_else(|| unknown_job(&state.options, job))
 }
 
@@ -156,8 +175,8 @@ async fn status(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
-    with_job(&state, &endpoint, &job, |queue| {
-        Json(queue.jobs[&job].status_body(&job)).into_response()
+    with_job(&state, &endpoint, &job, Access::Read, |queue| {
+        json_text(queue.jobs[&job].status_body(&job))
     })
 }
 
@@ -169,25 +188,41 @@ async fn stream(
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
     hold_stream(&state, &endpoint, &job).await;
-    with_job(&state, &endpoint, &job, |queue| {
+    with_job(&state, &endpoint, &job, Access::Read, |queue| {
         let Some(record) = queue.jobs.get_mut(&job) else {
             return unknown_job(&state.options, &job);
         };
-        let chunks: Vec<Value> = record
-            .stream
-            .drain(..)
-            .map(|c| json!({ "output": c }))
-            .collect();
-        Json(json!({ "id": job, "status": record.state.as_str(), "stream": chunks }))
-            .into_response()
+        let answer = StreamAnswer {
+            id: &job,
+            status: record.state.as_str(),
+            stream: record
+                .stream
+                .drain(..)
+                .map(|output| Chunk { output })
+                .collect(),
+        };
+        json_text(serde_json::to_string(&answer).expect("chunks are JSON already"))
     })
+}
+
+/// `/stream`'s answer: the chunks as they were posted, not copied into a tree.
+#[derive(Serialize)]
+struct StreamAnswer<'a> {
+    id: &'a str,
+    status: &'static str,
+    stream: Vec<Chunk>,
+}
+
+#[derive(Serialize)]
+struct Chunk {
+    output: Box<RawValue>,
 }
 
 /// Waits, at most `stream_hold`, until `job` has a chunk not read before, has ended, or is
 /// gone; the answer is then whatever there is, as without the wait.
 async fn hold_stream(state: &MockState, endpoint: &str, job: &str) {
     state
-        .wait_for(state.options.stream_hold, |inner| {
+        .wait_for_job(job, state.options.stream_hold, |inner| {
             // An unknown endpoint or job is answered (404) at once, not held.
             let record = inner.endpoints.get(endpoint).and_then(|q| q.jobs.get(job));
             match record {
@@ -203,7 +238,7 @@ async fn cancel(
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
     let mut webhook = None;
-    let response = with_job(&state, &endpoint, &job, |queue| {
+    let response = with_job(&state, &endpoint, &job, Access::Change, |queue| {
         let record = queue.jobs.get(&job).expect("checked by with_job");
         if record.state.is_final() {
             return Json(json!({ "id": job, "status": record.state.as_str() })).into_response();
@@ -224,6 +259,8 @@ async fn cancel(
             .map(|url| (url, record.status_body(&job)));
         Json(json!({ "id": job, "status": "CANCELLED" })).into_response()
     });
+    // Its holder's job-stop long-poll has a signal now.
+    state.wake();
     if let Some((url, body)) = webhook {
         tokio::spawn(super::leases::deliver_webhook(state, url, body));
     }
@@ -234,7 +271,7 @@ async fn retry(
     State(state): State<Arc<MockState>>,
     Path((endpoint, job)): Path<(String, String)>,
 ) -> Response {
-    with_job(&state, &endpoint, &job, |queue| {
+    let response = with_job(&state, &endpoint, &job, Access::Change, |queue| {
         let record = queue.jobs.get_mut(&job).expect("checked by with_job");
         if !matches!(record.state, JobState::Failed | JobState::TimedOut) {
             let message = format!(
@@ -248,23 +285,28 @@ async fn retry(
         record.error = None;
         record.finished = None;
         record.stream.clear();
-        let raw = record.raw.clone();
-        queue.pending.push_back(raw);
+        let body = record.body.clone();
+        queue.pending.push_back(body);
         Json(json!({ "id": job, "status": "IN_QUEUE" })).into_response()
-    })
+    });
+    // A held take may have it.
+    state.wake();
+    response
 }
 
 async fn purge(State(state): State<Arc<MockState>>, Path(endpoint): Path<String>) -> Response {
     let (removed, ids) = state.with(|inner| {
-        let queue = inner.endpoint(&endpoint);
-        let removed: Vec<Value> = queue.pending.drain(..).collect();
+        let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
+            return (0, Vec::new());
+        };
+        let removed: Vec<JobBody> = queue.pending.drain(..).collect();
         let ids: Vec<String> = removed
             .iter()
-            .filter_map(|raw| raw.get("id").and_then(Value::as_str))
+            .filter_map(JobBody::id)
             .map(str::to_owned)
             .collect();
         for id in &ids {
-            queue.jobs.remove(id);
+            inner.remove_job(&endpoint, id);
         }
         (removed.len(), ids)
     });

@@ -16,19 +16,23 @@
 
 // Route helpers return `Result<_, Response>` so a refusal is an early return; the large error
 // variant costs nothing that matters in a mock server.
+mod body;
 #[allow(clippy::result_large_err)]
 mod client_api;
+mod deadlines;
 #[allow(clippy::result_large_err)]
 mod gate;
 mod health;
 mod jobs;
 mod leases;
+mod lifecycle;
 #[allow(clippy::result_large_err)]
 mod openai;
 mod options;
 pub mod policy;
 mod rate_limit;
 mod replies;
+mod signals;
 mod state;
 mod submit;
 #[allow(clippy::result_large_err)]
@@ -45,13 +49,14 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use body::JobBody;
 pub use health::endpoint_health;
 pub use jobs::{JobRecord, JobState};
-pub use options::MockOptions;
+pub use options::{MockOptions, MAX_JOBS};
 pub use rate_limit::{LimitedRoute, RateLimits};
 pub use state::{
     DoneRecord, EndpointQueue, Fault, Inner, MockState, PingRecord, ResultHeaders, Route,
-    StreamRecord, TakeRecord,
+    StreamRecord, TakeRecord, TickerStats, WaiterStats,
 };
 
 /// Bodies above this are cut off (413) before any route sees them. job-done and job-stream
@@ -183,10 +188,11 @@ impl MockQueue {
     /// Queues several jobs at once: a waiting take sees all of them.
     pub fn enqueue_all(&self, endpoint: &str, jobs: impl IntoIterator<Item = Value>) {
         let retention = self.state.options.run_retention;
+        // Made into text before the lock is taken, as a submission is.
+        let jobs: Vec<JobBody> = jobs.into_iter().map(JobBody::from).collect();
         self.state.with(|inner| {
-            let queue = inner.endpoint(endpoint);
             for job in jobs {
-                queue.push(job, retention);
+                inner.push(endpoint, job, retention);
             }
         });
         self.state.wake();

@@ -14,9 +14,11 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::jobs::JobState;
+use super::replies::json_text;
 use super::state::{MockState, Route};
 use super::submit::{submit, Via};
 use runpod_protocol::limits::MAX_RUNSYNC_BODY;
@@ -45,11 +47,12 @@ async fn forward(
     Path((endpoint, path)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let openai_input: Value = if body.is_empty() {
-        Value::Null
+    // The body goes into the job as it was sent (checked to be JSON, not parsed into a tree).
+    let openai_input = if body.is_empty() {
+        "null"
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(input) => input,
+        match serde_json::from_slice::<&RawValue>(&body) {
+            Ok(input) => input.get(),
             Err(_) => {
                 return openai_error(
                     StatusCode::BAD_REQUEST,
@@ -60,16 +63,21 @@ async fn forward(
             }
         }
     };
-    let job = json!({
-        "input": { "openai_route": format!("/{path}"), "openai_input": openai_input }
-    });
-    let job = serde_json::to_vec(&job).unwrap_or_default();
-    let id = match submit(&state, &endpoint, &job, MAX_RUNSYNC_BODY, Via::RunSync) {
+    let route = Value::String(format!("/{path}"));
+    let job =
+        format!(r#"{{"input": {{"openai_route": {route}, "openai_input": {openai_input}}}}}"#);
+    let id = match submit(
+        &state,
+        &endpoint,
+        job.as_bytes(),
+        MAX_RUNSYNC_BODY,
+        Via::RunSync,
+    ) {
         Ok(id) => id,
         Err(refused) => return refused.into_response(),
     };
     let ended = state
-        .wait_for(WAIT, |inner| {
+        .wait_for_job(&id, WAIT, |inner| {
             let record = inner.endpoints.get(&endpoint)?.jobs.get(&id)?;
             record
                 .state
@@ -79,9 +87,13 @@ async fn forward(
         .await;
     match ended {
         Some((JobState::Completed, output)) => {
-            (StatusCode::OK, Json(output.unwrap_or(Value::Null))).into_response()
+            json_text(output.map_or_else(|| "null".to_owned(), |o| o.get().to_owned()))
         }
-        Some((JobState::Failed, output)) => failed(&output.unwrap_or(Value::Null)),
+        Some((JobState::Failed, output)) => {
+            // An error object: small, parsed to read its type.
+            let output = output.and_then(|o| serde_json::from_str(o.get()).ok());
+            failed(&output.unwrap_or(Value::Null))
+        }
         Some((other, _)) => openai_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -112,6 +124,8 @@ fn failed(output: &Value) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[tokio::test]

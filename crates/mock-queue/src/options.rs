@@ -9,6 +9,10 @@ use super::rate_limit::RateLimits;
 /// How long `/stream` is held by default: under the Python client's 10 s request timeout.
 pub(super) const STREAM_HOLD: Duration = Duration::from_secs(5);
 
+/// The jobs an endpoint keeps at most by default: many more than a long `local` session or a
+/// test makes, few enough that `/health`, which counts them, answers in milliseconds.
+pub const MAX_JOBS: usize = 100_000;
+
 /// How a mock queue behaves.
 #[derive(Debug, Clone)]
 pub struct MockOptions {
@@ -20,6 +24,10 @@ pub struct MockOptions {
     pub lease_timeout: Duration,
     /// `/run` answers 429 while this many jobs are queued.
     pub max_queued: Option<usize>,
+    /// `/run`, `/runsync` and the OpenAI route answer 429 while an endpoint keeps this many
+    /// jobs (queued, running, and finished ones within their retention): what a mock holds,
+    /// and what `/health` and the console count, stay bounded whatever is submitted.
+    pub max_jobs: Option<usize>,
     /// Extra time after `policy.executionTimeout` before a job is marked TIMED_OUT, so the
     /// worker's own `Timeout` result normally arrives first.
     pub timeout_grace: Duration,
@@ -68,6 +76,7 @@ impl Default for MockOptions {
             long_poll: Duration::from_secs(20),
             lease_timeout: Duration::from_secs(30),
             max_queued: None,
+            max_jobs: Some(MAX_JOBS),
             timeout_grace: Duration::from_secs(3),
             webhook_retry_delay: Duration::from_secs(10),
             run_retention: Duration::from_secs(30 * 60),

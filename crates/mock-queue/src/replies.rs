@@ -1,6 +1,7 @@
-//! The mock's JSON error replies, shared by the routes and the gate in front of them.
+//! The mock's JSON replies: errors, shared by the routes and the gate in front of them, and
+//! bodies the mock keeps as JSON text.
 
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -10,6 +11,12 @@ use super::options::MockOptions;
 /// A JSON error body with `status`.
 pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// `text`, JSON already, as a 200 with the JSON content type.
+pub(super) fn json_text(text: impl Into<String>) -> Response {
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    (json, text.into()).into_response()
 }
 
 /// 404 for a job id the queue does not know, with every reason it may have gone.

@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
+use super::body::JobBody;
+use super::deadlines::Deadlines;
 use super::jobs::JobRecord;
 use super::options::MockOptions;
 use super::rate_limit::RateLimiter;
+use super::signals::JobSignals;
 
 /// A route group (for fault injection and request counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,8 +136,8 @@ pub struct PingRecord {
 /// One endpoint's jobs and records.
 #[derive(Debug, Clone, Default)]
 pub struct EndpointQueue {
-    /// Job objects waiting to be taken, in order.
-    pub pending: VecDeque<Value>,
+    /// Job objects waiting to be taken, in order (each shares its text with its record).
+    pub pending: VecDeque<JobBody>,
     /// Every known job by id (queued, held or ended).
     pub jobs: HashMap<String, JobRecord>,
     /// Final job-done bodies, in arrival order.
@@ -162,19 +165,28 @@ impl EndpointQueue {
         self.jobs.get(job_id)?.holder.as_deref()
     }
 
+    /// The bytes this queue's jobs take in memory: their ids, bodies, outputs, errors and
+    /// unread stream chunks, as the mock stores them (JSON text; a queued job's body is shared
+    /// by the queue and its record). The test history is not counted.
+    pub fn stored_bytes(&self) -> usize {
+        let records: usize = self
+            .jobs
+            .iter()
+            .map(|(id, job)| id.len() + job.stored_bytes())
+            .sum();
+        // Jobs queued without a record (no string id: tests' bad jobs).
+        let unrecorded: usize = self
+            .pending
+            .iter()
+            .filter(|job| job.id().is_none_or(|id| !self.jobs.contains_key(id)))
+            .map(JobBody::stored_bytes)
+            .sum();
+        records + unrecorded
+    }
+
     /// Jobs held by workers now.
     pub fn held(&self) -> usize {
         self.jobs.values().filter(|j| j.holder.is_some()).count()
-    }
-
-    /// Queues a job object; jobs with a string id get a record (status, lease), kept for
-    /// `retention` once they end.
-    pub fn push(&mut self, raw: Value, retention: Duration) {
-        if let Some(id) = raw.get("id").and_then(Value::as_str) {
-            self.jobs
-                .insert(id.to_owned(), JobRecord::new(raw.clone(), retention));
-        }
-        self.pending.push_back(raw);
     }
 
     /// Whether nothing is kept for this endpoint: no job, no worker, no stop signal and no
@@ -202,8 +214,7 @@ impl EndpointQueue {
     /// Removes a queued job from `pending`.
     pub fn unqueue(&mut self, job_id: &str) -> bool {
         let before = self.pending.len();
-        self.pending
-            .retain(|raw| raw.get("id").and_then(Value::as_str) != Some(job_id));
+        self.pending.retain(|job| job.id() != Some(job_id));
         self.pending.len() != before
     }
 }
@@ -220,6 +231,24 @@ pub struct Inner {
     /// When the first [`REQUEST_TIMES_KEPT`] requests of each route arrived (tests measure
     /// request pacing from them instead of counting over a fixed sleep).
     pub request_times: HashMap<Route, Vec<std::time::Instant>>,
+    /// What the lease ticker has done: its cost is the records it visits.
+    pub ticker: TickerStats,
+    /// Every job's and every worker's next deadline, for the ticker.
+    pub(crate) deadlines: Deadlines,
+    /// [`MockOptions::timeout_grace`], for the jobs' deadlines.
+    pub(crate) timeout_grace: Duration,
+    /// Jobs changed under the lock now, whose waiters [`MockState::with`] wakes once it is
+    /// released.
+    pub(crate) changed_jobs: Vec<String>,
+}
+
+/// What the lease ticker (leases, deadlines, retention) has done since the mock started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TickerStats {
+    /// Ticks run.
+    pub ticks: u64,
+    /// Job and worker records looked at, over all ticks.
+    pub visited: u64,
 }
 
 /// Arrival times kept per route.
@@ -242,6 +271,10 @@ pub struct MockState {
     pub(super) stop_arrived: Notify,
     /// Bumped on every change, so tests can await a condition instead of sleeping.
     changed: watch::Sender<u64>,
+    /// Per job: wakes the requests waiting on it, and only those.
+    signals: JobSignals,
+    /// The client requests waiting on a job, and how often they were woken.
+    waiters: watch::Sender<WaiterStats>,
     /// How the mock behaves.
     pub options: MockOptions,
     /// Counts client requests against `options.rate_limits`, when set.
@@ -251,6 +284,36 @@ pub struct MockState {
     /// Per route: requests being answered, and an injected delay (kept apart from `inner`,
     /// whose changes wake every waiter).
     flights: Mutex<HashMap<Route, Flight>>,
+}
+
+/// The client requests waiting on one job (`/runsync`, `/status-sync`, `/stream`, the OpenAI
+/// route), and how often one was woken to look at its job again.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WaiterStats {
+    /// Requests waiting now.
+    pub waiting: usize,
+    /// Times a waiting request was woken by a change (not by its own timeout).
+    pub woken: u64,
+}
+
+/// Counts a waiter while it waits.
+struct Waiting<'a>(&'a watch::Sender<WaiterStats>);
+
+impl<'a> Waiting<'a> {
+    fn new(stats: &'a watch::Sender<WaiterStats>) -> Self {
+        stats.send_modify(|s| s.waiting += 1);
+        Self(stats)
+    }
+
+    fn woken(&self) {
+        self.0.send_modify(|s| s.woken += 1);
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|s| s.waiting -= 1);
+    }
 }
 
 /// One route's requests being answered, and the delay injected before each is answered.
@@ -268,10 +331,15 @@ impl MockState {
     /// Empty state.
     pub fn new(options: MockOptions) -> Self {
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                timeout_grace: options.timeout_grace,
+                ..Inner::default()
+            }),
             job_arrived: Notify::new(),
             stop_arrived: Notify::new(),
             changed: watch::channel(0).0,
+            signals: JobSignals::default(),
+            waiters: watch::channel(WaiterStats::default()).0,
             rate_limiter: options.rate_limits.map(RateLimiter::new),
             options,
             // A webhook's redirect is not followed: a 307 would re-POST the job's result to
@@ -322,9 +390,16 @@ impl MockState {
     }
 
     /// Reads or changes the state; every call counts as a change for [`MockState::wait_for`].
+    /// The requests waiting on a job are woken only if the change was to that job
+    /// ([`Inner::job_changed`]).
     pub fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
-        let value = f(&mut self.lock());
+        let (value, changed_jobs) = {
+            let mut inner = self.lock();
+            let value = f(&mut inner);
+            (value, std::mem::take(&mut inner.changed_jobs))
+        };
         self.changed.send_modify(|n| *n += 1);
+        self.signals.notify(&changed_jobs);
         value
     }
 
@@ -345,6 +420,8 @@ impl MockState {
     }
 
     /// Waits until `f` returns `Some`, re-checking after every change, at most `timeout`.
+    /// For tests: it looks again after any change at all; the client routes wait on their
+    /// own job instead.
     pub async fn wait_for<T>(
         &self,
         timeout: Duration,
@@ -366,6 +443,39 @@ impl MockState {
                 return None;
             }
         }
+    }
+
+    /// For a client request waiting on `job` (`/runsync`, `/status-sync`, `/stream`, the
+    /// OpenAI route): waits until `f` returns `Some`, at most `timeout`, looking again only
+    /// when `job` has changed. Counted in [`MockState::waiters`].
+    pub(super) async fn wait_for_job<T>(
+        &self,
+        job: &str,
+        timeout: Duration,
+        f: impl Fn(&Inner) -> Option<T>,
+    ) -> Option<T> {
+        let waiting = Waiting::new(&self.waiters);
+        // Subscribed before the first look, so a change made in between still wakes us.
+        let mut changes = self.signals.subscribe(job);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(value) = self.read(&f) {
+                return Some(value);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+            waiting.woken();
+        }
+    }
+
+    /// The client requests waiting on a job now, and how often one was woken: a test awaits
+    /// a number of waiters with `wait_for` on it.
+    pub fn waiters(&self) -> watch::Receiver<WaiterStats> {
+        self.waiters.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -6,8 +6,11 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 
+use super::body::{is_object, top_level, JobBody, TopLevel};
 use super::options::MockOptions;
 use super::policy::{self, FieldError};
 use super::state::MockState;
@@ -45,13 +48,20 @@ pub(super) enum SubmitError {
     /// `--max-queued` jobs are waiting.
     #[error("the queue is full ({0} jobs waiting); retry later")]
     QueueFull(usize),
+    /// The endpoint keeps `--max-jobs` jobs already.
+    #[error(
+        "endpoint {endpoint:?} keeps {kept} jobs, its most (--max-jobs): queued, running, and \
+         finished ones until their retention ends; retry once some have gone, or start the \
+         queue with a larger --max-jobs"
+    )]
+    TooManyKept { endpoint: String, kept: usize },
 }
 
 impl IntoResponse for SubmitError {
     fn into_response(self) -> Response {
         let status = match &self {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::QueueFull(_) | Self::TooManyKept { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         };
         let mut body = json!({ "error": self.to_string() });
@@ -76,64 +86,95 @@ pub(super) fn submit(
             limit,
         });
     }
-    let submitted = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => return Err(SubmitError::NotObject),
+    let submitted = match top_level(body) {
+        Ok(Some(fields)) => fields,
+        Ok(None) => return Err(SubmitError::NotObject),
         Err(e) => return Err(SubmitError::NotJson(e)),
     };
     check(&submitted, &state.options)?;
-    // Only the documented top-level keys reach the worker; others are discarded, as documented.
-    let mut job = Map::new();
-    for key in ["input", "webhook", "policy", "s3Config"] {
-        if let Some(value) = submitted.get(key) {
-            job.insert(key.to_owned(), value.clone());
-        }
-    }
     let (prefix, retention) = match via {
         Via::Run => ("", state.options.run_retention),
         Via::RunSync => ("sync-", state.options.runsync_retention),
     };
     let id = format!("{prefix}{}-u1", uuid::Uuid::new_v4());
-    job.insert("id".into(), Value::String(id.clone()));
-    enqueue(state, endpoint, Value::Object(job), retention)?;
+    // Only the documented top-level keys reach the worker; others are discarded, as
+    // documented. Each is copied as it was sent: the job is kept as text, never as a tree.
+    let field = |key: &str| submitted.get(key).copied();
+    let job = JobObject {
+        id: &id,
+        input: field("input"),
+        policy: field("policy"),
+        s3_config: field("s3Config"),
+        webhook: field("webhook"),
+    };
+    let job = serde_json::value::to_raw_value(&job).map_err(SubmitError::NotJson)?;
+    // Read before the queue's lock is taken.
+    let job = JobBody::new(job);
+    enqueue(state, endpoint, job, retention)?;
     Ok(id)
 }
 
-/// The checks on the submitted fields, in the order a client would fix them.
-fn check(submitted: &Map<String, Value>, options: &MockOptions) -> Result<(), SubmitError> {
+/// A job object as workers receive it, its fields in the order the mock has always sent.
+#[derive(Serialize)]
+struct JobObject<'a> {
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a RawValue>,
+    #[serde(rename = "s3Config", skip_serializing_if = "Option::is_none")]
+    s3_config: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<&'a RawValue>,
+}
+
+/// The checks on the submitted fields, in the order a client would fix them. Only the small
+/// fields are parsed (`policy`, `webhook`); `input` is only seen to be an object.
+fn check(submitted: &TopLevel<'_>, options: &MockOptions) -> Result<(), SubmitError> {
     match submitted.get("input") {
-        Some(Value::Object(_)) => {}
+        Some(input) if is_object(input) => {}
         Some(_) => return Err(SubmitError::InputNotObject),
         None => return Err(SubmitError::NoInput),
     }
+    let parsed =
+        |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).map_err(SubmitError::NotJson);
     if let Some(policy) = submitted.get("policy") {
-        policy::check_policy(policy, options.strict_policy_minimums)?;
+        policy::check_policy(&parsed(policy)?, options.strict_policy_minimums)?;
     }
     if let Some(webhook) = submitted.get("webhook") {
-        policy::check_webhook(webhook, options.allow_private_webhooks)?;
+        policy::check_webhook(&parsed(webhook)?, options.allow_private_webhooks)?;
     }
     Ok(())
 }
 
-/// Queues `job` unless `--max-queued` jobs are waiting already.
+/// Queues `job` unless `--max-queued` jobs are waiting already, or the endpoint keeps
+/// `--max-jobs` jobs.
 fn enqueue(
     state: &MockState,
     endpoint: &str,
-    job: Value,
+    job: JobBody,
     retention: Duration,
 ) -> Result<(), SubmitError> {
-    let max_queued = state.options.max_queued;
-    let queued = state.with(|inner| {
-        let queue = inner.endpoint(endpoint);
-        if max_queued.is_some_and(|max| queue.pending.len() >= max) {
-            return false;
+    let MockOptions {
+        max_queued,
+        max_jobs,
+        ..
+    } = state.options;
+    state.with(|inner| {
+        if let Some(queue) = inner.endpoints.get(endpoint) {
+            if let Some(max) = max_queued.filter(|max| queue.pending.len() >= *max) {
+                return Err(SubmitError::QueueFull(max));
+            }
+            if let Some(max) = max_jobs.filter(|max| queue.jobs.len() >= *max) {
+                return Err(SubmitError::TooManyKept {
+                    endpoint: endpoint.to_owned(),
+                    kept: max,
+                });
+            }
         }
-        queue.push(job, retention);
-        true
-    });
-    if !queued {
-        return Err(SubmitError::QueueFull(max_queued.unwrap_or(0)));
-    }
+        inner.push(endpoint, job, retention);
+        Ok(())
+    })?;
     state.wake();
     Ok(())
 }

@@ -13,8 +13,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::body::{owned, raw_of, string_field, top_level, JobBody, TopLevel};
 use super::jobs::JobState;
-use super::replies::{error, unknown_job};
+use super::replies::{error, json_text, unknown_job};
 use super::state::{
     DoneRecord, MockState, PingRecord, ResultHeaders, Route, StreamRecord, TakeRecord,
 };
@@ -96,18 +97,29 @@ async fn take_jobs(
         // Register for the wake-up before looking, so a job enqueued in between is not missed.
         arrived.as_mut().enable();
         let jobs = state.with(|inner| {
-            let queue = inner.endpoint(&endpoint);
+            // A take on an endpoint that has no queue yet finds nothing, and makes none
+            // (unless tests read its record): any id in a path would otherwise leave one.
+            let queue = if record_history {
+                inner.endpoint(&endpoint)
+            } else {
+                match inner.endpoints.get_mut(&endpoint) {
+                    Some(queue) => queue,
+                    None => return Vec::new(),
+                }
+            };
             let count = wanted.min(queue.pending.len());
-            let jobs: Vec<Value> = queue.pending.drain(..count).collect();
+            let jobs: Vec<JobBody> = queue.pending.drain(..count).collect();
             let now = std::time::Instant::now();
+            let mut taken = Vec::with_capacity(jobs.len());
             for job in &jobs {
-                let id = job.get("id").and_then(Value::as_str).unwrap_or_default();
+                let id = job.id().unwrap_or_default();
                 if let Some(record) = queue.jobs.get_mut(id) {
                     record.state = JobState::InProgress;
                     record.holder = Some(worker.clone());
                     record.last_worker = Some(worker.clone());
                     record.lease_until = Some(now + lease_timeout);
                     record.started = Some(now);
+                    taken.push(id);
                 }
             }
             let timed_out = tokio::time::Instant::now() >= deadline;
@@ -118,6 +130,10 @@ async fn take_jobs(
                     job_in_progress: query.get("job_in_progress").cloned(),
                     returned: jobs.len(),
                 });
+            }
+            for id in taken {
+                inner.reschedule(&endpoint, id);
+                inner.job_changed(id);
             }
             jobs
         });
@@ -134,9 +150,11 @@ async fn take_jobs(
                     .unwrap_or_default(),
                 jobs.len()
             );
+            // The jobs' text as it was queued: no tree is built, however large the input.
+            let texts = jobs.iter().map(|job| job.text().get());
             return match batch_size {
-                None => Json(jobs.into_iter().next().unwrap_or_default()).into_response(),
-                Some(_) => Json(Value::Array(jobs)).into_response(),
+                None => json_text(texts.collect::<String>()),
+                Some(_) => json_text(format!("[{}]", texts.collect::<Vec<_>>().join(","))),
             };
         }
         if tokio::time::Instant::now() >= deadline {
@@ -157,11 +175,15 @@ async fn stop(
         tokio::pin!(arrived);
         arrived.as_mut().enable();
         let ids = state.with(|inner| {
-            inner
-                .endpoint(&endpoint)
-                .stops
-                .remove(&worker)
-                .unwrap_or_default()
+            let ids = inner
+                .endpoints
+                .get_mut(&endpoint)
+                .and_then(|queue| queue.stops.remove(&worker))
+                .unwrap_or_default();
+            if !ids.is_empty() && !state.options.record_history {
+                inner.forget_if_idle(&endpoint);
+            }
+            ids
         });
         if !ids.is_empty() {
             return Json(json!({ "jobsToStop": ids })).into_response();
@@ -187,13 +209,19 @@ fn check_size(body: &Bytes, limit: usize, what: &str) -> Result<(), Response> {
     ))
 }
 
-fn parse_body(body: &Bytes, what: &str) -> Result<Value, Response> {
-    serde_json::from_slice(body).map_err(|e| {
+/// The body's top-level fields, each as its text (none when it is not an object).
+fn parse_body<'a>(body: &'a Bytes, what: &str) -> Result<TopLevel<'a>, Response> {
+    top_level(body).map(Option::unwrap_or_default).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
             format!("{what} body is not JSON: {e}"),
         )
     })
+}
+
+/// The whole body as a tree, for the test history only (`record_history`).
+fn history_of(body: &Bytes) -> Value {
+    serde_json::from_slice(body).unwrap_or(Value::Null)
 }
 
 async fn done(
@@ -205,15 +233,20 @@ async fn done(
 ) -> Response {
     let checked = check_size(&body, state.options.max_result_size, "job-done")
         .and_then(|()| parse_body(&body, "job-done"));
-    let body = match checked {
-        Ok(body) => body,
+    let fields = match checked {
+        Ok(fields) => fields,
         Err(refused) => return refused,
     };
-    let progress = body.get("status").and_then(Value::as_str) == Some("IN_PROGRESS");
+    let progress = string_field(&fields, "status").as_deref() == Some("IN_PROGRESS");
+    // The error string is parsed; the output is kept as its text.
+    let error_text = string_field(&fields, "error").map(Value::String);
+    let output = fields.get("output").map(|output| owned(output));
     let record_history = state.options.record_history;
     let mut webhook = None;
     let outcome = state.with(|inner| {
-        let queue = inner.endpoint(&endpoint);
+        let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
+            return Err(unknown_job(&state.options, &job));
+        };
         let Some(record) = queue.jobs.get_mut(&job) else {
             return Err(unknown_job(&state.options, &job));
         };
@@ -227,8 +260,7 @@ async fn done(
             queue.stop(&worker, &job);
             return Err(error(StatusCode::NOT_FOUND, message));
         }
-        let error_text = body.get("error").filter(|e| e.is_string()).cloned();
-        record.output = body.get("output").cloned();
+        record.output = output;
         if !progress {
             record.state = if error_text.is_some() {
                 JobState::Failed
@@ -244,18 +276,23 @@ async fn done(
                 .clone()
                 .map(|url| (url, record.status_body(&job)));
         }
-        let entry = DoneRecord {
-            job_id: job.clone(),
-            worker: worker.clone(),
-            is_stream: query.get("isStream").cloned(),
-            body,
-            headers: ResultHeaders::of(&headers),
-        };
-        match (record_history, progress) {
-            (false, _) => {}
-            (true, true) => queue.progress.push(entry),
-            (true, false) => queue.done.push(entry),
+        if record_history {
+            let entry = DoneRecord {
+                job_id: job.clone(),
+                worker: worker.clone(),
+                is_stream: query.get("isStream").cloned(),
+                body: history_of(&body),
+                headers: ResultHeaders::of(&headers),
+            };
+            match progress {
+                true => queue.progress.push(entry),
+                false => queue.done.push(entry),
+            }
         }
+        if !progress {
+            inner.reschedule(&endpoint, &job);
+        }
+        inner.job_changed(&job);
         Ok(())
     });
     state.wake();
@@ -276,12 +313,16 @@ async fn stream(
 ) -> Response {
     let checked = check_size(&body, state.options.max_stream_chunk, "job-stream")
         .and_then(|()| parse_body(&body, "job-stream"));
-    let body = match checked {
-        Ok(body) => body,
+    let chunk = match checked {
+        Ok(fields) => fields
+            .get("output")
+            .map_or_else(|| raw_of(&Value::Null), |c| owned(c)),
         Err(refused) => return refused,
     };
     let outcome = state.with(|inner| {
-        let queue = inner.endpoint(&endpoint);
+        let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
+            return Err(unknown_job(&state.options, &job));
+        };
         let Some(record) = queue.jobs.get_mut(&job) else {
             return Err(unknown_job(&state.options, &job));
         };
@@ -291,16 +332,16 @@ async fn stream(
                 format!("job {job} is not held by worker {worker}"),
             ));
         }
-        record
-            .stream
-            .push_back(body.get("output").cloned().unwrap_or(Value::Null));
+        record.stream.push_back(chunk);
         if state.options.record_history {
             queue.streams.push(StreamRecord {
                 job_id: job.clone(),
-                body,
+                body: history_of(&body),
                 headers: ResultHeaders::of(&headers),
             });
         }
+        // Its `/stream` request may be held waiting for a chunk.
+        inner.job_changed(&job);
         Ok(())
     });
     match outcome {
@@ -334,6 +375,7 @@ async fn ping(
     state.with(|inner| {
         let queue = inner.endpoint(&endpoint);
         let now = std::time::Instant::now();
+        // A lease only moves later: the ticker finds the renewal when the old one comes due.
         for id in &job_ids {
             if let Some(record) = queue.jobs.get_mut(id) {
                 if record.holder.as_deref() == Some(worker.as_str()) {
@@ -350,7 +392,7 @@ async fn ping(
         if state.options.record_history {
             queue.pings.push(ping.clone());
         }
-        queue.workers.insert(ping.worker.clone(), ping);
+        inner.note_ping(&endpoint, ping, lease_timeout);
     });
     StatusCode::OK.into_response()
 }

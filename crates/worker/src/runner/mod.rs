@@ -68,6 +68,10 @@ pub struct WorkerSetup {
     pub fitness: Fitness,
     /// The pages served beside `/health` on the worker's port (the binary's console).
     pub pages: Option<PortPages>,
+    /// Whether the process holds more than this worker (`local`: the queue, its jobs and
+    /// their results). Its resident memory (RSS) then says nothing about a leak in the worker,
+    /// so `recycle_memory_factor` watches only the GPUs' resident memory.
+    pub shares_process: bool,
 }
 
 /// Builds the pages served beside `/health` on the worker's port from the worker's observed
@@ -228,6 +232,7 @@ async fn start(
         require_cuda,
         fitness,
         pages,
+        shares_process,
     } = setup;
     let client = QueueClient::new(endpoints, config.queue.clone()).map_err(|e| StartupError {
         check: "queue",
@@ -251,8 +256,11 @@ async fn start(
         gpu,
         client,
         &shutdown,
-        require_cuda,
-        &fitness,
+        start::Host {
+            require_cuda,
+            fitness: &fitness,
+            shares_process,
+        },
     );
     let built = tokio::select! {
         built = building => built,

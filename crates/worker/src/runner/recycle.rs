@@ -3,6 +3,13 @@
 //! level after warm-up (a leak in a model or a library), before an out-of-memory kill does it
 //! mid-job. Either way the worker stops taking, its last result carries `stopPod: true`, it
 //! drains, and it exits 0.
+//!
+//! The host side of the rule reads the process's RSS, which is the worker's only when the
+//! worker is alone in its process. In `local` the process also holds the queue, its jobs and
+//! their results (a 10 MB job kept for its 30-minute retention); the allocator does not give
+//! back what they freed, and the queue's own accounting cannot be subtracted from RSS
+//! honestly. So there only the GPUs' resident memory is watched ([`Recycler::new`]'s
+//! `watch_host`).
 
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -30,11 +37,18 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl Recycler {
     /// Notes the levels now (call it once the models are loaded and warm); `factor` 0 turns
-    /// the memory rule off.
-    pub(crate) fn new(factor: f64, memory: &MemoryAdmission) -> Self {
+    /// the memory rule off; without `watch_host` (the process holds more than the worker)
+    /// only the GPUs' resident memory is watched, not the process's RSS.
+    pub(crate) fn new(factor: f64, memory: &MemoryAdmission, watch_host: bool) -> Self {
+        if factor > 0.0 && !watch_host {
+            tracing::info!(
+                "recycle_memory_factor watches GPU memory only: this process also holds the \
+                 queue's jobs, so its RSS is not the worker's"
+            );
+        }
         Self {
             factor,
-            rss_after_warm_up: host_rss(),
+            rss_after_warm_up: watch_host.then(host_rss).flatten(),
             resident_after_warm_up: memory.resident_by_device(),
             last_check: Mutex::new(None),
             requested: OnceLock::new(),
@@ -46,10 +60,12 @@ impl Recycler {
         if self.factor <= 0.0 || !self.check_due() {
             return None;
         }
-        if let Some((before, now)) = self.rss_after_warm_up.zip(host_rss()) {
-            if self.past(before, now) {
-                return Some(self.reason("host memory (RSS)", before, now));
-            }
+        // RSS is read only where it is watched.
+        if let Some(reason) = self
+            .rss_after_warm_up
+            .and_then(|_| self.host_grown(host_rss()))
+        {
+            return Some(reason);
         }
         memory
             .resident_by_device()
@@ -63,6 +79,14 @@ impl Recycler {
                 self.past(before, now)
                     .then(|| self.reason(&format!("resident memory on GPU {device}"), before, now))
             })
+    }
+
+    /// Why the worker should be replaced now that the process's RSS is `now`, if it should
+    /// (never where RSS is not watched).
+    fn host_grown(&self, now: Option<u64>) -> Option<String> {
+        let (before, now) = self.rss_after_warm_up.zip(now)?;
+        self.past(before, now)
+            .then(|| self.reason("host memory (RSS)", before, now))
     }
 
     /// Whether the memory may be read now; if so, the next read is a period away.
@@ -135,6 +159,18 @@ mod tests {
         assert!(small.past(10_000_000, 300_000_000));
         let reason = r.reason("host memory (RSS)", gb, 3 * gb);
         assert!(reason.contains("recycle_memory_factor = 2"), "{reason}");
+    }
+
+    #[test]
+    fn rss_growth_counts_only_where_rss_is_watched() {
+        let gb = 1_000_000_000;
+        let alone = recycler(1.5, gb);
+        assert!(alone.host_grown(Some(2 * gb)).is_some());
+        let shared = Recycler {
+            rss_after_warm_up: None,
+            ..recycler(1.5, gb)
+        };
+        assert_eq!(shared.host_grown(Some(100 * gb)), None);
     }
 
     #[test]

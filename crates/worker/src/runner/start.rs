@@ -24,15 +24,29 @@ use crate::queue::{QueueClient, Spool};
 /// Everything a worker needs before it can take jobs: the GPU probe and what libtorch can do
 /// with it, the handlers (models loaded within `[handler].timeout`), memory admission with the
 /// models' resident memory booked, and the limits.
+/// What [`build_worker`] is told of the host it runs on.
+pub(super) struct Host<'a> {
+    /// Refuse to start where NVML sees a GPU that libtorch cannot use.
+    pub(super) require_cuda: bool,
+    /// The start-up checks.
+    pub(super) fitness: &'a Fitness,
+    /// The process holds more than this worker: its RSS is not the worker's.
+    pub(super) shares_process: bool,
+}
+
 pub(super) async fn build_worker(
     config: Config,
     handlers: Option<HandlerSet>,
     gpu: Option<Arc<dyn GpuProbe>>,
     client: QueueClient,
     shutdown: &CancellationToken,
-    require_cuda: bool,
-    fitness: &Fitness,
+    host: Host<'_>,
 ) -> Result<Arc<Worker>, StartupError> {
+    let Host {
+        require_cuda,
+        fitness,
+        shares_process,
+    } = host;
     let cold_start =
         Instant::now() + fitness.cold_start_budget(Duration::from_secs(config.handler.timeout));
     let mapping_error = |e: gpu::identity::MappingError| StartupError {
@@ -191,7 +205,7 @@ pub(super) async fn build_worker(
         spool: Spool::new(config_spool_dir),
         stop_taking: shutdown.child_token(),
         take_loop_ended: CancellationToken::new(),
-        recycler: Recycler::new(recycle_memory_factor, &observed.memory),
+        recycler: Recycler::new(recycle_memory_factor, &observed.memory, !shares_process),
         delivery: DeliveryBudget::new(
             results_in_delivery,
             result_bytes_in_delivery,
