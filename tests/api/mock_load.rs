@@ -311,3 +311,81 @@ async fn local_keeping_big_jobs_does_not_ask_for_a_fresh_worker() {
         log.join("\n")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_lease_ran_out_is_accepted_while_no_one_took_the_job_again() {
+    let mock = spawn_mock_with(MockOptions {
+        lease_timeout: Duration::from_secs(1),
+        ..test_mock_options()
+    });
+    let base = format!("{}/v2/{EP}", mock.base_url());
+    let client = client_with_key();
+    mock.enqueue(EP, json!({"id": "slept", "input": {"task": "echo"}}));
+    let (status, _) = send(client.get(format!("{base}/job-take/stopped-worker"))).await;
+    assert_eq!(status, 200);
+    // The worker was stopped (SIGSTOP) past its lease: the job went back to the queue.
+    let requeued = mock
+        .state()
+        .wait_for(WAIT, |i| {
+            let job = i.endpoints.get(EP)?.jobs.get("slept")?;
+            (job.state == JobState::InQueue).then_some(())
+        })
+        .await;
+    assert!(requeued.is_some(), "the lease ran out");
+    // It resumes and posts its result: no one else holds the job, so it is the answer.
+    let done = client
+        .post(format!("{base}/job-done/stopped-worker/slept"))
+        .json(&json!({"output": {"ran": "once"}}));
+    assert_eq!(send(done).await.0, 200, "the result is not refused");
+    let (_, status) = send(client.get(format!("{base}/status/slept"))).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    assert_eq!(status["output"]["ran"], "once");
+    // And it is not handed out again.
+    let (status, _) = send(client.get(format!("{base}/job-take/another?wait=0"))).await;
+    assert_ne!(status, 200, "the job left the queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mock_queue_stopped_past_its_leases_renews_them_on_resume_instead_of_expiring_them() {
+    let mut mock = Command::new(BIN)
+        .args(["mock-queue", "--port", "0", "--api-key", "test-key"])
+        .args(["--lease-timeout", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = lines_of(mock.stdout.take().unwrap());
+    let base = format!("{}/v2/{EP}", listening_address(&stdout));
+    let client = client_with_key();
+    let (status, body) = send(
+        client
+            .post(format!("{base}/run"))
+            .json(&json!({"input": {}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let (status, _) = send(client.get(format!("{base}/job-take/w"))).await;
+    assert_eq!(status, 200);
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(mock.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    // The whole queue stopped for 3 s, three leases long: its worker could not ping it.
+    signal("STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal("CONT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, status) = send(client.get(format!("{base}/status/{id}"))).await;
+    let _ = mock.kill();
+    let _ = mock.wait();
+    assert_eq!(
+        status["status"], "IN_PROGRESS",
+        "not requeued on resume: {status}"
+    );
+    assert!(status.get("retries").is_none(), "{status}");
+}

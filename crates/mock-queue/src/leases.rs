@@ -19,15 +19,33 @@ use super::state::{Inner, MockState};
 /// How often leases and deadlines are checked.
 const TICK: Duration = Duration::from_millis(100);
 
+/// A gap between two ticks this long means the mock itself did not run meanwhile.
+const PAUSED: Duration = Duration::from_secs(2);
+
 /// Runs the checks until `stop`.
 pub(super) async fn run(state: Arc<MockState>, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(TICK);
+    let mut last_tick = Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             () = stop.cancelled() => return,
         }
-        let expired = state.with(|inner| expire(inner, &state.options, Instant::now()));
+        let now = Instant::now();
+        let paused = now.saturating_duration_since(last_tick);
+        last_tick = now;
+        if paused > PAUSED {
+            // The mock itself was stopped (SIGSTOP, a frozen `local`): its workers could not
+            // ping it meanwhile, and their leases must not all run out at once on resume.
+            // Each holder gets a lease from now, as if it had pinged as the mock resumed.
+            let renewed = state.with(|inner| inner.renew_leases(now + state.options.lease_timeout));
+            tracing::warn!(
+                "the mock queue was paused {:.1} s: {renewed} lease(s) renewed from now rather \
+                 than expired",
+                paused.as_secs_f64()
+            );
+        }
+        let expired = state.with(|inner| expire(inner, &state.options, now));
         if expired.requeued || expired.stopped {
             state.wake();
         }

@@ -40,6 +40,24 @@ impl Inner {
         self.changed_jobs.push(id.to_owned());
     }
 
+    /// Gives every held job a lease until at least `until` (after the mock itself was
+    /// paused); how many. A lease only moves later, so each entry in the index is found
+    /// renewed when it comes due.
+    pub(crate) fn renew_leases(&mut self, until: Instant) -> usize {
+        let mut renewed = 0;
+        for queue in self.endpoints.values_mut() {
+            for job in queue.jobs.values_mut() {
+                if let Some(lease) = job.lease_until.as_mut() {
+                    if *lease < until {
+                        *lease = until;
+                        renewed += 1;
+                    }
+                }
+            }
+        }
+        renewed
+    }
+
     /// Sets the ticker's entry for job `id` of `endpoint` at its next deadline, after a change
     /// that may have moved it (taken, ended, requeued, retried). A deadline that only moves
     /// later (a renewed lease) needs no call: the ticker finds it when the old one comes.

@@ -250,9 +250,16 @@ async fn done(
         let Some(record) = queue.jobs.get_mut(&job) else {
             return Err(unknown_job(&state.options, &job));
         };
-        if record.holder.as_deref() != Some(worker.as_str()) {
-            // A late result from a worker that lost the job (lease expired, cancelled, timed
-            // out): refuse it, and tell that worker to stop working on it.
+        // Its lease ran out while its worker was stopped (SIGSTOP, a frozen VM), and no one
+        // has taken it since: that worker's result is still the job's answer (refusing it
+        // would have the job run twice for nothing).
+        let reclaimed = !progress
+            && record.holder.is_none()
+            && record.state == JobState::InQueue
+            && record.last_worker.as_deref() == Some(worker.as_str());
+        if record.holder.as_deref() != Some(worker.as_str()) && !reclaimed {
+            // A late result from a worker that lost the job (lease expired and taken by
+            // another, cancelled, timed out): refuse it, and tell that worker to stop.
             let message = format!(
                 "job {job} is not held by worker {worker} (it is {})",
                 record.state.as_str()
@@ -260,6 +267,20 @@ async fn done(
             queue.stop(&worker, &job);
             return Err(error(StatusCode::NOT_FOUND, message));
         }
+        if reclaimed {
+            queue
+                .pending
+                .retain(|queued| queued.id() != Some(job.as_str()));
+            tracing::info!(
+                job_id = %job,
+                "result from worker {worker}, whose lease on it ran out: accepted (no one had \
+                 taken the job again)"
+            );
+        }
+        let record = queue
+            .jobs
+            .get_mut(&job)
+            .expect("the record looked up above, under the same lock");
         record.output = output;
         if !progress {
             record.state = if error_text.is_some() {
