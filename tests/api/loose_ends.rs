@@ -473,3 +473,27 @@ fn an_integer_beyond_64_bits_is_refused_naming_it_not_turned_into_a_float() {
     );
     assert!(!stdout.contains("1.2345678901234568e29"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_integer_beyond_64_bits_sent_to_local_reaches_the_worker_whole_and_is_refused() {
+    let local = LocalProcess::start(Path::new(ECHO_CONFIG), "big-key", &[]);
+    let big = "123456789012345678901234567890";
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v2/local/runsync", local.base))
+        .header("Authorization", "Bearer big-key")
+        .header("Content-Type", "application/json")
+        .body(format!(r#"{{"input": {{"task": "echo", "n": {big}}}}}"#))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The queue kept the number as it was sent; the worker names it rather than round it.
+    assert_eq!(answer["status"], "FAILED", "{answer}");
+    assert_eq!(answer["output"]["error_type"], "InvalidInput", "{answer}");
+    assert!(
+        answer["output"]["error"].as_str().unwrap().contains(big),
+        "{answer}"
+    );
+}
