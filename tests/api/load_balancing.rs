@@ -337,6 +337,14 @@ async fn a_full_gpu_answers_429_with_retry_after_and_a_full_waiting_room_refuses
         "{body}"
     );
     assert_eq!(body["output"]["retry_after"], retry_after);
+    // A streaming request refused before any chunk: the same 429, not an event stream.
+    let (status, headers, body) = post(
+        &worker.url("/stream"),
+        json!({"input": {"task": "gpu", "stream": 2}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(headers.contains_key("retry-after"));
     std::fs::write(&load, "0GB").unwrap();
     let deadline = Instant::now() + WAIT;
     loop {

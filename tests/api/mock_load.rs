@@ -389,3 +389,28 @@ async fn a_mock_queue_stopped_past_its_leases_renews_them_on_resume_instead_of_e
     );
     assert!(status.get("retries").is_none(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_result_is_not_the_answer_of_a_job_the_client_sent_again() {
+    let mock = spawn_mock_with(test_mock_options());
+    let base = format!("{}/v2/{EP}", mock.base_url());
+    let client = client_with_key();
+    mock.enqueue(EP, json!({"id": "again", "input": {"task": "echo"}}));
+    assert_eq!(
+        send(client.get(format!("{base}/job-take/old"))).await.0,
+        200
+    );
+    let failed = client
+        .post(format!("{base}/job-done/old/again"))
+        .json(&json!({"error": "boom", "output": {"error": "boom"}}));
+    assert_eq!(send(failed).await.0, 200);
+    let (status, body) = send(client.post(format!("{base}/retry/again"))).await;
+    assert_eq!(status, 200, "{body}");
+    // The old worker posts a result again (a spooled one, re-sent): not the retry's answer.
+    let late = client
+        .post(format!("{base}/job-done/old/again"))
+        .json(&json!({"output": "stale"}));
+    assert_eq!(send(late).await.0, 404);
+    let (_, status) = send(client.get(format!("{base}/status/again"))).await;
+    assert_eq!(status["status"], "IN_QUEUE", "{status}");
+}

@@ -133,9 +133,22 @@ pub async fn serve_http1_capped(
     }
     drop(listener);
     connections.close();
-    connections.wait().await;
+    // Responses in flight are written; a client that stopped reading (or an event stream
+    // that never ends) must not keep the process from exiting.
+    if tokio::time::timeout(SHUTDOWN_WRITE_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "HTTP server: connections still open {} s after the stop: closing them",
+            SHUTDOWN_WRITE_GRACE.as_secs()
+        );
+    }
     Ok(())
 }
+
+/// How long a stopped server waits for the responses in flight to be written.
+const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(10);
 
 /// One open connection, counted until dropped.
 struct OpenConnection {

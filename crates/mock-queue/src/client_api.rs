@@ -281,6 +281,8 @@ async fn retry(
             return error(StatusCode::BAD_REQUEST, message);
         }
         record.state = JobState::InQueue;
+        // Sent again on purpose: a late result from its old holder is not its answer.
+        record.lease_lost_by = None;
         record.output = None;
         record.error = None;
         record.finished = None;

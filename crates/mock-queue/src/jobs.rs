@@ -58,6 +58,9 @@ pub struct JobRecord {
     pub holder: Option<String>,
     /// The last worker that held it (`workerId` in `/status`).
     pub last_worker: Option<String>,
+    /// The worker whose lease on it ran out, while no one has taken it since (nor `/retry`
+    /// sent it again): that worker's result is still the job's answer.
+    pub lease_lost_by: Option<String>,
     /// When the holder's lease runs out unless a ping renews it.
     pub lease_until: Option<Instant>,
     /// The output, or the latest progress update.
@@ -103,6 +106,7 @@ impl JobRecord {
             state: JobState::InQueue,
             holder: None,
             last_worker: None,
+            lease_lost_by: None,
             lease_until: None,
             output: None,
             error: None,

@@ -192,6 +192,7 @@ fn expire_job(
         tracing::info!(job_id = %id, "execution timeout: job TIMED_OUT");
     } else if lease_lost {
         let holder = job.holder.take();
+        job.lease_lost_by.clone_from(&holder);
         job.state = JobState::InQueue;
         job.lease_until = None;
         job.retries += 1;

@@ -117,6 +117,7 @@ async fn take_jobs(
                     record.state = JobState::InProgress;
                     record.holder = Some(worker.clone());
                     record.last_worker = Some(worker.clone());
+                    record.lease_lost_by = None;
                     record.lease_until = Some(now + lease_timeout);
                     record.started = Some(now);
                     taken.push(id);
@@ -256,7 +257,7 @@ async fn done(
         let reclaimed = !progress
             && record.holder.is_none()
             && record.state == JobState::InQueue
-            && record.last_worker.as_deref() == Some(worker.as_str());
+            && record.lease_lost_by.as_deref() == Some(worker.as_str());
         if record.holder.as_deref() != Some(worker.as_str()) && !reclaimed {
             // A late result from a worker that lost the job (lease expired and taken by
             // another, cancelled, timed out): refuse it, and tell that worker to stop.

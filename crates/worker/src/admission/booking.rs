@@ -69,12 +69,16 @@ impl MemoryAdmission {
             // Inside a container the context was measured once, at start; it grows as kernels
             // load, and that growth would count as others' memory. Idle, it can be read again
             // where NVML lists this process alone (under its host pid).
-            if let Some(context) = resident::context_of_lone_process(reading, allocator) {
+            let context = resident::context_of_lone_process(reading, allocator);
+            let context_bytes = context.unwrap_or_else(|| self.context_of(ledger.uuid()));
+            let measured = resident::measure(reading, allocator, context_bytes);
+            let before = ledger.resident_here();
+            let idle = ledger.set_resident_if_idle(measured.bytes, seen);
+            // Kept only from a reading taken while no job held memory there.
+            if let (true, Some(context)) = (idle, context) {
                 self.remeasured_context(ledger.device(), ledger.uuid(), context);
             }
-            let measured = resident::measure(reading, allocator, self.context_of(ledger.uuid()));
-            let before = ledger.resident_here();
-            if ledger.set_resident_if_idle(measured.bytes, seen) && before != measured.bytes {
+            if idle && before != measured.bytes {
                 tracing::debug!(
                     "GPU {}: resident memory re-measured idle: {} MB (was {} MB)",
                     ledger.device(),

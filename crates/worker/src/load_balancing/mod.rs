@@ -26,6 +26,9 @@ pub struct Ports {
     pub health_path: String,
 }
 
+/// Routes the worker serves itself, which the ping's path must not take.
+const OWN_ROUTES: [&str; 5] = ["/health", "/ready", "/metrics", "/runsync", "/stream"];
+
 /// The platform's default for both ports.
 const DEFAULT_PORT: u16 = 80;
 
@@ -43,10 +46,20 @@ impl Ports {
             .map(|p| p.trim().to_owned())
             .filter(|p| !p.is_empty())
             .unwrap_or_else(|| "/ping".to_owned());
-        if !health_path.starts_with('/') || health_path.contains(['{', '}', '*', '?', '#']) {
+        if !health_path.starts_with('/') || health_path.contains(['{', '}', '*', '?', '#', ':']) {
             return Err(format!(
                 "HEALTH_CHECK_PATH={health_path:?} must be a plain path starting with '/', \
                  such as /ping"
+            ));
+        }
+        let taken = OWN_ROUTES
+            .iter()
+            .any(|own| health_path == *own || health_path.starts_with("/v1/"));
+        if taken {
+            return Err(format!(
+                "HEALTH_CHECK_PATH={health_path:?} is one of the worker's own routes ({}, \
+                 /v1/...): choose another path, such as /ping",
+                OWN_ROUTES.join(", ")
             ));
         }
         Ok(Self {
@@ -131,7 +144,18 @@ mod tests {
         assert!(!p.shared());
         let bad = ports(&[("PORT", "http")]).unwrap_err();
         assert!(bad.contains("PORT=\"http\""), "{bad}");
-        let bad = ports(&[("HEALTH_CHECK_PATH", "ping")]).unwrap_err();
-        assert!(bad.contains("HEALTH_CHECK_PATH"), "{bad}");
+        for path in [
+            "ping",
+            "/:x",
+            "/health",
+            "/metrics",
+            "/runsync",
+            "/v1/models",
+        ] {
+            let bad = ports(&[("HEALTH_CHECK_PATH", path)]).unwrap_err();
+            assert!(bad.contains("HEALTH_CHECK_PATH"), "{bad}");
+        }
+        let ping = ports(&[("HEALTH_CHECK_PATH", "/ping")]).unwrap();
+        assert_eq!(ping.health_path, "/ping");
     }
 }

@@ -277,35 +277,42 @@ async fn stream(State(routes): State<Routes>, body: Result<Bytes, BytesRejection
     let Some(mut chunks) = pending.chunks.take() else {
         return unanswered();
     };
-    // Wait for the first chunk or the answer before choosing the status code.
-    let first = tokio::select! {
+    // The first chunk or the answer, before the status code is chosen: a request refused before
+    // it streamed anything (the retry signal) is answered as `/runsync` would answer it.
+    let answer = tokio::select! {
         biased;
-        chunk = chunks.recv() => chunk,
-        answer = &mut pending.answer => match answer {
-            Ok(answer) if retry_after_of(&answer).is_some() && chunks.is_empty() => {
-                let retry_after = retry_after_of(&answer);
-                let body = status_body(&answer, routes.worker_id());
-                return with_retry_after(
-                    (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response(),
-                    retry_after,
-                );
-            }
-            Ok(answer) => {
-                let events = events(chunks, None, Some(answer), pending, routes.worker_id());
+        answer = &mut pending.answer => answer,
+        chunk = chunks.recv() => match chunk {
+            Some(chunk) => {
+                let events = events(chunks, Some(chunk), None, pending, routes.worker_id());
                 return Sse::new(events).keep_alive(KeepAlive::default()).into_response();
             }
-            Err(_) => return unanswered(),
+            // No chunk will come: the answer is there or on its way.
+            None => (&mut pending.answer).await,
         },
     };
-    let worker_id = routes.worker_id();
-    Sse::new(events(chunks, first, None, pending, worker_id))
+    let Ok(answer) = answer else {
+        return unanswered();
+    };
+    let retry_after = retry_after_of(&answer);
+    if retry_after.is_some() && chunks.is_empty() {
+        let body = status_body(&answer, routes.worker_id());
+        return with_retry_after(
+            (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response(),
+            retry_after,
+        );
+    }
+    let events = events(chunks, None, Some(answer), pending, routes.worker_id());
+    Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()
 }
 
-/// The event stream: `first` (already read), the rest of the chunks, then the answer (`done`:
-/// read now, or awaited once the chunks end). The pending job travels with the stream, so a
-/// client that goes away stops its job.
+/// The event stream: `first` (already read), the rest of the chunks, then `done` with the
+/// answer (`answer`, when already read). The answer is awaited beside the chunks, not after
+/// them: a job's chunk channel closes only when its model threads return, and a timed-out call
+/// that ignores cancellation must not hold the stream's end (nor, at SIGTERM, the server's).
+/// The pending job travels with the stream, so a client that goes away stops its job.
 fn events(
     chunks: tokio::sync::mpsc::Receiver<Value>,
     first: Option<Value>,
@@ -316,34 +323,47 @@ fn events(
     struct State {
         chunks: tokio::sync::mpsc::Receiver<Value>,
         first: Option<Value>,
-        answer: Option<DirectAnswer>,
+        /// `None` until the answer is known; then the answer, or `None` if the job was
+        /// stopped without one.
+        answer: Option<Option<DirectAnswer>>,
         pending: Option<PendingJob>,
         worker_id: Option<String>,
+    }
+    fn chunk_event(chunk: Value) -> Event {
+        Event::default().data(json!({ "output": chunk }).to_string())
     }
     let state = State {
         chunks,
         first,
-        answer,
+        answer: answer.map(Some),
         pending: Some(pending),
         worker_id,
     };
     futures::stream::unfold(state, |mut state| async move {
         let mut pending = state.pending.take()?;
-        let chunk = match state.first.take() {
-            Some(chunk) => Some(chunk),
-            None => state.chunks.recv().await,
-        };
-        if let Some(chunk) = chunk {
-            let event = Event::default().data(json!({ "output": chunk }).to_string());
+        if let Some(chunk) = state.first.take() {
             state.pending = Some(pending);
-            return Some((Ok(event), state));
+            return Some((Ok(chunk_event(chunk)), state));
         }
-        // The chunks end when the job's work has ended: its answer is there or on its way.
-        let answer = match state.answer.take() {
-            Some(answer) => Some(answer),
-            None => (&mut pending.answer).await.ok(),
-        };
-        let body = match answer {
+        if state.answer.is_none() {
+            tokio::select! {
+                biased;
+                chunk = state.chunks.recv() => match chunk {
+                    Some(chunk) => {
+                        state.pending = Some(pending);
+                        return Some((Ok(chunk_event(chunk)), state));
+                    }
+                    None => state.answer = Some((&mut pending.answer).await.ok()),
+                },
+                answer = &mut pending.answer => state.answer = Some(answer.ok()),
+            }
+        }
+        // The answer is known: what the job streamed before it still goes first.
+        if let Ok(chunk) = state.chunks.try_recv() {
+            state.pending = Some(pending);
+            return Some((Ok(chunk_event(chunk)), state));
+        }
+        let body = match state.answer.take().flatten() {
             Some(answer) => status_body(&answer, state.worker_id.clone()),
             None => json!({ "status": "FAILED", "error": "the request's job was stopped" }),
         };
@@ -371,6 +391,18 @@ async fn openai_route(
             return (status, Json(body)).into_response();
         }
     };
+    let too_big = std::str::from_utf8(&body)
+        .ok()
+        .and_then(runpod_protocol::job::oversized_integer);
+    if let Some(number) = too_big {
+        let shown: String = number.chars().take(40).collect();
+        let message = format!(
+            "the body holds the integer {shown}, beyond 64 bits: it would lose digits as a JSON \
+             number; send it as a string"
+        );
+        let body = openai::error_object("invalid_request_error", "invalid_number", &message);
+        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    }
     let openai_input: Value = if body.is_empty() {
         Value::Null
     } else {

@@ -152,8 +152,10 @@ impl Drop for StopIfDropped {
     fn drop(&mut self) {
         // Answered already: nothing to stop. Otherwise the client is gone: stop its job, so
         // its slot and memory go back (it ends as a job the queue stopped, unanswered).
-        if self.worker.direct.holds(&self.id) {
-            self.worker.board.cancel(&self.id);
+        if self.worker.direct.holds(&self.id) && !self.worker.board.cancel(&self.id) {
+            // Not on the board: its task ended without answering (a panic). Nothing will
+            // answer it now; its place in the waiting room goes back.
+            self.worker.direct.forget(&self.id);
         }
     }
 }
