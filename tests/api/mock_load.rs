@@ -332,7 +332,14 @@ async fn a_result_whose_lease_ran_out_is_accepted_while_no_one_took_the_job_agai
         })
         .await;
     assert!(requeued.is_some(), "the lease ran out");
-    // It resumes and posts its result: no one else holds the job, so it is the answer.
+    // It resumes: its next chunk takes the job back (no one else holds it), then its result
+    // is the answer.
+    let chunk = client
+        .post(format!("{base}/job-stream/stopped-worker/slept"))
+        .json(&json!({"output": {"part": 1}}));
+    assert_eq!(send(chunk).await.0, 200, "the chunk is not refused");
+    let (_, status) = send(client.get(format!("{base}/status/slept"))).await;
+    assert_eq!(status["status"], "IN_PROGRESS", "held again: {status}");
     let done = client
         .post(format!("{base}/job-done/stopped-worker/slept"))
         .json(&json!({"output": {"ran": "once"}}));

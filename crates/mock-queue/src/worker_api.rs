@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -248,17 +249,11 @@ async fn done(
         let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
             return Err(unknown_job(&state.options, &job));
         };
+        let reclaimed = reclaim(queue, &job, &worker, state.options.lease_timeout);
         let Some(record) = queue.jobs.get_mut(&job) else {
             return Err(unknown_job(&state.options, &job));
         };
-        // Its lease ran out while its worker was stopped (SIGSTOP, a frozen VM), and no one
-        // has taken it since: that worker's result is still the job's answer (refusing it
-        // would have the job run twice for nothing).
-        let reclaimed = !progress
-            && record.holder.is_none()
-            && record.state == JobState::InQueue
-            && record.lease_lost_by.as_deref() == Some(worker.as_str());
-        if record.holder.as_deref() != Some(worker.as_str()) && !reclaimed {
+        if record.holder.as_deref() != Some(worker.as_str()) {
             // A late result from a worker that lost the job (lease expired and taken by
             // another, cancelled, timed out): refuse it, and tell that worker to stop.
             let message = format!(
@@ -268,20 +263,6 @@ async fn done(
             queue.stop(&worker, &job);
             return Err(error(StatusCode::NOT_FOUND, message));
         }
-        if reclaimed {
-            queue
-                .pending
-                .retain(|queued| queued.id() != Some(job.as_str()));
-            tracing::info!(
-                job_id = %job,
-                "result from worker {worker}, whose lease on it ran out: accepted (no one had \
-                 taken the job again)"
-            );
-        }
-        let record = queue
-            .jobs
-            .get_mut(&job)
-            .expect("the record looked up above, under the same lock");
         record.output = output;
         if !progress {
             record.state = if error_text.is_some() {
@@ -311,7 +292,7 @@ async fn done(
                 false => queue.done.push(entry),
             }
         }
-        if !progress {
+        if !progress || reclaimed {
             inner.reschedule(&endpoint, &job);
         }
         inner.job_changed(&job);
@@ -325,6 +306,39 @@ async fn done(
         Ok(()) => StatusCode::OK.into_response(),
         Err(refused) => refused,
     }
+}
+
+/// Gives job `id` back to `worker` when its lease on it ran out while it was stopped (SIGSTOP,
+/// a frozen VM) and no one has taken it since, nor `/retry` sent it again: the worker is still
+/// on it, and its progress, chunks and result are the job's (refusing them would have it run
+/// twice for nothing). It is held again, with a fresh lease, and leaves the queue. Whether it
+/// was.
+fn reclaim(
+    queue: &mut super::state::EndpointQueue,
+    id: &str,
+    worker: &str,
+    lease: Duration,
+) -> bool {
+    let Some(record) = queue.jobs.get_mut(id) else {
+        return false;
+    };
+    let lost_by_this_worker = record.holder.is_none()
+        && record.state == JobState::InQueue
+        && record.lease_lost_by.as_deref() == Some(worker);
+    if !lost_by_this_worker {
+        return false;
+    }
+    record.state = JobState::InProgress;
+    record.holder = Some(worker.to_owned());
+    record.lease_lost_by = None;
+    record.lease_until = Some(std::time::Instant::now() + lease);
+    queue.pending.retain(|queued| queued.id() != Some(id));
+    tracing::info!(
+        job_id = %id,
+        "worker {worker}, whose lease on it ran out, is still on it: held again (no one had \
+         taken the job since)"
+    );
+    true
 }
 
 async fn stream(
@@ -345,6 +359,7 @@ async fn stream(
         let Some(queue) = inner.endpoints.get_mut(&endpoint) else {
             return Err(unknown_job(&state.options, &job));
         };
+        let reclaimed = reclaim(queue, &job, &worker, state.options.lease_timeout);
         let Some(record) = queue.jobs.get_mut(&job) else {
             return Err(unknown_job(&state.options, &job));
         };
@@ -361,6 +376,9 @@ async fn stream(
                 body: history_of(&body),
                 headers: ResultHeaders::of(&headers),
             });
+        }
+        if reclaimed {
+            inner.reschedule(&endpoint, &job);
         }
         // Its `/stream` request may be held waiting for a chunk.
         inner.job_changed(&job);
