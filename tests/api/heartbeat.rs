@@ -64,9 +64,9 @@ async fn ping_lists_in_flight_ids_and_keeps_its_rhythm_while_handlers_block_ever
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_longer_than_its_pings_says_so_in_its_log_when_it_resumes() {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
 
-    use crate::helpers::{spawn_mock, worker_command};
+    use crate::helpers::{send_signal, spawn_mock, worker_command};
     use crate::local_process::{lines_of, lines_until};
 
     let mock = spawn_mock(Duration::from_secs(2));
@@ -86,18 +86,10 @@ async fn a_worker_stopped_longer_than_its_pings_says_so_in_its_log_when_it_resum
         })
         .await;
     assert!(pinged.is_some(), "the worker pings");
-    let signal = |name: &str| {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
     // Pinging every 200 ms (worker_command), then stopped for 3 s.
-    signal("STOP");
+    send_signal(child.id(), "STOP");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    signal("CONT");
+    send_signal(child.id(), "CONT");
     let (line, seen) = tokio::task::spawn_blocking(move || lines_until(&log, "paused"))
         .await
         .unwrap();

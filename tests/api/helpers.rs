@@ -81,6 +81,16 @@ pub const TORCH_BIN: &str = env!("CARGO_BIN_EXE_runpod-worker-torch");
 /// `runpod.toml` with only echo: a worker process that starts without loading a model.
 pub const ECHO_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/echo.toml");
 
+/// Sends signal `name` (`TERM`, `STOP`, `CONT`, ...) to process `pid`, which must exist.
+pub fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
 /// The real binary as a `serve` worker against the mock at `base`, with echo only
 /// ([`ECHO_CONFIG`]; set `RUNPOD_WORKER_CONFIG` for another config).
 pub fn worker_command(base: &str, worker: &str) -> Command {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{BIN, ECHO_CONFIG, WAIT};
+use crate::helpers::{send_signal, BIN, ECHO_CONFIG, WAIT};
 use crate::local_process::{lines_of, lines_until, listening_address};
 
 /// The repository's `runpod.toml`: the real MiniLM models.
@@ -70,13 +70,26 @@ impl LbWorker {
         }
     }
 
+    /// Waits until `/health` satisfies `holds` (saying `what` otherwise); that `/health`.
+    async fn wait_health(&self, what: &str, holds: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let health: Value = reqwest::get(self.url("/health"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if holds(&health) {
+                return health;
+            }
+            assert!(Instant::now() < deadline, "{what}: {health}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn sigterm(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.child.id(), "TERM");
     }
 
     async fn exit_code(mut self) -> Option<i32> {
@@ -346,40 +359,22 @@ async fn a_full_gpu_answers_429_with_retry_after_and_a_full_waiting_room_refuses
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert!(headers.contains_key("retry-after"));
     std::fs::write(&load, "0GB").unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let health: Value = reqwest::get(worker.url("/health"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if health["gpus"][0]["others_used_gb"] == 0.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the relief was never sampled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    worker
+        .wait_health("the relief was never sampled", |h| {
+            h["gpus"][0]["others_used_gb"] == 0.0
+        })
+        .await;
 
     // One job runs; with no waiting room, the next is refused at once, not after the wait.
     let running = tokio::spawn({
         let url = worker.url("/runsync");
         async move { post(&url, json!({"input": {"task": "gpu", "sleep_ms": 1500}})).await }
     });
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let health: Value = reqwest::get(worker.url("/health"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if health["handlers"]["gpu"]["active"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the first job never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    worker
+        .wait_health("the first job never started", |h| {
+            h["handlers"]["gpu"]["active"] == 1
+        })
+        .await;
     let asked = Instant::now();
     let (status, headers, body) =
         post(&worker.url("/runsync"), json!({"input": {"task": "gpu"}})).await;
@@ -406,20 +401,11 @@ async fn sigterm_finishes_the_requests_in_flight_and_refuses_new_ones() {
         let url = worker.url("/runsync");
         async move { post(&url, json!({"input": {"task": "echo", "sleep_ms": 2000}})).await }
     });
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let health: Value = reqwest::get(worker.url("/health"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if health["handlers"]["echo"]["active"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the job never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    worker
+        .wait_health("the job never started", |h| {
+            h["handlers"]["echo"]["active"] == 1
+        })
+        .await;
     worker.sigterm();
     let deadline = Instant::now() + WAIT;
     loop {
@@ -563,22 +549,10 @@ async fn a_client_that_goes_away_stops_its_job_and_frees_its_slot() {
         .send()
         .await;
     assert!(gone.is_err(), "the client gave up first");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let health: Value = reqwest::get(worker.url("/health"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if health["jobs"]["cancelled"] == 1 {
-            assert_eq!(health["handlers"]["echo"]["active"], 0, "{health}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the job ran on after its client left: {health}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let health = worker
+        .wait_health("the job ran on after its client left", |h| {
+            h["jobs"]["cancelled"] == 1
+        })
+        .await;
+    assert_eq!(health["handlers"]["echo"]["active"], 0, "{health}");
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use mock_queue::{JobState, MockOptions, MockQueue};
 use serde_json::{json, Value};
 
-use crate::helpers::{client_with_key, spawn_mock_with, test_mock_options, BIN, EP, WAIT};
+use crate::helpers::{
+    client_with_key, send_signal, spawn_mock_with, test_mock_options, BIN, EP, WAIT,
+};
 use crate::local_process::{lines_of, listening_address, LocalProcess};
 
 async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
@@ -374,18 +376,10 @@ async fn a_mock_queue_stopped_past_its_leases_renews_them_on_resume_instead_of_e
     let id = body["id"].as_str().unwrap().to_owned();
     let (status, _) = send(client.get(format!("{base}/job-take/w"))).await;
     assert_eq!(status, 200);
-    let signal = |name: &str| {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(mock.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
     // The whole queue stopped for 3 s, three leases long: its worker could not ping it.
-    signal("STOP");
+    send_signal(mock.id(), "STOP");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    signal("CONT");
+    send_signal(mock.id(), "CONT");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, status) = send(client.get(format!("{base}/status/{id}"))).await;
     let _ = mock.kill();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{spawn_mock, worker_command, BIN, EP, WAIT};
+use crate::helpers::{send_signal, spawn_mock, worker_command, BIN, EP, WAIT};
 
 #[test]
 fn version_is_printed() {
@@ -82,12 +82,7 @@ async fn sigterm_finishes_the_job_in_hand_delivers_it_and_exits_0() {
         })
         .await
         .expect("the worker holds the job");
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(child.id(), "TERM");
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use worker::config::{DeviceChoice, HandlerConfig};
 use worker::runner::run_worker;
 
-use crate::helpers::{spawn_mock, test_config, worker_command, GateHandler, TestWorker, EP, WAIT};
+use crate::helpers::{
+    send_signal, spawn_mock, test_config, worker_command, GateHandler, TestWorker, EP, WAIT,
+};
 use crate::local_process::{lines_of, listening_address};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,12 +248,7 @@ async fn a_take_answer_on_its_way_at_sigterm_is_read_and_its_jobs_answered() {
         })
         .await;
     assert!(taken.is_some(), "the queue handed the jobs out");
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(child.id(), "TERM");
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()

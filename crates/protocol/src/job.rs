@@ -207,7 +207,7 @@ pub fn check_job_text(text: &str, limits: JobLimits) -> Result<(), String> {
 }
 
 fn job_problem(raw: &str, invalid_utf8: bool, limits: JobLimits) -> Option<String> {
-    let depth = nesting_depth(raw);
+    let Shape { depth, oversized } = shape(raw);
     if raw.len() > limits.max_bytes.saturating_add(QUEUE_ENVELOPE_BYTES) {
         Some(format!(
             "the job is {} bytes, over the limit of {} bytes",
@@ -222,55 +222,22 @@ fn job_problem(raw: &str, invalid_utf8: bool, limits: JobLimits) -> Option<Strin
     } else if invalid_utf8 {
         Some("the job contains bytes that are not valid UTF-8".to_owned())
     } else {
-        oversized_integer(raw).map(|number| {
-            let shown: String = number.chars().take(40).collect();
-            format!(
-                "the job holds the integer {shown}, beyond 64 bits: it would lose digits as a \
-                 JSON number here; send it as a string"
-            )
-        })
+        oversized.map(|number| integer_problem(number, "job"))
     }
 }
 
-/// The first integer in `json` (outside strings) that fits neither an `i64` nor a `u64`:
-/// parsed, it would silently become a float that has lost digits.
-pub fn oversized_integer(json: &str) -> Option<&str> {
-    let bytes = json.as_bytes();
-    let (mut in_string, mut escaped, mut at) = (false, false, 0);
-    while at < bytes.len() {
-        let byte = bytes[at];
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            at += 1;
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            // Outside strings, a digit or a minus can only start a number.
-            b'-' | b'0'..=b'9' => {
-                let start = at;
-                while at < bytes.len()
-                    && matches!(bytes[at], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
-                {
-                    at += 1;
-                }
-                let number = &json[start..at];
-                let integer = !number.contains(['.', 'e', 'E']);
-                if integer && number.parse::<i64>().is_err() && number.parse::<u64>().is_err() {
-                    return Some(number);
-                }
-                continue;
-            }
-            _ => {}
-        }
-        at += 1;
-    }
-    None
+/// What is wrong with `json` (the `what`: "job", "body") when it holds an integer beyond 64
+/// bits, for an `InvalidInput` or a 400.
+pub fn oversized_integer_problem(json: &str, what: &str) -> Option<String> {
+    oversized_integer(json).map(|number| integer_problem(number, what))
+}
+
+fn integer_problem(number: &str, what: &str) -> String {
+    let shown: String = number.chars().take(40).collect();
+    format!(
+        "the {what} holds the integer {shown}, beyond 64 bits: it would lose digits as a JSON \
+         number here; send it as a string"
+    )
 }
 
 /// What the queue adds to a submitted request body when it hands the job out (its `id`, and
@@ -306,10 +273,21 @@ fn shallow_id(raw: &str) -> Option<String> {
     }
 }
 
-/// The deepest nesting of `[`/`{` in JSON text, counted without recursion.
-pub fn nesting_depth(json: &str) -> usize {
-    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for byte in json.bytes() {
+/// What one pass over JSON text finds, without parsing it: how deep it nests, and the first
+/// integer (outside strings) that fits neither an `i64` nor a `u64`.
+struct Shape<'a> {
+    depth: usize,
+    oversized: Option<&'a str>,
+}
+
+/// One pass over `json`, counted without recursion.
+fn shape(json: &str) -> Shape<'_> {
+    let bytes = json.as_bytes();
+    let (mut depth, mut deepest, mut oversized) = (0usize, 0usize, None);
+    let (mut in_string, mut escaped, mut at) = (false, false, 0);
+    while at < bytes.len() {
+        let byte = bytes[at];
+        at += 1;
         if in_string {
             match byte {
                 _ if escaped => escaped = false,
@@ -326,10 +304,42 @@ pub fn nesting_depth(json: &str) -> usize {
                 deepest = deepest.max(depth);
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            // Outside strings, a digit or a minus can only start a number.
+            b'-' | b'0'..=b'9' => {
+                let start = at - 1;
+                while at < bytes.len()
+                    && matches!(bytes[at], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    at += 1;
+                }
+                let number = &json[start..at];
+                let integer = !number.contains(['.', 'e', 'E']);
+                if oversized.is_none()
+                    && integer
+                    && number.parse::<i64>().is_err()
+                    && number.parse::<u64>().is_err()
+                {
+                    oversized = Some(number);
+                }
+            }
             _ => {}
         }
     }
-    deepest
+    Shape {
+        depth: deepest,
+        oversized,
+    }
+}
+
+/// The deepest nesting of `[`/`{` in JSON text, counted without recursion.
+pub fn nesting_depth(json: &str) -> usize {
+    shape(json).depth
+}
+
+/// The first integer in `json` (outside strings) that fits neither an `i64` nor a `u64`:
+/// parsed, it would silently become a float that has lost digits.
+pub fn oversized_integer(json: &str) -> Option<&str> {
+    shape(json).oversized
 }
 
 /// "an object", "a string", ... for messages.

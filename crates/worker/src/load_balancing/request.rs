@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use runpod_protocol::job::{kind_of, oversized_integer_problem};
 use runpod_protocol::limits::LOAD_BALANCER_REQUEST_TIMEOUT;
 
 /// A request that can be run.
@@ -26,12 +27,8 @@ pub(super) fn parse(body: &[u8]) -> Result<RunRequest, String> {
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
     // Valid JSON is UTF-8: the text is there to scan.
     let text = std::str::from_utf8(body).unwrap_or_default();
-    if let Some(number) = runpod_protocol::job::oversized_integer(text) {
-        let shown: String = number.chars().take(40).collect();
-        return Err(format!(
-            "the body holds the integer {shown}, beyond 64 bits: it would lose digits as a \
-             JSON number; send it as a string"
-        ));
+    if let Some(problem) = oversized_integer_problem(text, "body") {
+        return Err(problem);
     }
     let Value::Object(mut body) = value else {
         return Err(r#"the body must be a JSON object such as {"input": {...}}"#.to_owned());
@@ -66,17 +63,6 @@ fn deadline_of(policy: &Map<String, Value>) -> Result<Duration, String> {
         )
     })?;
     Ok(Duration::from_millis(ms).min(LOAD_BALANCER_REQUEST_TIMEOUT))
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -232,47 +232,53 @@ fn unanswered() -> Response {
     )
 }
 
-async fn runsync(State(routes): State<Routes>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return unreadable(rejection),
-    };
-    let request = match request::parse(&body) {
-        Ok(request) => request,
-        Err(message) => return error_reply(StatusCode::BAD_REQUEST, "InvalidInput", &message),
-    };
-    let mut pending = match routes.submit(request, false) {
-        Ok(pending) => pending,
-        Err(refused) => return refused.into_response(),
-    };
-    let Ok(answer) = (&mut pending.answer).await else {
-        return unanswered();
-    };
-    let retry_after = retry_after_of(&answer);
+/// Reads a `/runsync` or `/stream` body and submits it: the pending job, or the response that
+/// refuses it (unreadable, malformed, or not taken).
+#[allow(clippy::result_large_err)] // the refusal is the reply itself, returned at once
+fn submit_body(
+    routes: &Routes,
+    body: Result<Bytes, BytesRejection>,
+    stream: bool,
+) -> Result<PendingJob, Response> {
+    let body = body.map_err(unreadable)?;
+    let request = request::parse(&body)
+        .map_err(|message| error_reply(StatusCode::BAD_REQUEST, "InvalidInput", &message))?;
+    routes
+        .submit(request, stream)
+        .map_err(Refused::into_response)
+}
+
+/// A finished request as `/runsync` answers it: 200 with the queue API's body, or 429 with
+/// `Retry-After` for the retry signal.
+fn runsync_reply(answer: &DirectAnswer, worker_id: Option<String>) -> Response {
+    let retry_after = retry_after_of(answer);
     let status = if retry_after.is_some() {
         StatusCode::TOO_MANY_REQUESTS
     } else {
         StatusCode::OK
     };
-    let body = status_body(&answer, routes.worker_id());
+    let body = status_body(answer, worker_id);
     with_retry_after((status, Json(body)).into_response(), retry_after)
+}
+
+async fn runsync(State(routes): State<Routes>, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut pending = match submit_body(&routes, body, false) {
+        Ok(pending) => pending,
+        Err(refused) => return refused,
+    };
+    match (&mut pending.answer).await {
+        Ok(answer) => runsync_reply(&answer, routes.worker_id()),
+        Err(_) => unanswered(),
+    }
 }
 
 /// `POST /stream`: the job's chunks as server-sent events, each `{"output": chunk}`, then an
 /// event `done` with the `/runsync` body. A request refused before any chunk (the retry signal)
 /// is answered as `/runsync` would answer it, with its status code.
 async fn stream(State(routes): State<Routes>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return unreadable(rejection),
-    };
-    let request = match request::parse(&body) {
-        Ok(request) => request,
-        Err(message) => return error_reply(StatusCode::BAD_REQUEST, "InvalidInput", &message),
-    };
-    let mut pending = match routes.submit(request, true) {
+    let mut pending = match submit_body(&routes, body, true) {
         Ok(pending) => pending,
-        Err(refused) => return refused.into_response(),
+        Err(refused) => return refused,
     };
     let Some(mut chunks) = pending.chunks.take() else {
         return unanswered();
@@ -294,13 +300,8 @@ async fn stream(State(routes): State<Routes>, body: Result<Bytes, BytesRejection
     let Ok(answer) = answer else {
         return unanswered();
     };
-    let retry_after = retry_after_of(&answer);
-    if retry_after.is_some() && chunks.is_empty() {
-        let body = status_body(&answer, routes.worker_id());
-        return with_retry_after(
-            (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response(),
-            retry_after,
-        );
+    if retry_after_of(&answer).is_some() && chunks.is_empty() {
+        return runsync_reply(&answer, routes.worker_id());
     }
     let events = events(chunks, None, Some(answer), pending, routes.worker_id());
     Sse::new(events)
@@ -391,15 +392,8 @@ async fn openai_route(
             return (status, Json(body)).into_response();
         }
     };
-    let too_big = std::str::from_utf8(&body)
-        .ok()
-        .and_then(runpod_protocol::job::oversized_integer);
-    if let Some(number) = too_big {
-        let shown: String = number.chars().take(40).collect();
-        let message = format!(
-            "the body holds the integer {shown}, beyond 64 bits: it would lose digits as a JSON \
-             number; send it as a string"
-        );
+    let text = std::str::from_utf8(&body).unwrap_or_default();
+    if let Some(message) = runpod_protocol::job::oversized_integer_problem(text, "body") {
         let body = openai::error_object("invalid_request_error", "invalid_number", &message);
         return (StatusCode::BAD_REQUEST, Json(body)).into_response();
     }
